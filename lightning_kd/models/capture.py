@@ -1,0 +1,40 @@
+"""Reading intermediate features through forward hooks, without rewriting the model's forward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .registry import get_adapter
+
+
+@contextmanager
+def capture_qkv(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Yield a dict that the forward pass fills with ``{layer: {"query": q, "key": k, "value": v}}``.
+
+    The tensors are the projections' outputs, shape ``(batch, seq, heads * head_size)``, so they exist
+    for any attention implementation (eager, sdpa, flash).
+    """
+    adapter = get_adapter(model)
+    all_layers = adapter.layers(model)
+    store: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def keep(index: int, role: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            store.setdefault(index, {})[role] = output
+
+        return hook
+
+    try:
+        for index in layers:
+            parts = adapter.layer_parts(all_layers[index])
+            for role in ("query", "key", "value"):
+                handles.append(getattr(parts, role).register_forward_hook(keep(index, role)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
