@@ -65,7 +65,9 @@ class ArchitectureAdapter:
 
     def head_size(self, model: nn.Module) -> int:
         config = self.config(model)
-        return getattr(config, "attention_head_size", None) or config.hidden_size // config.num_attention_heads
+        return (
+            getattr(config, "attention_head_size", None) or config.hidden_size // config.num_attention_heads
+        )
 
     def supports_attention_maps(self, model: nn.Module) -> bool:
         """Whether ``output_attentions=True`` returns probabilities (eager attention does; sdpa does not)."""

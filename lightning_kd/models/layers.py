@@ -27,8 +27,10 @@ def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     total = adapter.num_layers(model)
     bad = [i for i in indices if not 0 <= i < total]
     if bad or not indices:
-        raise ValueError(f"layer indices {list(indices)} are invalid for a model with {total} layers "
-                         f"(valid: 0..{total - 1}, at least one).")
+        raise ValueError(
+            f"layer indices {list(indices)} are invalid for a model with {total} layers "
+            f"(valid: 0..{total - 1}, at least one)."
+        )
     student = copy.deepcopy(model)
     layers = adapter.layers(student)
     kept = nn.ModuleList([layers[i] for i in indices])

