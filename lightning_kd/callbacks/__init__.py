@@ -1,0 +1,5 @@
+"""Callbacks change the student or the objective, never the training loop itself."""
+
+from .report import DistillationReport
+
+__all__ = ["DistillationReport"]

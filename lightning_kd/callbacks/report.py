@@ -1,0 +1,77 @@
+"""DistillationReport: sizes, the discrepancy before and after, and the exported student, in a few lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..hub import load_tokenizer
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class DistillationReport(L.Callback):
+    """Prints teacher and student sizes, the discrepancy on the first training batch at the start and at the
+    end of fit (the same batch both times, so the two numbers compare), and saves the student as a Hugging
+    Face folder in ``export_dir`` with the DataModule's tokenizer, so ``AutoModel.from_pretrained`` loads it.
+    """
+
+    def __init__(self, export_dir: str | None = None) -> None:
+        self.export_dir = export_dir
+        self.probe: dict[str, torch.Tensor] | None = None
+        self.start: dict[str, float] = {}
+        self.end: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"DistillationReport[export_dir={self.export_dir}]"
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher, student = _parameters(pl_module.teacher), _parameters(pl_module.student)
+        print(f"teacher: {type(pl_module.teacher).__name__}, {teacher / 1e6:.2f}M parameters")
+        print(
+            f"student: {type(pl_module.student).__name__}, {student / 1e6:.2f}M parameters "
+            f"({student / teacher:.0%} of the teacher)"
+        )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe is None:
+            self.probe = {
+                k: v.detach().cpu().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)
+            }
+            self.start = pl_module.discrepancy([self.probe])
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.probe is None:
+            return
+        self.end = pl_module.discrepancy([self.probe])
+        self._print_and_export(trainer, pl_module)
+
+    @rank_zero_only
+    def _print_and_export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print("teacher-student discrepancy on the first batch (lower is closer):")
+        for key in sorted(self.end):
+            print(f"  {key:34s} start {self.start.get(key, float('nan')):.4f}   end {self.end[key]:.4f}")
+        if self.export_dir:
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+            if isinstance(tokenizer, str):
+                tokenizer = load_tokenizer(tokenizer)
+            path = pl_module.save_student(Path(self.export_dir), tokenizer)
+            print(
+                f"student saved to {Path(path).resolve()} (load it with transformers.AutoModel.from_pretrained)"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe": self.probe, "start": self.start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe, self.start = state_dict["probe"], state_dict["start"]

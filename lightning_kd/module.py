@@ -1,0 +1,283 @@
+"""DistillationModule: a frozen teacher, a student, and the unified objective, as one LightningModule."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
+
+from . import hub
+from .discrepancy import measure_discrepancy
+from .models import capture_qkv, get_adapter
+from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
+from .students import StudentSpec, build_student
+
+MODEL_CLASSES = {
+    "base": AutoModel,
+    "masked-lm": AutoModelForMaskedLM,
+    "sequence-classification": AutoModelForSequenceClassification,
+}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SCHEDULES = ("linear", "constant")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(model: nn.Module, name: str) -> ModelInfo:
+    config = model.config
+    try:
+        adapter = get_adapter(model)
+        layers, heads = adapter.num_layers(model), adapter.num_heads(model)
+        known = True
+    except ValueError:
+        layers, heads, known = config.num_hidden_layers, config.num_attention_heads, False
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    return ModelInfo(
+        num_layers=layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        vocab_size=config.vocab_size,
+        predicts=hasattr(model, "get_output_embeddings")
+        and model.get_output_embeddings() is not None
+        or hasattr(model, "classifier"),
+        can_return_attentions=eager or known,
+        can_return_qkv=known,
+        name=name,
+    )
+
+
+class DistillationModule(L.LightningModule):
+    """Distils ``teacher`` into ``student`` with a weighted sum of knowledge terms.
+
+    Args:
+        teacher: a Hugging Face model, or a hub name / local folder to load. Frozen, kept in eval mode, run under
+            ``no_grad``, and kept out of the optimizer, DDP and checkpoints (a checkpoint records its name).
+        student: a model, a name / folder, or an init spec (see :mod:`lightning_kd.students`).
+        objective: knowledge terms (see :mod:`lightning_kd.objective`); by default the prediction KL where both
+            models predict, else hidden-state MSE over the uniform layer map.
+        task: which head to load named models with: ``base`` (no head), ``masked-lm``, ``sequence-classification``.
+        num_labels: label count when loading a classifier by name whose config does not set it.
+        learning_rate, weight_decay, betas, eps: AdamW settings (no decay on biases and norms).
+        warmup_steps: linear warm-up length, in steps (int) or as a share of all steps (float < 1).
+        schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then flat).
+    """
+
+    def __init__(
+        self,
+        teacher: str | PreTrainedModel,
+        student: StudentSpec,
+        objective: Sequence[Mapping[str, Any]] | None = None,
+        task: str = "base",
+        num_labels: int | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        warmup_steps: int | float = 0,
+        schedule: str = "linear",
+    ) -> None:
+        super().__init__()
+        if task not in MODEL_CLASSES:
+            raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}.")
+        self.save_hyperparameters(
+            ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
+        )
+        model_class = MODEL_CLASSES[task]
+        if isinstance(teacher, nn.Module):
+            teacher_model = teacher
+        else:
+            kwargs = {"num_labels": num_labels} if num_labels and task == "sequence-classification" else {}
+            teacher_model = hub.load_model(teacher, model_class, **kwargs)
+        self.teacher_source = (
+            teacher if isinstance(teacher, str) else getattr(teacher.config, "_name_or_path", "")
+        )
+        teacher_model.eval().requires_grad_(False)
+        # Stored outside the module tree: not a parameter (optimizer, DDP), not in state_dict (checkpoints),
+        # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
+        self.__dict__["teacher"] = teacher_model
+        self.student = build_student(student, teacher_model, model_class)
+        self._check_vocabularies()
+
+        self.objective = DistillationObjective(objective or self._default_objective())
+        teacher_info, student_info = model_info(self.teacher, "teacher"), model_info(self.student, "student")
+        self.objective.bind(teacher_info, student_info)
+        needs = self.objective.needs()
+        # Hidden states always (the discrepancy reads them); logits whenever both models predict.
+        self.needs = dataclasses.replace(
+            needs,
+            hidden_states=True,
+            logits=needs.logits or (teacher_info.predicts and student_info.predicts),
+        )
+        if self.needs.attentions:
+            for model in (self.teacher, self.student):
+                get_adapter(model).enable_attention_maps(model)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _default_objective(self) -> list[dict[str, Any]]:
+        teacher, student = model_info(self.teacher, "teacher"), model_info(self.student, "student")
+        if teacher.predicts and student.predicts:
+            return [{"term": "logits", "temperature": 1.0}]
+        return [{"term": "hidden", "loss": "mse", "layers": "uniform"}]
+
+    def _check_vocabularies(self) -> None:
+        t, s = self.teacher.config.vocab_size, self.student.config.vocab_size
+        if t != s:
+            raise ValueError(
+                f"teacher and student vocabularies differ ({t} vs {s} tokens), so the same token ids would mean "
+                "different words. Build the student from the teacher (init: copy, layers or config) or pick a "
+                "student that was trained with the teacher's tokenizer."
+            )
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _features(
+        self, model: nn.Module, batch: Mapping[str, Tensor], qkv_layers: frozenset[int]
+    ) -> Features:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
+        with capture as qkv:
+            out = model(
+                **inputs,
+                output_hidden_states=self.needs.hidden_states,
+                output_attentions=self.needs.attentions,
+                return_dict=True,
+            )
+        return Features(
+            logits=getattr(out, "logits", None) if self.needs.logits else None,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            qkv={i + 1: v for i, v in qkv.items()},
+        )
+
+    def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
+        with torch.no_grad():
+            return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
+
+    def student_features(self, batch: Mapping[str, Tensor]) -> Features:
+        return self._features(self.student, batch, self.needs.student_qkv_layers)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Features:
+        return self.student_features(batch)
+
+    def _step(self, batch: Mapping[str, Tensor], stage: str, with_discrepancy: bool) -> Tensor:
+        teacher = self.teacher_features(batch)
+        student = self.student_features(batch)
+        loss, terms = self.objective(teacher, student, batch)
+        batch_size = batch["input_ids"].shape[0]
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=not on_step
+        )
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in terms.items()},
+            batch_size=batch_size,
+            on_step=on_step,
+            on_epoch=not on_step,
+        )
+        if with_discrepancy:
+            values = measure_discrepancy(teacher, student, batch)
+            if stage != "train":
+                values = {f"{stage}/{k}": v for k, v in values.items()}
+            self.log_dict(values, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
+        return loss
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        return self._step(batch, "train", with_discrepancy=self.global_step % max(every, 1) == 0)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._step(batch, "val", with_discrepancy=True)
+
+    @torch.no_grad()
+    def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        """The discrepancy metrics averaged over ``batches``, with the student in eval mode."""
+        was_training = self.student.training
+        self.student.eval()
+        totals: dict[str, float] = {}
+        try:
+            for batch in batches:
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                values = measure_discrepancy(
+                    self.teacher_features(batch), self.student_features(batch), batch
+                )
+                for key, value in values.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
+        finally:
+            self.student.train(was_training)
+        return totals
+
+    # ------------------------------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else int(hp.warmup_steps)
+        constant = hp.schedule == "constant"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 1.0 if constant else max(0.0, (total - step) / max(total - warmup, 1))
+
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_kd"] = {
+            "teacher_source": self.teacher_source,
+            "teacher_class": type(self.teacher).__name__,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
+        if recorded and recorded != self.teacher_source:
+            rank_zero_warn(
+                f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
+                f"{self.teacher_source!r}; resuming continues against the new teacher."
+            )
+
+    def save_student(self, path: str | os.PathLike, tokenizer: Any = None) -> str:
+        """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads."""
+        self.student.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return str(path)
+
+    @property
+    def terms(self) -> Mapping[str, KnowledgeTerm]:
+        return self.objective.terms

@@ -1,0 +1,506 @@
+"""The unified distillation objective ("Knowledge distillation: a unified view", Lu et al., 2022).
+
+A recipe is a list of knowledge terms, each one a kind of knowledge (predictions, hidden states, attention
+maps, q/k/v relations, embeddings, the task itself), a layer map saying which student layer learns from
+which teacher layer, a loss and a weight. Every recipe in the KD-revisited grid is such a list, so it can be
+written in YAML:
+
+    objective:
+      - {term: logits, temperature: 2.0, weight: 1.0}
+      - {term: hidden, loss: mse, layers: uniform, weight: 1.0}
+      - {term: relations, layers: last, relations: [qq, kk, vv], weight: 1.0}
+
+Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, ``i`` the output of block
+``i``. Attention and relation terms read block ``i`` itself, so they take 1..L.
+
+Padding never contributes: every term averages over positions whose ``attention_mask`` is 1 (and over the
+masked positions of MLM when it reads predictions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelInfo:
+    """What the objective needs to know of a model before training starts."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    predicts: bool  # whether the model has a prediction head (logits)
+    can_return_attentions: bool = True
+    can_return_qkv: bool = True
+    name: str = "model"
+
+
+@dataclass
+class Features:
+    """The outputs of one forward pass that the terms read; fields are None when nobody asked for them."""
+
+    logits: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which outputs to ask of teacher and student."""
+
+    logits: bool = False
+    hidden_states: bool = False
+    attentions: bool = False
+    teacher_qkv_layers: frozenset[int] = frozenset()
+    student_qkv_layers: frozenset[int] = frozenset()
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.logits or other.logits,
+            self.hidden_states or other.hidden_states,
+            self.attentions or other.attentions,
+            self.teacher_qkv_layers | other.teacher_qkv_layers,
+            self.student_qkv_layers | other.student_qkv_layers,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- layer maps
+
+LAYER_MAPS = ("first", "last", "uniform")
+
+
+def resolve_layer_map(
+    spec: str | Sequence[Sequence[int]], student_layers: int, teacher_layers: int, *, with_embeddings: bool
+) -> list[tuple[int, int]]:
+    """(student, teacher) layer pairs for a named map or an explicit list of pairs.
+
+    ``uniform`` is TinyBERT's map, student layer m learning from teacher layer m * N / M; for hidden states it
+    also pairs the embeddings (0 with 0).
+    """
+    first = 0 if with_embeddings else 1
+    if isinstance(spec, str):
+        if spec == "first":
+            return [(1, 1)]
+        if spec == "last":
+            return [(student_layers, teacher_layers)]
+        if spec == "uniform":
+            return [(m, round(m * teacher_layers / student_layers)) for m in range(first, student_layers + 1)]
+        raise ValueError(
+            f"unknown layer map {spec!r}: use one of {', '.join(LAYER_MAPS)} or a list of "
+            "[student_layer, teacher_layer] pairs."
+        )
+    pairs = [tuple(int(x) for x in pair) for pair in spec]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"layer map entry {list(pair)} must be a [student_layer, teacher_layer] pair.")
+        for side, index, total in (
+            ("student", pair[0], student_layers),
+            ("teacher", pair[1], teacher_layers),
+        ):
+            if not first <= index <= total:
+                valid = f"{first}..{total}" + (" (0 = embeddings)" if with_embeddings else "")
+                raise ValueError(
+                    f"layer map pair {list(pair)} names {side} layer {index}, which does not exist: "
+                    f"the {side} has layers {valid}."
+                )
+    if not pairs:
+        raise ValueError("an explicit layer map needs at least one [student_layer, teacher_layer] pair.")
+    return pairs  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- the terms
+
+TERMS: dict[str, type[KnowledgeTerm]] = {}
+
+
+def register_term(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
+    TERMS[cls.kind] = cls
+    return cls
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true (``values`` has the mask's shape)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class KnowledgeTerm(nn.Module):
+    """One weighted piece of the objective. Subclasses set ``kind`` and implement ``needs`` and ``forward``."""
+
+    kind: ClassVar[str]
+    losses: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, loss: str | None = None) -> None:
+        super().__init__()
+        weight = float(weight)
+        if math.isnan(weight) or weight < 0:
+            raise ValueError(
+                f"term {self.kind!r} has weight {weight}: weights must be finite and >= 0 "
+                "(set 0 to switch a term off while still logging it)."
+            )
+        if loss is not None and loss not in self.losses:
+            raise ValueError(
+                f"term {self.kind!r} has no loss {loss!r}: choose one of {', '.join(self.losses)}."
+            )
+        self.weight = weight
+        self.loss = loss or (self.losses[0] if self.losses else None)
+        self.name = name or (f"{self.kind}_{self.loss}" if self.loss else self.kind)
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        """Check the term against both models and create what it learns (projections)."""
+
+    def needs(self) -> Needs:
+        raise NotImplementedError
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+def _prediction_positions(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Flatten token-level logits to the positions a loss reads: MLM's masked tokens, else real tokens."""
+    if logits.dim() == 2:  # sequence-level (a classifier): one prediction per example
+        return logits
+    labels = batch.get("labels")
+    if labels is not None and labels.shape == logits.shape[:2]:
+        keep = labels != IGNORE_INDEX
+    else:
+        keep = batch["attention_mask"].bool()
+    return logits[keep]
+
+
+@register_term
+class PredictionKL(KnowledgeTerm):
+    """KL(teacher || student) of the temperature-softened predictions, scaled by T² (Hinton et al.)."""
+
+    kind = "logits"
+    losses = ("kl",)
+
+    def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        for info in (teacher, student):
+            if not info.predicts:
+                raise ValueError(
+                    f"the 'logits' term needs predictions, but the {info.name} has no prediction "
+                    "head. Load it with a head (task: masked-lm or sequence-classification), or "
+                    "distil hidden states / relations instead."
+                )
+
+    def needs(self) -> Needs:
+        return Needs(logits=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        return prediction_kl(teacher.logits, student.logits, batch, self.temperature)
+
+
+def prediction_kl(
+    teacher_logits: Tensor, student_logits: Tensor, batch: Mapping[str, Tensor], temperature: float
+) -> Tensor:
+    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions; MSE for regression."""
+    t = _prediction_positions(teacher_logits, batch).float() / temperature
+    s = _prediction_positions(student_logits, batch).float() / temperature
+    if t.numel() == 0:
+        return student_logits.sum() * 0.0
+    if t.shape[-1] == 1:  # a regression head has no distribution: match the scores instead
+        return F.mse_loss(s, t) * temperature**2
+    teacher_prob = t.softmax(-1)
+    # Soft cross-entropy has KL's gradient and skips a log on the teacher side's graph; adding back the teacher
+    # entropy (no gradient) turns its value into the KL that users read on their dashboards.
+    cross_entropy = -(teacher_prob * s.log_softmax(-1)).sum(-1)
+    entropy = -torch.special.xlogy(teacher_prob, teacher_prob).sum(-1)
+    return (cross_entropy - entropy).mean() * temperature**2
+
+
+class _LayerTerm(KnowledgeTerm):
+    """A term over pairs of layers."""
+
+    with_embeddings: ClassVar[bool] = False
+    default_layers: ClassVar[str] = "uniform"
+
+    def __init__(self, layers: str | Sequence[Sequence[int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layer_spec = layers if layers is not None else self.default_layers
+        self.pairs: list[tuple[int, int]] = []
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        self.pairs = resolve_layer_map(
+            self.layer_spec, student.num_layers, teacher.num_layers, with_embeddings=self.with_embeddings
+        )
+
+
+@register_term
+class HiddenState(_LayerTerm):
+    """Distance between paired hidden states, through a learned linear projection when widths differ."""
+
+    kind = "hidden"
+    losses = ("mse", "cosine")
+    with_embeddings = True
+
+    def __init__(self, projection: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.projection = projection
+        self.projections = nn.ModuleList()
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        super().bind(teacher, student)
+        project = (
+            self.projection if self.projection is not None else student.hidden_size != teacher.hidden_size
+        )
+        if not project and student.hidden_size != teacher.hidden_size:
+            raise ValueError(
+                f"term {self.name!r}: student width {student.hidden_size} differs from teacher "
+                f"width {teacher.hidden_size}; leave `projection` unset or true."
+            )
+        self.projections = nn.ModuleList(
+            [
+                nn.Linear(student.hidden_size, teacher.hidden_size) if project else nn.Identity()
+                for _ in self.pairs
+            ]
+        )
+
+    def needs(self) -> Needs:
+        return Needs(hidden_states=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"].bool()
+        total = []
+        for (s_layer, t_layer), project in zip(self.pairs, self.projections, strict=True):
+            s = project(student.hidden_states[s_layer])
+            t = teacher.hidden_states[t_layer].to(s.dtype)
+            if self.loss == "mse":
+                per_token = (s - t).pow(2).mean(-1)
+            else:
+                per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
+            total.append(_masked_mean(per_token, mask))
+        return torch.stack(total).mean()
+
+
+@register_term
+class Embeddings(HiddenState):
+    """The embedding layer's output (hidden state 0), the TinyBERT embedding loss."""
+
+    kind = "embeddings"
+    losses = ("mse", "cosine")
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("layers", [[0, 0]])
+        super().__init__(**kwargs)
+
+
+@register_term
+class AttentionMap(_LayerTerm):
+    """Paired attention probabilities: KL per query row, or MSE; needs equal head counts."""
+
+    kind = "attention"
+    losses = ("kl", "mse")
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        super().bind(teacher, student)
+        for info in (teacher, student):
+            if not info.can_return_attentions:
+                raise ValueError(
+                    f"the {info.name} cannot return attention maps, which term {self.name!r} needs. "
+                    "Load it with attn_implementation='eager', or use the 'relations' term."
+                )
+        if teacher.num_heads != student.num_heads:
+            raise ValueError(
+                f"term {self.name!r} matches attention maps head by head, but the teacher has "
+                f"{teacher.num_heads} heads and the student {student.num_heads}. Use the "
+                "'relations' term (MiniLMv2), which works across head counts."
+            )
+
+    def needs(self) -> Needs:
+        return Needs(attentions=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"].bool()
+        query_mask = mask[:, None, :]  # (B, 1, S): broadcast over heads
+        total = []
+        for s_layer, t_layer in self.pairs:
+            s = student.attentions[s_layer - 1].float()
+            t = teacher.attentions[t_layer - 1].float()
+            if self.loss == "kl":
+                per_row = (torch.special.xlogy(t, t) - t * s.clamp_min(1e-12).log()).sum(-1)
+                total.append(_masked_mean(per_row, query_mask.expand_as(per_row)))
+            else:
+                pair_mask = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(s)
+                total.append(_masked_mean((s - t).pow(2), pair_mask))
+        return torch.stack(total).mean()
+
+
+def relation_log_probs(states: Tensor, num_heads: int, key_mask: Tensor) -> Tensor:
+    """MiniLMv2 self-relation: softmax over keys of scaled dot products, per relation head, as log-probs."""
+    batch, seq, width = states.shape
+    head_size = width // num_heads
+    x = states.float().view(batch, seq, num_heads, head_size).transpose(1, 2)
+    scores = x @ x.transpose(-1, -2) / math.sqrt(head_size)
+    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores.log_softmax(-1)
+
+
+@register_term
+class Relations(_LayerTerm):
+    """MiniLMv2 self-attention relations: KL between q-q, k-k and v-v relation maps.
+
+    Queries, keys and values are split into the same number of relation heads on both sides, so teacher and
+    student may differ in head count and width.
+    """
+
+    kind = "relations"
+    losses = ("kl",)
+    default_layers = "last"
+    RELATIONS: ClassVar[dict[str, tuple[str, str]]] = {
+        "qq": ("query", "query"),
+        "kk": ("key", "key"),
+        "vv": ("value", "value"),
+    }
+
+    def __init__(
+        self,
+        relations: Sequence[str] = ("qq", "kk", "vv"),
+        num_relation_heads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        unknown = [r for r in relations if r not in self.RELATIONS]
+        if unknown or not relations:
+            raise ValueError(
+                f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}."
+            )
+        self.relations = list(relations)
+        self.num_relation_heads = num_relation_heads
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        super().bind(teacher, student)
+        for info in (teacher, student):
+            if not info.can_return_qkv:
+                raise ValueError(
+                    f"term {self.name!r} reads queries, keys and values, but lightning-kd does not "
+                    f"know where the {info.name}'s are (unsupported architecture). Use 'hidden'."
+                )
+        heads = self.num_relation_heads or teacher.num_heads
+        for info in (teacher, student):
+            if info.hidden_size % heads:
+                raise ValueError(
+                    f"term {self.name!r}: {heads} relation heads do not divide the {info.name} "
+                    f"width {info.hidden_size}; set num_relation_heads to a divisor of both widths."
+                )
+        self.num_relation_heads = heads
+
+    def needs(self) -> Needs:
+        return Needs(
+            teacher_qkv_layers=frozenset(t for _, t in self.pairs),
+            student_qkv_layers=frozenset(s for s, _ in self.pairs),
+        )
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"].bool()
+        query_mask = mask[:, None, :]
+        total = []
+        for s_layer, t_layer in self.pairs:
+            for relation in self.relations:
+                role = self.RELATIONS[relation][0]
+                t = relation_log_probs(teacher.qkv[t_layer][role], self.num_relation_heads, mask)
+                s = relation_log_probs(student.qkv[s_layer][role], self.num_relation_heads, mask)
+                per_row = (t.exp() * (t - s)).sum(-1)
+                total.append(_masked_mean(per_row, query_mask.expand_as(per_row)))
+        return torch.stack(total).mean()
+
+
+@register_term
+class TaskLoss(KnowledgeTerm):
+    """The student's own loss on the labels: MLM cross-entropy, classification CE, or regression MSE."""
+
+    kind = "task"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        if not student.predicts:
+            raise ValueError(
+                "the 'task' term needs a student with a prediction head (task: masked-lm or "
+                "sequence-classification)."
+            )
+
+    def needs(self) -> Needs:
+        return Needs(logits=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        logits, labels = student.logits, batch.get("labels")
+        if labels is None:
+            raise ValueError("the 'task' term needs `labels` in the batch; the DataModule yields none.")
+        if logits.shape[-1] == 1 and labels.is_floating_point():
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+
+
+def build_term(spec: Mapping[str, Any] | KnowledgeTerm) -> KnowledgeTerm:
+    """A term from its YAML form, e.g. ``{"term": "hidden", "loss": "cosine", "layers": "last"}``."""
+    if isinstance(spec, KnowledgeTerm):
+        return spec
+    options = dict(spec)
+    kind = options.pop("term", None)
+    if kind not in TERMS:
+        raise ValueError(f"unknown knowledge term {kind!r}: known terms are {', '.join(sorted(TERMS))}.")
+    try:
+        return TERMS[kind](**options)
+    except TypeError as error:
+        raise ValueError(
+            f"term {kind!r}: {error}. See {TERMS[kind].__name__} in lightning_kd/objective.py "
+            "for its options."
+        ) from error
+
+
+class DistillationObjective(nn.Module):
+    """The weighted sum of knowledge terms; every term's value is returned for logging."""
+
+    def __init__(self, terms: Sequence[Mapping[str, Any] | KnowledgeTerm]) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError(
+                "the objective needs at least one term, e.g. [{term: hidden}] or [{term: logits}]."
+            )
+        built = [build_term(t) for t in terms]
+        names = [t.name for t in built]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"several terms are named {duplicates}: give each a distinct `name`.")
+        self.terms = nn.ModuleDict({t.name: t for t in built})
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        for term in self.terms.values():
+            term.bind(teacher, student)
+
+    def needs(self) -> Needs:
+        needs = Needs()
+        for term in self.terms.values():
+            needs = needs | term.needs()
+        return needs
+
+    def forward(
+        self, teacher: Features, student: Features, batch: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        values = {name: term(teacher, student, batch) for name, term in self.terms.items()}
+        total = sum(self.terms[name].weight * value for name, value in values.items())
+        return total, values

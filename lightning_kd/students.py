@@ -1,0 +1,96 @@
+"""Where a student comes from: a copy of the teacher, a fresh config, teacher layers, a saved model, ETD.
+
+A student is declared in Python or YAML as one of
+- a Hugging Face model, or a hub name / local folder (``"prajjwal1/bert-tiny"``, ``"runs/student"``);
+- ``{"init": "copy"}``: the teacher itself, to be pruned (HomoDistil starts here);
+- ``{"init": "config", "config": {"num_hidden_layers": 4, ...}}``: randomly initialised, the teacher's
+  config with these fields changed (or ``"config": <name or folder>``);
+- ``{"init": "layers", "num_layers": 6}`` or ``{"init": "layers", "layers": [0, 2, 4]}``: teacher blocks
+  chosen uniformly (the DistilBERT choice) or by index, with the teacher's embeddings and heads.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import hub
+from .models import get_adapter, select_layers, uniform_layer_choice
+
+StudentSpec = PreTrainedModel | str | Mapping[str, Any]
+
+
+def _copy(teacher: PreTrainedModel) -> PreTrainedModel:
+    return copy.deepcopy(teacher)
+
+
+def _from_config(teacher: PreTrainedModel, config: Mapping[str, Any] | str | None = None) -> PreTrainedModel:
+    if isinstance(config, str):
+        new_config = hub.load_config(config)
+    else:
+        unknown = [k for k in (config or {}) if not hasattr(teacher.config, k)]
+        if unknown:
+            raise ValueError(
+                f"student config fields {unknown} do not exist in {type(teacher.config).__name__}; "
+                "check their spelling against the teacher's config.json."
+            )
+        new_config = type(teacher.config)(**{**teacher.config.to_dict(), **(config or {})})
+    new_config._attn_implementation = teacher.config._attn_implementation
+    return type(teacher)(new_config)
+
+
+def _from_layers(
+    teacher: PreTrainedModel, num_layers: int | None = None, layers: list[int] | None = None
+) -> PreTrainedModel:
+    if (num_layers is None) == (layers is None):
+        raise ValueError(
+            "the 'layers' student takes exactly one of `num_layers` (chosen uniformly) or `layers` "
+            "(explicit teacher block indices, 0-based)."
+        )
+    if layers is None:
+        layers = uniform_layer_choice(get_adapter(teacher).num_layers(teacher), num_layers)
+    return select_layers(teacher, layers)
+
+
+STUDENT_INITS: dict[str, Callable[..., PreTrainedModel]] = {
+    "copy": _copy,
+    "config": _from_config,
+    "layers": _from_layers,
+}
+
+
+def register_student_init(name: str, builder: Callable[..., PreTrainedModel]) -> None:
+    """Make ``{"init": name, **options}`` build students with ``builder(teacher, **options)``."""
+    STUDENT_INITS[name] = builder
+
+
+def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any = None) -> nn.Module:
+    """The student a spec declares (see the module docstring)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        return hub.load_model(spec, model_class or type(teacher))
+    options = dict(spec)
+    init = options.pop("init", None)
+    if init not in STUDENT_INITS:
+        raise ValueError(
+            f"unknown student init {init!r}: use one of {', '.join(sorted(STUDENT_INITS))}, "
+            "a hub name or folder, or a model object."
+        )
+    try:
+        student = STUDENT_INITS[init](teacher, **options)
+    except TypeError as error:
+        raise ValueError(f"student init {init!r}: {error}") from error
+    _drop_unused_pooler(student)
+    # built from a frozen teacher, so it inherits frozen parameters and eval mode
+    return student.requires_grad_(True).train()
+
+
+def _drop_unused_pooler(model: nn.Module) -> None:
+    """A bare encoder's pooler gets no gradient from any term, and unused parameters break DDP."""
+    if isinstance(model, PreTrainedModel) and model.base_model is model and getattr(model, "pooler", None):
+        model.pooler = None
