@@ -243,6 +243,17 @@ class _LayerTerm(KnowledgeTerm):
         )
 
 
+def _projection(student_width: int, teacher_width: int) -> nn.Linear:
+    """A learned map into the teacher's width; the identity where widths agree, so that a student that starts
+    as the teacher (HomoDistil) starts with a zero loss rather than a random one."""
+    linear = nn.Linear(student_width, teacher_width)
+    if student_width == teacher_width:
+        with torch.no_grad():
+            linear.weight.copy_(torch.eye(teacher_width))
+            linear.bias.zero_()
+    return linear
+
+
 @register_term
 class HiddenState(_LayerTerm):
     """Distance between paired hidden states, through a learned linear projection when widths differ."""
@@ -267,10 +278,7 @@ class HiddenState(_LayerTerm):
                 f"width {teacher.hidden_size}; leave `projection` unset or true."
             )
         self.projections = nn.ModuleList(
-            [
-                nn.Linear(student.hidden_size, teacher.hidden_size) if project else nn.Identity()
-                for _ in self.pairs
-            ]
+            [_projection(student.hidden_size, teacher.hidden_size) if project else nn.Identity() for _ in self.pairs]
         )
 
     def needs(self) -> Needs:

@@ -1,18 +1,70 @@
 """The one place that knows a transformer's insides: adapters per architecture and what is built on them."""
 
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
-from .base import ArchitectureAdapter, LayerParts
+from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .layers import select_layers, uniform_layer_choice
+from .export import export_pretrained, load_pruned, to_standard
+from .extract import extract
+from .importance import (
+    ActivationImportance,
+    PlatonImportance,
+    RandomImportance,
+    Sensitivity,
+    UnitImportance,
+    score_units,
+    top_units,
+    unit_sensitivity,
+)
+from .layers import keep_layers_, select_layers, uniform_layer_choice
+from .prune import prune_model
 from .registry import get_adapter, register_adapter, supported_model_types
+from .units import (
+    UNIT_KINDS,
+    MaskHandle,
+    Masks,
+    ParameterSlice,
+    apply_masks,
+    full_masks,
+    masked,
+    masked_parameter_slices,
+    unit_counts,
+    validate_masks,
+    zero_masked_,
+)
 
 __all__ = [
+    "UNIT_KINDS",
+    "ActivationImportance",
     "ArchitectureAdapter",
+    "HiddenParts",
     "LayerParts",
+    "MaskHandle",
+    "Masks",
+    "ParameterSlice",
+    "PlatonImportance",
+    "RandomImportance",
+    "Sensitivity",
+    "UnitImportance",
+    "apply_masks",
     "capture_qkv",
+    "export_pretrained",
+    "extract",
+    "full_masks",
     "get_adapter",
+    "keep_layers_",
+    "load_pruned",
+    "masked",
+    "masked_parameter_slices",
+    "prune_model",
     "register_adapter",
+    "score_units",
     "select_layers",
     "supported_model_types",
+    "to_standard",
+    "top_units",
     "uniform_layer_choice",
+    "unit_counts",
+    "unit_sensitivity",
+    "validate_masks",
+    "zero_masked_",
 ]

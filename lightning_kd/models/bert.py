@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, LayerParts
+from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .registry import register_adapter
 
 
 @register_adapter
 class BertAdapter(ArchitectureAdapter):
     model_types = ("bert",)
+    head_modules = {
+        "cls.predictions.transform.dense": "rw",
+        "cls.predictions.transform.LayerNorm": "n",
+        "cls.predictions.decoder": "r",
+        "cls.seq_relationship": "r",
+        "classifier": "r",
+        "qa_outputs": "r",
+    }
 
     def layer_parts(self, layer: nn.Module) -> LayerParts:
         attention = layer.attention
@@ -24,3 +32,19 @@ class BertAdapter(ArchitectureAdapter):
             ffn_output=layer.output.dense,
             ffn_norm=layer.output.LayerNorm,
         )
+
+    def hidden_parts(self, model: nn.Module) -> HiddenParts:
+        base = self.base_model(model)
+        embeddings = base.embeddings
+        parts = HiddenParts()
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            parts.add(getattr(embeddings, name, None), "e")
+        parts.add(embeddings.LayerNorm, "n")
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None:
+            parts.add(pooler.dense, "rw")
+        for path, module in self.prediction_heads(model).items():
+            # "classifier" is a Linear on BERT but a small module on RoBERTa; only Linears read hidden here
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                parts.add(module, self.head_modules[path])
+        return parts

@@ -21,8 +21,8 @@ def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:
     return [round(step * (i + 1)) - 1 for i in range(keep)]
 
 
-def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
-    """A copy of ``model`` that keeps only the transformer blocks at ``indices`` (in that order)."""
+def keep_layers_(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Keep only the blocks at ``indices`` (in that order), in place; returns ``model``."""
     adapter = get_adapter(model)
     total = adapter.num_layers(model)
     bad = [i for i in indices if not 0 <= i < total]
@@ -31,15 +31,22 @@ def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
             f"layer indices {list(indices)} are invalid for a model with {total} layers "
             f"(valid: 0..{total - 1}, at least one)."
         )
-    student = copy.deepcopy(model)
-    layers = adapter.layers(student)
+    layers = adapter.layers(model)
     kept = nn.ModuleList([layers[i] for i in indices])
-    encoder = adapter.base_model(student).encoder
-    encoder.layer = kept
-    student.config.num_hidden_layers = len(kept)
+    adapter.encoder(model).layer = kept
+    model.config.num_hidden_layers = len(kept)
     for position, layer in enumerate(kept):
         # some implementations read the layer index (caching, logging); keep it consistent with the new depth
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
-    return student
+    return model
+
+
+def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` that keeps only the transformer blocks at ``indices`` (in that order)."""
+    get_adapter(model)  # fail on an unsupported architecture before copying a large model
+    total = len(get_adapter(model).layers(model))
+    if not indices or any(not 0 <= i < total for i in indices):
+        keep_layers_(model, indices)  # raises the descriptive error without touching the model
+    return keep_layers_(copy.deepcopy(model), indices)

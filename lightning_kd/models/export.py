@@ -1,0 +1,148 @@
+"""Saving pruned students so that plain transformers loads them, and loading them back small.
+
+A config has one ``num_attention_heads`` and one ``intermediate_size`` for all layers, and BERT derives the
+head size as ``hidden_size / num_attention_heads``. A pruned model that does not fit is padded, in a way
+that computes the same function:
+
+- layers with fewer heads or FFN neurons than the widest layer get extra heads / neurons whose weights are
+  zero: a zero head's value and output weights are zero, so it adds nothing; a zero neuron's output
+  column is zero, so it adds nothing whatever its activation;
+- on BERT and RoBERTa, when ``hidden_size / num_attention_heads`` is not the head size, heads are first
+  padded with zero heads up to ``hidden_size / head_size``; when that is not a whole number, every head
+  is padded with zero dimensions to the nearest head size that fits, and the queries are scaled by
+  ``sqrt(new / old head size)`` so that ``q.k / sqrt(head size)`` is unchanged.
+
+The true per-layer sizes are written into ``config.lightning_kd`` (plain transformers keeps it as an unused
+attribute). ``load_pruned`` reads them and removes the padding again, so the model is small in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+from .base import ArchitectureAdapter, query_rescale
+from .prune import _refresh_shape, prune_model
+from .registry import get_adapter
+from .units import unit_counts
+
+RECORD_KEY = "lightning_kd"
+
+
+def _config_head_layout(
+    adapter: ArchitectureAdapter, hidden: int, heads: int, head_size: int
+) -> tuple[int, int]:
+    """(num_attention_heads, head size) that a standard config can express and that hold the kept heads."""
+    if adapter.free_head_size or heads * head_size == hidden:
+        return heads, head_size
+    if hidden % head_size == 0 and hidden // head_size >= heads:
+        return hidden // head_size, head_size
+    for count in range(heads, hidden // head_size + 1):
+        if hidden % count == 0:
+            return count, hidden // count
+    fits = hidden // head_size
+    raise ValueError(
+        f"this architecture derives the head size as hidden_size / num_attention_heads, so {heads} heads of "
+        f"size {head_size} cannot be saved with hidden size {hidden} (at most {fits} heads of that size fit). "
+        f"Keep at most {fits} heads per layer, or keep more hidden dimensions "
+        f"(at least {heads * head_size})."
+    )
+
+
+def _pad_rows(weight: torch.Tensor, groups: int, width: int, new_groups: int, new_width: int) -> torch.Tensor:
+    """Zero-pad dim 0 laid out as ``groups x width`` to ``new_groups x new_width``."""
+    rest = weight.shape[1:]
+    padded = weight.new_zeros(new_groups, new_width, *rest)
+    padded[:groups, :width] = weight.reshape(groups, width, *rest)
+    return padded.reshape(new_groups * new_width, *rest)
+
+
+def _pad_columns(
+    weight: torch.Tensor, groups: int, width: int, new_groups: int, new_width: int
+) -> torch.Tensor:
+    return _pad_rows(weight.t(), groups, width, new_groups, new_width).t().contiguous()
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def to_standard(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every layer matches one standard config (zero-padded where needed)."""
+    adapter = get_adapter(model)
+    counts = unit_counts(model)
+    hidden, head_size = counts["hidden"], counts["head_size"]
+    heads, ffn = counts["heads"], counts["ffn"]
+    num_heads, new_head_size = _config_head_layout(adapter, hidden, max(heads), head_size)
+    width = max(ffn)
+    padded = copy.deepcopy(model)
+    for i, layer in enumerate(adapter.layers(padded)):
+        parts = adapter.layer_parts(layer)
+        shape = (heads[i], head_size, num_heads, new_head_size)
+        if shape[:2] != shape[2:]:
+            for projection in parts.head_projections:
+                factor = (
+                    query_rescale(head_size, new_head_size) if projection in parts.query_projections else 1.0
+                )
+                _set(projection, "weight", _pad_rows(projection.weight * factor, *shape))
+                if projection.bias is not None:
+                    _set(projection, "bias", _pad_rows(projection.bias * factor, *shape))
+            output = parts.attention_output
+            _set(output, "weight", _pad_columns(output.weight, *shape))
+        if ffn[i] != width:
+            ffn_shape = (ffn[i], 1, width, 1)
+            _set(parts.ffn_input, "weight", _pad_rows(parts.ffn_input.weight, *ffn_shape))
+            if parts.ffn_input.bias is not None:
+                _set(parts.ffn_input, "bias", _pad_rows(parts.ffn_input.bias, *ffn_shape))
+            _set(parts.ffn_output, "weight", _pad_columns(parts.ffn_output.weight, *ffn_shape))
+        for module in layer.modules():
+            _refresh_shape(module)
+        adapter.set_attention_shape(layer, num_heads, new_head_size)
+    config = adapter.config(padded)
+    adapter.update_config(
+        config, hidden=hidden, heads=num_heads, head_size=new_head_size, intermediate=width, layers=len(heads)
+    )
+    padding = (num_heads, new_head_size, width) != (max(heads), head_size, width) or len(set(heads)) > 1
+    if padding or len(set(ffn)) > 1:
+        setattr(config, RECORD_KEY, {"heads": list(heads), "intermediate": list(ffn), "head_size": head_size})
+    elif hasattr(config, RECORD_KEY):
+        delattr(config, RECORD_KEY)
+    return padded
+
+
+def export_pretrained(model: nn.Module, path: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
+        )
+    to_standard(model).save_pretrained(path, **save_kwargs)
+    return Path(path)
+
+
+def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs: Any) -> nn.Module:
+    """Load an exported student and remove the zero padding that ``export_pretrained`` added, if any."""
+    model = model_class.from_pretrained(path, **kwargs)
+    record = getattr(model.config, RECORD_KEY, None)
+    if not record:
+        return model
+    counts = unit_counts(model)
+    layers = counts["layers"]
+    heads = torch.zeros(layers, max(counts["heads"]), dtype=torch.bool)
+    ffn = torch.zeros(layers, max(counts["ffn"]), dtype=torch.bool)
+    for i in range(layers):
+        heads[i, : record["heads"][i]] = True
+        ffn[i, : record["intermediate"][i]] = True
+    head_dims = torch.zeros(layers, counts["head_size"], dtype=torch.bool)
+    head_dims[:, : record["head_size"]] = True
+    small = prune_model(model, {"heads": heads, "ffn": ffn, "head_dims": head_dims})
+    delattr(small.config, RECORD_KEY)
+    return small

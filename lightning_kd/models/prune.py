@@ -1,0 +1,91 @@
+"""Physical removal: slice every coupled matrix and return a smaller model of the same class."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .base import query_rescale
+from .layers import keep_layers_
+from .registry import get_adapter
+from .units import Masks, _hidden_modules, axes, kept_index, unit_counts, validate_masks
+
+
+def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
+    """A copy of ``model`` without the units that ``masks`` removes (see ``units.py`` for the mask format).
+
+    The copy computes exactly what ``apply_masks(model, masks)`` computes. When every kept layer keeps the
+    same number of heads and FFN neurons its config is a standard one; otherwise the config holds the
+    largest per-layer sizes and ``export_pretrained`` pads the layers so that plain transformers loads it.
+    ``masks["head_dims"]`` narrows every head and rescales the queries so that attention scores keep the
+    teacher's temperature (``q.k / sqrt(old head size)``); that is an initialisation, not a masked model.
+    """
+    masks = validate_masks(model, masks)
+    adapter = get_adapter(model)
+    counts = unit_counts(model)
+    student = copy.deepcopy(model)
+
+    # tied weights (word embeddings and MLM decoder) are one Parameter: slice it once, share the result
+    cuts: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}
+    for axis in axes(student):
+        index = kept_index(axis, masks, counts)
+        if index is not None:
+            cuts.setdefault(id(axis.parameter), (axis.parameter, {}))[1][axis.dim] = index
+    replacements: dict[int, nn.Parameter] = {}
+    for key, (parameter, dims) in cuts.items():
+        data = parameter.data
+        for dim, index in dims.items():
+            data = data.index_select(dim, index.to(data.device))
+        replacements[key] = nn.Parameter(data.clone(), requires_grad=parameter.requires_grad)
+    for module in student.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and id(parameter) in replacements:
+                module._parameters[name] = replacements[id(parameter)]
+        _refresh_shape(module)
+    if "hidden" in masks:
+        # norms without affine weights have nothing to slice but still carry their width
+        for norm in _hidden_modules(adapter, student)[2]:
+            norm.normalized_shape = (int(masks["hidden"].sum()),)
+
+    head_size = counts["head_size"]
+    if "head_dims" in masks:
+        kept_layers = masks.get("layers", torch.ones(counts["layers"], dtype=torch.bool))
+        head_size = int(masks["head_dims"][kept_layers.nonzero().flatten()[0]].sum())
+    for layer in adapter.layers(student):
+        parts = adapter.layer_parts(layer)
+        if head_size != counts["head_size"]:
+            factor = query_rescale(counts["head_size"], head_size)
+            with torch.no_grad():
+                for projection in parts.query_projections:
+                    projection.weight.mul_(factor)
+                    if projection.bias is not None:
+                        projection.bias.mul_(factor)
+        adapter.set_attention_shape(layer, parts.query.out_features // head_size, head_size)
+
+    if "layers" in masks:
+        keep_layers_(student, masks["layers"].nonzero().flatten().tolist())
+    kept_layers = adapter.layers(student)
+    adapter.update_config(
+        adapter.config(student),
+        hidden=adapter.residual_width(student),
+        heads=max(adapter.layer_parts(layer).query.out_features // head_size for layer in kept_layers),
+        head_size=head_size,
+        intermediate=max(adapter.layer_parts(layer).ffn_input.out_features for layer in kept_layers),
+        layers=len(kept_layers),
+    )
+    return student
+
+
+def _refresh_shape(module: nn.Module) -> None:
+    """Keep the size attributes that modules print and some forwards read in line with the new weights."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.Conv1d):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
