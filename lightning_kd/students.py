@@ -6,12 +6,18 @@ A student is declared in Python or YAML as one of
 - ``{"init": "config", "config": {"num_hidden_layers": 4, ...}}``: randomly initialised, the teacher's
   config with these fields changed (or ``"config": <name or folder>``);
 - ``{"init": "layers", "num_layers": 6}`` or ``{"init": "layers", "layers": [0, 2, 4]}``: teacher blocks
-  chosen uniformly (the DistilBERT choice) or by index, with the teacher's embeddings and heads.
+  chosen uniformly (the DistilBERT choice) or by index, with the teacher's embeddings and heads;
+- ``{"init": "extract", "num_layers": 4, "hidden_size": 384, "num_attention_heads": 6,
+  "intermediate_size": 1536, "strategy": "rand" | "impt"}``: ETD (Chen et al., 2021), layers chosen uniformly
+  and units kept at random or by the teacher's own importance; ``impt`` scores on ``data``, a DataLoader or a
+  DataModule declared as in a recipe (``{"class_path": ..., "init_args": {...}}``), whose training batches
+  must carry labels for the teacher's loss (MLM labels for a ``masked-lm`` teacher).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import hub
-from .models import get_adapter, select_layers, uniform_layer_choice
+from .models import extract, get_adapter, select_layers, uniform_layer_choice
 
 StudentSpec = PreTrainedModel | str | Mapping[str, Any]
 
@@ -56,10 +62,31 @@ def _from_layers(
     return select_layers(teacher, layers)
 
 
+def _extract(teacher: PreTrainedModel, data: Any = None, **options: Any) -> PreTrainedModel:
+    if isinstance(data, Mapping):
+        data = _datamodule_batches(data)
+    return extract(teacher, data=data, **options)
+
+
+def _datamodule_batches(spec: Mapping[str, Any]) -> Any:
+    """The training batches of a DataModule declared as ``{"class_path": ..., "init_args": {...}}``."""
+    if "class_path" not in spec:
+        raise ValueError(
+            "an ETD `data` declaration needs `class_path` (e.g. lightning_kd.datamodules."
+            "PretrainingDataModule) and `init_args`."
+        )
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    datamodule = getattr(importlib.import_module(module_name), class_name)(**spec.get("init_args", {}))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.train_dataloader()
+
+
 STUDENT_INITS: dict[str, Callable[..., PreTrainedModel]] = {
     "copy": _copy,
     "config": _from_config,
     "layers": _from_layers,
+    "extract": _extract,
 }
 
 

@@ -178,3 +178,40 @@ def test_saved_student_loads_with_plain_transformers(teacher: BertForMaskedLM, t
     expected = module.student.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert torch.allclose(expected.last_hidden_state, got.last_hidden_state, atol=1e-6)
+
+
+def test_etd_students_through_the_module(teacher: BertForMaskedLM) -> None:
+    sizes = {"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16}
+    rand = DistillationModule(teacher, {"init": "extract", "strategy": "rand", **sizes}).student
+    impt = DistillationModule(
+        teacher,
+        {
+            "init": "extract",
+            "strategy": "impt",
+            "max_batches": 2,
+            **sizes,
+            "data": {"class_path": "conftest.FixedBatches", "init_args": {"num_batches": 2}},
+        },
+        objective=[{"term": "logits"}, {"term": "hidden"}],
+    ).student
+    for student in (rand, impt):
+        config = student.config
+        assert (
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+        ) == (2, 8, 2, 16)
+        assert all(p.requires_grad for p in student.parameters())
+    with pytest.raises(ValueError, match="needs data"):
+        DistillationModule(teacher, {"init": "extract", "strategy": "impt", **sizes})
+
+
+def test_attention_term_turns_off_attention_dropout_so_kl_stays_finite() -> None:
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(tiny_bert_config(attention_probs_dropout_prob=0.5))
+    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "attention", "loss": "kl"}])
+    module.student.train()
+    batch = make_batch()
+    loss, _ = module.objective(module.teacher_features(batch), module.student_features(batch), batch)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)  # a copy of the teacher, with no dropped entries

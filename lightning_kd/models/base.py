@@ -188,8 +188,18 @@ class ArchitectureAdapter:
         """Whether ``output_attentions=True`` returns probabilities (eager attention does; sdpa does not)."""
         return getattr(self.config(model), "_attn_implementation", "eager") == "eager"
 
+    def attention_dropout(self, layer: nn.Module) -> nn.Dropout:
+        """The dropout applied to a block's attention probabilities."""
+        return layer.attention.self.dropout
+
     def enable_attention_maps(self, model: nn.Module) -> None:
-        """Switch to eager attention so that attention probabilities come back from the forward pass."""
+        """Make the forward pass return attention probabilities that can be distilled.
+
+        Eager attention is the implementation that returns them, and it returns them *after* dropout: a KL
+        against maps with dropped (zero) entries diverges, so attention-probability dropout is switched off.
+        """
+        for layer in self.layers(model):
+            self.attention_dropout(layer).p = 0.0
         if self.supports_attention_maps(model):
             return
         setter = getattr(model, "set_attn_implementation", None)
