@@ -21,7 +21,6 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from lightning_kd import DistillationModule

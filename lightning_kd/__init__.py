@@ -8,6 +8,9 @@ Where each paper lives:
 """
 
 from .callbacks import DistillationReport
+from .datamodules import GLUEDataModule, PretrainingDataModule
+from .finetune import FineTuningModule
+from .models import export_pretrained, extract, load_pruned, prune_model, score_units
 from .module import DistillationModule
 from .objective import DistillationObjective, KnowledgeTerm, register_term
 from .students import build_student, register_student_init
@@ -18,8 +21,16 @@ __all__ = [
     "DistillationModule",
     "DistillationObjective",
     "DistillationReport",
+    "FineTuningModule",
+    "GLUEDataModule",
     "KnowledgeTerm",
+    "PretrainingDataModule",
     "build_student",
+    "export_pretrained",
+    "extract",
+    "load_pruned",
+    "prune_model",
     "register_student_init",
     "register_term",
+    "score_units",
 ]

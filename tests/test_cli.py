@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_bert_config
+from kd_helpers import tiny_bert_config
 from transformers import AutoModel, BertModel
 
 from lightning_kd.cli import main

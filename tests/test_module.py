@@ -7,7 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import VOCAB, FixedBatches, make_batch, quiet_trainer, tiny_bert_config
+from kd_helpers import VOCAB, FixedBatches, make_batch, quiet_trainer, tiny_bert_config
 from transformers import AutoModel, BertForMaskedLM, BertModel, GPT2Config, GPT2Model
 
 from lightning_kd import DistillationModule
@@ -190,7 +190,7 @@ def test_etd_students_through_the_module(teacher: BertForMaskedLM) -> None:
             "strategy": "impt",
             "max_batches": 2,
             **sizes,
-            "data": {"class_path": "conftest.FixedBatches", "init_args": {"num_batches": 2}},
+            "data": {"class_path": "kd_helpers.FixedBatches", "init_args": {"num_batches": 2}},
         },
         objective=[{"term": "logits"}, {"term": "hidden"}],
     ).student

@@ -16,7 +16,7 @@ from .importance import (
     unit_sensitivity,
 )
 from .layers import keep_layers_, select_layers, uniform_layer_choice
-from .prune import prune_model
+from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
     UNIT_KINDS,
@@ -56,6 +56,7 @@ __all__ = [
     "masked",
     "masked_parameter_slices",
     "prune_model",
+    "pruned_parameter_count",
     "register_adapter",
     "score_units",
     "select_layers",

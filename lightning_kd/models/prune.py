@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -10,7 +11,15 @@ from torch import nn
 from .base import query_rescale
 from .layers import keep_layers_
 from .registry import get_adapter
-from .units import Masks, _hidden_modules, axes, kept_index, unit_counts, validate_masks
+from .units import (
+    Masks,
+    _hidden_modules,
+    axes,
+    kept_index,
+    masked_parameter_slices,
+    unit_counts,
+    validate_masks,
+)
 
 
 def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
@@ -76,6 +85,23 @@ def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
         layers=len(kept_layers),
     )
     return student
+
+
+def pruned_parameter_count(model: nn.Module, masks: Masks) -> int:
+    """How many parameters ``prune_model(model, masks)`` would keep, without copying the model.
+
+    Cheap enough to log at every pruning event of a BERT-base run.
+    """
+    removed: dict[int, dict[int, set[int]]] = {}
+    for piece in masked_parameter_slices(model, masks):
+        removed.setdefault(id(piece.parameter), {}).setdefault(piece.dim, set()).update(piece.index.tolist())
+    total = 0
+    for parameter in model.parameters():  # each tied parameter once
+        shape = list(parameter.shape)
+        for dim, index in removed.get(id(parameter), {}).items():
+            shape[dim] -= len(index)
+        total += math.prod(shape)
+    return total
 
 
 def _refresh_shape(module: nn.Module) -> None:

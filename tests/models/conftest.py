@@ -1,75 +1,10 @@
-"""Tiny BERT, RoBERTa and DeBERTa-v2 models built from configs (nothing is downloaded)."""
+"""Fixtures for the model-surgery tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    DebertaV2Config,
-    DebertaV2ForMaskedLM,
-    DebertaV2ForSequenceClassification,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    RobertaForSequenceClassification,
-)
-
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    # larger weights than the default 0.02, so that removing a unit visibly changes the outputs
-    initializer_range=0.2,
-)
-
-ARCHITECTURES = {
-    "bert": (BertConfig, BertForMaskedLM, BertForSequenceClassification, {}),
-    "roberta": (RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification, {"pad_token_id": 1}),
-    # DeBERTa-v3's settings: relative attention, shared keys, both disentangled terms, normalised positions
-    "deberta-v2": (
-        DebertaV2Config,
-        DebertaV2ForMaskedLM,
-        DebertaV2ForSequenceClassification,
-        {
-            "relative_attention": True,
-            "position_buckets": 8,
-            "max_relative_positions": 16,
-            "pos_att_type": ["p2c", "c2p"],
-            "share_att_key": True,
-            "norm_rel_ebd": "layer_norm",
-            "position_biased_input": False,
-            "type_vocab_size": 0,
-        },
-    ),
-}
-
-
-def make_model(arch: str, head: str = "mlm", seed: int = 0, **overrides) -> torch.nn.Module:
-    config_cls, mlm_cls, cls_cls, extra = ARCHITECTURES[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **extra, **overrides}, num_labels=3)
-    model = (mlm_cls if head == "mlm" else cls_cls)(config)
-    with torch.no_grad():
-        # random LayerNorm affines and biases, so that slicing mistakes in them show up in the outputs
-        for name, parameter in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
-                parameter.normal_(0.0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
-    return model.eval()
-
-
-def make_batch(model: torch.nn.Module, batch: int = 2, length: int = 10, seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator)
-    attention_mask = torch.ones(batch, length, dtype=torch.long)
-    attention_mask[0, -3:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+from model_factory import ARCHITECTURES
 
 
 @pytest.fixture(autouse=True)

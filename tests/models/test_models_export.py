@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from model_factory import make_batch, make_model
 from transformers import AutoModel
 
 from lightning_kd.models import export_pretrained, full_masks, load_pruned, prune_model

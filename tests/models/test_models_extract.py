@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from model_factory import make_batch, make_model
 from transformers import DistilBertConfig, DistilBertModel
 
 from lightning_kd.models import (

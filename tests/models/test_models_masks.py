@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from model_factory import make_batch, make_model
 
 from lightning_kd.models import (
     apply_masks,
@@ -159,3 +159,16 @@ def test_pruning_a_pruned_model_again(arch):
     masks["heads"][1, 0] = False
     masks["ffn"][0, 0] = False
     _compare(first, masks)
+
+
+def test_pruned_parameter_count_matches_the_pruned_model(arch):
+    from lightning_kd.models import pruned_parameter_count
+
+    model = make_model(arch)
+    masks = full_masks(model)
+    masks["heads"][:, 1] = False
+    masks["ffn"][:, ::3] = False
+    masks["hidden"][::4] = False
+    masks["layers"][1] = False
+    pruned = prune_model(model, masks)
+    assert pruned_parameter_count(model, masks) == sum(p.numel() for p in pruned.parameters())

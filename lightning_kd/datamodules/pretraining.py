@@ -1,0 +1,489 @@
+"""Streamed, packed, masked text for distillation pre-training.
+
+Each reader (one per rank and dataloader worker) interleaves its share of every source, tokenises
+documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks
+them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
+takes the position off before the batch reaches the model and keeps the position of the last batch the
+training loop actually took, which is what the checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from .common import check_vocabulary, distributed_position, get_tokenizer
+from .sources import DEFAULT_HUB_SOURCES, DataSourceError, SourceSpec, parse_source, read_documents
+
+POSITION_KEY = "_stream_position"
+PACKED_KEY = "_packed"
+
+
+def unpack(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's batch from a packed one: views of the one tensor a reader sent, plus token types."""
+    if PACKED_KEY not in batch:
+        return batch
+    packed = batch.pop(PACKED_KEY)
+    input_ids, attention_mask, labels = packed.unbind(0)
+    batch.update(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=torch.zeros_like(input_ids),
+        labels=labels,
+    )
+    return batch
+
+
+_DRAWS_PER_CHUNK = 4096
+_TOKENIZE_DOCS = 64
+
+
+def continuation_table(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """``table[id]`` is True when token ``id`` continues a word (``##ing``; no ``Ġ``/``▁`` prefix)."""
+    vocab = tokenizer.get_vocab()
+    table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+    tokens = list(vocab)
+    if any(token.startswith("##") for token in tokens):
+        continues = [token.startswith("##") for token in tokens]
+    else:
+        marker = (
+            "Ġ" if sum(t.startswith("Ġ") for t in tokens) > sum(t.startswith("▁") for t in tokens) else "▁"
+        )
+        continues = [not token.startswith(marker) and token.isalnum() for token in tokens]
+    table[torch.tensor(list(vocab.values()))] = torch.tensor(continues)
+    table[torch.tensor(tokenizer.all_special_ids, dtype=torch.long)] = False
+    return table
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float,
+    generator: torch.Generator,
+    continuation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's MLM masking: choose ``probability`` of the tokens (or of the words), then 80% [MASK], 10% random, 10% kept."""
+    shape = input_ids.shape
+    if continuation is not None:
+        # A word is a start token and its continuations; one draw per word masks all its pieces together.
+        starts = ~continuation[input_ids] | special
+        word = torch.cumsum(starts.long(), dim=1) - 1
+        draws = torch.rand(shape, generator=generator)
+        chosen = torch.gather(draws, 1, word) < probability
+    else:
+        chosen = torch.rand(shape, generator=generator) < probability
+    chosen &= ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (action < 0.8)] = mask_token_id
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    masked[swap] = torch.randint(vocab_size, shape, generator=generator, dtype=input_ids.dtype)[swap]
+    return masked, labels
+
+
+class PackedMLMStream(IterableDataset):
+    """Interleaved sources -> tokens -> full blocks -> masked batches, resumable per reader."""
+
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        probabilities: list[float],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        mlm_probability: float,
+        whole_word_masking: bool,
+        seed: int,
+        repeat: bool,
+    ) -> None:
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no mask token, so it cannot make MLM batches")
+        self.sources = sources
+        self.probabilities = np.asarray(probabilities, dtype=np.float64)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+        self.repeat = repeat
+        self.rank, self.world_size = 0, 1
+        self.start_positions: dict[int, dict[str, Any]] = {}
+        self.first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.content = max_length - (self.first is not None) - (self.last is not None)
+        if self.content < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.continuation = continuation_table(tokenizer) if whole_word_masking else None
+
+    def reader(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over all ranks and dataloader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, readers = self.reader()
+        start = self.start_positions.get(reader)
+        if start is not None and start.get("readers") != readers:
+            warnings.warn(
+                f"the checkpoint's stream position was saved with {start.get('readers')} readers "
+                f"(ranks x workers) and this run has {readers}; the stream starts from the beginning",
+                stacklevel=2,
+            )
+            start = None
+        yield from self._batches(reader, readers, start)
+
+    def _batches(self, reader: int, readers: int, start: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        blocks: list[list[int]] = []
+        batch_index = start["batches"] if start else 0
+        for block, position in self._blocks(reader, readers, start):
+            blocks.append(block)
+            if len(blocks) == self.batch_size:
+                batch_index += 1
+                yield self._collate(blocks, reader, readers, batch_index, position)
+                blocks = []
+        if blocks:
+            batch_index += 1
+            yield self._collate(blocks, reader, readers, batch_index, position)
+
+    def _collate(
+        self, blocks: list[list[int]], reader: int, readers: int, batch_index: int, position: dict[str, Any]
+    ) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id or 0
+        lengths = torch.tensor([len(block) for block in blocks])
+        input_ids = torch.tensor([block + [pad] * (self.max_length - len(block)) for block in blocks])
+        attention_mask = (torch.arange(self.max_length) < lengths[:, None]).long()
+        special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
+        # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
+        generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62))
+        masked, labels = mask_tokens(
+            input_ids, special, self.tokenizer.mask_token_id, len(self.tokenizer), self.mlm_probability,
+            generator, self.continuation,
+        )  # fmt: skip
+        position = dict(position, readers=readers, batches=batch_index)
+        # One tensor crosses from a worker to the main process instead of three: each costs a
+        # shared-memory segment, which with one worker was a quarter of the time per batch.
+        return {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
+
+    def _blocks(
+        self, reader: int, readers: int, start: dict[str, Any] | None
+    ) -> Iterator[tuple[list[int], dict[str, Any]]]:
+        """Full blocks and, with each, the position of the first token not yet in a block."""
+        # Entries are [tokens, offset of the first token not yet in a block, position before the document].
+        pending: collections.deque[list[Any]] = collections.deque()
+        available = 0  # tokens in pending not yet in a block
+        documents = self._documents(reader, readers, start)
+        skip = start["offset"] if start else 0
+        after_last: dict[str, Any] = dict(start) if start else {}
+        exhausted = False
+        while True:
+            if available < self.content and not exhausted:
+                chunk = [doc for _, doc in zip(range(_TOKENIZE_DOCS), documents, strict=False)]
+                exhausted = len(chunk) < _TOKENIZE_DOCS
+                if chunk:
+                    texts = [text for text, _, _ in chunk]
+                    encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+                    for ids, (_, before, after) in zip(encoded, chunk, strict=True):
+                        if ids:
+                            if self.last is not None:
+                                ids.append(self.last)
+                            pending.append([ids, skip, before])
+                            available += len(ids) - skip
+                        skip = 0
+                        after_last = after
+                continue
+            if not pending:
+                return
+            # The refill above leaves a short block only at the very end of a stream that does not repeat.
+            block: list[int] = [] if self.first is None else [self.first]
+            need = self.content
+            while pending and need:
+                entry = pending[0]
+                tokens, offset = entry[0], entry[1]
+                take = min(need, len(tokens) - offset)
+                block.extend(tokens[offset : offset + take])
+                entry[1] += take
+                need -= take
+                available -= take
+                if entry[1] >= len(tokens):
+                    pending.popleft()
+            position = dict(pending[0][2], offset=pending[0][1]) if pending else dict(after_last, offset=0)
+            if self.last is not None:
+                block.append(self.last)
+            yield block, position
+
+    def _documents(
+        self, reader: int, readers: int, start: dict[str, Any] | None
+    ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """(text, position before it, position after it) for this reader's documents, interleaved."""
+        count = len(self.sources)
+        read = list(start["read"]) if start else [0] * count
+        epochs = list(start["epochs"]) if start else [0] * count
+        alive = list(start["alive"]) if start else [True] * count
+        draw = start["draw"] if start else 0
+        streams: list[Iterator[str] | None] = [None] * count
+        chunk_index, uniforms = -1, []
+        cumulative: list[float] = []
+        cumulative_for: list[bool] | None = None
+        weights = self.probabilities
+        while any(alive):
+            if draw // _DRAWS_PER_CHUNK != chunk_index:
+                # Draws come from a generator keyed by their index, so a resumed reader draws the same.
+                chunk_index = draw // _DRAWS_PER_CHUNK
+                rng = np.random.default_rng([self.seed, reader, chunk_index])
+                uniforms = rng.random(_DRAWS_PER_CHUNK).tolist()
+            if count == 1:
+                choice = 0
+            else:
+                if cumulative_for != alive:
+                    weights = self.probabilities * np.asarray(alive)
+                    cumulative, cumulative_for = np.cumsum(weights / weights.sum()).tolist(), list(alive)
+                choice = min(bisect.bisect_right(cumulative, uniforms[draw % _DRAWS_PER_CHUNK]), count - 1)
+                while not alive[choice] or weights[choice] == 0:
+                    choice = (choice + 1) % count
+            if streams[choice] is None:
+                streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
+            text = next(streams[choice], None)
+            if text is None:
+                streams[choice] = None
+                if self.repeat and read[choice] > 0:
+                    epochs[choice] += 1
+                    read[choice] = 0
+                elif self.repeat:
+                    raise DataSourceError(
+                        f"source {self.sources[choice].name!r} has no documents for reader {reader} of {readers} "
+                        "(ranks x dataloader workers): it is empty or smaller than the number of readers"
+                    )
+                else:
+                    alive[choice] = False
+                continue
+            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw}
+            read[choice] += 1
+            draw += 1
+            yield (
+                text,
+                before,
+                {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw},
+            )
+
+
+class _PositionTrackingLoader(DataLoader):
+    """A DataLoader that strips the stream position off each batch and records it in the DataModule."""
+
+    def __init__(self, dataset: PackedMLMStream, datamodule: PretrainingDataModule, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        tracker = self._datamodule._tracker
+        tracker.begin(self._datamodule._batches_taken())
+        for batch in super().__iter__():
+            tracker.record(batch.pop(POSITION_KEY))
+            batch = unpack(batch)
+            # The resume position is used once; later epochs start from the top of the stream.
+            self.dataset.start_positions = {}
+            self._datamodule._resume = {}
+            yield batch
+
+
+class _Tracker:
+    """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
+
+    def __init__(self) -> None:
+        self.positions: dict[int, dict[str, Any]] = {}
+        self.history: collections.deque[tuple[int, dict[int, dict[str, Any]]]] = collections.deque(maxlen=64)
+        self.taken_at_start: int | None = None
+        self.yielded = 0
+
+    def begin(self, taken: int | None) -> None:
+        self.taken_at_start, self.yielded = taken, 0
+        self.history.clear()
+        self.history.append((0, dict(self.positions)))
+
+    def record(self, position: dict[int, dict[str, Any]]) -> None:
+        self.positions.update(position)
+        self.yielded += 1
+        self.history.append((self.yielded, dict(self.positions)))
+
+    def consumed(self, taken: int | None) -> dict[int, dict[str, Any]]:
+        if taken is None or self.taken_at_start is None:
+            return dict(self.positions)
+        count = taken - self.taken_at_start
+        for yielded, positions in reversed(self.history):
+            if yielded <= count:
+                return dict(positions)
+        return dict(self.history[0][1]) if self.history else dict(self.positions)
+
+
+class PretrainingDataModule(L.LightningDataModule):
+    """Streamed text, packed into full blocks and masked for MLM, with its stream position in checkpoints.
+
+    Args:
+        tokenizer: hub name or folder of the teacher's fast tokenizer.
+        sources: ``"docstrings"`` (Python's docstrings, offline), hub dataset names, local files/globs/folders
+            (``.txt`` one document per line, ``.jsonl``, ``.parquet``), or dicts (``{"path": ..., "text_field":
+            ..., "probability": ...}``, ``{"hub": ..., "config": ..., "split": ...}``,
+            ``{"name": "docstrings", "packages": ["stdlib", "numpy"]}``). ``None``: English Wikipedia and
+            BookCorpus from the hub.
+        probabilities: how often each source is drawn (normalised); default: equal, or from the dicts.
+        repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
+            step); ``False`` ends the epoch when every source is read once.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase,
+        sources: list[str | dict[str, Any]] | None = None,
+        probabilities: list[float] | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        mlm_probability: float = 0.15,
+        whole_word_masking: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        repeat: bool = True,
+        cache_dir: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_name = tokenizer
+        self.sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
+        if not self.sources:
+            raise ValueError(
+                "sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)"
+            )
+        self.probabilities = self._probabilities(self.sources, probabilities)
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.mlm_probability = mlm_probability
+        self.whole_word_masking = whole_word_masking
+        self.num_workers = num_workers
+        self.seed = seed
+        self.repeat = repeat
+        self.cache_dir = cache_dir
+        self.pin_memory = pin_memory
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._specs: list[SourceSpec] | None = None
+        self._dataset: PackedMLMStream | None = None
+        self._tracker = _Tracker()
+        self._resume: dict[int, dict[str, Any]] = {}
+
+    @staticmethod
+    def _probabilities(sources: list[str | dict[str, Any]], given: list[float] | None) -> list[float]:
+        if given is None:
+            given = [float(s.get("probability", 1.0)) if isinstance(s, dict) else 1.0 for s in sources]
+        if len(given) != len(sources):
+            raise ValueError(f"{len(given)} probabilities for {len(sources)} sources")
+        if any(p < 0 for p in given) or sum(given) <= 0:
+            raise ValueError(f"probabilities must be non-negative with a positive sum, got {given}")
+        return [p / sum(given) for p in given]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def specs(self) -> list[SourceSpec]:
+        if self._specs is None:
+            self._specs = [parse_source(source, self.cache_dir) for source in self.sources]
+        return self._specs
+
+    def prepare_data(self) -> None:
+        """Collect the docstrings corpus once, on one process per node."""
+        from .docstrings import docstrings_path
+
+        for spec in self.specs:
+            if spec.kind == "docstrings":
+                docstrings_path(spec.packages, spec.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        from .sources import load_hub_dataset
+
+        for spec in self.specs:
+            if spec.kind == "hub":
+                # Resolving the stream here makes an offline run fail now, with the way out, not in a worker.
+                load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            check_vocabulary(self.tokenizer, trainer.lightning_module)
+            if self.repeat and trainer.max_steps == -1 and stage == "fit":
+                warnings.warn(
+                    "the pre-training stream repeats forever (repeat=True), so an epoch never ends: "
+                    "set trainer.max_steps, or repeat=False to stop after one pass",
+                    stacklevel=2,
+                )
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = PackedMLMStream(
+            self.specs, self.probabilities, self.tokenizer, self.max_length, self.batch_size,
+            self.mlm_probability, self.whole_word_masking, self.seed, self.repeat,
+        )  # fmt: skip
+        dataset.rank, dataset.world_size = distributed_position(self._trainer_or_none())
+        # Only this rank's readers: the positions of every rank are gathered into one checkpoint.
+        workers = max(self.num_workers, 1)
+        mine = range(dataset.rank * workers, (dataset.rank + 1) * workers)
+        dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
+        self._tracker.positions = dict(dataset.start_positions)
+        self._dataset = dataset
+        return _PositionTrackingLoader(
+            dataset,
+            self,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def _batches_taken(self) -> int | None:
+        """How many batches the training loop has taken so far, when a trainer drives the loader."""
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all)."""
+        positions = self._tracker.consumed(self._batches_taken())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {k: v for rank_positions in gathered for k, v in rank_positions.items()}
+        if not positions:
+            return {}
+        return {
+            "sources": [spec.name for spec in self.specs],
+            "positions": {str(k): v for k, v in positions.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        names = [spec.name for spec in self.specs]
+        if state_dict.get("sources") != names:
+            warnings.warn(
+                f"the checkpoint's stream position is for sources {state_dict.get('sources')}, not {names}; "
+                "the stream starts from the beginning",
+                stacklevel=2,
+            )
+            return
+        self._resume = {int(k): v for k, v in state_dict["positions"].items()}
+        self._tracker.positions = dict(self._resume)

@@ -1,0 +1,235 @@
+"""Text sources for pre-training: local files, the docstrings corpus and streamed hub datasets.
+
+Every source is a deterministic sequence of documents. A reader takes every ``num_shards``-th document
+starting at ``shard``, so ranks and dataloader workers read disjoint parts that together cover the whole
+source, also when it is a single file. ``start`` skips the documents of that shard already read, which is
+how a resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+# The hub corpora behind ``sources=None``: (dataset, config, split, probability).
+DEFAULT_HUB_SOURCES: list[dict[str, Any]] = [
+    {"hub": "wikimedia/wikipedia", "config": "20231101.en", "split": "train", "probability": 0.5},
+    {"hub": "bookcorpus/bookcorpus", "config": None, "split": "train", "probability": 0.5},
+]
+
+
+@dataclass
+class SourceSpec:
+    """One source, parsed from a string or dict. ``kind`` is docstrings, files or hub."""
+
+    kind: str
+    name: str
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    config: str | None = None
+    split: str = "train"
+    packages: list[str] | None = None
+    cache_dir: str | None = None
+
+
+class DataSourceError(ValueError):
+    """A source that names nothing readable: a missing path, an unreachable hub dataset, a bad row."""
+
+
+def parse_source(source: str | dict[str, Any], cache_dir: str | None = None) -> SourceSpec:
+    """``"docstrings"``, a local path/glob/folder, a hub dataset name, or a dict with the details.
+
+    Dict keys: ``path`` (local) or ``hub`` (dataset name) or ``name``; ``text_field``; ``config``; ``split``;
+    ``packages`` (docstrings); ``probability`` is read by the caller.
+    """
+    if isinstance(source, str):
+        source = {"name": source}
+    details = {key: value for key, value in dict(source).items() if key != "probability"}
+    name = str(details.pop("hub", None) or details.pop("path", None) or details.pop("name", None) or "")
+    if not name:
+        raise DataSourceError(f"a source needs 'name', 'path' or 'hub': got {source!r}")
+    common = {k: details[k] for k in ("text_field",) if k in details}
+    if name == "docstrings":
+        return SourceSpec(
+            "docstrings",
+            name,
+            packages=details.get("packages"),
+            cache_dir=details.get("cache_dir", cache_dir),
+        )
+    if "hub" not in source and _looks_local(name):
+        return SourceSpec("files", name, files=expand_files(name), **common)
+    return SourceSpec(
+        "hub", name, config=details.get("config"), split=details.get("split", "train"), **common
+    )
+
+
+def _looks_local(name: str) -> bool:
+    return (
+        os.path.exists(os.path.expanduser(name))
+        or any(ch in name for ch in "*?[")
+        or name.startswith((".", "/", "~"))
+        or Path(name).suffix in TEXT_SUFFIXES
+    )
+
+
+def expand_files(pattern: str) -> list[str]:
+    """Sorted data files behind a path, a folder (searched recursively) or a glob."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+    if not files:
+        raise DataSourceError(
+            f"no data files found at {pattern!r}: give an existing file, a folder that holds "
+            f"{', '.join(sorted(TEXT_SUFFIXES))} files, or a glob such as 'corpus/*.txt'"
+        )
+    return files
+
+
+def read_documents(spec: SourceSpec, shard: int, num_shards: int, start: int = 0) -> Iterator[str]:
+    """The documents ``shard, shard + num_shards, ...`` of a source, skipping the first ``start`` of them."""
+    if spec.kind == "hub":
+        yield from _read_hub(spec, shard, num_shards, start)
+        return
+    skip = shard + start * num_shards
+    # JSON lines are parsed only when this shard keeps them: every reader scans the whole file.
+    for index, item in enumerate(_local_items(spec)):
+        if index >= skip and (index - shard) % num_shards == 0:
+            yield item if isinstance(item, str) else _parse_json_line(*item)
+
+
+def _local_items(spec: SourceSpec) -> Iterator[str | tuple[str, int, str, str]]:
+    """Documents as text, or (file, line number, raw JSON line, field) to parse when kept."""
+    if spec.kind == "docstrings":
+        from .docstrings import docstrings_path
+
+        path = str(docstrings_path(spec.packages, spec.cache_dir))
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                yield (path, number, line, "text")
+        return
+    for file in spec.files:
+        yield from _file_items(file, spec.text_field)
+
+
+def _file_items(file: str, text_field: str) -> Iterator[str | tuple[str, int, str, str]]:
+    kind = TEXT_SUFFIXES.get(Path(file).suffix, "text")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(file)
+        if text_field not in table.schema_arrow.names:
+            raise DataSourceError(
+                f"{file}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
+                "set text_field in the source dict"
+            )
+        for batch in table.iter_batches(columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text and text.strip():
+                    yield text
+        return
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield line.rstrip("\n") if kind == "text" else (file, number, line, text_field)
+
+
+def _parse_json_line(file: str, number: int, line: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataSourceError(f"{file}, line {number}: not valid JSON ({error.msg})") from None
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise DataSourceError(
+            f"{file}, line {number}: no string field {text_field!r}; set text_field in the source dict"
+        )
+    return text
+
+
+def hub_offline_error(name: str, cause: BaseException | str) -> DataSourceError:
+    return DataSourceError(
+        f"the hub dataset {name!r} cannot be reached ({type(cause).__name__ if isinstance(cause, BaseException) else cause}). "
+        "This machine looks offline. Point the DataModule at local files instead, e.g.\n"
+        "  PretrainingDataModule(tokenizer=..., sources=['corpus/*.txt'])      # text, jsonl or parquet files\n"
+        "  PretrainingDataModule(tokenizer=..., sources=['docstrings'])        # Python's docstrings, always offline\n"
+        "  GLUEDataModule(task='mrpc', tokenizer=..., data_dir='glue_data/MRPC')  # GLUE's TSV layout\n"
+        "or, where there is a network, save the data as files (text/jsonl/parquet for pre-training; for GLUE, "
+        "the TSV folders that GLUE's download script writes) and pass them the same way."
+    )
+
+
+def hub_reachable(timeout: float = 2.0) -> str | None:
+    """``None`` when the hub answers, else why not; fast, so an offline run fails at once."""
+    if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in {"1", "true", "yes"} or os.environ.get(
+        "HF_HUB_OFFLINE", "0"
+    ).lower() in {"1", "true", "yes"}:
+        return "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection(
+            (endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout
+        ):
+            return None
+    except OSError as error:
+        return f"no connection to {endpoint.hostname}: {error}"
+
+
+def load_hub_dataset(
+    name: str, config: str | None = None, split: str | None = None, streaming: bool = False
+) -> Any:
+    """``datasets.load_dataset`` that fails at once, with the way out, when the hub cannot be reached."""
+    import datasets
+
+    reason = hub_reachable()
+    if reason is not None:
+        # A dataset already in the local cache still loads without the network.
+        try:
+            return _quiet_offline_load(datasets, name, config, split, streaming)
+        except Exception:
+            raise hub_offline_error(name, reason) from None
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except (ConnectionError, OSError) as error:
+        raise hub_offline_error(name, error) from None
+
+
+def _quiet_offline_load(
+    datasets: Any, name: str, config: str | None, split: str | None, streaming: bool
+) -> Any:
+    import huggingface_hub.constants as hub_constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _read_hub(spec: SourceSpec, shard: int, num_shards: int, start: int) -> Iterator[str]:
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
+    # split_dataset_by_node gives whole files to each shard when they divide evenly and every
+    # num_shards-th example otherwise: disjoint either way.
+    dataset = split_dataset_by_node(dataset, rank=shard, world_size=num_shards)
+    if start:
+        dataset = dataset.skip(start)
+    for record in dataset:
+        text = record.get(spec.text_field)
+        if isinstance(text, str) and text.strip():
+            yield text

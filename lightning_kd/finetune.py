@@ -1,0 +1,118 @@
+"""Fine-tuning and evaluating any sequence classifier on a GLUE task, with the task's official metrics."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+from .datamodules.glue import get_task
+from .evaluation import TaskMetrics
+from .hub import load_model
+
+
+def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's ``[B, num_labels]`` logits, passing only the inputs its forward accepts.
+
+    DistilBERT-style models take no ``token_type_ids``; a plain module may return a tensor, not an output.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    inputs = {
+        key: batch[key]
+        for key in ("input_ids", "attention_mask", "token_type_ids")
+        if key in batch and (takes_any or key in parameters)
+    }
+    output = model(**inputs)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0]
+    return logits
+
+
+class FineTuningModule(L.LightningModule):
+    """Fine-tunes a model on a GLUE task (AdamW, linear warmup then decay) and validates with TaskMetrics.
+
+    Args:
+        model: a hub name or folder (loaded with ``AutoModelForSequenceClassification`` and the task's
+            ``num_labels``), or a module mapping a batch to ``[B, num_labels]`` logits.
+        task: the GLUE task; it fixes ``num_labels``, the loss (MSE for STS-B) and the metrics.
+        warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        task: str,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        adam_epsilon: float = 1e-8,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.task = get_task(task)
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            self.model = load_model(
+                model,
+                AutoModelForSequenceClassification,
+                num_labels=self.task.num_labels,
+                **(model_kwargs or {}),
+            )
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.adam_epsilon = adam_epsilon
+        self.metrics = TaskMetrics.for_task(self.task.name)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logits(self.model, batch)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.reshape(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        logits = self(batch)
+        self.metrics.update(logits, batch["labels"], dataloader_idx)
+        self.log(
+            "val/loss", self.loss(logits, batch["labels"]), batch_size=batch["labels"].shape[0],
+            add_dataloader_idx=True, sync_dist=True,
+        )  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
+        self.log_dict(self.metrics.compute(), prog_bar=True)
+        self.metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for parameter in self.model.parameters():
+            if not parameter.requires_grad:
+                continue
+            # Biases and LayerNorm weights are not decayed, as in BERT's own fine-tuning.
+            (no_decay if parameter.dim() < 2 else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+            eps=self.adam_epsilon,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,46 @@
+"""Turning packed, masked batches back into the documents they hold."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kd.datamodules.pretraining import POSITION_KEY, unpack
+
+
+def unmask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+
+
+def documents_by_reader(
+    batches: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, partial: bool = False
+) -> dict[int, list[str]]:
+    """Per reader, the documents in its stream, in order: blocks joined, split on [SEP]."""
+    streams: dict[int, list[int]] = defaultdict(list)
+    for batch in batches:
+        batch = unpack(dict(batch))
+        (reader,) = batch[POSITION_KEY]
+        ids = unmask(batch)
+        for row, mask in zip(ids, batch["attention_mask"], strict=True):
+            tokens = row[mask.bool()].tolist()
+            assert tokens[0] == tokenizer.cls_token_id and tokens[-1] == tokenizer.sep_token_id
+            streams[reader].extend(tokens[1:-1])
+    result = {}
+    for reader, tokens in streams.items():
+        docs, current = [], []
+        for token in tokens:
+            if token == tokenizer.sep_token_id:
+                docs.append(tokenizer.decode(current))
+                current = []
+            else:
+                current.append(token)
+        assert partial or not current, "a stream ends in the middle of a document"
+        result[reader] = docs
+    return result
+
+
+def normalised(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]

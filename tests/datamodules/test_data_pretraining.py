@@ -1,0 +1,237 @@
+"""PretrainingDataModule: packing, masking, sharding across readers, resuming, sources and errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from helpers_data import documents_by_reader, normalised, unmask
+from kd_datafiles import TOKENIZER, document, write_lines
+from torch.utils.data import DataLoader
+
+from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
+from lightning_kd.datamodules.pretraining import mask_tokens, unpack
+
+
+def module(sources: list, **kwargs: object) -> PretrainingDataModule:
+    settings = dict(tokenizer=TOKENIZER, sources=sources, max_length=32, batch_size=4, repeat=False)
+    settings.update(kwargs)
+    return PretrainingDataModule(**settings)
+
+
+def raw_batches(
+    dm: PretrainingDataModule, rank: int = 0, world_size: int = 1, num_workers: int = 0
+) -> list[dict]:
+    """Batches with their stream position still attached, straight from the dataset."""
+    dm.train_dataloader()
+    dataset = dm._dataset
+    dataset.rank, dataset.world_size = rank, world_size
+    return [unpack(b) for b in DataLoader(dataset, batch_size=None, num_workers=num_workers)]
+
+
+def test_batches_are_full_blocks_with_mlm_labels(corpus, tokenizer):
+    path, _ = corpus
+    batches = list(module([str(path)]).train_dataloader())
+    assert len(batches) > 3
+    for batch in batches:
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape[1] == 32
+    # Packing leaves no padding except in the stream's very last block.
+    masks = torch.cat([b["attention_mask"] for b in batches])
+    assert masks[:-1].all()
+    ids, labels = torch.cat([unmask(b) for b in batches]), torch.cat([b["labels"] for b in batches])
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    assert (labels[special] == -100).all()
+
+
+def test_masking_rates():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (64, 512))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    masked, labels = mask_tokens(ids, special, 103, 30522, 0.15, generator)
+    chosen = labels != -100
+    assert abs(chosen.float().mean().item() - 0.15) < 0.01
+    assert not chosen[:, 0].any()
+    assert (labels[chosen] == ids[chosen]).all()
+    as_mask = (masked[chosen] == 103).float().mean().item()
+    kept = (masked[chosen] == ids[chosen]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02
+    assert (masked[~chosen] == ids[~chosen]).all()
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word(tmp_path, tokenizer):
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(["unbelievable tokenization extraordinary"] * 200), encoding="utf-8")
+    batches = list(module([str(path)], whole_word_masking=True, max_length=64).train_dataloader())
+    pieces = tokenizer("unbelievable tokenization extraordinary", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 3, "the words must split into several pieces for this test to mean anything"
+    starts = [not tokenizer.convert_ids_to_tokens(p).startswith("##") for p in pieces]
+    for batch in batches:
+        ids, chosen = unmask(batch), batch["labels"] != -100
+        for row in range(ids.shape[0]):
+            # A word cut by a block boundary starts its block as a "##" piece; check within blocks.
+            for col in range(2, ids.shape[1] - 1):
+                token = tokenizer.convert_ids_to_tokens(int(ids[row, col]))
+                if token.startswith("##"):
+                    assert chosen[row, col] == chosen[row, col - 1], "a word was partly masked"
+    assert 0.05 < torch.cat([b["labels"] != -100 for b in batches]).float().mean() < 0.3
+    assert any(starts)
+
+
+def test_token_ids_above_65535_survive(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+    vocab.update({f"w{i}": 70_000 + i for i in range(50)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    wide = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    folder = tmp_path / "wide"
+    wide.save_pretrained(folder)
+    text = tmp_path / "wide.txt"
+    text.write_text(
+        "\n".join(" ".join(f"w{(i + k) % 50}" for k in range(9)) for i in range(40)), encoding="utf-8"
+    )
+    batches = list(module([str(text)], tokenizer=str(folder)).train_dataloader())
+    ids = torch.cat([unmask(b) for b in batches])
+    assert ids.max().item() >= 70_000 and ids.dtype == torch.int64
+    assert set(ids[ids > 4].tolist()) <= set(range(70_000, 70_050))
+
+
+def test_two_ranks_read_disjoint_parts_of_one_file(corpus, tokenizer):
+    path, lines = corpus
+    seen = {}
+    for rank in range(2):
+        by_reader = documents_by_reader(raw_batches(module([str(path)]), rank, 2), tokenizer)
+        seen.update(by_reader)
+    assert sorted(seen) == [0, 1]
+    everything = seen[0] + seen[1]
+    assert sorted(everything) == sorted(normalised(lines, tokenizer)), "a document was skipped or read twice"
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_two_workers_per_rank_read_disjoint_parts(corpus, tokenizer):
+    path, lines = corpus
+    seen = {}
+    for rank in range(2):
+        seen.update(documents_by_reader(raw_batches(module([str(path)]), rank, 2, num_workers=2), tokenizer))
+    assert sorted(seen) == [0, 1, 2, 3]
+    everything = [doc for docs in seen.values() for doc in docs]
+    assert sorted(everything) == sorted(normalised(lines, tokenizer))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_where_it_stopped(corpus, num_workers):
+    path, _ = corpus
+    settings = dict(sources=[str(path)], num_workers=num_workers, repeat=True, whole_word_masking=True)
+    reference = []
+    for batch in module(**settings).train_dataloader():
+        reference.append(batch["input_ids"])
+        if len(reference) == 12:
+            break
+    first = module(**settings)
+    for count, _ in enumerate(first.train_dataloader(), start=1):
+        if count == 5:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints go through plain containers
+    resumed = module(**settings)
+    resumed.load_state_dict(state)
+    rest = []
+    for batch in resumed.train_dataloader():
+        rest.append(batch["input_ids"])
+        if len(rest) == 7:
+            break
+    if num_workers == 0:
+        assert all(torch.equal(a, b) for a, b in zip(rest, reference[5:], strict=True))
+    else:
+        # Workers take turns, and the turn order restarts at worker 0: the same batches, maybe reordered.
+        expected = {tuple(t.flatten().tolist()) for t in reference[5:]}
+        assert len(expected & {tuple(t.flatten().tolist()) for t in rest}) >= 6
+
+
+def test_interleaving_follows_the_probabilities(tmp_path, tokenizer):
+    write_lines(tmp_path / "a" / "a.txt", 300, first=0)
+    write_lines(tmp_path / "b" / "b.txt", 300, first=1000)
+    dm = module(
+        [str(tmp_path / "a"), {"path": str(tmp_path / "b" / "*.txt"), "probability": 1.0}],
+        probabilities=[3.0, 1.0],
+        repeat=True,
+        batch_size=8,
+    )
+    dm.train_dataloader()
+    batches = [unpack(batch) for _, batch in zip(range(40), dm._dataset, strict=False)]
+    docs = documents_by_reader(batches, tokenizer, partial=True)[0]
+    numbers = [int(d.split()[1]) for d in docs if d.startswith("document")]
+    share_a = sum(n < 1000 for n in numbers) / len(numbers)
+    assert 0.65 < share_a < 0.85
+
+
+def test_jsonl_parquet_and_folders(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "a.jsonl", "w") as handle:
+        for i in range(20):
+            handle.write(json.dumps({"content": document(i)}) + "\n")
+    pq.write_table(
+        pa.table({"content": [document(i) for i in range(20, 40)]}), tmp_path / "data" / "b.parquet"
+    )
+    dm = module([{"path": str(tmp_path / "data"), "text_field": "content"}])
+    docs = documents_by_reader(raw_batches(dm), tokenizer)[0]
+    assert docs == normalised([document(i) for i in range(40)], tokenizer)
+
+
+def test_docstrings_source(tokenizer):
+    dm = module(["docstrings"], max_length=128, batch_size=8, repeat=True)
+    dm.prepare_data()
+    start = time.perf_counter()
+    batch = next(iter(dm.train_dataloader()))
+    assert time.perf_counter() - start < 30
+    assert batch["input_ids"].shape == (8, 128) and batch["attention_mask"].all()
+    text = tokenizer.decode(unmask(batch)[0])
+    assert len(text.split()) > 50
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken\n', encoding="utf-8")
+    with pytest.raises(DataSourceError, match=r"bad\.jsonl, line 2"):
+        list(module([str(path)]).train_dataloader())
+    path.write_text('{"text": "fine"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(DataSourceError, match=r"line 2.*'text'"):
+        list(module([str(path)]).train_dataloader())
+
+
+def test_empty_and_missing_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert list(module([str(empty)]).train_dataloader()) == []
+    with pytest.raises(DataSourceError, match="no documents"):
+        next(iter(module([str(empty)], repeat=True).train_dataloader()))
+    with pytest.raises(DataSourceError, match="no data files found"):
+        module([str(tmp_path / "missing" / "*.txt")]).train_dataloader()
+    with pytest.raises(ValueError, match="sources is empty"):
+        module([])
+    with pytest.raises(ValueError, match="2 probabilities for 1 sources"):
+        module([str(empty)], probabilities=[0.5, 0.5])
+
+
+def test_offline_hub_fails_at_once_with_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    dm = PretrainingDataModule(TOKENIZER)  # the default hub corpora
+    start = time.perf_counter()
+    with pytest.raises(DataSourceError) as info:
+        dm.setup("fit")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert (
+        "cannot be reached" in message and "sources=['corpus/*.txt']" in message and "docstrings" in message
+    )

@@ -1,0 +1,64 @@
+"""Tiny models and batches shared by the top-level tests (conftest.py keeps only fixtures)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertConfig
+
+VOCAB = 64
+
+
+def tiny_bert_config(**overrides: object) -> BertConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def make_batch(batch_size: int = 4, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random MLM batch with some padding at the end of every other row."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (batch_size, seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[::2, seq - 3 :] = 0
+    input_ids[attention_mask == 0] = 0
+    labels = torch.full_like(input_ids, -100)
+    chosen = (torch.rand(batch_size, seq, generator=generator) < 0.3) & attention_mask.bool()
+    chosen[:, 1] = True
+    labels[chosen] = input_ids[chosen]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class FixedBatches(L.LightningDataModule):
+    """A few fixed batches, repeated: enough to train, resume and compare runs exactly."""
+
+    def __init__(self, num_batches: int = 4, batch_size: int = 4, seq: int = 10) -> None:
+        super().__init__()
+        self.batches = [make_batch(batch_size, seq, seed=i) for i in range(num_batches)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None, shuffle=False)
+
+
+def quiet_trainer(**kwargs: object) -> L.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    settings.update(kwargs)
+    return L.Trainer(**settings)
