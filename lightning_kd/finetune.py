@@ -9,11 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification
 
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
+from .optim import adamw_with_warmup
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,17 +103,7 @@ class FineTuningModule(L.LightningModule):
         self.metrics.reset()
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for parameter in self.model.parameters():
-            if not parameter.requires_grad:
-                continue
-            # Biases and LayerNorm weights are not decayed, as in BERT's own fine-tuning.
-            (no_decay if parameter.dim() < 2 else decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-            eps=self.adam_epsilon,
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(
+            self.model.parameters(), self.trainer.estimated_stepping_batches, self.learning_rate,
+            self.weight_decay, eps=self.adam_epsilon, warmup_steps=float(self.warmup_ratio),
+        )  # fmt: skip

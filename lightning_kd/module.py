@@ -12,7 +12,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
@@ -22,8 +21,10 @@ from transformers import (
 
 from . import hub
 from .discrepancy import measure_discrepancy
+from .evaluation import TaskMetrics
 from .models import capture_qkv, get_adapter
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
+from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
 
 MODEL_CLASSES = {
@@ -32,7 +33,6 @@ MODEL_CLASSES = {
     "sequence-classification": AutoModelForSequenceClassification,
 }
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-SCHEDULES = ("linear", "constant")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -95,8 +95,7 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if task not in MODEL_CLASSES:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}.")
+        check_schedule(schedule)
         self.save_hyperparameters(
             ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
         )
@@ -114,6 +113,7 @@ class DistillationModule(L.LightningModule):
         # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
         self.__dict__["teacher"] = teacher_model
         self.student = build_student(student, teacher_model, model_class)
+        self.task_metrics: TaskMetrics | None = None
         self._check_vocabularies()
 
         self.objective = DistillationObjective(objective or self._default_objective())
@@ -210,8 +210,26 @@ class DistillationModule(L.LightningModule):
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         return self._step(batch, "train", with_discrepancy=self.global_step % max(every, 1) == 0)
 
+    def setup(self, stage: str) -> None:
+        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
+        task = getattr(getattr(self._trainer, "datamodule", None), "task", None)
+        if task is not None and self.task_metrics is None:
+            self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
+
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self._step(batch, "val", with_discrepancy=True)
+        teacher, student = self.teacher_features(batch), self.student_features(batch)
+        loss, terms = self.objective(teacher, student, batch)
+        values = {"loss": loss, **terms, **measure_discrepancy(teacher, student, batch)}
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=batch["input_ids"].shape[0],
+                      sync_dist=True)
+        if self.task_metrics is not None and student.logits is not None:
+            self.task_metrics.update(student.logits, batch["labels"], dataloader_idx)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.task_metrics is not None:
+            self.log_dict(self.task_metrics.compute(), prog_bar=True)
+            self.task_metrics.reset()
 
     @torch.no_grad()
     def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
@@ -235,25 +253,10 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else int(hp.warmup_steps)
-        constant = hp.schedule == "constant"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 1.0 if constant else max(0.0, (total - step) / max(total - warmup, 1))
-
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"},
-        }
+        return adamw_with_warmup(
+            self.parameters(), self.trainer.estimated_stepping_batches, hp.learning_rate, hp.weight_decay,
+            tuple(hp.betas), hp.eps, hp.warmup_steps, hp.schedule,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -265,10 +265,12 @@ class HiddenState(_LayerTerm):
     def __init__(self, projection: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.projection = projection
+        self.teacher_width: int | None = None
         self.projections = nn.ModuleList()
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
         super().bind(teacher, student)
+        self.teacher_width = teacher.hidden_size
         project = (
             self.projection if self.projection is not None else student.hidden_size != teacher.hidden_size
         )
@@ -283,6 +285,25 @@ class HiddenState(_LayerTerm):
 
     def needs(self) -> Needs:
         return Needs(hidden_states=True)
+
+    @torch.no_grad()
+    def narrow_student_width(self, kept: Tensor) -> None:
+        """The student's residual stream now holds only the dimensions ``kept`` (it was physically pruned).
+
+        Each projection keeps the columns that read them; an identity becomes the linear map that puts them
+        back in place. Either way the term computes what it computed on the masked student.
+        """
+        for index, project in enumerate(self.projections):
+            if isinstance(project, nn.Linear):
+                narrowed = nn.Linear(len(kept), project.out_features).to(project.weight)
+                narrowed.weight.copy_(project.weight[:, kept])
+                narrowed.bias.copy_(project.bias)
+            else:
+                width = int(kept.max()) + 1 if self.teacher_width is None else self.teacher_width
+                narrowed = nn.Linear(len(kept), width, bias=False)
+                narrowed.weight.zero_()
+                narrowed.weight[kept, torch.arange(len(kept))] = 1.0
+            self.projections[index] = narrowed
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
         mask = batch["attention_mask"].bool()
@@ -505,6 +526,13 @@ class DistillationObjective(nn.Module):
         for term in self.terms.values():
             needs = needs | term.needs()
         return needs
+
+    def narrow_student_width(self, kept: Tensor) -> None:
+        """Tell every term that reads the student's residual stream that only the dimensions ``kept`` remain."""
+        for term in self.terms.values():
+            narrow = getattr(term, "narrow_student_width", None)
+            if narrow is not None:
+                narrow(kept)
 
     def forward(
         self, teacher: Features, student: Features, batch: Mapping[str, Tensor]

@@ -232,3 +232,19 @@ def test_duplicate_term_names_are_refused() -> None:
 def test_logits_term_needs_prediction_heads() -> None:
     with pytest.raises(ValueError, match="no prediction head"):
         bound({"term": "logits"}, info(predicts=False), info())
+
+
+@pytest.mark.parametrize("projection", [None, True])
+def test_narrowing_the_student_width_keeps_the_hidden_term_exact(projection: bool | None) -> None:
+    term = bound({"term": "hidden", "layers": "last", "projection": projection}, info(hidden_size=6, num_layers=1),
+                 info(hidden_size=6, num_layers=1))
+    torch.manual_seed(0)
+    kept = torch.tensor([0, 2, 3])
+    masked_student = torch.randn(2, 4, 6)
+    masked_student[..., [1, 4, 5]] = 0.0  # what a hidden-dimension mask leaves in the residual stream
+    teacher = Features(hidden_states=(torch.randn(2, 4, 6),) * 2)
+    batch = {"attention_mask": torch.ones(2, 4)}
+    before = term(teacher, Features(hidden_states=(masked_student,) * 2), batch)
+    term.narrow_student_width(kept)
+    after = term(teacher, Features(hidden_states=(masked_student[..., kept],) * 2), batch)
+    assert after.item() == pytest.approx(before.item(), abs=1e-6)

@@ -1,0 +1,52 @@
+"""The optimizer and learning-rate schedule that every lightning-kd module uses: AdamW with linear warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULES = ("linear", "constant")
+
+
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}.")
+
+
+def adamw_with_warmup(
+    parameters: Iterable[nn.Parameter],
+    total_steps: int,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    warmup_steps: int | float = 0,
+    schedule: str = "linear",
+) -> dict[str, Any]:
+    """Lightning's optimizer dict: AdamW (no decay on biases and norms, as BERT trains) and a per-step schedule.
+
+    ``warmup_steps`` is a step count (int) or a share of ``total_steps`` (float below 1); ``linear`` then decays
+    to 0 at ``total_steps``, ``constant`` stays at the peak.
+    """
+    check_schedule(schedule)
+    trainable = [p for p in parameters if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps)
+    total = max(int(total_steps), 1)
+    warmup = int(warmup_steps * total) if isinstance(warmup_steps, float) else int(warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(total - warmup, 1))
+
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
