@@ -7,7 +7,7 @@ Where each paper lives:
 - TED (Liang et al., ICML 2023): ``lightning_kd/callbacks/ted.py``
 """
 
-from .callbacks import DistillationReport
+from .callbacks import DistillationReport, PruningCallback
 from .datamodules import GLUEDataModule, PretrainingDataModule
 from .finetune import FineTuningModule
 from .models import export_pretrained, extract, load_pruned, prune_model, score_units
@@ -25,6 +25,7 @@ __all__ = [
     "GLUEDataModule",
     "KnowledgeTerm",
     "PretrainingDataModule",
+    "PruningCallback",
     "build_student",
     "export_pretrained",
     "extract",

@@ -22,7 +22,7 @@ from transformers import (
 from . import hub
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
-from .models import capture_qkv, get_adapter
+from .models import capture_qkv, export_pretrained, get_adapter
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
@@ -275,8 +275,13 @@ class DistillationModule(L.LightningModule):
             )
 
     def save_student(self, path: str | os.PathLike, tokenizer: Any = None) -> str:
-        """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads."""
-        self.student.save_pretrained(path)
+        """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads, with the
+        tokenizer (by default the DataModule's), so the folder is all a user needs."""
+        if tokenizer is None:
+            tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if isinstance(tokenizer, str):
+            tokenizer = hub.load_tokenizer(tokenizer)
+        export_pretrained(self.student, path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         return str(path)

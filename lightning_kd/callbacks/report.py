@@ -9,8 +9,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..hub import load_tokenizer
-
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -20,6 +18,8 @@ class DistillationReport(L.Callback):
     """Prints teacher and student sizes, the discrepancy on the first training batch at the start and at the
     end of fit (the same batch both times, so the two numbers compare), and saves the student as a Hugging
     Face folder in ``export_dir`` with the DataModule's tokenizer, so ``AutoModel.from_pretrained`` loads it.
+    With a PruningCallback, the student it reports and saves is the physically pruned one (pruning happens
+    when training ends, before fit ends).
     """
 
     def __init__(self, export_dir: str | None = None) -> None:
@@ -62,10 +62,7 @@ class DistillationReport(L.Callback):
         for key in sorted(self.end):
             print(f"  {key:34s} start {self.start.get(key, float('nan')):.4f}   end {self.end[key]:.4f}")
         if self.export_dir:
-            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            if isinstance(tokenizer, str):
-                tokenizer = load_tokenizer(tokenizer)
-            path = pl_module.save_student(Path(self.export_dir), tokenizer)
+            path = pl_module.save_student(Path(self.export_dir))
             print(
                 f"student saved to {Path(path).resolve()} (load it with transformers.AutoModel.from_pretrained)"
             )

@@ -3,7 +3,7 @@
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .export import export_pretrained, load_pruned, to_standard
+from .export import check_exportable, export_pretrained, load_pruned, to_standard
 from .extract import extract
 from .importance import (
     ActivationImportance,
@@ -47,6 +47,7 @@ __all__ = [
     "UnitImportance",
     "apply_masks",
     "capture_qkv",
+    "check_exportable",
     "export_pretrained",
     "extract",
     "full_masks",

@@ -118,6 +118,13 @@ def to_standard(model: nn.Module) -> nn.Module:
     return padded
 
 
+def check_exportable(model: nn.Module, hidden: int, heads: int) -> None:
+    """Raise now, with the export's own message, if ``model`` pruned to ``hidden`` dimensions and ``heads``
+    heads per layer could not be saved with a standard config (so a long run does not fail at its end)."""
+    adapter = get_adapter(model)
+    _config_head_layout(adapter, hidden, heads, adapter.head_size(model))
+
+
 def export_pretrained(model: nn.Module, path: str | os.PathLike, **save_kwargs: Any) -> Path:
     """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``."""
     if not isinstance(model, PreTrainedModel):

@@ -47,16 +47,17 @@ def unit_sensitivity(model: nn.Module) -> Scores:
         grad = axis.parameter.grad
         if grad is None:
             continue
-        per_entry = (axis.parameter * grad).abs().float().movedim(axis.dim, 0).cpu()
+        # reduce where the weights live and move only one number per unit: this runs after every backward
+        per_entry = (axis.parameter * grad).abs().float().movedim(axis.dim, 0)
         size = per_entry.shape[0]
         if axis.kind == "heads":
-            grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1)
-            scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(dim=(1, 2))
-            scores["head_dims"][axis.layer] += grid.sum(dim=(0, 2))
+            grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)
+            scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1).cpu()
+            scores["head_dims"][axis.layer] += grid.sum(0).cpu()
         elif axis.kind == "ffn":
-            scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1)
+            scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1).cpu()
         else:
-            scores["hidden"] += per_entry.reshape(size, -1).sum(1)
+            scores["hidden"] += per_entry.reshape(size, -1).sum(1).cpu()
     for i, named in enumerate(layer_parameters(model)):
         scores["layers"][i] = sum(float((p * p.grad).abs().sum()) for _, p in named if p.grad is not None)
     return scores
