@@ -1,0 +1,58 @@
+"""HomoDistil on two CPU processes (DDP over gloo); every rank saves the masks it chose and its student.
+
+Run by test_pruning_ddp.py as ``python ddp_pruning_run.py OUT_DIR``; Lightning starts the second rank by
+running this script again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kd_helpers import make_batch, tiny_bert_config  # noqa: E402
+from transformers import BertForMaskedLM  # noqa: E402
+
+from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
+
+
+class RankBatches(L.LightningDataModule):
+    """Different batches on every rank, as a sharded corpus gives: only synchronised statistics agree."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+        return DataLoader([make_batch(seed=100 * rank + i) for i in range(4)], batch_size=None)
+
+
+class MaskHistory(L.Callback):
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning, self.history = pruning, []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if self.pruning.last_event == trainer.global_step:
+            self.history.append({k: v.clone() for k, v in self.pruning.masks.items()})
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(tiny_bert_config())
+    module = DistillationModule(teacher, {"init": "copy"}, learning_rate=1e-3,
+                                objective=[{"term": "logits"}, {"term": "hidden"}, {"term": "task"}])
+    pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2,
+                              export_dir=str(out / "student"))
+    history = MaskHistory(pruning)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[pruning, history])
+    trainer.fit(module, RankBatches())
+    torch.save({"history": history.history, "events": pruning.events,
+                "student": {k: v.clone() for k, v in module.student.state_dict().items()}},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

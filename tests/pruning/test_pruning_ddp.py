@@ -1,0 +1,35 @@
+"""Every DDP rank takes the same pruning decision and ends with the same student (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+SCRIPT = Path(__file__).with_name("ddp_pruning_run.py")
+
+
+@pytest.mark.slow
+def test_two_ranks_prune_identically(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert [e["step"] for e in rank0["events"]] == [2, 4, 6]
+    assert rank0["events"] == rank1["events"]
+    for masks0, masks1 in zip(rank0["history"], rank1["history"], strict=True):
+        for kind in masks0:
+            assert torch.equal(masks0[kind], masks1[kind]), kind
+    assert rank0["student"].keys() == rank1["student"].keys()
+    for name, value in rank0["student"].items():
+        assert torch.equal(value, rank1["student"][name]), name
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
+    assert exported.config.hidden_size == 8
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, rank0["student"][name]), name
