@@ -70,7 +70,7 @@ class PruningCallback(L.Callback):
 
     def __init__(
         self,
-        target: Mapping[str, float | int],
+        target: Mapping[str, int | float],
         start_step: int = 0,
         end_step: int | None = None,
         interval: int = 10,
