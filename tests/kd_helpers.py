@@ -62,3 +62,14 @@ def quiet_trainer(**kwargs: object) -> L.Trainer:
     )
     settings.update(kwargs)
     return L.Trainer(**settings)
+
+
+class StopAt(L.Callback):
+    """Interrupts a run after ``step`` optimizer steps, as a preempted job would stop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

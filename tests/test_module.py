@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
-from kd_helpers import VOCAB, FixedBatches, make_batch, quiet_trainer, tiny_bert_config
+from kd_helpers import VOCAB, FixedBatches, StopAt, make_batch, quiet_trainer, tiny_bert_config
 from transformers import AutoModel, BertForMaskedLM, BertModel, GPT2Config, GPT2Model
 
 from lightning_kd import DistillationModule
-
-
-class StopAt(L.Callback):
-    """Interrupts a run after ``step`` optimizer steps, as a preempted job would stop."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
 
 ALL_TERMS = [
     {"term": "logits", "temperature": 2.0},

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from kd_helpers import FixedBatches, make_batch, quiet_trainer, tiny_bert_config
+from kd_helpers import FixedBatches, StopAt, make_batch, quiet_trainer, tiny_bert_config
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
@@ -20,15 +19,6 @@ OBJECTIVE = [{"term": "logits", "temperature": 2.0}, {"term": "hidden", "layers"
 def homodistil(teacher: BertForMaskedLM) -> DistillationModule:
     torch.manual_seed(3)
     return DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=1e-3)
-
-
-class StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path: Path) -> None:
