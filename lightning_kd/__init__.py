@@ -7,7 +7,7 @@ Where each paper lives:
 - TED (Liang et al., ICML 2023): ``lightning_kd/callbacks/ted.py``
 """
 
-from .callbacks import DistillationReport, PruningCallback
+from .callbacks import DistillationReport, PruningCallback, TEDFilterCallback
 from .datamodules import GLUEDataModule, PretrainingDataModule
 from .finetune import FineTuningModule
 from .models import export_pretrained, extract, load_pruned, prune_model, score_units
@@ -26,6 +26,7 @@ __all__ = [
     "KnowledgeTerm",
     "PretrainingDataModule",
     "PruningCallback",
+    "TEDFilterCallback",
     "build_student",
     "export_pretrained",
     "extract",

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
@@ -44,6 +45,8 @@ class FineTuningModule(L.LightningModule):
             ``num_labels``), or a module mapping a batch to ``[B, num_labels]`` logits.
         task: the GLUE task; it fixes ``num_labels``, the loss (MSE for STS-B) and the metrics.
         warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
+        export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
+            tokenizer (a fine-tuned teacher for task-specific distillation or TED, for instance).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class FineTuningModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         adam_epsilon: float = 1e-8,
         model_kwargs: dict[str, Any] | None = None,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -72,6 +76,7 @@ class FineTuningModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.adam_epsilon = adam_epsilon
+        self.export_dir = export_dir
         self.metrics = TaskMetrics.for_task(self.task.name)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -101,6 +106,15 @@ class FineTuningModule(L.LightningModule):
         # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
         self.log_dict(self.metrics.compute(), prog_bar=True)
         self.metrics.reset()
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        if self.export_dir is None:
+            return
+        self.model.save_pretrained(self.export_dir)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.export_dir)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(

@@ -100,7 +100,11 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
-        return hub.load_model(spec, model_class or type(teacher))
+        # a classifier student must predict the teacher's labels (3 for MNLI, 1 score for STS-B), not the
+        # checkpoint's default head, which is replaced by a fresh one when its size differs
+        labels = ({"num_labels": teacher.config.num_labels, "problem_type": teacher.config.problem_type,
+                   "ignore_mismatched_sizes": True} if hasattr(teacher, "classifier") else {})
+        return hub.load_model(spec, model_class or type(teacher), **labels)
     options = dict(spec)
     init = options.pop("init", None)
     if init not in STUDENT_INITS:

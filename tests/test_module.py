@@ -202,3 +202,12 @@ def test_attention_term_turns_off_attention_dropout_so_kl_stays_finite() -> None
     batch = make_batch()
     loss, _ = module.objective(module.teacher_features(batch), module.student_features(batch), batch)
     assert loss.item() == pytest.approx(0.0, abs=1e-5)  # a copy of the teacher, with no dropped entries
+
+
+def test_named_student_of_a_classifier_gets_the_teachers_label_count(tmp_path) -> None:
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(tmp_path / "two_labels")
+    teacher = BertForSequenceClassification(tiny_bert_config(num_labels=3))
+    module = DistillationModule(teacher, str(tmp_path / "two_labels"), task="sequence-classification")
+    assert module.student.config.num_labels == 3 and module.student.classifier.out_features == 3

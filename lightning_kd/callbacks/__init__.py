@@ -2,5 +2,6 @@
 
 from .pruning import PruningCallback
 from .report import DistillationReport
+from .ted import TEDFilterCallback
 
-__all__ = ["DistillationReport", "PruningCallback"]
+__all__ = ["DistillationReport", "PruningCallback", "TEDFilterCallback"]

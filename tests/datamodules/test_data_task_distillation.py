@@ -46,3 +46,17 @@ def test_distillation_on_stsb_matches_scores_instead_of_a_one_class_kl(glue_dir:
     trainer.fit(module, data)
     trainer.validate(module, data, verbose=False)
     assert {"val/stsb/pearson", "val/stsb/spearman"} <= set(trainer.callback_metrics)
+
+
+def test_fine_tuned_model_is_exported_with_its_tokenizer(glue_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightning_kd import FineTuningModule
+
+    module = FineTuningModule(classifier(2, 1), task="sst2", export_dir=str(tmp_path / "teacher"))
+    data = GLUEDataModule("sst2", TOKENIZER, data_dir=str(glue_dir / "SST-2"), max_length=32, batch_size=8)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, data)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    assert loaded.config.num_labels == 2
+    assert AutoTokenizer.from_pretrained(tmp_path / "teacher").vocab_size == 30522

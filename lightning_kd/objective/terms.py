@@ -1,170 +1,26 @@
-"""The unified distillation objective ("Knowledge distillation: a unified view", Lu et al., 2022).
-
-A recipe is a list of knowledge terms, each one a kind of knowledge (predictions, hidden states, attention
-maps, q/k/v relations, embeddings, the task itself), a layer map saying which student layer learns from
-which teacher layer, a loss and a weight. Every recipe in the KD-revisited grid is such a list, so it can be
-written in YAML:
-
-    objective:
-      - {term: logits, temperature: 2.0, weight: 1.0}
-      - {term: hidden, loss: mse, layers: uniform, weight: 1.0}
-      - {term: relations, layers: last, relations: [qq, kk, vv], weight: 1.0}
-
-Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, ``i`` the output of block
-``i``. Attention and relation terms read block ``i`` itself, so they take 1..L.
-
-Padding never contributes: every term averages over positions whose ``attention_mask`` is 1 (and over the
-masked positions of MLM when it reads predictions).
-"""
+"""The knowledge terms of the KD-revisited grid: predictions, hidden states, embeddings, attention maps,
+MiniLMv2 q/k/v relations, and the task loss."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class ModelInfo:
-    """What the objective needs to know of a model before training starts."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    vocab_size: int
-    predicts: bool  # whether the model has a prediction head (logits)
-    can_return_attentions: bool = True
-    can_return_qkv: bool = True
-    name: str = "model"
-
-
-@dataclass
-class Features:
-    """The outputs of one forward pass that the terms read; fields are None when nobody asked for them."""
-
-    logits: Tensor | None = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
-    qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
-
-
-@dataclass(frozen=True)
-class Needs:
-    """Which outputs to ask of teacher and student."""
-
-    logits: bool = False
-    hidden_states: bool = False
-    attentions: bool = False
-    teacher_qkv_layers: frozenset[int] = frozenset()
-    student_qkv_layers: frozenset[int] = frozenset()
-
-    def __or__(self, other: Needs) -> Needs:
-        return Needs(
-            self.logits or other.logits,
-            self.hidden_states or other.hidden_states,
-            self.attentions or other.attentions,
-            self.teacher_qkv_layers | other.teacher_qkv_layers,
-            self.student_qkv_layers | other.student_qkv_layers,
-        )
-
-
-# ---------------------------------------------------------------------------------------------- layer maps
-
-LAYER_MAPS = ("first", "last", "uniform")
-
-
-def resolve_layer_map(
-    spec: str | Sequence[Sequence[int]], student_layers: int, teacher_layers: int, *, with_embeddings: bool
-) -> list[tuple[int, int]]:
-    """(student, teacher) layer pairs for a named map or an explicit list of pairs.
-
-    ``uniform`` is TinyBERT's map, student layer m learning from teacher layer m * N / M; for hidden states it
-    also pairs the embeddings (0 with 0).
-    """
-    first = 0 if with_embeddings else 1
-    if isinstance(spec, str):
-        if spec == "first":
-            return [(1, 1)]
-        if spec == "last":
-            return [(student_layers, teacher_layers)]
-        if spec == "uniform":
-            return [(m, round(m * teacher_layers / student_layers)) for m in range(first, student_layers + 1)]
-        raise ValueError(
-            f"unknown layer map {spec!r}: use one of {', '.join(LAYER_MAPS)} or a list of "
-            "[student_layer, teacher_layer] pairs."
-        )
-    pairs = [tuple(int(x) for x in pair) for pair in spec]
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"layer map entry {list(pair)} must be a [student_layer, teacher_layer] pair.")
-        for side, index, total in (
-            ("student", pair[0], student_layers),
-            ("teacher", pair[1], teacher_layers),
-        ):
-            if not first <= index <= total:
-                valid = f"{first}..{total}" + (" (0 = embeddings)" if with_embeddings else "")
-                raise ValueError(
-                    f"layer map pair {list(pair)} names {side} layer {index}, which does not exist: "
-                    f"the {side} has layers {valid}."
-                )
-    if not pairs:
-        raise ValueError("an explicit layer map needs at least one [student_layer, teacher_layer] pair.")
-    return pairs  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------- the terms
-
-TERMS: dict[str, type[KnowledgeTerm]] = {}
-
-
-def register_term(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
-    TERMS[cls.kind] = cls
-    return cls
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over positions where ``mask`` is true (``values`` has the mask's shape)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-class KnowledgeTerm(nn.Module):
-    """One weighted piece of the objective. Subclasses set ``kind`` and implement ``needs`` and ``forward``."""
-
-    kind: ClassVar[str]
-    losses: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, weight: float = 1.0, name: str | None = None, loss: str | None = None) -> None:
-        super().__init__()
-        weight = float(weight)
-        if math.isnan(weight) or weight < 0:
-            raise ValueError(
-                f"term {self.kind!r} has weight {weight}: weights must be finite and >= 0 "
-                "(set 0 to switch a term off while still logging it)."
-            )
-        if loss is not None and loss not in self.losses:
-            raise ValueError(
-                f"term {self.kind!r} has no loss {loss!r}: choose one of {', '.join(self.losses)}."
-            )
-        self.weight = weight
-        self.loss = loss or (self.losses[0] if self.losses else None)
-        self.name = name or (f"{self.kind}_{self.loss}" if self.loss else self.kind)
-
-    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
-        """Check the term against both models and create what it learns (projections)."""
-
-    def needs(self) -> Needs:
-        raise NotImplementedError
-
-    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
-        raise NotImplementedError
+from .base import (
+    IGNORE_INDEX,
+    Features,
+    KnowledgeTerm,
+    ModelInfo,
+    Needs,
+    masked_mean,
+    register_term,
+    resolve_layer_map,
+)
 
 
 def _prediction_positions(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -280,7 +136,10 @@ class HiddenState(_LayerTerm):
                 f"width {teacher.hidden_size}; leave `projection` unset or true."
             )
         self.projections = nn.ModuleList(
-            [_projection(student.hidden_size, teacher.hidden_size) if project else nn.Identity() for _ in self.pairs]
+            [
+                _projection(student.hidden_size, teacher.hidden_size) if project else nn.Identity()
+                for _ in self.pairs
+            ]
         )
 
     def needs(self) -> Needs:
@@ -315,7 +174,7 @@ class HiddenState(_LayerTerm):
                 per_token = (s - t).pow(2).mean(-1)
             else:
                 per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
-            total.append(_masked_mean(per_token, mask))
+            total.append(masked_mean(per_token, mask))
         return torch.stack(total).mean()
 
 
@@ -365,10 +224,10 @@ class AttentionMap(_LayerTerm):
             t = teacher.attentions[t_layer - 1].float()
             if self.loss == "kl":
                 per_row = (torch.special.xlogy(t, t) - t * s.clamp_min(1e-12).log()).sum(-1)
-                total.append(_masked_mean(per_row, query_mask.expand_as(per_row)))
+                total.append(masked_mean(per_row, query_mask.expand_as(per_row)))
             else:
                 pair_mask = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(s)
-                total.append(_masked_mean((s - t).pow(2), pair_mask))
+                total.append(masked_mean((s - t).pow(2), pair_mask))
         return torch.stack(total).mean()
 
 
@@ -447,7 +306,7 @@ class Relations(_LayerTerm):
                 t = relation_log_probs(teacher.qkv[t_layer][role], self.num_relation_heads, mask)
                 s = relation_log_probs(student.qkv[s_layer][role], self.num_relation_heads, mask)
                 per_row = (t.exp() * (t - s)).sum(-1)
-                total.append(_masked_mean(per_row, query_mask.expand_as(per_row)))
+                total.append(masked_mean(per_row, query_mask.expand_as(per_row)))
         return torch.stack(total).mean()
 
 
@@ -479,64 +338,3 @@ class TaskLoss(KnowledgeTerm):
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )
-
-
-# ---------------------------------------------------------------------------------------------- the objective
-
-
-def build_term(spec: Mapping[str, Any] | KnowledgeTerm) -> KnowledgeTerm:
-    """A term from its YAML form, e.g. ``{"term": "hidden", "loss": "cosine", "layers": "last"}``."""
-    if isinstance(spec, KnowledgeTerm):
-        return spec
-    options = dict(spec)
-    kind = options.pop("term", None)
-    if kind not in TERMS:
-        raise ValueError(f"unknown knowledge term {kind!r}: known terms are {', '.join(sorted(TERMS))}.")
-    try:
-        return TERMS[kind](**options)
-    except TypeError as error:
-        raise ValueError(
-            f"term {kind!r}: {error}. See {TERMS[kind].__name__} in lightning_kd/objective.py "
-            "for its options."
-        ) from error
-
-
-class DistillationObjective(nn.Module):
-    """The weighted sum of knowledge terms; every term's value is returned for logging."""
-
-    def __init__(self, terms: Sequence[Mapping[str, Any] | KnowledgeTerm]) -> None:
-        super().__init__()
-        if not terms:
-            raise ValueError(
-                "the objective needs at least one term, e.g. [{term: hidden}] or [{term: logits}]."
-            )
-        built = [build_term(t) for t in terms]
-        names = [t.name for t in built]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"several terms are named {duplicates}: give each a distinct `name`.")
-        self.terms = nn.ModuleDict({t.name: t for t in built})
-
-    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
-        for term in self.terms.values():
-            term.bind(teacher, student)
-
-    def needs(self) -> Needs:
-        needs = Needs()
-        for term in self.terms.values():
-            needs = needs | term.needs()
-        return needs
-
-    def narrow_student_width(self, kept: Tensor) -> None:
-        """Tell every term that reads the student's residual stream that only the dimensions ``kept`` remain."""
-        for term in self.terms.values():
-            narrow = getattr(term, "narrow_student_width", None)
-            if narrow is not None:
-                narrow(kept)
-
-    def forward(
-        self, teacher: Features, student: Features, batch: Mapping[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        values = {name: term(teacher, student, batch) for name, term in self.terms.items()}
-        total = sum(self.terms[name].weight * value for name, value in values.items())
-        return total, values

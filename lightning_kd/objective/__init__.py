@@ -1,0 +1,66 @@
+"""The unified distillation objective ("Knowledge distillation: a unified view", Lu et al., 2022).
+
+A recipe is a list of knowledge terms, each one a kind of knowledge (predictions, hidden states, attention
+maps, q/k/v relations, embeddings, the task itself), a layer map saying which student layer learns from
+which teacher layer, a loss and a weight. Every recipe in the KD-revisited grid is such a list, so it can be
+written in YAML:
+
+    objective:
+      - {term: logits, temperature: 2.0, weight: 1.0}
+      - {term: hidden, loss: mse, layers: uniform, weight: 1.0}
+      - {term: relations, layers: last, relations: [qq, kk, vv], weight: 1.0}
+
+Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, ``i`` the output of block
+``i``. Attention and relation terms read block ``i`` itself, so they take 1..L.
+
+Padding never contributes: every term averages over positions whose ``attention_mask`` is 1 (and over the
+masked positions of MLM when it reads predictions).
+"""
+
+from .base import (
+    IGNORE_INDEX,
+    LAYER_MAPS,
+    TERMS,
+    Features,
+    KnowledgeTerm,
+    ModelInfo,
+    Needs,
+    register_term,
+    resolve_layer_map,
+)
+from .core import DistillationObjective, build_term
+from .ted import FilteredHidden, FilterTaskLoss
+from .terms import (
+    AttentionMap,
+    Embeddings,
+    HiddenState,
+    PredictionKL,
+    Relations,
+    TaskLoss,
+    prediction_kl,
+    relation_log_probs,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LAYER_MAPS",
+    "TERMS",
+    "AttentionMap",
+    "DistillationObjective",
+    "Embeddings",
+    "Features",
+    "FilterTaskLoss",
+    "FilteredHidden",
+    "HiddenState",
+    "KnowledgeTerm",
+    "ModelInfo",
+    "Needs",
+    "PredictionKL",
+    "Relations",
+    "TaskLoss",
+    "build_term",
+    "prediction_kl",
+    "register_term",
+    "relation_log_probs",
+    "resolve_layer_map",
+]

@@ -1,0 +1,149 @@
+"""The pieces every knowledge term shares: what it reads (Features), what it asks for (Needs), what it knows of
+the two models (ModelInfo), layer maps, and the term registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelInfo:
+    """What the objective needs to know of a model before training starts."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    predicts: bool  # whether the model has a prediction head (logits)
+    can_return_attentions: bool = True
+    can_return_qkv: bool = True
+    name: str = "model"
+
+
+@dataclass
+class Features:
+    """The outputs of one forward pass that the terms read; fields are None when nobody asked for them."""
+
+    logits: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which outputs to ask of teacher and student."""
+
+    logits: bool = False
+    hidden_states: bool = False
+    attentions: bool = False
+    teacher_qkv_layers: frozenset[int] = frozenset()
+    student_qkv_layers: frozenset[int] = frozenset()
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.logits or other.logits,
+            self.hidden_states or other.hidden_states,
+            self.attentions or other.attentions,
+            self.teacher_qkv_layers | other.teacher_qkv_layers,
+            self.student_qkv_layers | other.student_qkv_layers,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- layer maps
+
+LAYER_MAPS = ("first", "last", "uniform")
+
+
+def resolve_layer_map(
+    spec: str | Sequence[Sequence[int]], student_layers: int, teacher_layers: int, *, with_embeddings: bool
+) -> list[tuple[int, int]]:
+    """(student, teacher) layer pairs for a named map or an explicit list of pairs.
+
+    ``uniform`` is TinyBERT's map, student layer m learning from teacher layer m * N / M; for hidden states it
+    also pairs the embeddings (0 with 0).
+    """
+    first = 0 if with_embeddings else 1
+    if isinstance(spec, str):
+        if spec == "first":
+            return [(1, 1)]
+        if spec == "last":
+            return [(student_layers, teacher_layers)]
+        if spec == "uniform":
+            return [(m, round(m * teacher_layers / student_layers)) for m in range(first, student_layers + 1)]
+        raise ValueError(
+            f"unknown layer map {spec!r}: use one of {', '.join(LAYER_MAPS)} or a list of "
+            "[student_layer, teacher_layer] pairs."
+        )
+    pairs = [tuple(int(x) for x in pair) for pair in spec]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"layer map entry {list(pair)} must be a [student_layer, teacher_layer] pair.")
+        for side, index, total in (
+            ("student", pair[0], student_layers),
+            ("teacher", pair[1], teacher_layers),
+        ):
+            if not first <= index <= total:
+                valid = f"{first}..{total}" + (" (0 = embeddings)" if with_embeddings else "")
+                raise ValueError(
+                    f"layer map pair {list(pair)} names {side} layer {index}, which does not exist: "
+                    f"the {side} has layers {valid}."
+                )
+    if not pairs:
+        raise ValueError("an explicit layer map needs at least one [student_layer, teacher_layer] pair.")
+    return pairs  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- the terms
+
+TERMS: dict[str, type[KnowledgeTerm]] = {}
+
+
+def register_term(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
+    TERMS[cls.kind] = cls
+    return cls
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true (``values`` has the mask's shape)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class KnowledgeTerm(nn.Module):
+    """One weighted piece of the objective. Subclasses set ``kind`` and implement ``needs`` and ``forward``."""
+
+    kind: ClassVar[str]
+    losses: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, loss: str | None = None) -> None:
+        super().__init__()
+        weight = float(weight)
+        if math.isnan(weight) or weight < 0:
+            raise ValueError(
+                f"term {self.kind!r} has weight {weight}: weights must be finite and >= 0 "
+                "(set 0 to switch a term off while still logging it)."
+            )
+        if loss is not None and loss not in self.losses:
+            raise ValueError(
+                f"term {self.kind!r} has no loss {loss!r}: choose one of {', '.join(self.losses)}."
+            )
+        self.weight = weight
+        self.loss = loss or (self.losses[0] if self.losses else None)
+        self.name = name or (f"{self.kind}_{self.loss}" if self.loss else self.kind)
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        """Check the term against both models and create what it learns (projections)."""
+
+    def needs(self) -> Needs:
+        raise NotImplementedError
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
