@@ -2,8 +2,8 @@
 
 Both runs distil the MiniLM-L6-H384 teacher (or a random BERT of its shape) into a copy of itself, on the same
 batches; the callback run scores units after every backward, zeroes pruned gradients before every optimizer
-step, runs the masked model, and prunes every ``--interval`` steps. Rounds alternate so that drift in the
-machine's speed hits both alike; the median step times are compared. Target: ratio <= 1.10.
+step, runs the masked model, and prunes every ``--interval`` steps. Rounds alternate in ABBA order so that drift
+in the machine's speed and cache warmth hit both alike; the median step times are compared. Target: ratio <= 1.10.
 
     python benchmarks/pruning_overhead.py [--steps 20] [--rounds 3] [--batch 16] [--seq 128]
 """
@@ -52,8 +52,10 @@ def main() -> None:
         # each round is a fresh schedule over its own steps, so every round prunes as a real run does
         callback = PruningCallback({"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, end_step=args.steps,
                                    interval=args.interval, prune_at_end=False)
-        with_callback += timed_fit(pruned, data, args.steps, [callback])
-        without += timed_fit(plain, data, args.steps, [])
+        runs = [lambda callback=callback: with_callback.extend(timed_fit(pruned, data, args.steps, [callback])),
+                lambda: without.extend(timed_fit(plain, data, args.steps, []))]
+        for run in runs if round_index % 2 == 0 else runs[::-1]:  # ABBA: each goes second half the time
+            run()
         callback._handle.remove()  # the next round starts from the masked weights, without stale hooks
         print(f"round {round_index + 1}/{args.rounds}: with PruningCallback {statistics.median(with_callback):.4f} "
               f"s/step, without {statistics.median(without):.4f} s/step")

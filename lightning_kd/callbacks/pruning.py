@@ -96,7 +96,9 @@ class PruningCallback(L.Callback):
         self.target = dict(target)
         self.start_step, self.end_step, self.interval = start_step, end_step, interval
         self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
-        self.scorer: UnitImportance = PlatonImportance(beta1, beta2) if importance == "platon" else Sensitivity()
+        kinds = list(self.target)
+        self.scorer: UnitImportance = (PlatonImportance(beta1, beta2, kinds) if importance == "platon"
+                                       else Sensitivity(kinds))
         self.same_per_layer = same_per_layer
         self.export_dir, self.prune_at_end, self.expect_copy = export_dir, prune_at_end, expect_copy
         self.masks: Masks | None = None

@@ -36,31 +36,46 @@ def _empty_scores(model: nn.Module) -> Scores:
 
 
 @torch.no_grad()
-def unit_sensitivity(model: nn.Module) -> Scores:
+def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
     """``|theta * grad|`` summed over each unit's weights, from the gradients currently in ``model``.
 
     A weight shared by two units (a query row is in a head and reads a hidden dimension) counts for both.
+    ``kinds`` limits the work to the unit kinds asked for (all by default); this runs after every backward
+    of a pruning run, so each parameter's product is computed once, reduced where the weights live, and only
+    one number per unit crosses to the CPU.
     """
-    scores = _empty_scores(model)
+    wanted = set(kinds) if kinds is not None else {"heads", "head_dims", "ffn", "hidden", "layers"}
+    if "heads" in wanted:
+        wanted.add("head_dims")  # the same reduction gives both
     counts = unit_counts(model)
+    device = next(model.parameters()).device
+    scores = {kind: value.to(device) for kind, value in _empty_scores(model).items()}
+    products: dict[int, torch.Tensor] = {}
+
+    def product(parameter: nn.Parameter) -> torch.Tensor:
+        if id(parameter) not in products:
+            products[id(parameter)] = (parameter * parameter.grad).abs_().float()
+        return products[id(parameter)]
+
     for axis in axes(model):
-        grad = axis.parameter.grad
-        if grad is None:
+        if axis.parameter.grad is None or axis.kind not in wanted:
             continue
-        # reduce where the weights live and move only one number per unit: this runs after every backward
-        per_entry = (axis.parameter * grad).abs().float().movedim(axis.dim, 0)
+        per_entry = product(axis.parameter).movedim(axis.dim, 0)
         size = per_entry.shape[0]
         if axis.kind == "heads":
             grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)
-            scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1).cpu()
-            scores["head_dims"][axis.layer] += grid.sum(0).cpu()
+            scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1)
+            scores["head_dims"][axis.layer] += grid.sum(0)
         elif axis.kind == "ffn":
-            scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1).cpu()
+            scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1)
         else:
-            scores["hidden"] += per_entry.reshape(size, -1).sum(1).cpu()
-    for i, named in enumerate(layer_parameters(model)):
-        scores["layers"][i] = sum(float((p * p.grad).abs().sum()) for _, p in named if p.grad is not None)
-    return scores
+            scores["hidden"] += per_entry.reshape(size, -1).sum(1)
+    if "layers" in wanted:
+        for i, named in enumerate(layer_parameters(model)):
+            for _, parameter in named:
+                if parameter.grad is not None:
+                    scores["layers"][i] += product(parameter).sum()
+    return {kind: value.cpu() for kind, value in scores.items() if kind in wanted}
 
 
 class UnitImportance:
@@ -90,10 +105,14 @@ class UnitImportance:
 
 
 class Sensitivity(UnitImportance):
-    """``|theta * grad|`` per unit, summed over every ``update``."""
+    """``|theta * grad|`` per unit, summed over every ``update`` (of the unit ``kinds`` given, default all)."""
+
+    def __init__(self, kinds: Iterable[str] | None = None) -> None:
+        super().__init__()
+        self.kinds = list(kinds) if kinds is not None else None
 
     def update(self, model: nn.Module) -> None:
-        step = unit_sensitivity(model)
+        step = unit_sensitivity(model, self.kinds)
         for kind, value in step.items():
             self.state[kind] = self.state.get(kind, torch.zeros_like(value)) + value
 
@@ -110,15 +129,16 @@ class PlatonImportance(UnitImportance):
     unit rather than per weight keeps the state tiny (a few thousand numbers for BERT-base).
     """
 
-    def __init__(self, beta1: float = 0.85, beta2: float = 0.95) -> None:
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95, kinds: Iterable[str] | None = None) -> None:
         super().__init__()
+        self.kinds = list(kinds) if kinds is not None else None
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}.")
         self.beta1, self.beta2 = beta1, beta2
 
     def update(self, model: nn.Module) -> None:
-        step = unit_sensitivity(model)
+        step = unit_sensitivity(model, self.kinds)
         for kind, value in step.items():
             mean = self.state.get(f"{kind}.mean", torch.zeros_like(value))
             uncertainty = self.state.get(f"{kind}.uncertainty", torch.zeros_like(value))
