@@ -40,9 +40,11 @@ class Probe(L.Callback):
 
     def _measure(self, trainer: L.Trainer, pl_module: DistillationModule) -> None:
         values = pl_module.discrepancy(self.batches)
+        pl_module.student.eval()  # as `discrepancy` does: dropout would add its own noise to the distance
         with torch.no_grad():
             mse = sum(float(pl_module.objective(pl_module.teacher_features(b), pl_module.student_features(b), b)[1]
                             ["hidden_mse"]) for b in self.batches) / len(self.batches)
+        pl_module.student.train()
         self.curve.append((trainer.global_step, values["discrepancy/hidden"], mse))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: DistillationModule) -> None:
