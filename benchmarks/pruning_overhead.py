@@ -15,23 +15,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import StepTimer, batches, teacher_model  # noqa: E402
+from step_overhead import batches, lightning_round, teacher_model  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
 
 OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
-
-
-def timed_fit(module: DistillationModule, data: list, steps: int, callbacks: list) -> list[float]:
-    timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    return timer.times[1:]
 
 
 def main() -> None:
@@ -52,8 +43,8 @@ def main() -> None:
         # each round is a fresh schedule over its own steps, so every round prunes as a real run does
         callback = PruningCallback({"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, end_step=args.steps,
                                    interval=args.interval, prune_at_end=False)
-        runs = [lambda callback=callback: with_callback.extend(timed_fit(pruned, data, args.steps, [callback])),
-                lambda: without.extend(timed_fit(plain, data, args.steps, []))]
+        runs = [lambda callback=callback: with_callback.extend(lightning_round(pruned, data, args.steps, (callback,))),
+                lambda: without.extend(lightning_round(plain, data, args.steps))]
         for run in runs if round_index % 2 == 0 else runs[::-1]:  # ABBA: each goes second half the time
             run()
         callback._handle.remove()  # the next round starts from the masked weights, without stale hooks
