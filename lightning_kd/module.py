@@ -35,10 +35,6 @@ MODEL_CLASSES = {
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def model_info(model: nn.Module, name: str) -> ModelInfo:
     config = model.config
     try:
@@ -53,8 +49,8 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         hidden_size=config.hidden_size,
         num_heads=heads,
         vocab_size=config.vocab_size,
-        predicts=hasattr(model, "get_output_embeddings")
-        and model.get_output_embeddings() is not None
+        # an MLM head (output embeddings) or a classifier: either way the model returns logits
+        predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
         or hasattr(model, "classifier"),
         can_return_attentions=eager or known,
         can_return_qkv=known,
