@@ -126,6 +126,13 @@ class PackedMLMStream(IterableDataset):
         if self.content < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        # The Rust tokenizer itself, without the Python wrapper's per-document conversions: tokenising is most
+        # of this stream's cost. A copy, so that truncation or padding set elsewhere cannot leak in.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = type(backend).from_str(backend.to_str()) if backend is not None else None
+        if self._backend is not None:
+            self._backend.no_truncation()
+            self._backend.no_padding()
         self.continuation = continuation_table(tokenizer) if whole_word_masking else None
 
     def reader(self) -> tuple[int, int]:
@@ -159,12 +166,20 @@ class PackedMLMStream(IterableDataset):
             batch_index += 1
             yield self._collate(blocks, reader, readers, batch_index, position)
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+
     def _collate(
         self, blocks: list[list[int]], reader: int, readers: int, batch_index: int, position: dict[str, Any]
     ) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id or 0
         lengths = torch.tensor([len(block) for block in blocks])
-        input_ids = torch.tensor([block + [pad] * (self.max_length - len(block)) for block in blocks])
+        rows = np.full((len(blocks), self.max_length), pad, dtype=np.int64)
+        for row, block in zip(rows, blocks, strict=True):
+            row[: len(block)] = block
+        input_ids = torch.from_numpy(rows)
         attention_mask = (torch.arange(self.max_length) < lengths[:, None]).long()
         special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
@@ -195,7 +210,7 @@ class PackedMLMStream(IterableDataset):
                 exhausted = len(chunk) < _TOKENIZE_DOCS
                 if chunk:
                     texts = [text for text, _, _ in chunk]
-                    encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+                    encoded = self._encode(texts)
                     for ids, (_, before, after) in zip(encoded, chunk, strict=True):
                         if ids:
                             if self.last is not None:
