@@ -179,32 +179,16 @@ class DistillationModule(L.LightningModule):
     def forward(self, batch: Mapping[str, Tensor]) -> Features:
         return self.student_features(batch)
 
-    def _step(self, batch: Mapping[str, Tensor], stage: str, with_discrepancy: bool) -> Tensor:
-        teacher = self.teacher_features(batch)
-        student = self.student_features(batch)
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.objective(teacher, student, batch)
         batch_size = batch["input_ids"].shape[0]
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=not on_step
-        )
-        self.log_dict(
-            {f"{stage}/{k}": v.detach() for k, v in terms.items()},
-            batch_size=batch_size,
-            on_step=on_step,
-            on_epoch=not on_step,
-        )
-        if with_discrepancy:
-            values = measure_discrepancy(teacher, student, batch)
-            if stage != "train":
-                values = {f"{stage}/{k}": v for k, v in values.items()}
-            self.log_dict(values, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
-        return loss
-
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        return self._step(batch, "train", with_discrepancy=self.global_step % max(every, 1) == 0)
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_dict(measure_discrepancy(teacher, student, batch), batch_size=batch_size)
+        return loss
 
     def setup(self, stage: str) -> None:
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.

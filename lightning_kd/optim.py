@@ -29,7 +29,7 @@ def adamw_with_warmup(
 ) -> dict[str, Any]:
     """Lightning's optimizer dict: AdamW (no decay on biases and norms, as BERT trains) and a per-step schedule.
 
-    ``warmup_steps`` is a step count (int) or a share of ``total_steps`` (float below 1); ``linear`` then decays
+    ``warmup_steps`` is a step count or a share of ``total_steps`` (a float below 1); ``linear`` then decays
     to 0 at ``total_steps``, ``constant`` stays at the peak.
     """
     check_schedule(schedule)
@@ -40,7 +40,8 @@ def adamw_with_warmup(
     ]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps)
     total = max(int(total_steps), 1)
-    warmup = int(warmup_steps * total) if isinstance(warmup_steps, float) else int(warmup_steps)
+    # a float below 1 is a share of the run; anything else (100, or 100.0 from YAML) counts steps
+    warmup = int(warmup_steps * total) if isinstance(warmup_steps, float) and warmup_steps < 1 else int(warmup_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

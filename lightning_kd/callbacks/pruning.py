@@ -3,7 +3,7 @@
 The student starts as the teacher, so the teacher-student discrepancy starts at zero; every ``interval``
 steps the least important heads, FFN neurons and hidden dimensions are masked, a few at a time along a cubic
 schedule, so the discrepancy stays small while the student shrinks. Importance is PLATON's (EMA of |θ·∇θ|
-times EMA of its uncertainty) read from the student's own gradients after every backward. At the end of fit
+times EMA of its uncertainty) read from the student's own gradients before every optimizer step. At the end of fit
 the student is physically pruned, so it is really smaller and faster, and exported if asked.
 
 Everything the callback decides is in its ``state_dict`` (target, masks, importance statistics, schedule
@@ -169,11 +169,10 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ every step
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
         if self.start_step <= trainer.global_step < self.end_step:
             self.scorer.update(pl_module.student)
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
         with torch.no_grad():
             for parameter, dim, index in self._slices:
@@ -238,6 +237,7 @@ class PruningCallback(L.Callback):
         self._slices = []
         if "hidden" in self.masks and not self.masks["hidden"].all():
             pl_module.objective.narrow_student_width(self.masks["hidden"].nonzero().flatten())
+            pl_module.objective.to(next(pl_module.student.parameters()))  # maps it built sit with the student
         return pl_module.student
 
     @rank_zero_only

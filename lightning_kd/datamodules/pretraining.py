@@ -183,7 +183,7 @@ class PackedMLMStream(IterableDataset):
         attention_mask = (torch.arange(self.max_length) < lengths[:, None]).long()
         special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
-        generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62))
+        generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
         masked, labels = mask_tokens(
             input_ids, special, self.tokenizer.mask_token_id, len(self.tokenizer), self.mlm_probability,
             generator, self.continuation,

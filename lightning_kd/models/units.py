@@ -319,6 +319,9 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHandle:
     counts = unit_counts(model)
     handles = []
     layers = adapter.layers(model)
+    # the hooks run on every forward: put the masks where the weights are once, not at every call
+    device = next(model.parameters()).device
+    masks = {kind: mask.to(device) for kind, mask in masks.items()}
     for i, layer in enumerate(layers):
         parts = adapter.layer_parts(layer)
         if "heads" in masks:
