@@ -109,6 +109,7 @@ class PruningCallback(L.Callback):
         self._handle: Any = None
         self._slices: list = []
         self._parameters = 0
+        self._widths: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -129,6 +130,8 @@ class PruningCallback(L.Callback):
         self.goal = {kind: self._resolve(kind, value) for kind, value in self.target.items()}
         check_exportable(student, self.goal.get("hidden", self.full["hidden"]),
                          self.goal.get("heads", self.full["heads"]))
+        if "heads" in self.goal:
+            self._check_head_terms(pl_module, self.goal["heads"] * counts["head_size"])
         last = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         if self.end_step is None:
             self.end_step = last
@@ -141,6 +144,18 @@ class PruningCallback(L.Callback):
         if self.masks is None:
             self.masks = {kind: full_masks(student)[kind] for kind in self.goal}
         self._apply(pl_module)
+
+    @staticmethod
+    def _check_head_terms(pl_module: L.LightningModule, width: int) -> None:
+        """Terms that read heads must still make sense once the student keeps ``width`` attention dimensions."""
+        for name, term in pl_module.objective.terms.items():
+            if term.kind == "attention":
+                raise ValueError(f"term {name!r} matches attention maps head by head, which stops working once "
+                                 "heads are pruned; use the 'relations' term, which works across head counts.")
+            heads = getattr(term, "num_relation_heads", None)
+            if term.kind == "relations" and width % heads:
+                raise ValueError(f"term {name!r} splits q/k/v into {heads} relation heads, which do not divide the "
+                                 f"{width} dimensions the pruned heads keep; set num_relation_heads to a divisor.")
 
     def _resolve(self, kind: str, value: float | int) -> int:
         full = self.full[kind]
@@ -166,6 +181,8 @@ class PruningCallback(L.Callback):
                     if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
                         value.index_fill_(dim, index, 0.0)
         self._parameters = pruned_parameter_count(student, self.masks)
+        self._widths = {f"width/{kind}": float(mask.sum()) / mask.numel() for kind, mask in self.masks.items()}
+        self._widths["params"] = float(self._parameters)
 
     # ------------------------------------------------------------------------------------------ every step
 
@@ -188,9 +205,7 @@ class PruningCallback(L.Callback):
 
     def widths(self) -> dict[str, float]:
         """``width/<kind>``: the share of each kind that remains, and ``params``: the pruned model's size."""
-        out = {f"width/{kind}": float(self.masks[kind].sum()) / self.masks[kind].numel() for kind in self.goal}
-        out["params"] = float(self._parameters)
-        return out
+        return dict(self._widths)
 
     def keep_counts(self, step: int) -> dict[str, int]:
         """How many units of each kind the schedule keeps after ``step`` (per layer for heads and FFN)."""

@@ -130,3 +130,13 @@ def test_bad_input_is_refused_before_training(teacher: BertForMaskedLM, tmp_path
     with pytest.raises(ValueError, match="pruned towards target"):
         quiet_trainer(max_steps=6, callbacks=[other_target]).fit(homodistil(teacher), FixedBatches(),
                                                                  ckpt_path=str(tmp_path / "run.ckpt"))
+
+
+def test_terms_that_read_heads_are_checked_against_the_pruned_width(teacher: BertForMaskedLM) -> None:
+    attention = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "attention"}])
+    with pytest.raises(ValueError, match="use the 'relations' term"):
+        quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(attention, FixedBatches())
+    relations = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "relations",
+                                                                          "num_relation_heads": 16}])
+    with pytest.raises(ValueError, match="do not divide the 8 dimensions"):
+        quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(relations, FixedBatches())
