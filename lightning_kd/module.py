@@ -22,7 +22,7 @@ from transformers import (
 from . import hub
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
-from .models import capture_qkv, export_pretrained, get_adapter
+from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
@@ -51,7 +51,7 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         vocab_size=config.vocab_size,
         # an MLM head (output embeddings) or a classifier: either way the model returns logits
         predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
-        or hasattr(model, "classifier"),
+        or is_classifier(model),
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,

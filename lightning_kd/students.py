@@ -25,7 +25,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import hub
-from .models import extract, get_adapter, select_layers, uniform_layer_choice
+from .models import (
+    drop_unused_pooler,
+    extract,
+    get_adapter,
+    is_classifier,
+    select_layers,
+    uniform_layer_choice,
+)
 
 StudentSpec = PreTrainedModel | str | Mapping[str, Any]
 
@@ -103,7 +110,7 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
         # a classifier student must predict the teacher's labels (3 for MNLI, 1 score for STS-B), not the
         # checkpoint's default head, which is replaced by a fresh one when its size differs
         labels = ({"num_labels": teacher.config.num_labels, "problem_type": teacher.config.problem_type,
-                   "ignore_mismatched_sizes": True} if hasattr(teacher, "classifier") else {})
+                   "ignore_mismatched_sizes": True} if is_classifier(teacher) else {})
         return hub.load_model(spec, model_class or type(teacher), **labels)
     options = dict(spec)
     init = options.pop("init", None)
@@ -116,12 +123,6 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
         student = STUDENT_INITS[init](teacher, **options)
     except TypeError as error:
         raise ValueError(f"student init {init!r}: {error}") from error
-    _drop_unused_pooler(student)
+    drop_unused_pooler(student)
     # built from a frozen teacher, so it inherits frozen parameters and eval mode
     return student.requires_grad_(True).train()
-
-
-def _drop_unused_pooler(model: nn.Module) -> None:
-    """A bare encoder's pooler gets no gradient from any term, and unused parameters break DDP."""
-    if isinstance(model, PreTrainedModel) and model.base_model is model and getattr(model, "pooler", None):
-        model.pooler = None

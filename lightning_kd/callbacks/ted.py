@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from ..models import is_classifier
 from ..module import model_info
 from ..objective import FilteredHidden, FilterTaskLoss
 from ..ted_filters import filter_layer_pairs, load_filters, save_filters
@@ -119,7 +120,7 @@ class TEDFilterCallback(L.Callback):
         counts = {"the DataModule's task": getattr(task, "num_labels", None), "num_labels": self.num_labels}
         for side in ("teacher", "student"):
             model = getattr(pl_module, side)
-            if hasattr(model, "classifier"):
+            if is_classifier(model):
                 counts[f"the {side}'s classifier"] = model.config.num_labels
         known = {where: n for where, n in counts.items() if n is not None}
         if not known:

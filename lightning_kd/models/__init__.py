@@ -15,7 +15,7 @@ from .importance import (
     top_units,
     unit_sensitivity,
 )
-from .layers import keep_layers_, select_layers, uniform_layer_choice
+from .layers import drop_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
 from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
@@ -47,11 +47,13 @@ __all__ = [
     "UnitImportance",
     "apply_masks",
     "capture_qkv",
+    "drop_unused_pooler",
     "check_exportable",
     "export_pretrained",
     "extract",
     "full_masks",
     "get_adapter",
+    "is_classifier",
     "keep_layers_",
     "load_pruned",
     "masked",

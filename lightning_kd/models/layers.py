@@ -50,3 +50,16 @@ def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     if not indices or any(not 0 <= i < total for i in indices):
         keep_layers_(model, indices)  # raises the descriptive error without touching the model
     return keep_layers_(copy.deepcopy(model), indices)
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether the model carries a sequence-classification head (its logits are one row per example)."""
+    return hasattr(model, "classifier")
+
+
+def drop_unused_pooler(model: nn.Module) -> None:
+    """Remove a bare encoder's pooler: no distillation term reads it, and parameters without gradients break
+    DDP. Models with a task head keep theirs (a classifier reads it)."""
+    base = getattr(model, "base_model", model)
+    if base is model and getattr(model, "pooler", None) is not None:
+        model.pooler = None
