@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -26,6 +28,7 @@ from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
+from .timing import StepTimer
 
 MODEL_CLASSES = {
     "base": AutoModel,
@@ -33,6 +36,7 @@ MODEL_CLASSES = {
     "sequence-classification": AutoModelForSequenceClassification,
 }
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_info(model: nn.Module, name: str) -> ModelInfo:
@@ -58,6 +62,35 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
     )
 
 
+def _float(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(v.float() for v in value)
+    return value.float()
+
+
+def random_states() -> dict[str, Any]:
+    """This process's random generators (torch, CUDA, numpy, Python), as types a ``weights_only`` load accepts."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": list(random.getstate()),
+    }
+
+
+def set_random_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 class DistillationModule(L.LightningModule):
     """Distils ``teacher`` into ``student`` with a weighted sum of knowledge terms.
 
@@ -72,6 +105,13 @@ class DistillationModule(L.LightningModule):
         learning_rate, weight_decay, betas, eps: AdamW settings (no decay on biases and norms).
         warmup_steps: linear warm-up length, in steps (int) or as a share of all steps (float < 1).
         schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then flat).
+        teacher_dtype: keep the teacher's weights in ``bfloat16`` or ``float16`` (half its memory and, on a GPU,
+            faster); the losses are still computed in float32. ``None`` keeps the loaded dtype. The student's
+            precision is the Trainer's (``precision="bf16-mixed"`` runs both models under bf16 autocast).
+        compile: ``torch.compile`` the student and the teacher in place at the start of fit: ``True``, or a
+            dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
+        time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
+            pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
     """
 
     def __init__(
@@ -87,6 +127,9 @@ class DistillationModule(L.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int | float = 0,
         schedule: str = "linear",
+        teacher_dtype: str | None = None,
+        compile: bool | Mapping[str, Any] = False,
+        time_steps: bool = True,
     ) -> None:
         super().__init__()
         if task not in MODEL_CLASSES:
@@ -105,6 +148,10 @@ class DistillationModule(L.LightningModule):
             teacher if isinstance(teacher, str) else getattr(teacher.config, "_name_or_path", "")
         )
         teacher_model.eval().requires_grad_(False)
+        if teacher_dtype is not None:
+            if teacher_dtype not in TEACHER_DTYPES:
+                raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}.")
+            teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         # Stored outside the module tree: not a parameter (optimizer, DDP), not in state_dict (checkpoints),
         # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
         self.__dict__["teacher"] = teacher_model
@@ -125,6 +172,8 @@ class DistillationModule(L.LightningModule):
         if self.needs.attentions:
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)
+        self.step_timer: StepTimer | None = StepTimer() if time_steps else None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -171,7 +220,17 @@ class DistillationModule(L.LightningModule):
 
     def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
         with torch.no_grad():
-            return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
+            features = self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
+        if self.hparams.get("teacher_dtype") in (None, "float32") or torch.is_autocast_enabled(self.device.type):
+            return features
+        # A half-precision teacher outside autocast: the terms' own float32 layers (projections, TED filters)
+        # read its outputs, so they arrive in float32.
+        return Features(
+            logits=_float(features.logits),
+            hidden_states=_float(features.hidden_states),
+            attentions=_float(features.attentions),
+            qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in features.qkv.items()},
+        )
 
     def student_features(self, batch: Mapping[str, Tensor]) -> Features:
         return self._features(self.student, batch, self.needs.student_qkv_layers)
@@ -180,8 +239,14 @@ class DistillationModule(L.LightningModule):
         return self.student_features(batch)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        teacher, student = self.teacher_features(batch), self.student_features(batch)
-        loss, terms = self.objective(teacher, student, batch)
+        timer = self.step_timer
+        with timer.section("teacher_forward") if timer else nullcontext():
+            teacher = self.teacher_features(batch)
+        with timer.section("student_forward") if timer else nullcontext():
+            student = self.student_features(batch)
+            loss, terms = self.objective(teacher, student, batch)
+        if timer:
+            timer.count(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
@@ -189,6 +254,72 @@ class DistillationModule(L.LightningModule):
         if self.trainer._logger_connector.should_update_logs:
             self.log_dict(measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
+
+    # ------------------------------------------------------------------------------------------ step accounting
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if self.step_timer:
+            self.step_timer.start("student_backward")
+
+    def on_after_backward(self) -> None:
+        if self.step_timer:
+            self.step_timer.stop("student_backward")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        timer = self.step_timer
+        if timer is None or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        # The closure is the forward and backward pass; what follows it inside `step` (gradient clipping, the
+        # callbacks' on_before_optimizer_step, the update itself) is the optimizer's share.
+        def closure() -> Any:
+            result = optimizer_closure()
+            timer.start("optimizer")
+            return result
+
+        try:
+            optimizer.step(closure=closure)
+        finally:
+            timer.stop("optimizer")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        timer = self.step_timer
+        if timer is None:
+            return
+        if self.trainer.fit_loop._should_accumulate():
+            return  # a micro-batch: the optimizer step it belongs to has not finished
+        timer.end_step()
+        if self.trainer._logger_connector.should_update_logs:
+            values = timer.summary()
+            throughput = {k: v for k, v in values.items() if k.startswith("throughput/")}
+            self.log_dict({k: v for k, v in values.items() if k not in throughput}, batch_size=1)
+            # every rank processes its own share: the run's throughput is their sum
+            self.log_dict(throughput, batch_size=1, sync_dist=True, reduce_fx="sum")
+
+    def on_train_start(self) -> None:
+        if self.step_timer:
+            self.step_timer.to(self.device).reset()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            set_random_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_fit_start(self) -> None:
+        options = self.hparams.get("compile", False)
+        if options:
+            options = {} if options is True else dict(options)
+            # In place, so parameter names, state_dict keys and the pruning hooks stay as they are.
+            self.student.compile(**options)
+            self.teacher.compile(**options)
+
+    def on_validation_start(self) -> None:
+        if self.step_timer:
+            self.step_timer.pause()
+
+    def on_validation_end(self) -> None:
+        if self.step_timer:
+            self.step_timer.resume()
 
     def setup(self, stage: str) -> None:
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
@@ -244,9 +375,15 @@ class DistillationModule(L.LightningModule):
         checkpoint["lightning_kd"] = {
             "teacher_source": self.teacher_source,
             "teacher_class": type(self.teacher).__name__,
+            # Lightning does not save the random state, and dropout draws from it: without it a resumed run
+            # would part from one that never stopped. Every rank holds the same state (same seed, same draws).
+            "rng": random_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored right before the next training step rather than now: building the resumed dataloader
+        # draws from the same generators, which the run that never stopped did not do at that point.
+        self._rng_to_restore = checkpoint.get("lightning_kd", {}).get("rng")
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:
             rank_zero_warn(

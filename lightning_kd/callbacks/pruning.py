@@ -38,6 +38,7 @@ from ..models import (
     unit_counts,
     zero_masked_,
 )
+from ..timing import timed
 
 PRUNABLE = ("heads", "ffn", "hidden")
 SCHEDULES: dict[str, Callable[[float], float]] = {
@@ -187,20 +188,22 @@ class PruningCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ every step
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
-        if self.start_step <= trainer.global_step < self.end_step:
-            self.scorer.update(pl_module.student)
-        # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
-        with torch.no_grad():
-            for parameter, dim, index in self._slices:
-                if parameter.grad is not None:
-                    parameter.grad.index_fill_(dim, index, 0.0)
+        with timed(pl_module, "pruning"):
+            # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
+            if self.start_step <= trainer.global_step < self.end_step:
+                self.scorer.update(pl_module.student)
+            # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
+            with torch.no_grad():
+                for parameter, dim, index in self._slices:
+                    if parameter.grad is not None:
+                        parameter.grad.index_fill_(dim, index, 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         due = step > self.start_step and ((step - self.start_step) % self.interval == 0 or step == self.end_step)
         if due and step <= self.end_step and step != self.last_event:
-            self._prune_event(trainer, pl_module, step)
+            with timed(pl_module, "pruning"):
+                self._prune_event(trainer, pl_module, step)
         pl_module.log_dict(self.widths(), batch_size=1)
 
     def widths(self) -> dict[str, float]:

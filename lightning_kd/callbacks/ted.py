@@ -113,6 +113,17 @@ class TEDFilterCallback(L.Callback):
         else:
             self._prepare_stage_one(pl_module, teacher, student, num_labels)
         rank_zero_info(f"TED stage {self.stage!r}: terms {self.term_names} added to the objective.")
+        self._time_filters(pl_module)
+
+    def _time_filters(self, pl_module: L.LightningModule) -> None:
+        """Count the TED terms' time (filters, their heads and losses) as the step's ``filters`` share."""
+        timer = getattr(pl_module, "step_timer", None)
+        if timer is None:
+            return
+        for name in self.term_names:
+            term = pl_module.objective.terms[name]
+            term.register_forward_pre_hook(lambda module, args: timer.start("filters") if module.training else None)
+            term.register_forward_hook(lambda module, args, out: timer.stop("filters"))
 
     def _check_labels(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         """The task's label count, after checking that every head in play fits it."""

@@ -168,8 +168,9 @@ class HiddenState(_LayerTerm):
         mask = batch["attention_mask"].bool()
         total = []
         for (s_layer, t_layer), project in zip(self.pairs, self.projections, strict=True):
-            s = project(student.hidden_states[s_layer])
-            t = teacher.hidden_states[t_layer].to(s.dtype)
+            # in float32 whatever precision the models ran in: a bf16 difference of two near states is noise
+            s = project(student.hidden_states[s_layer]).float()
+            t = teacher.hidden_states[t_layer].float()
             if self.loss == "mse":
                 per_token = (s - t).pow(2).mean(-1)
             else:
