@@ -62,14 +62,6 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
     )
 
 
-def _float(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(v.float() for v in value)
-    return value.float()
-
-
 def random_states() -> dict[str, Any]:
     """This process's random generators (torch, CUDA, numpy, Python), as types a ``weights_only`` load accepts."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -220,20 +212,26 @@ class DistillationModule(L.LightningModule):
 
     def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
         with torch.no_grad():
-            features = self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
-        if self.hparams.get("teacher_dtype") in (None, "float32") or torch.is_autocast_enabled(self.device.type):
-            return features
-        # A half-precision teacher outside autocast: the terms' own float32 layers (projections, TED filters)
-        # read its outputs, so they arrive in float32.
-        return Features(
-            logits=_float(features.logits),
-            hidden_states=_float(features.hidden_states),
-            attentions=_float(features.attentions),
-            qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in features.qkv.items()},
-        )
+            return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
 
     def student_features(self, batch: Mapping[str, Tensor]) -> Features:
         return self._features(self.student, batch, self.needs.student_qkv_layers)
+
+    def _float32(self) -> Any:
+        # Under bf16/16-mixed autocast would run the losses' own matmuls (q·k relations, CKA) in half precision,
+        # where the KL of two near distributions is rounding noise and can even come out negative.
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.autocast(self.device.type, enabled=False)
+        return nullcontext()
+
+    def losses(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
+        """The objective's loss and its terms, in float32 whatever precision the models ran in."""
+        with self._float32():
+            return self.objective(teacher.float(), student.float(), batch)
+
+    def measure_discrepancy(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> dict:
+        with self._float32():
+            return measure_discrepancy(teacher.float(), student.float(), batch)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Features:
         return self.student_features(batch)
@@ -244,7 +242,7 @@ class DistillationModule(L.LightningModule):
             teacher = self.teacher_features(batch)
         with timer.section("student_forward") if timer else nullcontext():
             student = self.student_features(batch)
-            loss, terms = self.objective(teacher, student, batch)
+            loss, terms = self.losses(teacher, student, batch)
         if timer:
             timer.count(batch)
         batch_size = batch["input_ids"].shape[0]
@@ -252,7 +250,7 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
         if self.trainer._logger_connector.should_update_logs:
-            self.log_dict(measure_discrepancy(teacher, student, batch), batch_size=batch_size)
+            self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
 
     # ------------------------------------------------------------------------------------------ step accounting
@@ -329,8 +327,8 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         teacher, student = self.teacher_features(batch), self.student_features(batch)
-        loss, terms = self.objective(teacher, student, batch)
-        values = {"loss": loss, **terms, **measure_discrepancy(teacher, student, batch)}
+        loss, terms = self.losses(teacher, student, batch)
+        values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
         self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=batch["input_ids"].shape[0],
                       sync_dist=True)
         if self.task_metrics is not None and student.logits is not None:
@@ -351,9 +349,7 @@ class DistillationModule(L.LightningModule):
         try:
             for batch in batches:
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
-                values = measure_discrepancy(
-                    self.teacher_features(batch), self.student_features(batch), batch
-                )
+                values = self.measure_discrepancy(self.teacher_features(batch), self.student_features(batch), batch)
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -35,6 +35,21 @@ class Features:
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
+
+    def float(self) -> Features:
+        """The same outputs in float32 (free when they already are): losses are computed at full precision."""
+
+        def up(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return tuple(v.float() for v in value)
+            return None if value is None else value.float()
+
+        return Features(
+            logits=up(self.logits),
+            hidden_states=up(self.hidden_states),
+            attentions=up(self.attentions),
+            qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in self.qkv.items()},
+        )
 
 
 @dataclass(frozen=True)
