@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -60,27 +58,6 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         can_return_qkv=known,
         name=name,
     )
-
-
-def random_states() -> dict[str, Any]:
-    """This process's random generators (torch, CUDA, numpy, Python), as types a ``weights_only`` load accepts."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "python": list(random.getstate()),
-    }
-
-
-def set_random_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 class DistillationModule(L.LightningModule):
@@ -165,7 +142,7 @@ class DistillationModule(L.LightningModule):
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)
         self.step_timer: StepTimer | None = StepTimer() if time_steps else None
-        self._rng_to_restore: dict[str, Any] | None = None
+        self._dropout_rng: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -215,7 +192,27 @@ class DistillationModule(L.LightningModule):
             return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
 
     def student_features(self, batch: Mapping[str, Tensor]) -> Features:
-        return self._features(self.student, batch, self.needs.student_qkv_layers)
+        with self._dropout_stream() if self.student.training else nullcontext():
+            return self._features(self.student, batch, self.needs.student_qkv_layers)
+
+    @contextmanager
+    def _dropout_stream(self) -> Iterator[None]:
+        """Run the student's dropout on a random stream of its own, saved in checkpoints.
+
+        Lightning does not checkpoint the global random state, and DataLoaders draw seeds from it whenever an
+        epoch's iterator is built, at points a resumed run does not reproduce. A stream that only the student's
+        forward passes advance makes a resumed run draw exactly the masks of one that never stopped. It starts
+        from the global state (so ``seed_everything`` fixes it), the same on every rank.
+        """
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            if self._dropout_rng is not None:
+                torch.set_rng_state(self._dropout_rng["cpu"])
+                if devices:
+                    torch.cuda.set_rng_state(self._dropout_rng["cuda"], self.device)
+            yield
+            self._dropout_rng = {"cpu": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state(self.device) if devices else None}
 
     def _float32(self) -> Any:
         # Under bf16/16-mixed autocast would run the losses' own matmuls (q·k relations, CKA) in half precision,
@@ -298,11 +295,6 @@ class DistillationModule(L.LightningModule):
         if self.step_timer:
             self.step_timer.to(self.device).reset()
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            set_random_states(self._rng_to_restore)
-            self._rng_to_restore = None
-
     def on_fit_start(self) -> None:
         options = self.hparams.get("compile", False)
         if options:
@@ -371,15 +363,11 @@ class DistillationModule(L.LightningModule):
         checkpoint["lightning_kd"] = {
             "teacher_source": self.teacher_source,
             "teacher_class": type(self.teacher).__name__,
-            # Lightning does not save the random state, and dropout draws from it: without it a resumed run
-            # would part from one that never stopped. Every rank holds the same state (same seed, same draws).
-            "rng": random_states(),
+            "dropout_rng": self._dropout_rng,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Restored right before the next training step rather than now: building the resumed dataloader
-        # draws from the same generators, which the run that never stopped did not do at that point.
-        self._rng_to_restore = checkpoint.get("lightning_kd", {}).get("rng")
+        self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:
             rank_zero_warn(
