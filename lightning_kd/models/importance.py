@@ -36,13 +36,14 @@ def _empty_scores(model: nn.Module) -> Scores:
 
 
 @torch.no_grad()
-def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
+def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
     """``|theta * grad|`` summed over each unit's weights, from the gradients currently in ``model``.
 
     A weight shared by two units (a query row is in a head and reads a hidden dimension) counts for both.
     ``kinds`` limits the work to the unit kinds asked for (all by default); this runs after every backward
-    of a pruning run, so each parameter's product is computed once, reduced where the weights live, and only
-    one number per unit crosses to the CPU.
+    of a pruning run, so each parameter's product is computed once and reduced where the weights live, and the
+    sums stay there: the scorers accumulate on the device and read their results back only when asked (at a
+    pruning event or a checkpoint), so a GPU never waits for the CPU on an ordinary step.
     """
     wanted = set(kinds) if kinds is not None else {"heads", "head_dims", "ffn", "hidden", "layers"}
     if "heads" in wanted:
@@ -75,7 +76,12 @@ def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Sc
             for _, parameter in named:
                 if parameter.grad is not None:
                     scores["layers"][i] += product(parameter).sum()
-    return {kind: value.cpu() for kind, value in scores.items() if kind in wanted}
+    return {kind: value for kind, value in scores.items() if kind in wanted}
+
+
+def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
+    """``|theta * grad|`` summed over each unit's weights, as CPU tensors (see :func:`_sensitivity_on_device`)."""
+    return {kind: value.cpu() for kind, value in _sensitivity_on_device(model, kinds).items()}
 
 
 class UnitImportance:
@@ -94,7 +100,12 @@ class UnitImportance:
         self.state = {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.clone() for key, value in self.state.items()}
+        return {key: value.detach().cpu().clone() for key, value in self.state.items()}
+
+    def _stored(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        # where the model's gradients are (a restored checkpoint arrives on the CPU)
+        value = self.state.get(key)
+        return torch.zeros_like(like) if value is None else value.to(like.device)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = {key: torch.as_tensor(value).clone() for key, value in state.items()}
@@ -112,13 +123,13 @@ class Sensitivity(UnitImportance):
         self.kinds = list(kinds) if kinds is not None else None
 
     def update(self, model: nn.Module) -> None:
-        step = unit_sensitivity(model, self.kinds)
+        step = _sensitivity_on_device(model, self.kinds)
         for kind, value in step.items():
-            self.state[kind] = self.state.get(kind, torch.zeros_like(value)) + value
+            self.state[kind] = self._stored(kind, value) + value
 
     def scores(self) -> Scores:
         self._ready()
-        return {kind: value.clone() for kind, value in self.state.items()}
+        return {kind: value.cpu().clone() for kind, value in self.state.items()}
 
 
 class PlatonImportance(UnitImportance):
@@ -138,10 +149,10 @@ class PlatonImportance(UnitImportance):
         self.beta1, self.beta2 = beta1, beta2
 
     def update(self, model: nn.Module) -> None:
-        step = unit_sensitivity(model, self.kinds)
+        step = _sensitivity_on_device(model, self.kinds)
         for kind, value in step.items():
-            mean = self.state.get(f"{kind}.mean", torch.zeros_like(value))
-            uncertainty = self.state.get(f"{kind}.uncertainty", torch.zeros_like(value))
+            mean = self._stored(f"{kind}.mean", value)
+            uncertainty = self._stored(f"{kind}.uncertainty", value)
             mean = self.beta1 * mean + (1 - self.beta1) * value
             uncertainty = self.beta2 * uncertainty + (1 - self.beta2) * (value - mean).abs()
             self.state[f"{kind}.mean"], self.state[f"{kind}.uncertainty"] = mean, uncertainty
@@ -149,7 +160,7 @@ class PlatonImportance(UnitImportance):
     def scores(self) -> Scores:
         self._ready()
         kinds = {key.split(".")[0] for key in self.state}
-        return {kind: self.state[f"{kind}.mean"] * self.state[f"{kind}.uncertainty"] for kind in kinds}
+        return {kind: (self.state[f"{kind}.mean"] * self.state[f"{kind}.uncertainty"]).cpu() for kind in kinds}
 
 
 class ActivationImportance(UnitImportance):
