@@ -1,13 +1,14 @@
 """lightning-kd: knowledge distillation of transformers as PyTorch Lightning parts.
 
 Where each paper lives:
-- KD revisited (Lu et al., 2022), the unified objective: ``lightning_kd/objective.py``
+- KD revisited (Lu et al., 2022), the unified objective: ``lightning_kd/objective/``
 - HomoDistil (Liang et al., ICLR 2023): ``lightning_kd/callbacks/pruning.py``
 - ETD, Extract Then Distill (Chen et al., ICANN 2021): ``lightning_kd/models/extract.py``
 - TED (Liang et al., ICML 2023): ``lightning_kd/callbacks/ted.py``
 """
 
-from .callbacks import DistillationReport, PruningCallback, TEDFilterCallback
+from .callbacks import DistillationReport, PruningCallback, RunDashboard, TEDFilterCallback
+from .checkpointing import AtomicCheckpointIO
 from .datamodules import GLUEDataModule, PretrainingDataModule
 from .finetune import FineTuningModule
 from .models import export_pretrained, extract, load_pruned, prune_model, score_units
@@ -18,6 +19,7 @@ from .students import build_student, register_student_init
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
     "DistillationModule",
     "DistillationObjective",
     "DistillationReport",
@@ -26,6 +28,7 @@ __all__ = [
     "KnowledgeTerm",
     "PretrainingDataModule",
     "PruningCallback",
+    "RunDashboard",
     "TEDFilterCallback",
     "build_student",
     "export_pretrained",

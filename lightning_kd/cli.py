@@ -5,14 +5,24 @@ from __future__ import annotations
 import os
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from .callbacks import RunDashboard
+from .checkpointing import install_atomic_checkpoints
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 
 
 class DistillationCLI(LightningCLI):
-    """LightningCLI with the model and data chosen by ``class_path`` in the recipe."""
+    """LightningCLI with the model and data chosen by ``class_path`` in the recipe.
+
+    Before fit it makes checkpoint writes atomic (:class:`~lightning_kd.checkpointing.AtomicCheckpointIO`, unless
+    the recipe chose a checkpoint plugin) and completes the recipe's logging: a CSVLogger when the recipe logs but not to CSV, a WandbLogger
+    when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` (W&B panels and summaries, the pruning
+    events table, a summary PNG next to ``metrics.csv``) unless the recipe lists one already.
+    """
 
     def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -25,7 +35,38 @@ class DistillationCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        install_atomic_checkpoints(self.trainer)
+        add_csv_when_missing(self.trainer)
         add_wandb_when_configured(self.trainer)
+        add_dashboard_when_missing(self.trainer)
+
+
+def add_csv_when_missing(trainer: L.Trainer) -> None:
+    """Keep the metrics in a CSV file too, so every run has them on disk and RunDashboard can draw them.
+
+    ``trainer.logger: false`` (no loggers at all) is left alone: that recipe asked for no files. The CSV goes to
+    ``<default_root_dir>/csv``, after the recipe's loggers, so checkpoints keep the folder of the first logger.
+    """
+    if not trainer.loggers or any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
+        return
+    trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=trainer.default_root_dir, name="csv")]
+
+
+def add_dashboard_when_missing(trainer: L.Trainer) -> None:
+    """Add a RunDashboard unless the recipe configured one; without a CSVLogger (``logger: false``) it draws no
+    summary plot.
+
+    It goes after the recipe's other callbacks, so it sees what they log in the same hook, and before the
+    checkpoint callbacks, which Lightning keeps last.
+    """
+    callbacks = trainer.callbacks
+    if any(isinstance(callback, RunDashboard) for callback in callbacks):
+        return
+    has_csv = any(isinstance(logger, CSVLogger) for logger in trainer.loggers)
+    first_checkpoint = next(
+        (i for i, callback in enumerate(callbacks) if isinstance(callback, Checkpoint)), len(callbacks)
+    )
+    callbacks.insert(first_checkpoint, RunDashboard() if has_csv else RunDashboard(plot=None))
 
 
 def add_wandb_when_configured(trainer: L.Trainer) -> None:

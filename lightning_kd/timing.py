@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 SECTIONS = ("teacher_forward", "student_forward", "student_backward", "optimizer", "pruning", "filters")
+METRICS = (*(f"time/{name}_ms" for name in (*SECTIONS, "step", "other")),
+           "throughput/tokens_per_s", "throughput/samples_per_s")  # what `StepTimer.summary` can return
 
 
 class _HostClock:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 from kd_helpers import tiny_bert_config
 from transformers import AutoModel, BertModel
@@ -68,9 +69,15 @@ def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Pa
     monkeypatch.setenv("WANDB_MODE", "offline")
     recipe = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text())
     assert recipe["model"]["init_args"]["teacher"] == MINILM
-    main(["fit", "--config", str(REPO / "experiments" / "demo.yaml"),
-          "--model.init_args.teacher", str(tiny_teacher_dir), "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
-          "--data.init_args.batch_size", "2", "--data.init_args.max_length", "32"])
+    # W&B's background service resolves relative paths against the folder it started in: start a fresh one here
+    wandb.teardown()
+    try:
+        main(["fit", "--config", str(REPO / "experiments" / "demo.yaml"),
+              "--model.init_args.teacher", str(tiny_teacher_dir), "--trainer.max_steps", "3",
+              "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "2", "--data.init_args.max_length", "32"])
+    finally:
+        wandb.finish()
+        wandb.teardown()  # flushes the offline run file before it is looked for
     out = capsys.readouterr().out
     assert "teacher: BertModel" in out and "start" in out and "student saved to" in out
     exported = AutoModel.from_pretrained(tmp_path / "runs" / "demo" / "student")

@@ -1,7 +1,8 @@
 """Callbacks change the student or the objective, never the training loop itself."""
 
+from .dashboard import RunDashboard
 from .pruning import PruningCallback
 from .report import DistillationReport
 from .ted import TEDFilterCallback
 
-__all__ = ["DistillationReport", "PruningCallback", "TEDFilterCallback"]
+__all__ = ["DistillationReport", "PruningCallback", "RunDashboard", "TEDFilterCallback"]

