@@ -205,7 +205,7 @@ class DistillationModule(L.LightningModule):
         from the global state (so ``seed_everything`` fixes it), the same on every rank.
         """
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+        with torch.random.fork_rng(devices=devices):
             if self._dropout_rng is not None:
                 torch.set_rng_state(self._dropout_rng["cpu"])
                 if devices:
