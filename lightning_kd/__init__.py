@@ -7,7 +7,13 @@ Where each paper lives:
 - TED (Liang et al., ICML 2023): ``lightning_kd/callbacks/ted.py``
 """
 
-from .callbacks import DistillationReport, PruningCallback, RunDashboard, TEDFilterCallback
+from .callbacks import (
+    DistillationReport,
+    PreemptionCheckpoint,
+    PruningCallback,
+    RunDashboard,
+    TEDFilterCallback,
+)
 from .checkpointing import AtomicCheckpointIO
 from .datamodules import GLUEDataModule, PretrainingDataModule
 from .finetune import FineTuningModule
@@ -26,6 +32,7 @@ __all__ = [
     "FineTuningModule",
     "GLUEDataModule",
     "KnowledgeTerm",
+    "PreemptionCheckpoint",
     "PretrainingDataModule",
     "PruningCallback",
     "RunDashboard",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from .callbacks import RunDashboard
+from .callbacks import PreemptionCheckpoint, RunDashboard
 from .checkpointing import install_atomic_checkpoints
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
@@ -39,6 +40,7 @@ class DistillationCLI(LightningCLI):
         add_csv_when_missing(self.trainer)
         add_wandb_when_configured(self.trainer)
         add_dashboard_when_missing(self.trainer)
+        add_preemption_checkpoint_under_slurm(self.trainer)
 
 
 def add_csv_when_missing(trainer: L.Trainer) -> None:
@@ -69,12 +71,26 @@ def add_dashboard_when_missing(trainer: L.Trainer) -> None:
     callbacks.insert(first_checkpoint, RunDashboard() if has_csv else RunDashboard(plot=None))
 
 
+def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
+    """Under SLURM, checkpoint and requeue on the job's warning signal (see :class:`PreemptionCheckpoint`),
+    unless the recipe has one. It goes after every other callback but the checkpoint ones, so its checkpoint
+    holds what they did at the same step (a pruning event)."""
+    if not SLURMEnvironment.detect() or any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+        return
+    environment = trainer._accelerator_connector.cluster_environment
+    name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
+    callbacks = trainer.callbacks
+    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+    callbacks.insert(first_checkpoint, PreemptionCheckpoint(signal_name=name))
+
+
 def add_wandb_when_configured(trainer: L.Trainer) -> None:
     """Log to W&B as well when the environment asks for it, so recipes need not name a W&B logger.
 
-    ``WANDB_MODE=offline`` writes a run folder with no network; ``wandb sync`` uploads it later.
+    ``WANDB_MODE=offline`` writes a run folder with no network; ``wandb sync`` uploads it later;
+    ``WANDB_MODE=disabled`` adds nothing.
     """
-    if not any(os.environ.get(name) for name in WANDB_SETTINGS):
+    if not any(os.environ.get(name) for name in WANDB_SETTINGS) or os.environ.get("WANDB_MODE") == "disabled":
         return
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
         return

@@ -1,8 +1,9 @@
 """Callbacks change the student or the objective, never the training loop itself."""
 
 from .dashboard import RunDashboard
+from .preemption import PreemptionCheckpoint
 from .pruning import PruningCallback
 from .report import DistillationReport
 from .ted import TEDFilterCallback
 
-__all__ = ["DistillationReport", "PruningCallback", "RunDashboard", "TEDFilterCallback"]
+__all__ = ["DistillationReport", "PreemptionCheckpoint", "PruningCallback", "RunDashboard", "TEDFilterCallback"]
