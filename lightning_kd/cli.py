@@ -20,9 +20,10 @@ class DistillationCLI(LightningCLI):
     """LightningCLI with the model and data chosen by ``class_path`` in the recipe.
 
     Before fit it makes checkpoint writes atomic (:class:`~lightning_kd.checkpointing.AtomicCheckpointIO`, unless
-    the recipe chose a checkpoint plugin) and completes the recipe's logging: a CSVLogger when the recipe logs but not to CSV, a WandbLogger
-    when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` (W&B panels and summaries, the pruning
-    events table, a summary PNG next to ``metrics.csv``) unless the recipe lists one already.
+    the recipe chose a checkpoint plugin), completes the recipe's logging (a CSVLogger when the recipe logs but
+    not to CSV, a WandbLogger when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` with W&B panels
+    and summaries, the pruning events table and a summary PNG next to ``metrics.csv``), and under SLURM adds a
+    :class:`~lightning_kd.PreemptionCheckpoint`; each unless the recipe has its own.
     """
 
     def __init__(self, **kwargs: object) -> None:
@@ -61,14 +62,17 @@ def add_dashboard_when_missing(trainer: L.Trainer) -> None:
     It goes after the recipe's other callbacks, so it sees what they log in the same hook, and before the
     checkpoint callbacks, which Lightning keeps last.
     """
-    callbacks = trainer.callbacks
-    if any(isinstance(callback, RunDashboard) for callback in callbacks):
+    if any(isinstance(callback, RunDashboard) for callback in trainer.callbacks):
         return
     has_csv = any(isinstance(logger, CSVLogger) for logger in trainer.loggers)
-    first_checkpoint = next(
-        (i for i, callback in enumerate(callbacks) if isinstance(callback, Checkpoint)), len(callbacks)
-    )
-    callbacks.insert(first_checkpoint, RunDashboard() if has_csv else RunDashboard(plot=None))
+    _insert_before_checkpoints(trainer, RunDashboard() if has_csv else RunDashboard(plot=None))
+
+
+def _insert_before_checkpoints(trainer: L.Trainer, callback: L.Callback) -> None:
+    # after the recipe's callbacks, so it sees what they did in the same hook; Lightning keeps checkpoints last
+    callbacks = trainer.callbacks
+    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+    callbacks.insert(first_checkpoint, callback)
 
 
 def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
@@ -79,9 +83,7 @@ def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
         return
     environment = trainer._accelerator_connector.cluster_environment
     name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
-    callbacks = trainer.callbacks
-    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
-    callbacks.insert(first_checkpoint, PreemptionCheckpoint(signal_name=name))
+    _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
 
 
 def add_wandb_when_configured(trainer: L.Trainer) -> None:
