@@ -12,21 +12,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import lightning as L
 import torch
-from step_overhead import OBJECTIVE, batches, teacher_model
-from step_overhead import StepTimer as StepClock
+from step_overhead import OBJECTIVE, batches, lightning_round, teacher_model
 
 from lightning_kd import DistillationModule
-
-
-def round_times(module: DistillationModule, data: list, steps: int) -> list[float]:
-    timer = StepClock()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        log_every_n_steps=10)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    return timer.times[1:]
 
 
 def main() -> None:
@@ -48,7 +37,8 @@ def main() -> None:
     for index in range(args.rounds):
         for timed in (True, False) if index % 2 == 0 else (False, True):
             module.step_timer = timer if timed else None
-            times[timed].extend(round_times(module, data, args.steps))
+            # logging steps every 10, so the timer's per-interval summary is part of what is measured
+            times[timed].extend(lightning_round(module, data, args.steps, log_every_n_steps=10))
         print(f"round {index + 1}/{args.rounds}: accounting on {statistics.median(times[True]):.4f} s/step, "
               f"off {statistics.median(times[False]):.4f} s/step")
     ratio = statistics.median(times[True]) / statistics.median(times[False])

@@ -59,10 +59,12 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def lightning_round(module: DistillationModule, data: list, steps: int, callbacks: tuple = ()) -> list[float]:
+def lightning_round(module: DistillationModule, data: list, steps: int, callbacks: tuple = (),
+                    log_every_n_steps: int = 50) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
+                        log_every_n_steps=log_every_n_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer.fit(module, loader)
     return timer.times[1:]  # the first step builds the optimizer and warms caches

@@ -34,12 +34,18 @@ class ScriptedClock:
         return None
 
 
-def test_sections_nest_and_add_up_to_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def scripted_timer(monkeypatch: pytest.MonkeyPatch) -> tuple[StepTimer, ScriptedClock]:
+    """A StepTimer whose section marks and interval wall clock both read ``clock.now``."""
     clock = ScriptedClock()
     monkeypatch.setattr(timing_module.time, "perf_counter", lambda: clock.now)
     timer = StepTimer()
     timer.clock = clock
     timer.reset()
+    return timer, clock
+
+
+def test_sections_nest_and_add_up_to_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    timer, clock = scripted_timer(monkeypatch)
     batch = make_batch(batch_size=4, seq=10)
     for _ in range(2):
         start = clock.now
@@ -76,11 +82,7 @@ def test_sections_nest_and_add_up_to_the_step(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_paused_time_is_not_step_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = ScriptedClock()
-    monkeypatch.setattr(timing_module.time, "perf_counter", lambda: clock.now)
-    timer = StepTimer()
-    timer.clock = clock
-    timer.reset()
+    timer, clock = scripted_timer(monkeypatch)
     clock.now = 0.05
     timer.pause()
     clock.now = 1.05  # a validation run
