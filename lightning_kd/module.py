@@ -116,15 +116,17 @@ class DistillationModule(L.LightningModule):
         self.teacher_source = (
             teacher if isinstance(teacher, str) else getattr(teacher.config, "_name_or_path", "")
         )
+        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}.")
         teacher_model.eval().requires_grad_(False)
-        if teacher_dtype is not None:
-            if teacher_dtype not in TEACHER_DTYPES:
-                raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}.")
-            teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         # Stored outside the module tree: not a parameter (optimizer, DDP), not in state_dict (checkpoints),
         # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
         self.__dict__["teacher"] = teacher_model
+        # The student is built before the teacher changes precision: students copied from the teacher's weights
+        # (copy, layers, extract) would otherwise inherit its half precision, and so would their AdamW moments.
         self.student = build_student(student, teacher_model, model_class)
+        if teacher_dtype is not None:
+            teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         self.task_metrics: TaskMetrics | None = None
         self._check_vocabularies()
 

@@ -21,6 +21,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -124,5 +125,9 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
     except TypeError as error:
         raise ValueError(f"student init {init!r}: {error}") from error
     drop_unused_pooler(student)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in student.parameters()):
+        # built from a teacher kept in half precision: the student trains in float32 (precision options change
+        # the arithmetic, never the student's master weights or its optimizer state)
+        student.float()
     # built from a frozen teacher, so it inherits frozen parameters and eval mode
     return student.requires_grad_(True).train()

@@ -140,8 +140,11 @@ class KnowledgeTerm(nn.Module):
 
     def __init__(self, weight: float = 1.0, name: str | None = None, loss: str | None = None) -> None:
         super().__init__()
-        weight = float(weight)
-        if math.isnan(weight) or weight < 0:
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"term {self.kind!r} has weight {weight!r}: a weight is a number, e.g. 1.0.") from None
+        if not math.isfinite(weight) or weight < 0:
             raise ValueError(
                 f"term {self.kind!r} has weight {weight}: weights must be finite and >= 0 "
                 "(set 0 to switch a term off while still logging it)."
