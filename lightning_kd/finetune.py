@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
-from .optim import adamw_with_warmup
+from .optim import adamw_with_warmup, default_callbacks
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,6 +115,9 @@ class FineTuningModule(L.LightningModule):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.export_dir)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(

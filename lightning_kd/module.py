@@ -24,7 +24,7 @@ from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
 from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
-from .optim import adamw_with_warmup, check_schedule
+from .optim import adamw_with_warmup, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
 from .timing import StepTimer
 
@@ -145,6 +145,7 @@ class DistillationModule(L.LightningModule):
                 get_adapter(model).enable_attention_maps(model)
         self.step_timer: StepTimer | None = StepTimer() if time_steps else None
         self._dropout_rng: dict[str, Any] | None = None
+        self.last_terms: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -244,6 +245,7 @@ class DistillationModule(L.LightningModule):
             loss, terms = self.losses(teacher, student, batch)
         if timer:
             timer.count(batch)
+        self.last_terms = terms  # what NonFiniteGuard names when the loss is not finite
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
@@ -351,6 +353,9 @@ class DistillationModule(L.LightningModule):
         return totals
 
     # ------------------------------------------------------------------------------------------ optimisation
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

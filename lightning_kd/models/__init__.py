@@ -3,7 +3,7 @@
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .export import check_exportable, export_pretrained, load_pruned, to_standard
+from .export import check_exportable, export_pretrained, load_pruned, nonfinite_parameters, to_standard
 from .extract import extract
 from .importance import (
     ActivationImportance,
@@ -50,6 +50,7 @@ __all__ = [
     "drop_unused_pooler",
     "check_exportable",
     "export_pretrained",
+    "nonfinite_parameters",
     "extract",
     "full_masks",
     "get_adapter",

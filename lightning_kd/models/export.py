@@ -125,12 +125,29 @@ def check_exportable(model: nn.Module, hidden: int, heads: int) -> None:
     _config_head_layout(adapter, hidden, heads, adapter.head_size(model))
 
 
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s floating-point parameters holding an inf or a NaN (one device sync)."""
+    named = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.isfinite(torch.stack(torch._foreach_norm([p for _, p in named], ord=float("inf"))))
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
 def export_pretrained(model: nn.Module, path: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``."""
+    """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``.
+
+    A model with non-finite weights is refused: an all-NaN folder looks like a student and is not one."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
         )
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"not exporting to {path}: {len(bad)} parameters are not finite (first "
+                         f"{', '.join(bad[:3])}); the run that trained this model diverged.")
     to_standard(model).save_pretrained(path, **save_kwargs)
     return Path(path)
 
