@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
+from .models import check_export_dir, check_export_written
 from .optim import adamw_with_warmup, default_callbacks
 
 
@@ -107,6 +108,10 @@ class FineTuningModule(L.LightningModule):
         self.log_dict(self.metrics.compute(), prog_bar=True)
         self.metrics.reset()
 
+    def on_fit_start(self) -> None:
+        if self.export_dir is not None:
+            check_export_dir(self.export_dir)
+
     @rank_zero_only
     def on_train_end(self) -> None:
         if self.export_dir is None:
@@ -115,6 +120,7 @@ class FineTuningModule(L.LightningModule):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.export_dir)
+        check_export_written(self.export_dir)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,7 +25,7 @@ from transformers import (
 from . import hub
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
-from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
+from .models import capture_qkv, check_export_written, export_pretrained, get_adapter, is_classifier
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
@@ -389,11 +392,24 @@ class DistillationModule(L.LightningModule):
             tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
-        export_pretrained(self.student, path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        try:
+            _write_student(self.student, path, tokenizer)
+        except OSError as error:
+            # The run's work is in memory only: keep it where it can be written, then fail loudly.
+            root = Path(self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir())
+            rescue = root / f"student-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
+            _write_student(self.student, rescue, tokenizer)
+            raise OSError(f"could not save the student to {path} ({error}); it was saved to {rescue.resolve()} "
+                          "instead.") from error
         return str(path)
 
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:
         return self.objective.terms
+
+
+def _write_student(student: nn.Module, path: str | os.PathLike, tokenizer: Any) -> None:
+    export_pretrained(student, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    check_export_written(path)

@@ -3,7 +3,15 @@
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .export import check_exportable, export_pretrained, load_pruned, nonfinite_parameters, to_standard
+from .export import (
+    check_export_dir,
+    check_export_written,
+    check_exportable,
+    export_pretrained,
+    load_pruned,
+    nonfinite_parameters,
+    to_standard,
+)
 from .extract import extract
 from .importance import (
     ActivationImportance,
@@ -48,6 +56,8 @@ __all__ = [
     "apply_masks",
     "capture_qkv",
     "drop_unused_pooler",
+    "check_export_dir",
+    "check_export_written",
     "check_exportable",
     "export_pretrained",
     "nonfinite_parameters",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,39 @@ def check_exportable(model: nn.Module, hidden: int, heads: int) -> None:
     heads per layer could not be saved with a standard config (so a long run does not fail at its end)."""
     adapter = get_adapter(model)
     _config_head_layout(adapter, hidden, heads, adapter.head_size(model))
+
+
+def check_export_dir(path: str | os.PathLike) -> Path:
+    """Raise now, naming the fix, if a model could not be saved as folder ``path`` at the end of a run.
+
+    Called when fit starts by everything that exports when it ends, so a long run does not end in a save that
+    cannot happen (``save_pretrained`` on an existing file logs an error and writes nothing).
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot export to {target}: it is a file, and a model is saved as a folder. Name a "
+                         "folder (it is created when missing), or move the file away.")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot export to {target}: {ancestor} is a file, so no folder can be made below it. "
+                         "Name a folder path whose parents are folders.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".lightning-kd-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot export to {target}: nothing can be written in {ancestor} ({error.strerror}). "
+                         "Name a folder on a writable file system, or fix its permissions.") from error
+    return target
+
+
+def check_export_written(path: str | os.PathLike) -> None:
+    """Raise ``OSError`` unless ``path`` holds a saved model (its config and weights)."""
+    folder = Path(path)
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
+    if not (folder / "config.json").is_file() or not weights:
+        raise OSError(f"the model was not written to {folder}: its config.json or weights are missing.")
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:
