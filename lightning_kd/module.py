@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from . import hub
+from .checkpointing import check_resume
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
 from .models import capture_qkv, check_export_written, export_pretrained, get_adapter, is_classifier
@@ -84,6 +85,8 @@ class DistillationModule(L.LightningModule):
             dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
         time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
+        allow_changes: hyper-parameters that may differ from those of the checkpoint this run resumes (e.g.
+            ``["learning_rate"]``); any other difference is refused (see :func:`lightning_kd.checkpointing.check_resume`).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: str | None = None,
         compile: bool | Mapping[str, Any] = False,
         time_steps: bool = True,
+        allow_changes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if task not in MODEL_CLASSES:
@@ -377,13 +381,18 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        allowed = list(self.hparams.get("allow_changes", ()))
+        check_resume(checkpoint, self.hparams, allowed)
         self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
+        # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:
-            rank_zero_warn(
-                f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
-                f"{self.teacher_source!r}; resuming continues against the new teacher."
-            )
+            message = (f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
+                       f"{self.teacher_source!r}")
+            if "teacher" not in allowed:
+                raise ValueError(f"{message}. Resume with the checkpoint's teacher, or pass "
+                                 "allow_changes=[teacher] to continue against the new one on purpose.")
+            rank_zero_warn(f"{message}; resuming continues against the new teacher (allow_changes).")
 
     def save_student(self, path: str | os.PathLike, tokenizer: Any = None) -> str:
         """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads, with the
