@@ -26,7 +26,14 @@ from . import hub
 from .checkpointing import check_resume
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
-from .models import capture_qkv, check_export_written, export_pretrained, get_adapter, is_classifier
+from .models import (
+    capture_qkv,
+    check_export_written,
+    export_pretrained,
+    get_adapter,
+    is_classifier,
+    max_sequence_length,
+)
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
@@ -62,6 +69,36 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         can_return_qkv=known,
         name=name,
     )
+
+
+def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``batch`` with an all-ones ``attention_mask`` when it has none (what the models assume then), or an error
+    naming what a batch must hold."""
+    if "input_ids" not in batch:
+        raise KeyError(f"a batch needs 'input_ids' (and usually 'attention_mask', 'labels'); this one has "
+                       f"{sorted(batch)}. Check the DataModule's collate function.")
+    if "attention_mask" in batch:
+        return batch
+    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+
+def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
+    """Refuse, before the first step, data the models cannot take: sequences longer than their position
+    embeddings, or a task whose label count is not their classifier's."""
+    max_length = getattr(datamodule, "max_length", None)
+    task = getattr(datamodule, "task", None)
+    for name, model in models.items():
+        limit = max_sequence_length(model)
+        if isinstance(max_length, int) and limit is not None and max_length > limit:
+            raise ValueError(f"the data's max_length={max_length} is longer than the {name}'s {limit} positions "
+                             f"(max_position_embeddings); set the DataModule's max_length to at most {limit}.")
+        labels = getattr(task, "num_labels", None)
+        if labels is not None and is_classifier(model) and model.config.num_labels != labels:
+            raise ValueError(
+                f"the {name}'s classifier predicts {model.config.num_labels} labels, but task {task.name!r} has "
+                f"{labels}; load it with num_labels={labels} (DistillationModule(num_labels=...) for a named "
+                "teacher), or use the task it was trained for."
+            )
 
 
 class DistillationModule(L.LightningModule):
@@ -244,6 +281,7 @@ class DistillationModule(L.LightningModule):
         return self.student_features(batch)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        batch = complete_batch(batch)
         timer = self.step_timer
         with timer.section("teacher_forward") if timer else nullcontext():
             teacher = self.teacher_features(batch)
@@ -323,12 +361,15 @@ class DistillationModule(L.LightningModule):
             self.step_timer.resume()
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
-        task = getattr(getattr(self._trainer, "datamodule", None), "task", None)
+        task = getattr(datamodule, "task", None)
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        batch = complete_batch(batch)
         teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.losses(teacher, student, batch)
         values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
@@ -351,7 +392,7 @@ class DistillationModule(L.LightningModule):
         totals: dict[str, float] = {}
         try:
             for batch in batches:
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                batch = complete_batch(self.transfer_batch_to_device(batch, self.device, 0))
                 values = self.measure_discrepancy(self.teacher_features(batch), self.student_features(batch), batch)
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / len(batches)

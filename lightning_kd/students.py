@@ -36,6 +36,7 @@ from .models import (
 )
 
 StudentSpec = PreTrainedModel | str | Mapping[str, Any]
+COUNTS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size")  # sizes in student specs
 
 
 def _copy(teacher: PreTrainedModel) -> PreTrainedModel:
@@ -120,6 +121,15 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
             f"unknown student init {init!r}: use one of {', '.join(sorted(STUDENT_INITS))}, "
             "a hub name or folder, or a model object."
         )
+    for key in COUNTS:
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"student init {init!r}: {key} must be a whole number, got {value!r} "
+                             f"({type(value).__name__}); write it without quotes.")
+    layers = options.get("layers")
+    if layers is not None and (isinstance(layers, str) or not all(isinstance(i, int) for i in layers)):
+        raise ValueError(f"student init {init!r}: layers must be a list of teacher block indices (0-based "
+                         f"integers), e.g. [0, 2, 4], got {layers!r}.")
     try:
         student = STUDENT_INITS[init](teacher, **options)
     except TypeError as error:

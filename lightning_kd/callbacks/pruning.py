@@ -89,6 +89,10 @@ class PruningCallback(L.Callback):
         if unknown or not target:
             raise ValueError(f"unknown target kinds {unknown or '(none given)'}: PruningCallback prunes "
                              f"{', '.join(PRUNABLE)}, e.g. target={{'hidden': 0.5, 'heads': 0.5, 'ffn': 0.5}}.")
+        for kind, value in target.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"target {kind}={value!r} must be a number: a fraction (0.5) or a count (6), "
+                                 "written without quotes.")
         if isinstance(schedule, str) and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)} or a callable.")
         if importance not in IMPORTANCE:

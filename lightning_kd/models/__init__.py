@@ -23,7 +23,14 @@ from .importance import (
     top_units,
     unit_sensitivity,
 )
-from .layers import drop_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
+from .layers import (
+    drop_unused_pooler,
+    is_classifier,
+    keep_layers_,
+    max_sequence_length,
+    select_layers,
+    uniform_layer_choice,
+)
 from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
@@ -66,6 +73,7 @@ __all__ = [
     "get_adapter",
     "is_classifier",
     "keep_layers_",
+    "max_sequence_length",
     "load_pruned",
     "masked",
     "masked_parameter_slices",
