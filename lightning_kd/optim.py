@@ -43,10 +43,10 @@ def adamw_with_warmup(
     total = max(int(total_steps), 1)
     # a float below 1 is a share of the run; anything else (100, or 100.0 from YAML) counts steps
     warmup = int(warmup_steps * total) if isinstance(warmup_steps, float) and warmup_steps < 1 else int(warmup_steps)
-    if warmup >= total > 1:
+    if warmup > total:
         raise ValueError(
-            f"the warm-up ({warmup} steps) is not shorter than the run ({total} optimizer steps): the learning rate "
-            f"would never reach {learning_rate}. Lower warmup_steps below {total}, or give it as a share of the "
+            f"the warm-up ({warmup} steps) is longer than the run ({total} optimizer steps): the learning rate "
+            f"would never reach {learning_rate}. Set warmup_steps to at most {total}, or give it as a share of the "
             "run (e.g. 0.06)."
         )
 

@@ -69,7 +69,7 @@ def test_batch_without_attention_mask_means_all_tokens_and_without_input_ids_is_
 
 def test_warmup_longer_than_the_run_is_refused(teacher: BertForMaskedLM) -> None:
     module = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, warmup_steps=10)
-    with pytest.raises(ValueError, match="warm-up \\(10 steps\\) is not shorter than the run \\(4 optimizer steps"):
+    with pytest.raises(ValueError, match="warm-up \\(10 steps\\) is longer than the run \\(4 optimizer steps"):
         quiet_trainer(max_steps=4).fit(module, FixedBatches())
 
 

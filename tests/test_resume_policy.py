@@ -75,6 +75,7 @@ def recipe(tmp_path: Path, teacher_dir: Path, steps: int) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": steps, "enable_progress_bar": False, "logger": False,
+                    "default_root_dir": str(tmp_path / "run"),
                     "enable_model_summary": False,
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
