@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import time
@@ -35,7 +36,7 @@ from .models import (
     max_sequence_length,
 )
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
-from .optim import adamw_with_warmup, check_schedule, default_callbacks
+from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
 from .timing import StepTimer
 
@@ -148,6 +149,18 @@ class DistillationModule(L.LightningModule):
         if task not in MODEL_CLASSES:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
         check_schedule(schedule)
+        check_optimizer_settings(learning_rate, weight_decay, betas, eps, warmup_steps)
+        if not isinstance(compile, (bool, Mapping)):
+            raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {compile!r}.")
+        known = set(inspect.signature(type(self).__init__).parameters) - {"self", "allow_changes"}
+        unknown = sorted(set(allow_changes) - known)
+        if unknown:
+            raise ValueError(f"allow_changes names {unknown}, which are not arguments of {type(self).__name__}: "
+                             f"choose among {', '.join(sorted(known))}.")
+        if isinstance(teacher, nn.Module) and num_labels is not None and is_classifier(teacher) \
+                and teacher.config.num_labels != num_labels:
+            raise ValueError(f"num_labels={num_labels}, but the teacher given predicts {teacher.config.num_labels} "
+                             "labels; drop num_labels (it only applies to a teacher loaded by name).")
         self.save_hyperparameters(
             ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
         )
@@ -363,6 +376,11 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
+        precision = str(getattr(self._trainer, "precision", ""))
+        if stage == "fit" and precision.endswith("-true") and precision != "32-true":
+            rank_zero_warn(f"precision={precision!r} trains the student's weights and its AdamW state in "
+                           f"{precision.split('-')[0]} and exports it so; use '{precision.split('-')[0]}-mixed' to "
+                           "keep float32 weights with half-precision arithmetic.")
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
         task = getattr(datamodule, "task", None)
         if task is not None and self.task_metrics is None:
