@@ -9,7 +9,6 @@ training loop actually took, which is what the checkpoint stores.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import warnings
 from collections.abc import Iterator
@@ -43,7 +42,6 @@ def unpack(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-_DRAWS_PER_CHUNK = 4096
 _TOKENIZE_DOCS = 64
 
 
@@ -144,6 +142,13 @@ class PackedMLMStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, readers = self.reader()
         start = self.start_positions.get(reader)
+        if start is not None and "tokens" not in start:
+            warnings.warn(
+                "the checkpoint's stream position comes from an older version that mixed sources by document; "
+                "the stream starts from the beginning",
+                stacklevel=2,
+            )
+            start = None
         if start is not None and start.get("readers") != readers:
             warnings.warn(
                 f"the checkpoint's stream position was saved with {start.get('readers')} readers "
@@ -206,19 +211,18 @@ class PackedMLMStream(IterableDataset):
         exhausted = False
         while True:
             if available < self.content and not exhausted:
-                chunk = [doc for _, doc in zip(range(_TOKENIZE_DOCS), documents, strict=False)]
-                exhausted = len(chunk) < _TOKENIZE_DOCS
-                if chunk:
-                    texts = [text for text, _, _ in chunk]
-                    encoded = self._encode(texts)
-                    for ids, (_, before, after) in zip(encoded, chunk, strict=True):
-                        if ids:
-                            if self.last is not None:
-                                ids.append(self.last)
-                            pending.append([ids, skip, before])
-                            available += len(ids) - skip
-                        skip = 0
-                        after_last = after
+                for ids, before, after in documents:
+                    ids = list(ids)
+                    if self.last is not None:
+                        ids.append(self.last)
+                    pending.append([ids, skip, before])
+                    available += len(ids) - skip
+                    skip = 0
+                    after_last = after
+                    if available >= self.content:
+                        break
+                else:
+                    exhausted = True
                 continue
             if not pending:
                 return
@@ -242,37 +246,35 @@ class PackedMLMStream(IterableDataset):
 
     def _documents(
         self, reader: int, readers: int, start: dict[str, Any] | None
-    ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-        """(text, position before it, position after it) for this reader's documents, interleaved."""
+    ) -> Iterator[tuple[list[int], dict[str, Any], dict[str, Any]]]:
+        """(token ids, position before, position after) of this reader's documents, mixed by token share.
+
+        The next document comes from the source furthest below its share of the tokens taken so far
+        (``tokens[i] / share[i]`` smallest), so a source of short documents (BookCorpus's sentences) gets
+        its share of the tokens, not of the documents. The choice is a function of the position alone, so a
+        resumed reader chooses alike.
+        """
         count = len(self.sources)
         read = list(start["read"]) if start else [0] * count
         epochs = list(start["epochs"]) if start else [0] * count
         alive = list(start["alive"]) if start else [True] * count
-        draw = start["draw"] if start else 0
+        tokens = list(start["tokens"]) if start else [0] * count
         streams: list[Iterator[str] | None] = [None] * count
-        chunk_index, uniforms = -1, []
-        cumulative: list[float] = []
-        cumulative_for: list[bool] | None = None
-        weights = self.probabilities
-        while any(alive):
-            if draw // _DRAWS_PER_CHUNK != chunk_index:
-                # Draws come from a generator keyed by their index, so a resumed reader draws the same.
-                chunk_index = draw // _DRAWS_PER_CHUNK
-                rng = np.random.default_rng([self.seed, reader, chunk_index])
-                uniforms = rng.random(_DRAWS_PER_CHUNK).tolist()
-            if count == 1:
-                choice = 0
-            else:
-                if cumulative_for != alive:
-                    weights = self.probabilities * np.asarray(alive)
-                    cumulative, cumulative_for = np.cumsum(weights / weights.sum()).tolist(), list(alive)
-                choice = min(bisect.bisect_right(cumulative, uniforms[draw % _DRAWS_PER_CHUNK]), count - 1)
-                while not alive[choice] or weights[choice] == 0:
-                    choice = (choice + 1) % count
-            if streams[choice] is None:
-                streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
-            text = next(streams[choice], None)
-            if text is None:
+        # Documents read and tokenised ahead, per source; ``read`` counts only those handed on.
+        ahead: list[collections.deque[list[int]]] = [collections.deque() for _ in range(count)]
+        share = self.probabilities
+        while True:
+            candidates = [i for i in range(count) if alive[i] and share[i] > 0]
+            if not candidates:
+                return
+            choice = min(candidates, key=lambda i: tokens[i] / share[i])
+            if not ahead[choice]:
+                if streams[choice] is None:
+                    streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
+                texts = [text for _, text in zip(range(_TOKENIZE_DOCS), streams[choice], strict=False)]
+                if texts:
+                    ahead[choice].extend(self._encode(texts))
+                    continue
                 streams[choice] = None
                 if self.repeat and read[choice] > 0:
                     epochs[choice] += 1
@@ -280,19 +282,20 @@ class PackedMLMStream(IterableDataset):
                 elif self.repeat:
                     raise DataSourceError(
                         f"source {self.sources[choice].name!r} has no documents for reader {reader} of {readers} "
-                        "(ranks x dataloader workers): it is empty or smaller than the number of readers"
+                        "(ranks x dataloader workers): it is smaller than the number of readers; use fewer "
+                        "dataloader workers or ranks, or more data"
                     )
                 else:
                     alive[choice] = False
                 continue
-            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw}
+            ids = ahead[choice].popleft()
+            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
             read[choice] += 1
-            draw += 1
-            yield (
-                text,
-                before,
-                {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw},
-            )
+            if ids:
+                # One for the separator, so the shares are of the tokens in the blocks.
+                tokens[choice] += len(ids) + (self.last is not None)
+                after = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
+                yield ids, before, after
 
 
 class _PositionTrackingLoader(DataLoader):
@@ -353,7 +356,9 @@ class PretrainingDataModule(L.LightningDataModule):
             ..., "probability": ...}``, ``{"hub": ..., "config": ..., "split": ...}``,
             ``{"name": "docstrings", "packages": ["stdlib", "numpy"]}``). ``None``: English Wikipedia and
             BookCorpus from the hub.
-        probabilities: how often each source is drawn (normalised); default: equal, or from the dicts.
+        probabilities: each source's share of the tokens (normalised); default: equal, or from the dicts. The
+            next document comes from the source furthest below its share, so the shares hold within one
+            document's tokens, whatever the sources' document lengths.
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
     """
@@ -448,7 +453,22 @@ class PretrainingDataModule(L.LightningDataModule):
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
+    def check_not_empty(self) -> None:
+        """Fail now when a source holds no document at all.
+
+        Without this, ``repeat=False`` makes an empty epoch, and a Trainer with ``max_steps`` starts empty
+        epochs forever at step 0.
+        """
+        for spec in self.specs:
+            if next(read_documents(spec, 0, 1), None) is None:
+                where = ", ".join(spec.files) if spec.files else spec.name
+                raise DataSourceError(
+                    f"the source {spec.name!r} holds no documents (every line or record is empty: {where}); "
+                    "remove it from sources or fill it"
+                )
+
     def train_dataloader(self) -> DataLoader:
+        self.check_not_empty()
         dataset = PackedMLMStream(
             self.specs, self.probabilities, self.tokenizer, self.max_length, self.batch_size,
             self.mlm_probability, self.whole_word_masking, self.seed, self.repeat,
