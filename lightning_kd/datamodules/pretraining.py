@@ -317,6 +317,28 @@ class _PositionTrackingLoader(DataLoader):
             yield batch
 
 
+def _prepared_loader_class() -> type:
+    from litdata import StreamingDataLoader
+
+    class PreparedLoader(StreamingDataLoader):
+        """LitData's loader, telling the masking collate function which epoch it is in.
+
+        Its ``state_dict`` / ``load_state_dict`` are LitData's: Lightning stores a resumable loader's state in
+        the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it on resume.
+        """
+
+        def __init__(self, dataset: Any, collate: Any, **kwargs: Any) -> None:
+            super().__init__(dataset, collate_fn=collate, **kwargs)
+            self._collate = collate
+
+        def _get_iterator(self) -> Any:
+            # Called once the epoch counter has moved on and before workers copy the collate function.
+            self._collate.epoch = self.current_epoch
+            return super()._get_iterator()
+
+    return PreparedLoader
+
+
 class _Tracker:
     """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
 
@@ -347,10 +369,15 @@ class _Tracker:
 
 
 class PretrainingDataModule(L.LightningDataModule):
-    """Streamed text, packed into full blocks and masked for MLM, with its stream position in checkpoints.
+    """Packed MLM blocks from a prepared folder (LitData shards) or streamed from text, resumable from checkpoints.
 
     Args:
-        tokenizer: hub name or folder of the teacher's fast tokenizer.
+        tokenizer: hub name or folder of the teacher's fast tokenizer. With ``prepared``: optional (the folder
+            carries its own), and when given it must have the vocabulary the folder was prepared with.
+        prepared: a folder written by ``lightning-kd prepare`` (local path or an object-store URL LitData reads,
+            such as ``s3://bucket/wiki``). Then ``sources`` and ``repeat`` are not used: blocks stream with LitData
+            across every rank and worker, once per epoch, and the loader's position is in the checkpoint.
+        shuffle: (prepared data) LitData's shuffle of chunks and of blocks within them, reseeded every epoch.
         sources: ``"docstrings"`` (Python's docstrings, offline), hub dataset names, local files/globs/folders
             (``.txt`` one document per line, ``.jsonl``, ``.parquet``), or dicts (``{"path": ..., "text_field":
             ..., "probability": ...}``, ``{"hub": ..., "config": ..., "split": ...}``,
@@ -359,13 +386,15 @@ class PretrainingDataModule(L.LightningDataModule):
         probabilities: each source's share of the tokens (normalised); default: equal, or from the dicts. The
             next document comes from the source furthest below its share, so the shares hold within one
             document's tokens, whatever the sources' document lengths.
+            With ``prepared``: the token shares of the prepared sources (default: their shares of the
+            prepared tokens).
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
     """
 
     def __init__(
         self,
-        tokenizer: str | PreTrainedTokenizerBase,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         sources: list[str | dict[str, Any]] | None = None,
         probabilities: list[float] | None = None,
         max_length: int = 128,
@@ -377,8 +406,19 @@ class PretrainingDataModule(L.LightningDataModule):
         repeat: bool = True,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        prepared: str | None = None,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
+        self.prepared = str(prepared) if prepared is not None else None
+        self.shuffle = shuffle
+        self.manifest: dict[str, Any] | None = None
+        if self.prepared is not None:
+            self.manifest = self._read_prepared(self.prepared, tokenizer, max_length, sources)
+            tokenizer = tokenizer if tokenizer is not None else f"{self.prepared.rstrip('/')}/tokenizer"
+            sources = [entry["source"] for entry in self.manifest["sources"]]
+        if tokenizer is None:
+            raise ValueError("name the tokenizer (the teacher's hub name or folder), or pass a prepared folder")
         self.tokenizer_name = tokenizer
         self.sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
         if not self.sources:
@@ -386,6 +426,9 @@ class PretrainingDataModule(L.LightningDataModule):
                 "sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)"
             )
         self.probabilities = self._probabilities(self.sources, probabilities)
+        self.shares = (
+            self._probabilities(self.sources, probabilities) if probabilities is not None or prepared is None else None
+        )
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.max_length = max_length
@@ -402,6 +445,33 @@ class PretrainingDataModule(L.LightningDataModule):
         self._dataset: PackedMLMStream | None = None
         self._tracker = _Tracker()
         self._resume: dict[int, dict[str, Any]] = {}
+
+    @staticmethod
+    def _read_prepared(
+        folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        from .prepared import read_manifest, vocabulary_hash
+
+        manifest = read_manifest(folder)
+        if manifest["max_length"] != max_length:
+            raise ValueError(
+                f"{folder} holds blocks of {manifest['max_length']} tokens but max_length={max_length}: set "
+                f"max_length: {manifest['max_length']}, or prepare another folder with --max-length {max_length}"
+            )
+        if sources is not None:
+            raise ValueError(
+                f"give either sources or prepared, not both: {folder} was prepared from "
+                f"{[entry['source'] for entry in manifest['sources']]}"
+            )
+        if tokenizer is not None:
+            mine = vocabulary_hash(get_tokenizer(tokenizer))
+            if mine != manifest["vocab_hash"]:
+                raise ValueError(
+                    f"{folder} was prepared with the tokenizer {manifest['tokenizer']!r} (vocabulary "
+                    f"{manifest['vocab_hash']}), not {tokenizer!r} (vocabulary {mine}): its token ids would mean "
+                    "other words to this model. Prepare the corpus again with this tokenizer."
+                )
+        return manifest
 
     @staticmethod
     def _probabilities(sources: list[str | dict[str, Any]], given: list[float] | None) -> list[float]:
@@ -429,6 +499,8 @@ class PretrainingDataModule(L.LightningDataModule):
         """Collect the docstrings corpus once, on one process per node."""
         from .docstrings import docstrings_path
 
+        if self.prepared is not None:
+            return
         for spec in self.specs:
             if spec.kind == "docstrings":
                 docstrings_path(spec.packages, spec.cache_dir)
@@ -436,14 +508,14 @@ class PretrainingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         from .sources import load_hub_dataset
 
-        for spec in self.specs:
+        for spec in self.specs if self.prepared is None else []:
             if spec.kind == "hub":
                 # Resolving the stream here makes an offline run fail now, with the way out, not in a worker.
                 load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
         trainer = self._trainer_or_none()
         if trainer is not None:
             check_vocabulary(self.tokenizer, trainer.lightning_module)
-            if self.repeat and trainer.max_steps == -1 and stage == "fit":
+            if self.prepared is None and self.repeat and trainer.max_steps == -1 and stage == "fit":
                 warnings.warn(
                     "the pre-training stream repeats forever (repeat=True), so an epoch never ends: "
                     "set trainer.max_steps, or repeat=False to stop after one pass",
@@ -467,7 +539,25 @@ class PretrainingDataModule(L.LightningDataModule):
                     "remove it from sources or fill it"
                 )
 
+    def prepared_loader(self, rank: int = 0, world_size: int = 1, num_nodes: int = 1) -> DataLoader:
+        """LitData's loader over the prepared folder, for the reader at ``rank`` of ``world_size``."""
+        from .prepared import MaskingCollate, prepared_datasets
+
+        assert self.prepared is not None and self.manifest is not None
+        dataset = prepared_datasets(
+            self.prepared, self.manifest, self.shares, self.shuffle, self.seed, rank, world_size, num_nodes
+        )
+        collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
+        return _prepared_loader_class()(
+            dataset, collate, batch_size=self.batch_size, num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
+        if self.prepared is not None:
+            trainer = self._trainer_or_none()
+            rank, world_size = distributed_position(trainer)
+            return self.prepared_loader(rank, world_size, int(getattr(trainer, "num_nodes", 1) or 1))
         self.check_not_empty()
         dataset = PackedMLMStream(
             self.specs, self.probabilities, self.tokenizer, self.max_length, self.batch_size,
@@ -496,7 +586,12 @@ class PretrainingDataModule(L.LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all)."""
+        """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all).
+
+        Prepared data keeps its position in LitData's loader, whose ``state_dict`` Lightning stores itself.
+        """
+        if self.prepared is not None:
+            return {}
         positions = self._tracker.consumed(self._batches_taken())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
