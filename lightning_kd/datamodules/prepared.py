@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 PLAN = "prepare.json"
 FORMAT = 1
 _TOKENIZE_DOCS = 256
+_BLOCKS_PER_ITEM = 64
 
 
 class PreparedDataError(ValueError):
@@ -145,6 +146,7 @@ def _tokenize_piece(item: dict[str, Any]) -> Iterator[np.ndarray]:
     documents = read_documents(spec, item["piece"], item["pieces"])
     buffer: list[int] = []
     tokens = docs = blocks = 0
+    rows: list[np.ndarray] = []
 
     def block(body: list[int]) -> np.ndarray:
         row = ([first] if first is not None else []) + body + ([last] if last is not None else [])
@@ -160,18 +162,27 @@ def _tokenize_piece(item: dict[str, Any]) -> Iterator[np.ndarray]:
                 if last is not None:
                     buffer.append(last)
                 docs += 1
-        while len(buffer) >= content:
-            tokens += content
-            blocks += 1
-            yield block(buffer[:content])
-            del buffer[:content]
+        start = 0
+        while len(buffer) - start >= content:
+            rows.append(block(buffer[start : start + content]))
+            start += content
+        del buffer[:start]
+        tokens += start
+        if len(rows) >= _BLOCKS_PER_ITEM:
+            # Several blocks per LitData item: the writer's cost is per item. A whole number of blocks per
+            # item keeps every block aligned for TokensLoader, which reads max_length windows.
+            blocks += len(rows)
+            yield np.concatenate(rows)
+            rows = []
         if len(texts) < _TOKENIZE_DOCS:
             break
     if buffer:
         # The piece's last, short block, padded: every token of the corpus is in exactly one block.
         tokens += len(buffer)
-        blocks += 1
-        yield block(buffer)
+        rows.append(block(buffer))
+    if rows:
+        blocks += len(rows)
+        yield np.concatenate(rows)
     counts = Path(item["counts"]) / f"{item['piece']:05d}.json"
     counts.write_text(json.dumps({"tokens": tokens, "documents": docs, "blocks": blocks}))
 
@@ -300,9 +311,9 @@ class MaskingCollate:
         self.epoch = 0
 
     def __call__(self, blocks: list[Any]) -> dict[str, Any]:
-        from .pretraining import mask_tokens
+        from .pretraining import PACKED_KEY, mask_tokens
 
-        input_ids = torch.stack([torch.as_tensor(block) for block in blocks]).long()
+        input_ids = torch.from_numpy(np.stack([np.asarray(block) for block in blocks]).astype(np.int64))
         attention_mask = (input_ids != self.pad).long()
         special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
         weights = torch.arange(1, input_ids.numel() + 1, dtype=torch.long).view_as(input_ids)
@@ -312,12 +323,9 @@ class MaskingCollate:
             input_ids, special, self.mask_token_id, self.vocab_size, self.mlm_probability, generator,
             self.continuation,
         )  # fmt: skip
-        return {
-            "input_ids": masked,
-            "attention_mask": attention_mask,
-            "token_type_ids": torch.zeros_like(input_ids),
-            "labels": labels,
-        }
+        # One tensor crosses from a worker to the main process instead of four (one shared-memory segment
+        # each); the loader unpacks it into views.
+        return {PACKED_KEY: torch.stack([masked, attention_mask, labels])}
 
 
 class OwnedBlocksDataset(StreamingDataset):

@@ -331,10 +331,41 @@ def _prepared_loader_class() -> type:
             super().__init__(dataset, collate_fn=collate, **kwargs)
             self._collate = collate
 
+        def _layout(self) -> tuple[int, int]:
+            datasets = getattr(self.dataset, "_datasets", [self.dataset])
+            return datasets[0].distributed_env.world_size, max(self.num_workers, 1)
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            state = obj["dataset"]
+            state = state if "world_size" in state else state["0"]
+            saved = (int(state["world_size"]), int(state["num_workers"]))
+            if saved != self._layout():
+                # LitData (0.2.44) replays a pass only on the layout that read it (its _resume has a TODO for
+                # elastic sampling; force_override_state_dict repeats and skips blocks). Rather than repeat what
+                # this pass already gave, the run goes on with the next pass.
+                seen = saved[0] * (
+                    state["num_samples_yielded"] if "world_size" in obj["dataset"]
+                    else sum(sum(counts) for counts in obj["num_samples_yielded"].values())
+                )  # fmt: skip
+                warnings.warn(
+                    f"the checkpoint's data position was saved with {saved[0]} ranks x {saved[1]} dataloader "
+                    f"workers and this run has {self._layout()[0]} x {self._layout()[1]}: LitData cannot re-split a "
+                    f"partly read pass, so this run starts pass {int(obj['current_epoch']) + 1}; about {seen} blocks "
+                    f"of pass {obj['current_epoch']} were read and are not repeated, the rest of that pass is skipped",
+                    stacklevel=2,
+                )
+                self.current_epoch = int(obj["current_epoch"])
+                return
+            super().load_state_dict(obj)
+
         def _get_iterator(self) -> Any:
             # Called once the epoch counter has moved on and before workers copy the collate function.
             self._collate.epoch = self.current_epoch
             return super()._get_iterator()
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            for batch in super().__iter__():
+                yield unpack(batch)
 
     return PreparedLoader
 

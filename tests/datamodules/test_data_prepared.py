@@ -124,11 +124,13 @@ def test_cli_prepare(tmp_path, capsys):
         cli_main([*args[:-4], "--max_length", "16"])
 
 
-@pytest.mark.parametrize("chunk_blocks", [5, 16])
-def test_every_block_once_for_any_ranks_and_workers(tmp_path, chunk_blocks):
-    write_corpus(tmp_path / "corpus", 3, documents=150)
+@pytest.mark.parametrize("files", [3, 8])
+def test_every_block_once_for_any_ranks_and_workers(tmp_path, files):
+    write_corpus(tmp_path / "corpus", files, documents=160)
     out = tmp_path / "out"
-    manifest = prepare(out, TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2, chunk_blocks=chunk_blocks)
+    manifest = prepare(out, TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2, chunk_blocks=16)
+    # LitData hands out chunks: 3 divides none of the 2, 4 and 8 readers, 8 divides them all.
+    assert len(list(out.rglob("chunk-*.bin"))) == files
     total = manifest["sources"][0]["blocks"]
     batch = 4
     reference = None
@@ -214,3 +216,34 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepa
     _trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
     assert first.seen == straight.seen[:4]
     assert second.seen == straight.seen[4:], "the resumed run did not see the batches of the uninterrupted one"
+
+
+def test_resume_on_another_layout_goes_on_with_the_next_pass(prepared):
+    def loader(world_size: int, workers: int):
+        dm = PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=workers)
+        return dm.prepared_loader(rank=0, world_size=world_size)
+
+    first = loader(1, 0)
+    for taken, _ in enumerate(first, start=1):
+        if taken == 5:
+            break
+    state = first.state_dict()
+    same = loader(1, 0)
+    same.load_state_dict(state)
+    assert blocks_of([next(iter(same))]) == blocks_of([next(iter(_skip(loader(1, 0), 5)))])
+
+    for world_size, workers in ((2, 0), (1, 2)):
+        other = loader(world_size, workers)
+        with pytest.warns(UserWarning, match=r"starts pass 2; about 20 blocks of pass 1 were read"):
+            other.load_state_dict(state)
+        resumed = blocks_of(list(other))
+        fresh = loader(world_size, workers)
+        fresh.current_epoch = 1  # the same rank's share of pass 2
+        assert resumed == blocks_of(list(fresh))
+
+
+def _skip(loader, count: int):
+    iterator = iter(loader)
+    for _ in range(count):
+        next(iterator)
+    return iterator
