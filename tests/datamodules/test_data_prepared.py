@@ -158,16 +158,16 @@ def test_sources_mix_by_token_share(tmp_path):
     # Short documents in one source, long ones in the other: a mix by document would miss the shares by far.
     (tmp_path / "long").mkdir()
     (tmp_path / "long" / "long.txt").write_text(
-        "\n".join(document(i, words=80) for i in range(400)) + "\n", encoding="utf-8"
+        "\n".join(document(i, words=80) for i in range(1600)) + "\n", encoding="utf-8"
     )
-    write_lines(tmp_path / "short" / "short.txt", 3000, first=10_000)
+    write_lines(tmp_path / "short" / "short.txt", 12_000, first=20_000)
     out = tmp_path / "out"
     manifest = prepare(out, TOKENIZER, [str(tmp_path / "long"), str(tmp_path / "short")], max_length=16, num_workers=2)
     for declared in (None, [0.3, 0.7]):
         dm = PretrainingDataModule(prepared=str(out), max_length=16, batch_size=64, probabilities=declared, num_workers=1)
         loader = dm.train_dataloader()
         for taken, _ in enumerate(loader, start=1):
-            if taken == 200:  # 12,800 blocks
+            if taken == 200:  # 12,800 blocks, well inside the epoch
                 break
         state = loader.state_dict()["num_samples_yielded"]
         blocks = [sum(per_worker[k] for per_worker in state.values()) for k in range(2)]
