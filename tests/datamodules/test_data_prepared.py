@@ -247,3 +247,17 @@ def _skip(loader, count: int):
     for _ in range(count):
         next(iterator)
     return iterator
+
+
+def test_prepare_reads_a_hub_dataset_through_datasets(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [document(i) for i in range(90)]
+    (tmp_path / "hub").mkdir()
+    for k in range(3):  # a hub dataset's parquet files, read by `datasets` as the hub copy would be
+        pq.write_table(pa.table({"text": texts[k::3]}), tmp_path / "hub" / f"train-{k:05d}-of-00003.parquet")
+    manifest = prepare(tmp_path / "out", TOKENIZER, [{"hub": str(tmp_path / "hub")}], max_length=32, num_workers=2)
+    (entry,) = manifest["sources"]
+    assert entry["documents"] == 90
+    assert entry["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
