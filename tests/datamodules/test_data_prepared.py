@@ -261,3 +261,33 @@ def test_prepare_reads_a_hub_dataset_through_datasets(tmp_path, tokenizer):
     (entry,) = manifest["sources"]
     assert entry["documents"] == 90
     assert entry["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+
+def _rank_main(rank: int, folder: str, out: str, port: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # No rank given: the DataModule takes it from torch.distributed, as under a DDP Trainer.
+        dm = PretrainingDataModule(prepared=folder, max_length=32, batch_size=4, num_workers=2)
+        blocks = blocks_of(list(dm.train_dataloader()))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(blocks))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    torch.multiprocessing.spawn(_rank_main, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
+    ranks = [[tuple(b) for b in json.loads((tmp_path / f"rank{r}.json").read_text())] for r in range(2)]
+    everything = set(blocks_of(list(PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4).train_dataloader())))
+    assert ranks[0] and ranks[1] and len(ranks[0]) == len(ranks[1]), "DDP ranks must take as many batches"
+    assert not set(ranks[0]) & set(ranks[1]), "two ranks read the same block"
+    assert set(ranks[0]) | set(ranks[1]) <= everything
+    assert len(everything - set(ranks[0]) - set(ranks[1])) < 4 * 3, "more than LitData's drop_last remainder"
