@@ -291,3 +291,30 @@ def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
     assert not set(ranks[0]) & set(ranks[1]), "two ranks read the same block"
     assert set(ranks[0]) | set(ranks[1]) <= everything
     assert len(everything - set(ranks[0]) - set(ranks[1])) < 4 * 3, "more than LitData's drop_last remainder"
+
+
+def test_resume_with_mixed_sources(tmp_path):
+    write_lines(tmp_path / "a" / "a.txt", 300, first=0)
+    write_lines(tmp_path / "b" / "b.txt", 300, first=1000)
+    prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "a"), str(tmp_path / "b")], max_length=32, num_workers=2)
+    for workers in (0, 2):
+        def loader(workers: int = workers):
+            dm = PretrainingDataModule(prepared=str(tmp_path / "out"), max_length=32, batch_size=4, num_workers=workers)
+            return dm.train_dataloader()
+
+        reference = [b["input_ids"] for b in loader()]
+        first = loader()
+        for taken, _ in enumerate(first, start=1):
+            if taken == 7:
+                break
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        rest = [b["input_ids"] for b in resumed]
+        if workers == 0:
+            assert len(rest) == len(reference) - 7
+            assert all(torch.equal(a, b) for a, b in zip(rest, reference[7:], strict=True))
+        else:
+            # LitData 0.2.44 replays each source's position as if its blocks came in whole batches per worker,
+            # which weighted mixing breaks: not the same sequence, but nothing already seen comes again.
+            seen = {tuple(row) for batch in reference[:7] for row in batch.tolist()}
+            assert not any(tuple(row) in seen for batch in rest for row in batch.tolist())
