@@ -23,16 +23,18 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from litdata import StreamingDataset, TokensLoader
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
 
 from .common import get_tokenizer
+from .pretraining import PACKED_KEY, continuation_table, mask_tokens, unpack
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
 
 MANIFEST = "manifest.json"
@@ -297,8 +299,6 @@ class MaskingCollate:
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float, whole_word_masking: bool, seed: int
     ) -> None:
-        from .pretraining import continuation_table
-
         if tokenizer.mask_token_id is None:
             raise ValueError(f"{type(tokenizer).__name__} has no mask token, so it cannot make MLM batches")
         self.pad = tokenizer.pad_token_id or 0
@@ -311,8 +311,6 @@ class MaskingCollate:
         self.epoch = 0
 
     def __call__(self, blocks: list[Any]) -> dict[str, Any]:
-        from .pretraining import PACKED_KEY, mask_tokens
-
         input_ids = torch.from_numpy(np.stack([np.asarray(block) for block in blocks]).astype(np.int64))
         attention_mask = (input_ids != self.pad).long()
         special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
@@ -366,6 +364,54 @@ def prepared_datasets(
         return datasets[0]
     weights = shares if shares is not None else [entry["share"] for entry in manifest["sources"]]
     return CombinedStreamingDataset(datasets, seed=seed, weights=weights, iterate_over_all=False)
+
+
+class PreparedLoader(StreamingDataLoader):
+    """LitData's loader, telling the masking collate function which epoch it is in.
+
+    Its ``state_dict`` / ``load_state_dict`` are LitData's: Lightning stores a resumable loader's state in
+    the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it on resume.
+    """
+
+    def __init__(self, dataset: Any, collate: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, collate_fn=collate, **kwargs)
+        self._collate = collate
+
+    def _layout(self) -> tuple[int, int]:
+        datasets = getattr(self.dataset, "_datasets", [self.dataset])
+        return datasets[0].distributed_env.world_size, max(self.num_workers, 1)
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        state = obj["dataset"]
+        state = state if "world_size" in state else state["0"]
+        saved = (int(state["world_size"]), int(state["num_workers"]))
+        if saved != self._layout():
+            # LitData (0.2.44) replays a pass only on the layout that read it (its _resume has a TODO for
+            # elastic sampling; force_override_state_dict repeats and skips blocks). Rather than repeat what
+            # this pass already gave, the run goes on with the next pass.
+            seen = saved[0] * (
+                state["num_samples_yielded"] if "world_size" in obj["dataset"]
+                else sum(sum(counts) for counts in obj["num_samples_yielded"].values())
+            )  # fmt: skip
+            warnings.warn(
+                f"the checkpoint's data position was saved with {saved[0]} ranks x {saved[1]} dataloader "
+                f"workers and this run has {self._layout()[0]} x {self._layout()[1]}: LitData cannot re-split a "
+                f"partly read pass, so this run starts pass {int(obj['current_epoch']) + 1}; about {seen} blocks "
+                f"of pass {obj['current_epoch']} were read and are not repeated, the rest of that pass is skipped",
+                stacklevel=2,
+            )
+            self.current_epoch = int(obj["current_epoch"])
+            return
+        super().load_state_dict(obj)
+
+    def _get_iterator(self) -> Any:
+        # Called once the epoch counter has moved on and before workers copy the collate function.
+        self._collate.epoch = self.current_epoch
+        return super()._get_iterator()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            yield unpack(batch)
 
 
 def prepare_main(args: list[str]) -> None:

@@ -1,6 +1,6 @@
-"""Streamed, packed, masked text for distillation pre-training.
+"""Packed, masked text for distillation pre-training: from prepared LitData shards, or streamed from text.
 
-Each reader (one per rank and dataloader worker) interleaves its share of every source, tokenises
+Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`). Without them, each reader (one per rank and dataloader worker) interleaves its share of every source, tokenises
 documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks
 them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
 takes the position off before the batch reaches the model and keeps the position of the last batch the
@@ -317,59 +317,6 @@ class _PositionTrackingLoader(DataLoader):
             yield batch
 
 
-def _prepared_loader_class() -> type:
-    from litdata import StreamingDataLoader
-
-    class PreparedLoader(StreamingDataLoader):
-        """LitData's loader, telling the masking collate function which epoch it is in.
-
-        Its ``state_dict`` / ``load_state_dict`` are LitData's: Lightning stores a resumable loader's state in
-        the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it on resume.
-        """
-
-        def __init__(self, dataset: Any, collate: Any, **kwargs: Any) -> None:
-            super().__init__(dataset, collate_fn=collate, **kwargs)
-            self._collate = collate
-
-        def _layout(self) -> tuple[int, int]:
-            datasets = getattr(self.dataset, "_datasets", [self.dataset])
-            return datasets[0].distributed_env.world_size, max(self.num_workers, 1)
-
-        def load_state_dict(self, obj: dict[str, Any]) -> None:
-            state = obj["dataset"]
-            state = state if "world_size" in state else state["0"]
-            saved = (int(state["world_size"]), int(state["num_workers"]))
-            if saved != self._layout():
-                # LitData (0.2.44) replays a pass only on the layout that read it (its _resume has a TODO for
-                # elastic sampling; force_override_state_dict repeats and skips blocks). Rather than repeat what
-                # this pass already gave, the run goes on with the next pass.
-                seen = saved[0] * (
-                    state["num_samples_yielded"] if "world_size" in obj["dataset"]
-                    else sum(sum(counts) for counts in obj["num_samples_yielded"].values())
-                )  # fmt: skip
-                warnings.warn(
-                    f"the checkpoint's data position was saved with {saved[0]} ranks x {saved[1]} dataloader "
-                    f"workers and this run has {self._layout()[0]} x {self._layout()[1]}: LitData cannot re-split a "
-                    f"partly read pass, so this run starts pass {int(obj['current_epoch']) + 1}; about {seen} blocks "
-                    f"of pass {obj['current_epoch']} were read and are not repeated, the rest of that pass is skipped",
-                    stacklevel=2,
-                )
-                self.current_epoch = int(obj["current_epoch"])
-                return
-            super().load_state_dict(obj)
-
-        def _get_iterator(self) -> Any:
-            # Called once the epoch counter has moved on and before workers copy the collate function.
-            self._collate.epoch = self.current_epoch
-            return super()._get_iterator()
-
-        def __iter__(self) -> Iterator[dict[str, Any]]:
-            for batch in super().__iter__():
-                yield unpack(batch)
-
-    return PreparedLoader
-
-
 class _Tracker:
     """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
 
@@ -572,14 +519,14 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def prepared_loader(self, rank: int = 0, world_size: int = 1, num_nodes: int = 1) -> DataLoader:
         """LitData's loader over the prepared folder, for the reader at ``rank`` of ``world_size``."""
-        from .prepared import MaskingCollate, prepared_datasets
+        from .prepared import MaskingCollate, PreparedLoader, prepared_datasets
 
         assert self.prepared is not None and self.manifest is not None
         dataset = prepared_datasets(
             self.prepared, self.manifest, self.shares, self.shuffle, self.seed, rank, world_size, num_nodes
         )
         collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
-        return _prepared_loader_class()(
+        return PreparedLoader(
             dataset, collate, batch_size=self.batch_size, num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )  # fmt: skip
