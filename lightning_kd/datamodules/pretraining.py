@@ -1,8 +1,8 @@
 """Packed, masked text for distillation pre-training: from prepared LitData shards, or streamed from text.
 
-Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`). Without them, each reader (one per rank and dataloader worker) interleaves its share of every source, tokenises
-documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks
-them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
+Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`). Without them, each reader (one
+per rank and dataloader worker) mixes its share of every source by tokens, tokenises documents in batches
+with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
 takes the position off before the batch reaches the model and keeps the position of the last batch the
 training loop actually took, which is what the checkpoint stores.
 """
