@@ -210,7 +210,20 @@ def prepare(
     Idempotent: on a finished folder with the same settings it does nothing; on a partly written one it keeps
     the sources that finished and redoes the others (deleting only their own partial folders, which this
     function wrote); a folder of another tokenizer, max_length or source list is refused, naming both.
+
+    Args:
+        output: a local (or mounted) folder; copy it to an object store afterwards if training reads from one.
+        tokenizer: hub name or folder of the teacher's fast tokenizer.
+        sources: as for PretrainingDataModule; ``None``: English Wikipedia and BookCorpus from the hub.
+        max_length: tokens per block, [CLS] and [SEP] included.
+        num_workers: CPU processes that tokenise; ``None``: one per CPU.
+        chunk_blocks: blocks per LitData chunk file (about 1 MB at 128 tokens).
     """
+    if "://" in str(output):
+        raise ValueError(
+            f"prepare writes a local or mounted folder, not {output}: prepare into a local folder, then copy it "
+            "(e.g. `aws s3 sync folder s3://bucket/folder`) and give the URL to PretrainingDataModule(prepared=...)"
+        )
     sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
     if not sources:
         raise ValueError("sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)")
@@ -419,8 +432,8 @@ def prepare_main(args: list[str]) -> None:
     from jsonargparse import CLI
 
     try:
-        manifest = CLI(prepare, args=args, as_positional=False)
-    except (PreparedDataError, DataSourceError) as error:
+        manifest = CLI(prepare, args=args, as_positional=False, prog="lightning-kd prepare")
+    except ValueError as error:  # PreparedDataError, DataSourceError and bad arguments: the message is the help
         raise SystemExit(f"lightning-kd prepare: {error}") from None
     for entry in manifest["sources"]:
         print(
