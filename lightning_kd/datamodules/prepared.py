@@ -347,6 +347,23 @@ class OwnedBlocksDataset(StreamingDataset):
         block = super().__next__()
         return block.clone() if isinstance(block, torch.Tensor) else np.array(block)
 
+    def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
+        # LitData 0.2.44 works out how far each worker read from the total, as if every batch came whole
+        # from one dataset; mixed with weights, a batch takes some blocks from each source. PreparedLoader
+        # hands each dataset its exact count per worker, which LitData's replay then uses.
+        exact = (self._state_dict or {}).get("samples_per_worker")
+        if exact is None:
+            super()._resume(workers_chunks, workers_intervals)
+            return
+        import litdata.streaming.dataset as litdata_dataset
+
+        replay = litdata_dataset._replay_sampling
+        litdata_dataset._replay_sampling = lambda *_: {int(worker): count for worker, count in exact.items()}
+        try:
+            super()._resume(workers_chunks, workers_intervals)
+        finally:
+            litdata_dataset._replay_sampling = replay
+
 
 def prepared_datasets(
     folder: str, manifest: dict[str, Any], shares: list[float] | None, shuffle: bool, seed: int,
@@ -415,6 +432,14 @@ class PreparedLoader(StreamingDataLoader):
             )
             self.current_epoch = int(obj["current_epoch"])
             return
+        if "world_size" not in obj["dataset"]:
+            # Mixed sources: what each worker took from each source, for OwnedBlocksDataset._resume.
+            per_worker = {int(worker): counts for worker, counts in obj["num_samples_yielded"].items()}
+            workers = range(max(self.num_workers, 1))
+            obj = dict(obj, dataset={
+                key: dict(state, samples_per_worker={w: int(per_worker[w][int(key)]) if w in per_worker else 0 for w in workers})
+                for key, state in obj["dataset"].items()
+            })  # fmt: skip
         super().load_state_dict(obj)
 
     def _get_iterator(self) -> Any:
