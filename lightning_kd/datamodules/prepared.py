@@ -38,6 +38,7 @@ from .pretraining import PACKED_KEY, continuation_table, mask_tokens, unpack
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
 
 MANIFEST = "manifest.json"
+DONE = "done.json"  # in a source's counts folder once all its pieces are written
 PLAN = "prepare.json"
 FORMAT = 1
 _TOKENIZE_DOCS = 256
@@ -241,13 +242,15 @@ def prepare(
     (output / PLAN).write_text(json.dumps(plan, indent=1), encoding="utf-8")
     if not (output / "tokenizer" / "tokenizer.json").exists():
         loaded.save_pretrained(output / "tokenizer")
-    workers = max(1, num_workers if num_workers is not None else (os.cpu_count() or 1))
+    # The CPUs this process may use (a SLURM allocation), not the node's.
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, num_workers if num_workers is not None else available)
     for source, entry in zip(sources, plan["sources"], strict=True):
         _prepare_source(output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks)
 
     manifest = dict(plan, sources=[])
     for entry in plan["sources"]:
-        counts = [json.loads(p.read_text()) for p in sorted((output / f"{entry['folder']}.counts").glob("*.json"))]
+        counts = [json.loads(p.read_text()) for p in sorted((output / f"{entry['folder']}.counts").glob("[0-9]*.json"))]
         manifest["sources"].append(
             dict(
                 entry,
@@ -271,17 +274,17 @@ def _prepare_source(
     from litdata import optimize
 
     target, counts = output / folder, output / f"{folder}.counts"
-    pieces = _pieces(source, workers)
-    if (target / "index.json").exists() and len(list(counts.glob("*.json"))) == pieces:
+    if (target / "index.json").exists() and (counts / DONE).exists():
         return  # finished in an earlier run
     for partial in (target, counts):
         if partial.exists():
             # Written by an interrupted run of this function (the plan file says so): start this source again.
             shutil.rmtree(partial)
-    counts.mkdir(parents=True)
     spec = parse_source(source)
-    if spec.kind == "files" and not spec.files:
-        raise DataSourceError(f"no files for source {source!r}")
+    if next(read_documents(spec, 0, 1), None) is None:
+        raise DataSourceError(f"the source {spec.name!r} holds no documents: remove it from sources or fill it")
+    counts.mkdir(parents=True)
+    pieces = _pieces(source, workers)
     items = [
         {"source": source, "tokenizer": tokenizer, "max_length": max_length, "piece": piece, "pieces": pieces,
          "counts": str(counts)}
@@ -298,8 +301,9 @@ def _prepare_source(
         reorder_files=False,
         start_method="fork",
     )
-    if len(list(counts.glob("*.json"))) != pieces:
+    if len(list(counts.glob("[0-9]*.json"))) != pieces:
         raise PreparedDataError(f"preparing {source!r}: some pieces did not finish; run prepare again to redo it")
+    (counts / DONE).write_text(json.dumps({"pieces": pieces}))
 
 
 class MaskingCollate:

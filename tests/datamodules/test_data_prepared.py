@@ -13,7 +13,7 @@ from kd_datafiles import TOKENIZER, document, write_lines
 from torch import nn
 
 from lightning_kd.cli import main as cli_main
-from lightning_kd.datamodules import PretrainingDataModule
+from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
 from lightning_kd.datamodules.prepared import PreparedDataError, prepare, read_manifest
 
 
@@ -312,3 +312,10 @@ def test_resume_with_mixed_sources(tmp_path):
         rest = [b["input_ids"] for b in resumed]
         assert len(rest) == len(reference) - 7, workers
         assert all(torch.equal(a, b) for a, b in zip(rest, reference[7:], strict=True)), workers
+
+
+def test_prepare_refuses_an_empty_source(tmp_path):
+    write_corpus(tmp_path / "corpus", 1, documents=10)
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataSourceError, match=r"'.*empty\.txt' holds no documents"):
+        prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")], max_length=32)
