@@ -238,6 +238,10 @@ def prepare(
     _check_plan(output, plan)
     if (output / MANIFEST).exists():
         return read_manifest(output)
+    for source in sources:  # before anything is written, so that the fix is to edit the source list
+        spec = parse_source(source)
+        if next(read_documents(spec, 0, 1), None) is None:
+            raise DataSourceError(f"the source {spec.name!r} holds no documents: remove it from sources or fill it")
     output.mkdir(parents=True, exist_ok=True)
     (output / PLAN).write_text(json.dumps(plan, indent=1), encoding="utf-8")
     if not (output / "tokenizer" / "tokenizer.json").exists():
@@ -280,9 +284,6 @@ def _prepare_source(
         if partial.exists():
             # Written by an interrupted run of this function (the plan file says so): start this source again.
             shutil.rmtree(partial)
-    spec = parse_source(source)
-    if next(read_documents(spec, 0, 1), None) is None:
-        raise DataSourceError(f"the source {spec.name!r} holds no documents: remove it from sources or fill it")
     counts.mkdir(parents=True)
     pieces = _pieces(source, workers)
     items = [

@@ -319,3 +319,4 @@ def test_prepare_refuses_an_empty_source(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataSourceError, match=r"'.*empty\.txt' holds no documents"):
         prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")], max_length=32)
+    assert not (tmp_path / "out").exists(), "nothing is written before the sources are checked"
