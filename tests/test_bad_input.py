@@ -171,3 +171,19 @@ def test_true_half_precision_says_the_student_trains_in_it(teacher: BertForMaske
 def test_a_term_option_error_points_at_the_terms_file(teacher: BertForMaskedLM) -> None:
     with pytest.raises(ValueError, match="See HiddenState in lightning_kd/objective/terms.py"):
         DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden", "layer": "last"}])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+    ({"num_workers": -1}, "num_workers must be a whole number >= 0"),
+    ({"max_length": "128"}, "max_length must be a whole number >= 1, got '128'"),
+    ({"sources": "docstrings"}, "sources must be a list, e.g. sources: \\['docstrings'\\]"),
+    ({"mlm_probability": "0.15"}, "mlm_probability must be a number in \\(0, 1\\)"),
+])
+def test_pretraining_data_options_are_checked_when_built(options: dict, message: str) -> None:
+    from lightning_kd.datamodules import PretrainingDataModule
+
+    with pytest.raises(ValueError, match=message):
+        PretrainingDataModule(**{"tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "sources": ["docstrings"],
+                                 **options})

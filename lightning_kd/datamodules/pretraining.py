@@ -346,6 +346,15 @@ class _Tracker:
         return dict(self.history[0][1]) if self.history else dict(self.positions)
 
 
+def _check_counts(**counts: int | tuple[int, int]) -> None:
+    """Whole numbers of at least 1 (or of the minimum given as ``(value, minimum)``): a batch size of 0 would
+    otherwise spin forever without yielding a batch."""
+    for name, given in counts.items():
+        value, low = given if isinstance(given, tuple) else (given, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}.")
+
+
 class PretrainingDataModule(L.LightningDataModule):
     """Packed MLM blocks from a prepared folder (LitData shards) or streamed from text, resumable from checkpoints.
 
@@ -388,6 +397,11 @@ class PretrainingDataModule(L.LightningDataModule):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
+        _check_counts(max_length=max_length, batch_size=batch_size, num_workers=(num_workers, 0), seed=(seed, 0))
+        if isinstance(sources, (str, dict)):
+            raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
+        if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, (int, float)):
+            raise ValueError(f"mlm_probability must be a number in (0, 1), got {mlm_probability!r}.")
         self.prepared = str(prepared) if prepared is not None else None
         self.shuffle = shuffle
         self.manifest: dict[str, Any] | None = None
