@@ -18,7 +18,6 @@ Layout of a prepared folder::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
 
-from .common import get_tokenizer
+from .common import get_tokenizer, vocabulary_hash
 from .pretraining import PACKED_KEY, continuation_table, mask_tokens, unpack
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
 
@@ -47,12 +46,6 @@ _BLOCKS_PER_ITEM = 64
 
 class PreparedDataError(ValueError):
     """A prepared folder that does not match what was asked, or is incomplete."""
-
-
-def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A short hash of the token -> id table: two tokenizers with the same one make the same ids."""
-    table = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(table.encode("utf-8")).hexdigest()[:16]
 
 
 def _slug(index: int, source: str | dict[str, Any]) -> str:
