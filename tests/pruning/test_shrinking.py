@@ -98,6 +98,27 @@ def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path
         assert torch.allclose(value, actual[name], atol=2e-6), (name, (value - actual[name]).abs().max())
 
 
+@pytest.mark.parametrize("options", [
+    {"target": {"heads": 0.5, "ffn": 0.25}, "same_per_layer": False, "importance": "sensitivity"},
+    {"target": {"hidden": 0.5, "heads": 0.5}, "schedule": "linear", "start_step": 1},
+])
+def test_shrinking_equals_masking_across_settings(dropout_teacher: BertForMaskedLM, options: dict) -> None:
+    """Ragged layers (units compete across layers), the other scorer, another schedule and start."""
+    results = []
+    for physical in (True, False):
+        pruning = PruningCallback(**options, end_step=5, interval=2, prune_at_end=False, physical=physical)
+        module, _ = distil(dropout_teacher, pruning, steps=6)
+        results.append((module, pruning))
+    (shrunk, shrink), (masked, mask) = results
+    assert shrink.events == mask.events and len(shrink.events) >= 2
+    mask.prune_student(masked)
+    shrink.prune_student(shrunk)
+    if not options.get("same_per_layer", True):
+        assert len(set(unit_counts(shrunk.student)["ffn"])) > 1  # the layers really kept different counts
+    for name, value in masked.state_dict().items():
+        assert torch.allclose(value, shrunk.state_dict()[name], atol=2e-6), name
+
+
 def test_a_rounded_schedule_changes_shape_a_bounded_number_of_times(teacher: BertForMaskedLM) -> None:
     pruning = PruningCallback(TARGET, end_step=8, interval=1, granularity={"hidden": 4, "ffn": 8})
     module, trainer = distil(teacher, pruning)
