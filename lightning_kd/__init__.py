@@ -9,6 +9,8 @@ Where each paper lives:
 
 from .callbacks import (
     DistillationReport,
+    NonFiniteError,
+    NonFiniteGuard,
     PreemptionCheckpoint,
     PruningCallback,
     RunDashboard,
@@ -32,6 +34,8 @@ __all__ = [
     "FineTuningModule",
     "GLUEDataModule",
     "KnowledgeTerm",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "PreemptionCheckpoint",
     "PretrainingDataModule",
     "PruningCallback",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -12,10 +13,12 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
+from .checkpointing import check_resume
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
-from .optim import adamw_with_warmup
+from .models import check_export_dir, check_export_written
+from .optim import adamw_with_warmup, default_callbacks
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,6 +50,8 @@ class FineTuningModule(L.LightningModule):
         warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
         export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
             tokenizer (a fine-tuned teacher for task-specific distillation or TED, for instance).
+        allow_changes: hyper-parameters that may differ from the checkpoint this run resumes (see
+            :func:`lightning_kd.checkpointing.check_resume`).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class FineTuningModule(L.LightningModule):
         adam_epsilon: float = 1e-8,
         model_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
+        allow_changes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -107,6 +113,13 @@ class FineTuningModule(L.LightningModule):
         self.log_dict(self.metrics.compute(), prog_bar=True)
         self.metrics.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
+
+    def on_fit_start(self) -> None:
+        if self.export_dir is not None:
+            check_export_dir(self.export_dir)
+
     @rank_zero_only
     def on_train_end(self) -> None:
         if self.export_dir is None:
@@ -115,6 +128,10 @@ class FineTuningModule(L.LightningModule):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.export_dir)
+        check_export_written(self.export_dir)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(

@@ -1,9 +1,18 @@
 """Callbacks change the student or the objective, never the training loop itself."""
 
 from .dashboard import RunDashboard
+from .nonfinite import NonFiniteError, NonFiniteGuard
 from .preemption import PreemptionCheckpoint
 from .pruning import PruningCallback
 from .report import DistillationReport
 from .ted import TEDFilterCallback
 
-__all__ = ["DistillationReport", "PreemptionCheckpoint", "PruningCallback", "RunDashboard", "TEDFilterCallback"]
+__all__ = [
+    "DistillationReport",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "PreemptionCheckpoint",
+    "PruningCallback",
+    "RunDashboard",
+    "TEDFilterCallback",
+]

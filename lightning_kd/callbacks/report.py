@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..models import check_export_dir
+
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -31,6 +33,10 @@ class DistillationReport(L.Callback):
     @property
     def state_key(self) -> str:
         return f"DistillationReport[export_dir={self.export_dir}]"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.export_dir:
+            check_export_dir(self.export_dir)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -3,7 +3,15 @@
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .export import check_exportable, export_pretrained, load_pruned, to_standard
+from .export import (
+    check_export_dir,
+    check_export_written,
+    check_exportable,
+    export_pretrained,
+    load_pruned,
+    nonfinite_parameters,
+    to_standard,
+)
 from .extract import extract
 from .importance import (
     ActivationImportance,
@@ -15,7 +23,14 @@ from .importance import (
     top_units,
     unit_sensitivity,
 )
-from .layers import drop_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
+from .layers import (
+    drop_unused_pooler,
+    is_classifier,
+    keep_layers_,
+    max_sequence_length,
+    select_layers,
+    uniform_layer_choice,
+)
 from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
@@ -48,13 +63,17 @@ __all__ = [
     "apply_masks",
     "capture_qkv",
     "drop_unused_pooler",
+    "check_export_dir",
+    "check_export_written",
     "check_exportable",
     "export_pretrained",
+    "nonfinite_parameters",
     "extract",
     "full_masks",
     "get_adapter",
     "is_classifier",
     "keep_layers_",
+    "max_sequence_length",
     "load_pruned",
     "masked",
     "masked_parameter_slices",
