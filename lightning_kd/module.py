@@ -35,6 +35,7 @@ from .models import (
     is_classifier,
     max_sequence_length,
 )
+from .models.shrink import rebuild_shape_, student_shape
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
@@ -70,6 +71,14 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         can_return_qkv=known,
         name=name,
     )
+
+
+def _known(model: nn.Module) -> bool:
+    try:
+        get_adapter(model)
+    except ValueError:
+        return False
+    return True
 
 
 def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -437,12 +446,20 @@ class DistillationModule(L.LightningModule):
             "teacher_source": self.teacher_source,
             "teacher_class": type(self.teacher).__name__,
             "dropout_rng": self._dropout_rng,
+            # a student shrunk during the run (PruningCallback) is rebuilt to this shape before its weights load
+            "student_shape": student_shape(self.student) if _known(self.student) else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         allowed = list(self.hparams.get("allow_changes", ()))
         check_resume(checkpoint, self.hparams, allowed)
         self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
+        shape = checkpoint.get("lightning_kd", {}).get("student_shape")
+        if shape is not None:
+            kept = rebuild_shape_(self.student, shape)
+            if kept is not None:
+                self.objective.narrow_student_width(kept)
+                self.objective.to(next(self.student.parameters()))
         # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:

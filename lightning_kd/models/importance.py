@@ -110,6 +110,25 @@ class UnitImportance:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = {key: torch.as_tensor(value).clone() for key, value in state.items()}
 
+    def keep_units(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """The model lost units: keep the statistics of those that remain (``masks`` relative to its old shape).
+
+        Heads and FFN rows are repacked to the front, as the shrunk model lays its units out.
+        """
+        for key, value in list(self.state.items()):
+            kind = key.split(".")[0]
+            if kind not in masks or kind not in ("heads", "ffn", "hidden"):
+                continue
+            mask = masks[kind].to(value.device)
+            if kind == "hidden":
+                self.state[key] = value[mask]
+                continue
+            kept = mask.sum(-1)
+            packed = torch.arange(int(kept.max()), device=value.device)[None, :] < kept[:, None]
+            out = torch.zeros(value.shape[0], packed.shape[1], dtype=value.dtype, device=value.device)
+            out[packed] = value[:, : mask.shape[1]][mask]
+            self.state[key] = out
+
     def _ready(self) -> None:
         if not self.state:
             raise RuntimeError(f"{type(self).__name__} has no statistics yet: call update(model) first.")

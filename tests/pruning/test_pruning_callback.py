@@ -23,7 +23,7 @@ def homodistil(teacher: BertForMaskedLM) -> DistillationModule:
 
 def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     module = homodistil(teacher)
-    pruning = PruningCallback(TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False)
+    pruning = PruningCallback(TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False, physical=False)
     trainer = quiet_trainer(max_steps=10, callbacks=[pruning])
     trainer.fit(module, FixedBatches())
     full = {"heads": 4, "ffn": 32, "hidden": 16}
