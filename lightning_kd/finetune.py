@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
-from .checkpointing import check_resume
+from .checkpointing import check_resume, resuming_fit
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
@@ -114,7 +114,8 @@ class FineTuningModule(L.LightningModule):
         self.metrics.reset()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
+        if resuming_fit(self):
+            check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
 
     def on_fit_start(self) -> None:
         if self.export_dir is not None:

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from . import hub
-from .checkpointing import check_resume
+from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
 from .models import (
@@ -451,8 +451,8 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        allowed = list(self.hparams.get("allow_changes", ()))
-        check_resume(checkpoint, self.hparams, allowed)
+        if resuming_fit(self):
+            self._check_resume(checkpoint)
         self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
         shape = checkpoint.get("lightning_kd", {}).get("student_shape")
         if shape is not None:
@@ -460,6 +460,10 @@ class DistillationModule(L.LightningModule):
             if kept is not None:
                 self.objective.narrow_student_width(kept)
                 self.objective.to(next(self.student.parameters()))
+
+    def _check_resume(self, checkpoint: dict[str, Any]) -> None:
+        allowed = list(self.hparams.get("allow_changes", ()))
+        check_resume(checkpoint, self.hparams, allowed)
         # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:
