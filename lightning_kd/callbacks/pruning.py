@@ -56,11 +56,20 @@ from ..models.shrink import (
 from ..timing import timed
 
 PRUNABLE = ("heads", "ffn", "hidden")
-SCHEDULES: dict[str, Callable[[float], float]] = {
-    "cubic": lambda progress: 1.0 - (1.0 - progress) ** 3,  # Zhu & Gupta (2017), HomoDistil's choice
-    "linear": lambda progress: progress,
-    "one-shot": lambda progress: 1.0 if progress > 0 else 0.0,  # prune once, at the first event
-}
+def cubic(progress: float) -> float:
+    return 1.0 - (1.0 - progress) ** 3  # Zhu & Gupta (2017), HomoDistil's choice
+
+
+def linear(progress: float) -> float:
+    return progress
+
+
+def one_shot(progress: float) -> float:
+    return 1.0 if progress > 0 else 0.0  # prune once, at the first event
+
+
+# functions, not lambdas: the callback is pickled into every process under ddp_spawn
+SCHEDULES: dict[str, Callable[[float], float]] = {"cubic": cubic, "linear": linear, "one-shot": one_shot}
 IMPORTANCE = ("platon", "sensitivity")
 
 
@@ -75,7 +84,11 @@ class PruningCallback(L.Callback):
         interval: steps between pruning events.
         schedule: ``cubic`` (the share of the way to the target pruned after progress p is 1 - (1 - p)³),
             ``linear``, ``one-shot``, or any callable from progress in [0, 1] to that share.
-        importance: ``platon`` (with ``beta1``, ``beta2``) or ``sensitivity`` (|θ·∇θ| summed since the start).
+        importance: ``platon`` (with ``beta1``, ``beta2`` and ``delta_t``, PLATON's window: the EMAs take the
+            sensitivity averaged over that many steps; PLATON used 10) or ``sensitivity`` (|θ·∇θ| summed since
+            the start). Importance is collected from the first step, so ``start_step`` is PLATON's initial
+            warm-up; steps the optimizer skips (a GradScaler's overflow) or with non-finite sensitivities do
+            not count.
         same_per_layer: keep the same number of heads and neurons in every layer, so the result has a standard
             config; otherwise units compete across layers (every layer keeps at least one).
         export_dir: where to save the physically pruned student at the end of fit (a Hugging Face folder).
@@ -99,6 +112,7 @@ class PruningCallback(L.Callback):
         importance: str = "platon",
         beta1: float = 0.85,
         beta2: float = 0.95,
+        delta_t: int = 1,
         same_per_layer: bool = True,
         export_dir: str | None = None,
         prune_at_end: bool = True,
@@ -130,7 +144,7 @@ class PruningCallback(L.Callback):
         self.start_step, self.end_step, self.interval = start_step, end_step, interval
         self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
         kinds = list(self.target)
-        self.scorer: UnitImportance = (PlatonImportance(beta1, beta2, kinds) if importance == "platon"
+        self.scorer: UnitImportance = (PlatonImportance(beta1, beta2, kinds, delta_t) if importance == "platon"
                                        else Sensitivity(kinds))
         self.same_per_layer = same_per_layer
         self.export_dir, self.prune_at_end, self.expect_copy = export_dir, prune_at_end, expect_copy
@@ -147,6 +161,11 @@ class PruningCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        window = getattr(self.scorer, "delta_t", 1)
+        if self.start_step + self.interval < window:
+            raise ValueError(f"the first pruning event (step {self.start_step + self.interval}) comes before PLATON's "
+                             f"first window of delta_t={window} steps closes; raise start_step or interval, or "
+                             "lower delta_t.")
         student = pl_module.student
         counts = unit_counts(student)
         if self.expect_copy:
@@ -274,8 +293,9 @@ class PruningCallback(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         with timed(pl_module, "pruning"):
             # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
-            if self.start_step <= trainer.global_step < self.end_step:
-                self.scorer.update(pl_module.student)
+            if trainer.global_step < self.end_step and any(
+                    p.grad is not None for p in pl_module.student.parameters()):  # no gradients: a skipped step
+                self.scorer.update(pl_module.student, _step_taken(trainer, optimizer))
             # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
             with torch.no_grad():
                 for parameter, dim, index in self._slices:
@@ -415,6 +435,15 @@ def _rewrap_ddp(trainer: L.Trainer) -> None:
     if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
+
+
+def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:
+    """False (on the device, no sync) when a GradScaler will skip this step because its gradients overflowed."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None:
+        return None
+    found = scaler._found_inf_per_device(optimizer)  # filled by unscale_, which ran before this hook
+    return ~torch.stack([v.reshape(()) for v in found.values()]).any().bool() if found else None
 
 
 def _top_units_across_layers(scores: torch.Tensor, keep_per_layer: int) -> torch.Tensor:
