@@ -28,7 +28,7 @@ def _empty_scores(model: nn.Module) -> Scores:
     layers = counts["layers"]
     return {
         "heads": torch.zeros(layers, max(counts["heads"])),
-        "head_dims": torch.zeros(layers, counts["head_size"]),
+        "head_dims": torch.zeros(layers, max(counts["heads"]), counts["head_size"]),  # per head
         "ffn": torch.zeros(layers, max(counts["ffn"])),
         "hidden": torch.zeros(counts["hidden"]),
         "layers": torch.zeros(layers),
@@ -66,7 +66,7 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
         if axis.kind == "heads":
             grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)
             scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1)
-            scores["head_dims"][axis.layer] += grid.sum(0)
+            scores["head_dims"][axis.layer, : grid.shape[0]] += grid
         elif axis.kind == "ffn":
             scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1)
         else:
@@ -254,7 +254,7 @@ class ActivationImportance(UnitImportance):
             def hook(_module: nn.Module, args: tuple) -> None:
                 grid = args[0].abs().reshape(-1, args[0].shape[-1] // head_size, head_size)
                 self._add("heads", grid.mean(dim=(0, 2)), row)
-                self._add("head_dims", grid.mean(dim=(0, 1)), row)
+                self._add("head_dims", grid.mean(dim=0), row)
 
             return hook
 

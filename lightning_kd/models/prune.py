@@ -41,7 +41,7 @@ def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
     The copy computes exactly what ``apply_masks(model, masks)`` computes. When every kept layer keeps the
     same number of heads and FFN neurons its config is a standard one; otherwise the config holds the
     largest per-layer sizes and ``export_pretrained`` pads the layers so that plain transformers loads it.
-    ``masks["head_dims"]`` narrows every head and rescales the queries so that attention scores keep the
+    ``masks["head_dims"]`` narrows every head (each keeps its own dimensions) and rescales the queries so that attention scores keep the
     teacher's temperature (``q.k / sqrt(old head size)``); that is an initialisation, not a masked model.
     """
     masks = validate_masks(model, masks)
@@ -88,8 +88,9 @@ def prune_model_(model: nn.Module, masks: Masks) -> list[Resize]:
 
     head_size = counts["head_size"]
     if "head_dims" in masks:
-        kept_layers = masks.get("layers", torch.ones(counts["layers"], dtype=torch.bool))
-        head_size = int(masks["head_dims"][kept_layers.nonzero().flatten()[0]].sum())
+        layer = int(masks.get("layers", torch.ones(counts["layers"], dtype=torch.bool)).nonzero()[0])
+        head = int(masks["heads"][layer].nonzero()[0]) if "heads" in masks else 0
+        head_size = int(masks["head_dims"][layer, head].sum())  # every kept head keeps as many (validated)
     for layer in adapter.layers(model):
         parts = adapter.layer_parts(layer)
         if head_size != counts["head_size"]:
