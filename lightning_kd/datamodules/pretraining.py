@@ -21,7 +21,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from .common import check_vocabulary, distributed_position, get_tokenizer
+from .common import (
+    check_vocabulary,
+    distributed_position,
+    get_tokenizer,
+    pin_memory_default,
+    with_prediction_positions,
+)
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, SourceSpec, parse_source, read_documents
 
 POSITION_KEY = "_stream_position"
@@ -191,7 +197,8 @@ class PackedMLMStream(IterableDataset):
         position = dict(position, readers=readers, batches=batch_index)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
-        return {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
+        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
+        return with_prediction_positions(packed, labels)
 
     def _blocks(
         self, reader: int, readers: int, start: dict[str, Any] | None
@@ -356,6 +363,7 @@ class PretrainingDataModule(L.LightningDataModule):
         probabilities: how often each source is drawn (normalised); default: equal, or from the dicts.
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
+        pin_memory: page-locked batches; ``None`` pins when the trainer runs on CUDA.
     """
 
     def __init__(
@@ -371,7 +379,7 @@ class PretrainingDataModule(L.LightningDataModule):
         seed: int = 0,
         repeat: bool = True,
         cache_dir: str | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name = tokenizer
@@ -464,7 +472,7 @@ class PretrainingDataModule(L.LightningDataModule):
             dataset,
             self,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=pin_memory_default(self._trainer_or_none()) if self.pin_memory is None else self.pin_memory,
             persistent_workers=False,
         )
 
