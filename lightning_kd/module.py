@@ -98,6 +98,14 @@ def _has_adapter(model: nn.Module) -> bool:
     return True
 
 
+def _compiled_models(names: Sequence[str]) -> Sequence[str]:
+    unknown = sorted(set(names) - {"student", "teacher"})
+    if unknown or isinstance(names, str):
+        raise ValueError(f"compile's models {unknown or names!r} are unknown: name 'student' and/or 'teacher' "
+                         "in a list, e.g. compile: {models: [teacher]}.")
+    return names
+
+
 def _masked_lm_parts(model: nn.Module) -> MaskedLMParts | None:
     return get_adapter(model).masked_lm_parts(model) if _has_adapter(model) else None
 
@@ -139,7 +147,9 @@ class DistillationModule(L.LightningModule):
             faster); the losses are still computed in float32. ``None`` keeps the loaded dtype. The student's
             precision is the Trainer's (``precision="bf16-mixed"`` runs both models under bf16 autocast).
         compile: ``torch.compile`` the student and the teacher in place at the start of fit: ``True``, or a
-            dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
+            dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``), where
+            ``models`` picks which (``{"models": ["teacher"]}``: the teacher's shapes never change, while a student
+            being pruned changes shape at every event and recompiles).
         time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
         allow_changes: hyper-parameters that may differ from those of the checkpoint this run resumes (e.g.
@@ -168,6 +178,8 @@ class DistillationModule(L.LightningModule):
         if task not in MODEL_CLASSES:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
         check_schedule(schedule)
+        if isinstance(compile, Mapping):
+            _compiled_models(compile.get("models", ("student", "teacher")))
         self.save_hyperparameters(
             ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
         )
@@ -406,9 +418,10 @@ class DistillationModule(L.LightningModule):
         options = self.hparams.get("compile", False)
         if options:
             options = {} if options is True else dict(options)
+            names = _compiled_models(options.pop("models", ("student", "teacher")))
             # In place, so parameter names, state_dict keys and the pruning hooks stay as they are; a masked LM
             # is called as encoder and head (see _features), so those are what gets compiled.
-            for model in (self.student, self.teacher):
+            for model in (getattr(self, name) for name in names):
                 parts = _masked_lm_parts(model)
                 for part in (parts.encoder, parts.head) if parts is not None else (model,):
                     part.compile(**options)

@@ -167,3 +167,14 @@ def test_weighted_cka_equals_cka_of_the_kept_rows() -> None:
     y[:, :3] += x[:, :3]
     keep = torch.rand(40, generator=generator) < 0.6
     torch.testing.assert_close(linear_cka(x, y, keep.long()), linear_cka(x[keep], y[keep]))
+
+
+def test_compile_can_take_the_teacher_alone_and_compiles_the_parts_that_run() -> None:
+    module = DistillationModule(masked_lm("bert"), {"init": "layers", "num_layers": 2}, task="masked-lm",
+                                compile={"models": ["teacher"], "backend": "eager"})
+    module.on_fit_start()
+    assert module.teacher.bert._compiled_call_impl is not None and module.teacher.cls._compiled_call_impl is not None
+    assert module.student.bert._compiled_call_impl is None
+    with pytest.raises(ValueError, match="'techer'.*'student' and/or 'teacher'"):
+        DistillationModule(masked_lm("bert"), {"init": "layers", "num_layers": 2}, task="masked-lm",
+                           compile={"models": ["techer"]})
