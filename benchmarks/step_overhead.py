@@ -205,6 +205,7 @@ def mlm_main(args: argparse.Namespace) -> None:
         loops[name] = (copy.deepcopy(teacher).eval().requires_grad_(False), student, optimizer, gather)
     data = mlm_batches(4, args.batch, args.seq, teacher.config.vocab_size)
     names = list(runs)
+    per_round: list[dict[str, float]] = []
     for round_index in range(args.rounds):
         order = names[round_index % 3:] + names[: round_index % 3]  # each run first, second and third in turn
         for name in order:
@@ -213,8 +214,10 @@ def mlm_main(args: argparse.Namespace) -> None:
             else:
                 t, s, optimizer, gather = loops[name]
                 runs[name].extend(manual_mlm_round(t, s, data, args.steps, optimizer, gather))
+        this = {name: statistics.median(times[-(args.steps - 1):]) for name, times in runs.items()}
+        per_round.append(this)
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {statistics.median(times):.4f} s/step" for name, times in runs.items()))
+            f"{name} {value:.4f} s/step" for name, value in this.items()))
     masked = sum(len(b["prediction_positions"]) for b in data) / sum(b["input_ids"].numel() for b in data)
     median = {name: statistics.median(times) for name, times in runs.items()}
     print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M (vocabulary "
@@ -225,6 +228,12 @@ def mlm_main(args: argparse.Namespace) -> None:
           "  (target <= 1.03)")
     print(f"step time ratio (lightning-kd / all-position loop): "
           f"{median['lightning-kd'] / median['all positions']:.3f}  (what the gather saves)")
+    # on a shared machine the load drifts between rounds: the median of each round's own ratio resists that
+    for other, label in (("same math", "same-math"), ("all positions", "all-position")):
+        ratio = statistics.median(r["lightning-kd"] / r[other] for r in per_round)
+        print(f"  median of per-round ratios, lightning-kd / {label} loop: {ratio:.3f}")
+    ratio = statistics.median(r["same math"] / r["all positions"] for r in per_round)
+    print(f"  median of per-round ratios, same-math (gathered) loop / all-position loop: {ratio:.3f}")
 
 
 def main() -> None:
