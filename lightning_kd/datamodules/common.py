@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..hub import load_tokenizer, resolve_pretrained
+from ..objective import PREDICTION_POSITIONS, prediction_positions
 
 
 def get_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -28,6 +29,25 @@ def get_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> Pre
             ".save_pretrained(folder)` and pass the folder."
         )
     return loaded
+
+
+def with_prediction_positions(batch: dict[str, Any], labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """``batch`` with ``prediction_positions``: the flat indices of its MLM-labelled tokens (``labels != -100``;
+    ``labels`` defaults to ``batch["labels"]``).
+
+    Collate functions call this on the host, where it is free: the module then runs both models' prediction
+    heads at those positions only, without computing them on the device (which waits for it: a ``nonzero``).
+    """
+    batch[PREDICTION_POSITIONS] = prediction_positions(batch["labels"] if labels is None else labels)
+    return batch
+
+
+def pin_memory_default(trainer: Any) -> bool:
+    """Page-locked batches when training on CUDA: Lightning then copies them with ``non_blocking=True`` and the
+    host does not wait for the device at every batch; on a CPU pinning is only a cost."""
+    strategy = getattr(trainer, "strategy", None)
+    device = getattr(strategy, "root_device", None)
+    return device is not None and device.type == "cuda"
 
 
 def distributed_position(trainer: Any = None) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .common import check_vocabulary, get_tokenizer
+from .common import check_vocabulary, get_tokenizer, pin_memory_default
 from .docstrings import DOCSTRING_CLASSES, write_docstring_task
 from .sources import DataSourceError, load_hub_dataset
 
@@ -293,6 +293,7 @@ class GLUEDataModule(L.LightningDataModule):
             generator=generator,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            pin_memory=pin_memory_default(getattr(self, "trainer", None)),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -32,7 +32,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
 
-from .common import get_tokenizer, vocabulary_hash
+from .common import get_tokenizer, vocabulary_hash, with_prediction_positions
 from .pretraining import PACKED_KEY, continuation_table, mask_tokens, unpack
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
 
@@ -334,7 +334,7 @@ class MaskingCollate:
         )  # fmt: skip
         # One tensor crosses from a worker to the main process instead of four (one shared-memory segment
         # each); the loader unpacks it into views.
-        return {PACKED_KEY: torch.stack([masked, attention_mask, labels])}
+        return with_prediction_positions({PACKED_KEY: torch.stack([masked, attention_mask, labels])}, labels)
 
 
 class OwnedBlocksDataset(StreamingDataset):

@@ -20,7 +20,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from .common import check_vocabulary, distributed_position, get_tokenizer
+from .common import (
+    check_vocabulary,
+    distributed_position,
+    get_tokenizer,
+    pin_memory_default,
+    with_prediction_positions,
+)
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, SourceSpec, parse_source, read_documents
 
 POSITION_KEY = "_stream_position"
@@ -196,7 +202,8 @@ class PackedMLMStream(IterableDataset):
         position = dict(position, readers=readers, batches=batch_index)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
-        return {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
+        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
+        return with_prediction_positions(packed, labels)
 
     def _blocks(
         self, reader: int, readers: int, start: dict[str, Any] | None
@@ -377,6 +384,7 @@ class PretrainingDataModule(L.LightningDataModule):
             prepared tokens).
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
+        pin_memory: page-locked batches; ``None`` pins when the trainer runs on CUDA.
     """
 
     def __init__(
@@ -392,7 +400,7 @@ class PretrainingDataModule(L.LightningDataModule):
         seed: int = 0,
         repeat: bool = True,
         cache_dir: str | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         prepared: str | None = None,
         shuffle: bool = True,
     ) -> None:
@@ -542,8 +550,11 @@ class PretrainingDataModule(L.LightningDataModule):
         collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
         return PreparedLoader(
             dataset, collate, batch_size=self.batch_size, num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
         )  # fmt: skip
+
+    def _pin_memory(self) -> bool:
+        return pin_memory_default(self._trainer_or_none()) if self.pin_memory is None else self.pin_memory
 
     def train_dataloader(self) -> DataLoader:
         if self.prepared is not None:
@@ -566,7 +577,7 @@ class PretrainingDataModule(L.LightningDataModule):
             dataset,
             self,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=False,
         )
 

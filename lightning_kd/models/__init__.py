@@ -1,7 +1,7 @@
 """The one place that knows a transformer's insides: adapters per architecture and what is built on them."""
 
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
-from .base import ArchitectureAdapter, HiddenParts, LayerParts
+from .base import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
 from .capture import capture_qkv
 from .export import (
     check_export_dir,
@@ -53,6 +53,7 @@ __all__ = [
     "ArchitectureAdapter",
     "HiddenParts",
     "LayerParts",
+    "MaskedLMParts",
     "MaskHandle",
     "Masks",
     "ParameterSlice",

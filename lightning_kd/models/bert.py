@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .registry import register_adapter
@@ -19,6 +19,15 @@ class BertAdapter(ArchitectureAdapter):
         "classifier": "r",
         "qa_outputs": "r",
     }
+    masked_lm_heads = {"BertForMaskedLM": "cls"}
+
+    def attention_mask_input(self, model: nn.Module, attention_mask: Tensor) -> Tensor:
+        # Given a (batch, sequence) mask, Hugging Face's SDPA path asks the host whether it is all ones (to drop
+        # it), which waits for a GPU at every forward pass. The (batch, 1, 1, sequence) boolean mask it would
+        # otherwise build is taken as it is.
+        if getattr(self.config(model), "_attn_implementation", None) == "sdpa" and attention_mask.dim() == 2:
+            return attention_mask[:, None, None, :].bool()
+        return attention_mask
 
     def layer_parts(self, layer: nn.Module) -> LayerParts:
         attention = layer.attention

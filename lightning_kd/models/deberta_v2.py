@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, HiddenParts, LayerParts
+from .base import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
 from .registry import register_adapter
 
 
@@ -21,6 +21,16 @@ class DebertaV2Adapter(ArchitectureAdapter):
         # the legacy MLM head maps hidden -> embedding_size; it is hidden-tied only without embed_proj
         "cls.predictions.transform.dense": "r",
     }
+
+    def masked_lm_parts(self, model: nn.Module) -> MaskedLMParts | None:
+        if type(model).__name__ != "DebertaV2ForMaskedLM":
+            return None
+        base = self.base_model(model)
+        legacy = find_legacy_head(model)
+        if legacy is not None:
+            return MaskedLMParts(base, model.cls)
+        # the current head decodes with the tied word embeddings, passed to its forward
+        return MaskedLMParts(base, model.lm_predictions, (base.embeddings.word_embeddings,))
 
     def max_positions(self, model: nn.Module) -> int | None:
         # relative positions only (v3's default): any length runs

@@ -20,6 +20,7 @@ class RobertaAdapter(BertAdapter):
         "classifier": "r",
         "qa_outputs": "r",
     }
+    masked_lm_heads = {"RobertaForMaskedLM": "lm_head", "XLMRobertaForMaskedLM": "lm_head"}
 
     def max_positions(self, model: nn.Module) -> int | None:
         # positions start after the padding index: 514 embeddings hold 512 tokens

@@ -14,17 +14,20 @@ Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, 
 ``i``. Attention and relation terms read block ``i`` itself, so they take 1..L.
 
 Padding never contributes: every term averages over positions whose ``attention_mask`` is 1 (and over the
-masked positions of MLM when it reads predictions).
+masked positions of MLM when it reads predictions). Models with a known masked-LM head predict only at those
+positions (``Features.positions``), and the terms read the rows they were given.
 """
 
 from .base import (
     IGNORE_INDEX,
     LAYER_MAPS,
+    PREDICTION_POSITIONS,
     TERMS,
     Features,
     KnowledgeTerm,
     ModelInfo,
     Needs,
+    prediction_positions,
     register_term,
     resolve_layer_map,
 )
@@ -44,6 +47,7 @@ from .terms import (
 __all__ = [
     "IGNORE_INDEX",
     "LAYER_MAPS",
+    "PREDICTION_POSITIONS",
     "TERMS",
     "AttentionMap",
     "DistillationObjective",
@@ -60,6 +64,7 @@ __all__ = [
     "TaskLoss",
     "build_term",
     "prediction_kl",
+    "prediction_positions",
     "register_term",
     "relation_log_probs",
     "resolve_layer_map",

@@ -11,6 +11,17 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+# The batch key under which a collate function hands over the flat indices of the positions a loss reads.
+PREDICTION_POSITIONS = "prediction_positions"
+
+
+def prediction_positions(labels: Tensor) -> Tensor:
+    """Flat indices (into batch x sequence, row-major) of the tokens an MLM loss reads: ``labels != -100``.
+
+    A collate function computes them on the host, where it costs nothing (:func:`with_prediction_positions`);
+    computed on a GPU, ``nonzero`` waits for the device, since the count decides the output's shape.
+    """
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 @dataclass
@@ -29,12 +40,18 @@ class ModelInfo:
 
 @dataclass
 class Features:
-    """The outputs of one forward pass that the terms read; fields are None when nobody asked for them."""
+    """The outputs of one forward pass that the terms read; fields are None when nobody asked for them.
+
+    ``positions``: when set, the model predicted only at these positions (flat indices into batch x sequence,
+    see :func:`prediction_positions`) and ``logits`` holds one row per position, in that order; when None,
+    ``logits`` covers every position (batch, sequence, vocabulary) or is one row per example (a classifier).
+    """
 
     logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
+    positions: Tensor | None = None
 
     def float(self) -> Features:
         """The same outputs in float32 (free when they already are): losses are computed at full precision."""
@@ -49,6 +66,7 @@ class Features:
             hidden_states=up(self.hidden_states),
             attentions=up(self.attentions),
             qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in self.qkv.items()},
+            positions=self.positions,
         )
 
 

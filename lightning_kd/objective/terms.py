@@ -23,16 +23,27 @@ from .base import (
 )
 
 
-def _prediction_positions(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    """Flatten token-level logits to the positions a loss reads: MLM's masked tokens, else real tokens."""
-    if logits.dim() == 2:  # sequence-level (a classifier): one prediction per example
-        return logits
+def _prediction_rows(
+    logits: Tensor, batch: Mapping[str, Tensor], positions: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The rows of logits a loss reads, as (rows, weights): MLM's masked tokens, else real tokens.
+
+    Logits already gathered at ``positions`` and a classifier's one row per example are all read (weights None).
+    Logits at every position are flattened and weighted by a 0/1 mask rather than indexed with it: boolean
+    indexing needs the count of true entries, which on a GPU waits for the device.
+    """
+    if positions is not None or logits.dim() == 2:
+        return logits, None
     labels = batch.get("labels")
     if labels is not None and labels.shape == logits.shape[:2]:
         keep = labels != IGNORE_INDEX
     else:
         keep = batch["attention_mask"].bool()
-    return logits[keep]
+    return logits.reshape(-1, logits.shape[-1]), keep.reshape(-1)
+
+
+def _row_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    return values.mean() if weights is None else masked_mean(values, weights)
 
 
 @register_term
@@ -61,25 +72,33 @@ class PredictionKL(KnowledgeTerm):
         return Needs(logits=True)
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
-        return prediction_kl(teacher.logits, student.logits, batch, self.temperature)
+        return prediction_kl(teacher.logits, student.logits, batch, self.temperature, student.positions)
 
 
 def prediction_kl(
-    teacher_logits: Tensor, student_logits: Tensor, batch: Mapping[str, Tensor], temperature: float
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    temperature: float,
+    positions: Tensor | None = None,
 ) -> Tensor:
-    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions; MSE for regression."""
-    t = _prediction_positions(teacher_logits, batch).float() / temperature
-    s = _prediction_positions(student_logits, batch).float() / temperature
+    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions; MSE for regression.
+
+    ``positions``: the logits are already gathered there, one row each (see ``Features.positions``).
+    """
+    t, weights = _prediction_rows(teacher_logits, batch, positions)
+    s, _ = _prediction_rows(student_logits, batch, positions)
     if t.numel() == 0:
         return student_logits.sum() * 0.0
+    t, s = t.float() / temperature, s.float() / temperature
     if t.shape[-1] == 1:  # a regression head has no distribution: match the scores instead
-        return F.mse_loss(s, t) * temperature**2
+        return _row_mean((s - t).pow(2).squeeze(-1), weights) * temperature**2
     teacher_prob = t.softmax(-1)
     # Soft cross-entropy has KL's gradient and skips a log on the teacher side's graph; adding back the teacher
     # entropy (no gradient) turns its value into the KL that users read on their dashboards.
     cross_entropy = -(teacher_prob * s.log_softmax(-1)).sum(-1)
     entropy = -torch.special.xlogy(teacher_prob, teacher_prob).sum(-1)
-    return (cross_entropy - entropy).mean() * temperature**2
+    return _row_mean(cross_entropy - entropy, weights) * temperature**2
 
 
 class _LayerTerm(KnowledgeTerm):
@@ -340,6 +359,8 @@ class TaskLoss(KnowledgeTerm):
             raise ValueError("the 'task' term needs `labels` in the batch; the DataModule yields none.")
         if logits.shape[-1] == 1 and labels.is_floating_point():
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        if student.positions is not None:  # predicted only where the labels are: read the labels there
+            labels = labels.reshape(-1).index_select(0, student.positions)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )

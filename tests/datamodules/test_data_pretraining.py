@@ -36,8 +36,10 @@ def test_batches_are_full_blocks_with_mlm_labels(corpus, tokenizer):
     batches = list(module([str(path)]).train_dataloader())
     assert len(batches) > 3
     for batch in batches:
-        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "prediction_positions"}
         assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape[1] == 32
+        # the positions the MLM losses read, computed by the collate function so the device never has to
+        assert torch.equal(batch["prediction_positions"], (batch["labels"].reshape(-1) != -100).nonzero().flatten())
     # Packing leaves no padding except in the stream's very last block.
     masks = torch.cat([b["attention_mask"] for b in batches])
     assert masks[:-1].all()
