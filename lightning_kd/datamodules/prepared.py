@@ -22,8 +22,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -285,19 +287,42 @@ def _prepare_source(
         for piece in range(pieces)
     ]  # fmt: skip
     _no_pypi_lookup()
-    optimize(
-        fn=_tokenize_piece,
-        inputs=items,
-        output_dir=str(target),
-        chunk_size=max_length * chunk_blocks,
-        num_workers=min(workers, pieces),
-        item_loader=TokensLoader(),
-        reorder_files=False,
-        start_method="fork",
-    )
+    with _private_optimizer_cache():
+        optimize(
+            fn=_tokenize_piece,
+            inputs=items,
+            output_dir=str(target),
+            chunk_size=max_length * chunk_blocks,
+            num_workers=min(workers, pieces),
+            item_loader=TokensLoader(),
+            reorder_files=False,
+            start_method="fork",
+        )
     if len(list(counts.glob("[0-9]*.json"))) != pieces:
         raise PreparedDataError(f"preparing {source!r}: some pieces did not finish; run prepare again to redo it")
     (counts / DONE).write_text(json.dumps({"pieces": pieces}))
+
+
+@contextmanager
+def _private_optimizer_cache() -> Iterator[None]:
+    """Give this ``optimize`` call cache folders of its own.
+
+    LitData stages chunks in ``<tmp>/chunks`` and deletes that whole folder when an ``optimize`` starts, so two
+    prepares on one machine (two SLURM CPU jobs on a node, say) deleted each other's chunks and one of them
+    ended with a chunk its index lists but that was never written.
+    """
+    names = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="lightning-kd-prepare-") as folder:
+        os.environ[names[0]], os.environ[names[1]] = f"{folder}/chunks", f"{folder}/data"
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 class MaskingCollate:

@@ -320,3 +320,22 @@ def test_prepare_refuses_an_empty_source(tmp_path):
     with pytest.raises(DataSourceError, match=r"'.*empty\.txt' holds no documents"):
         prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")], max_length=32)
     assert not (tmp_path / "out").exists(), "nothing is written before the sources are checked"
+
+
+@pytest.mark.slow
+def test_two_prepares_on_one_machine_do_not_delete_each_others_chunks(tmp_path):
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        write_corpus(tmp_path / f"corpus_{name}", 3, first=1000 if name == "b" else 0)
+    script = ("import sys; from lightning_kd.datamodules.prepared import prepare; "
+              "prepare(sys.argv[1], sys.argv[2], [sys.argv[3]], max_length=32, num_workers=2, chunk_blocks=5)")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"out_{n}"), TOKENIZER,
+                              str(tmp_path / f"corpus_{n}")]) for n in ("a", "b")]
+    assert [run.wait(timeout=600) for run in runs] == [0, 0]
+    for name in ("a", "b"):
+        manifest = read_manifest(tmp_path / f"out_{name}")
+        dm = PretrainingDataModule(prepared=str(tmp_path / f"out_{name}"), max_length=32, batch_size=8,
+                                   shuffle=False)
+        assert len(blocks_of(list(dm.train_dataloader()))) == manifest["sources"][0]["blocks"]
