@@ -45,9 +45,8 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
     sums stay there: the scorers accumulate on the device and read their results back only when asked (at a
     pruning event or a checkpoint), so a GPU never waits for the CPU on an ordinary step.
     """
-    wanted = set(kinds) if kinds is not None else {"heads", "head_dims", "ffn", "hidden", "layers"}
-    if "heads" in wanted:
-        wanted.add("head_dims")  # the same reduction gives both
+    asked = set(kinds) if kinds is not None else {"heads", "head_dims", "ffn", "hidden", "layers"}
+    wanted = asked | ({"heads", "head_dims"} if asked & {"heads", "head_dims"} else set())  # one reduction, both
     counts = unit_counts(model)
     device = next(model.parameters()).device
     scores = {kind: value.to(device) for kind, value in _empty_scores(model).items()}
@@ -76,7 +75,8 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
             for _, parameter in named:
                 if parameter.grad is not None:
                     scores["layers"][i] += product(parameter).sum()
-    return {kind: value for kind, value in scores.items() if kind in wanted}
+    # only what was asked: a pruning run's scorer must not keep per-head statistics it never re-indexes
+    return {kind: value for kind, value in scores.items() if kind in asked}
 
 
 def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:

@@ -13,7 +13,7 @@ from kd_helpers import FixedBatches, quiet_trainer, tiny_bert_config
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd.models import unit_counts
+from lightning_kd.models import get_adapter, unit_counts
 
 TARGET = {"heads": 0.5, "ffn": 0.25, "hidden": 0.5}
 # a real MLM objective: prediction KL, hidden states, and the student's own masked-token loss
@@ -148,7 +148,9 @@ def test_compiled_shrinking_equals_eager(teacher: BertForMaskedLM) -> None:
     eager, _ = distil(teacher, eager_pruning, steps=5)
     compiled_pruning = PruningCallback(TARGET, end_step=4, interval=2, prune_at_end=False)
     compiled, _ = distil(teacher, compiled_pruning, steps=5, compile={"backend": "aot_eager"})
-    assert compiled.student._compiled_call_impl is not None
+    # a masked LM is compiled as its encoder and its head (the module runs the head at masked positions only)
+    parts = get_adapter(compiled.student).masked_lm_parts(compiled.student)
+    assert parts.encoder._compiled_call_impl is not None and parts.head._compiled_call_impl is not None
     assert compiled.student.config.hidden_size == eager.student.config.hidden_size == 8
     for name, value in eager.student.state_dict().items():
         assert torch.allclose(value, compiled.student.state_dict()[name], atol=1e-5), name
