@@ -14,12 +14,12 @@ The discrepancy (1 - linear CKA per layer, averaged; and the hidden-state MSE te
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import lightning as L
 import matplotlib
 import torch
+from _common import TEACHER, held_out_batches
 
 from lightning_kd import DistillationModule, PretrainingDataModule, PruningCallback
 from lightning_kd.hub import load_model
@@ -27,7 +27,6 @@ from lightning_kd.hub import load_model
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
 TARGET = {"hidden": 0.5, "heads": 0.5, "ffn": 0.5}
 
@@ -77,9 +76,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--out", default="docs/homodistil_vs_prune_once.png")
     args = parser.parse_args()
-    held_out = PretrainingDataModule(TEACHER, sources=["docstrings"], max_length=128, batch_size=8, seed=1234)
-    held_out.setup("fit")
-    probe_batches = list(itertools.islice(iter(held_out.train_dataloader()), 4))
+    probe_batches = held_out_batches()
 
     end = args.steps * 3 // 4
     iterative = run("iterative (HomoDistil)", PruningCallback(TARGET, end_step=end, interval=5),

@@ -129,15 +129,18 @@ class UnitImportance:
         """
         for key, value in list(self.state.items()):
             kind = key.split(".")[0]
-            if kind not in masks or kind not in ("heads", "ffn", "hidden"):
+            # head_dims statistics ([layers, heads, head_size]) lose the rows of the heads that go
+            follows = "heads" if kind == "head_dims" else kind
+            if follows not in masks or follows not in ("heads", "ffn", "hidden"):
                 continue
-            mask = masks[kind].to(value.device)
+            mask = masks[follows].to(value.device)
             if kind == "hidden":
                 self.state[key] = value[mask]
                 continue
             kept = mask.sum(-1)
             packed = torch.arange(int(kept.max()), device=value.device)[None, :] < kept[:, None]
-            out = torch.zeros(value.shape[0], packed.shape[1], dtype=value.dtype, device=value.device)
+            out = torch.zeros(value.shape[0], packed.shape[1], *value.shape[2:], dtype=value.dtype,
+                              device=value.device)
             out[packed] = value[:, : mask.shape[1]][mask]
             self.state[key] = out
 

@@ -69,3 +69,14 @@ def test_first_event_before_the_first_window_is_refused_and_the_callback_pickles
     # ddp_spawn pickles the callback into every process
     restored = pickle.loads(pickle.dumps(PruningCallback({"ffn": 0.5}, schedule="cubic")))
     assert restored.schedule(0.5) == pytest.approx(0.875)
+
+
+def test_head_dim_statistics_follow_the_heads_a_gradual_shrink_removes(teacher: BertForMaskedLM) -> None:
+    torch.manual_seed(0)
+    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}])
+    pruning = PruningCallback({"heads": 0.5}, interval=1, end_step=4, schedule="linear")
+    quiet_trainer(max_steps=6, callbacks=[pruning]).fit(module, FixedBatches())
+    heads = module.student.config.num_attention_heads
+    assert heads < teacher.config.num_attention_heads
+    for key in ("head_dims.mean", "head_dims.uncertainty", "head_dims.window"):
+        assert pruning.scorer.state[key].shape[1] == heads
