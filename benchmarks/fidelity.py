@@ -75,7 +75,7 @@ SHAPE = {"num_hidden_layers": 6, "hidden_size": 192, "num_attention_heads": 6, "
 # homodistil_vs_prune_once's objective, with 8 relation heads: its default (the teacher's 12) does not divide
 # the attention widths that gradual head pruning passes through (11 heads x 32 = 352)
 OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"},
-             {"term": "relations", "layers": "last", "num_relation_heads": 8}]
+             {"term": "relations", "layers": "last_layer", "num_relation_heads": 8}]
 ARMS = ("HomoDistil", "prune once", "ETD-Impt", "ETD-Rand", "random init")
 
 

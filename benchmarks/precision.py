@@ -25,7 +25,7 @@ SETTINGS = {
     "bf16-mixed, bf16 teacher": {"precision": "bf16-mixed", "teacher_dtype": "bfloat16"},
     "float32, compiled": {"precision": "32-true", "compile": True},
 }
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
+OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
 
 
 def measure(shape: str, setting: str, steps: int, batch: int, seq: int, device: str) -> dict[str, float]:

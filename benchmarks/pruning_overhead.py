@@ -28,7 +28,7 @@ from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
 from lightning_kd.models import full_masks  # noqa: E402
 from lightning_kd.models.shrink import rebuild_shape_, student_shape  # noqa: E402
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
+OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
 TARGET = {"hidden": 0.5, "heads": 0.5, "ffn": 0.5}
 
 

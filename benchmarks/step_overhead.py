@@ -38,7 +38,7 @@ from lightning_kd import DistillationModule
 from lightning_kd.datamodules import with_prediction_positions
 from lightning_kd.hub import load_model
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last"}]
+OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
 MLM_OBJECTIVE = [{"term": "logits", "temperature": 1.0}, {"term": "hidden", "loss": "mse", "layers": "uniform"},
                  {"term": "task"}]
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)

@@ -14,7 +14,7 @@ from lightning_kd import DistillationModule
 ALL_TERMS = [
     {"term": "logits", "temperature": 2.0},
     {"term": "hidden", "layers": "uniform"},
-    {"term": "attention", "layers": "last"},
+    {"term": "attention", "layers": "last_layer"},
     {"term": "relations"},
     {"term": "embeddings"},
     {"term": "task", "weight": 0.5},

@@ -76,11 +76,11 @@ def test_hidden_mse_and_cosine_by_hand_with_padding_ignored() -> None:
     teacher = Features(hidden_states=(teacher_h,) * 5)
     student = Features(hidden_states=(student_h,) * 5)
     small = info(hidden_size=4)
-    mse = bound({"term": "hidden", "loss": "mse", "layers": "last"}, small, small)
+    mse = bound({"term": "hidden", "loss": "mse", "layers": "last_layer"}, small, small)
     assert mse(teacher, student, {"attention_mask": mask}).item() == pytest.approx(1.0)
     teacher_h = torch.tensor([[[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]]])
     student_h = torch.tensor([[[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, -5.0]]])
-    cosine = bound({"term": "hidden", "loss": "cosine", "layers": "last"}, small, small)
+    cosine = bound({"term": "hidden", "loss": "cosine", "layers": "last_layer"}, small, small)
     value = cosine(
         Features(hidden_states=(teacher_h,) * 5),
         Features(hidden_states=(student_h,) * 5),
@@ -129,13 +129,13 @@ def test_attention_kl_and_mse_by_hand() -> None:
     s = attention([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0], [0.9, 0.1, 0.0]])
     batch = {"attention_mask": torch.tensor([[1, 1, 0]])}
     one = info(num_layers=1, num_heads=1)
-    kl = bound({"term": "attention", "loss": "kl", "layers": "last"}, one, one)
+    kl = bound({"term": "attention", "loss": "kl", "layers": "last_layer"}, one, one)
     row1 = 0.5 * math.log(2.0) + 0.5 * math.log(0.5 / 0.75)
     row2 = math.log(2.0)
     assert kl(Features(attentions=(t,)), Features(attentions=(s,)), batch).item() == pytest.approx(
         (row1 + row2) / 2, abs=1e-6
     )
-    mse = bound({"term": "attention", "loss": "mse", "layers": "last"}, one, one)
+    mse = bound({"term": "attention", "loss": "mse", "layers": "last_layer"}, one, one)
     expected = (0.25**2 * 2 + 0.5**2 * 2) / 4
     assert mse(Features(attentions=(t,)), Features(attentions=(s,)), batch).item() == pytest.approx(expected)
 
@@ -185,8 +185,13 @@ def test_task_loss_classification_and_regression() -> None:
 def test_layer_maps() -> None:
     assert resolve_layer_map("uniform", 2, 4, with_embeddings=True) == [(0, 0), (1, 2), (2, 4)]
     assert resolve_layer_map("uniform", 3, 12, with_embeddings=False) == [(1, 4), (2, 8), (3, 12)]
-    assert resolve_layer_map("first", 3, 12, with_embeddings=False) == [(1, 1)]
-    assert resolve_layer_map("last", 3, 12, with_embeddings=False) == [(3, 12)]
+    # KD revisited's strategies pair all M student layers; the single-pair maps say so in their names
+    assert resolve_layer_map("first", 3, 12, with_embeddings=False) == [(1, 1), (2, 2), (3, 3)]
+    assert resolve_layer_map("last", 3, 12, with_embeddings=False) == [(1, 10), (2, 11), (3, 12)]
+    assert resolve_layer_map("first_layer", 3, 12, with_embeddings=False) == [(1, 1)]
+    assert resolve_layer_map("last_layer", 3, 12, with_embeddings=False) == [(3, 12)]
+    with pytest.raises(ValueError, match="'last' pairs each of the student's 4 layers .* teacher has only 3"):
+        resolve_layer_map("last", 4, 3, with_embeddings=True)
     assert resolve_layer_map([[1, 6], [3, 12]], 3, 12, with_embeddings=False) == [(1, 6), (3, 12)]
     with pytest.raises(ValueError, match="teacher layer 13"):
         resolve_layer_map([[1, 13]], 3, 12, with_embeddings=False)
@@ -226,7 +231,7 @@ def test_bad_terms_are_named(spec: dict, message: str) -> None:
 def test_duplicate_term_names_are_refused() -> None:
     with pytest.raises(ValueError, match="distinct `name`"):
         DistillationObjective([{"term": "hidden"}, {"term": "hidden"}])
-    DistillationObjective([{"term": "hidden"}, {"term": "hidden", "layers": "last", "name": "hidden_top"}])
+    DistillationObjective([{"term": "hidden"}, {"term": "hidden", "layers": "last_layer", "name": "hidden_top"}])
 
 
 def test_logits_term_needs_prediction_heads() -> None:
@@ -236,7 +241,7 @@ def test_logits_term_needs_prediction_heads() -> None:
 
 @pytest.mark.parametrize("projection", [None, True])
 def test_narrowing_the_student_width_keeps_the_hidden_term_exact(projection: bool | None) -> None:
-    term = bound({"term": "hidden", "layers": "last", "projection": projection}, info(hidden_size=6, num_layers=1),
+    term = bound({"term": "hidden", "layers": "last_layer", "projection": projection}, info(hidden_size=6, num_layers=1),
                  info(hidden_size=6, num_layers=1))
     torch.manual_seed(0)
     kept = torch.tensor([0, 2, 3])

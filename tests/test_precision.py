@@ -12,7 +12,7 @@ from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
 
-OBJECTIVE = [{"term": "hidden"}, {"term": "logits"}, {"term": "relations", "layers": "last"}]
+OBJECTIVE = [{"term": "hidden"}, {"term": "logits"}, {"term": "relations", "layers": "last_layer"}]
 
 
 class Losses(L.Callback):
@@ -64,7 +64,7 @@ def test_bf16_mixed_runs_both_models_in_bf16_and_follows_float32(teacher: BertFo
 
 def test_bf16_mixed_losses_are_computed_in_float32(teacher: BertForMaskedLM) -> None:
     # The relation KL of two near distributions is ~1e-5: in bf16 matmuls it is rounding noise, even negative.
-    relations = [{"term": "relations", "layers": "last"}]
+    relations = [{"term": "relations", "layers": "last_layer"}]
     _, exact = distil(teacher, steps=3, objective=relations)
     _, mixed = distil(teacher, steps=3, precision="bf16-mixed", objective=relations)
     assert min(mixed) > 0

@@ -8,7 +8,7 @@ written in YAML:
     objective:
       - {term: logits, temperature: 2.0, weight: 1.0}
       - {term: hidden, loss: mse, layers: uniform, weight: 1.0}
-      - {term: relations, layers: last, relations: [qq, kk, vv], weight: 1.0}
+      - {term: relations, layers: last_layer, relations: [qq, kk, vv], weight: 1.0}
 
 Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, ``i`` the output of block
 ``i``. Attention and relation terms read block ``i`` itself, so they take 1..L.

@@ -92,7 +92,7 @@ class Needs:
 
 # ---------------------------------------------------------------------------------------------- layer maps
 
-LAYER_MAPS = ("first", "last", "uniform")
+LAYER_MAPS = ("first", "last", "uniform", "first_layer", "last_layer")
 
 
 def resolve_layer_map(
@@ -100,14 +100,24 @@ def resolve_layer_map(
 ) -> list[tuple[int, int]]:
     """(student, teacher) layer pairs for a named map or an explicit list of pairs.
 
-    ``uniform`` is TinyBERT's map, student layer m learning from teacher layer m * N / M; for hidden states it
-    also pairs the embeddings (0 with 0).
+    The maps of "KD revisited" (Lu et al., 2022), for M student and N teacher layers: ``first`` pairs student
+    layer m with teacher layer m, ``last`` with teacher layer N - M + m (all M layers, each time), and
+    ``uniform`` is TinyBERT's map, student layer m learning from teacher layer m * N / M (for hidden states it
+    also pairs the embeddings, 0 with 0). ``first_layer`` and ``last_layer`` are one pair each: (1, 1) and
+    (M, N), the last one being MiniLMv2's relation map.
     """
     first = 0 if with_embeddings else 1
     if isinstance(spec, str):
+        if spec in ("first", "last") and student_layers > teacher_layers:
+            raise ValueError(f"layer map {spec!r} pairs each of the student's {student_layers} layers with its "
+                             f"own teacher layer, but the teacher has only {teacher_layers}; use 'uniform'.")
         if spec == "first":
-            return [(1, 1)]
+            return [(m, m) for m in range(1, student_layers + 1)]
         if spec == "last":
+            return [(m, teacher_layers - student_layers + m) for m in range(1, student_layers + 1)]
+        if spec == "first_layer":
+            return [(1, 1)]
+        if spec == "last_layer":
             return [(student_layers, teacher_layers)]
         if spec == "uniform":
             return [(m, round(m * teacher_layers / student_layers)) for m in range(first, student_layers + 1)]

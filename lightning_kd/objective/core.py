@@ -11,7 +11,7 @@ from .base import TERMS, Features, KnowledgeTerm, ModelInfo, Needs
 
 
 def build_term(spec: Mapping[str, Any] | KnowledgeTerm) -> KnowledgeTerm:
-    """A term from its YAML form, e.g. ``{"term": "hidden", "loss": "cosine", "layers": "last"}``."""
+    """A term from its YAML form, e.g. ``{"term": "hidden", "loss": "cosine", "layers": "last_layer"}``."""
     if isinstance(spec, KnowledgeTerm):
         return spec
     options = dict(spec)

@@ -275,7 +275,7 @@ class Relations(_LayerTerm):
 
     kind = "relations"
     losses = ("kl",)
-    default_layers = "last"
+    default_layers = "last_layer"
     RELATIONS: ClassVar[dict[str, tuple[str, str]]] = {
         "qq": ("query", "query"),
         "kk": ("key", "key"),
