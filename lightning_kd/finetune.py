@@ -16,6 +16,7 @@ from .datamodules.glue import get_task
 from .evaluation import TaskMetrics
 from .hub import load_model
 from .optim import adamw_with_warmup
+from .train_mode import train_mode_for_fit
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,6 +82,9 @@ class FineTuningModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
+
+    def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task.is_regression:

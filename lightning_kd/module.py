@@ -27,6 +27,7 @@ from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
 from .timing import StepTimer
+from .train_mode import train_mode_for_fit
 
 MODEL_CLASSES = {
     "base": AutoModel,
@@ -296,6 +297,7 @@ class DistillationModule(L.LightningModule):
             self.step_timer.to(self.device).reset()
 
     def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
         options = self.hparams.get("compile", False)
         if options:
             options = {} if options is True else dict(options)
