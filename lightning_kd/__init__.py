@@ -9,6 +9,7 @@ Where each paper lives:
 
 from .callbacks import (
     DistillationReport,
+    GLUESubmissionWriter,
     PreemptionCheckpoint,
     PruningCallback,
     RunDashboard,
@@ -31,6 +32,7 @@ __all__ = [
     "DistillationReport",
     "FineTuningModule",
     "GLUEDataModule",
+    "GLUESubmissionWriter",
     "KnowledgeTerm",
     "PreemptionCheckpoint",
     "PretrainingDataModule",

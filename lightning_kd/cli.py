@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from .callbacks import PreemptionCheckpoint, RunDashboard
+from .callbacks import GLUESubmissionWriter, PreemptionCheckpoint, RunDashboard
 from .checkpointing import install_atomic_checkpoints
+from .datamodules import GLUEDataModule
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 
@@ -42,6 +43,9 @@ class DistillationCLI(LightningCLI):
         add_wandb_when_configured(self.trainer)
         add_dashboard_when_missing(self.trainer)
         add_preemption_checkpoint_under_slurm(self.trainer)
+
+    def before_predict(self) -> None:
+        add_submission_writer_for_glue(self.trainer, self.datamodule)
 
 
 def add_csv_when_missing(trainer: L.Trainer) -> None:
@@ -84,6 +88,14 @@ def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
     environment = trainer._accelerator_connector.cluster_environment
     name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
     _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
+
+
+def add_submission_writer_for_glue(trainer: L.Trainer, datamodule: object) -> None:
+    """``lightning-kd predict`` on a GLUE task writes the submission folder to ``<default_root_dir>/glue_submission``
+    (see :class:`~lightning_kd.GLUESubmissionWriter`), unless the recipe has a writer of its own."""
+    if not isinstance(datamodule, GLUEDataModule) or any(isinstance(c, GLUESubmissionWriter) for c in trainer.callbacks):
+        return
+    trainer.callbacks.append(GLUESubmissionWriter(os.path.join(trainer.default_root_dir, "glue_submission")))
 
 
 def add_wandb_when_configured(trainer: L.Trainer) -> None:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
 from .datamodules.glue import get_task
-from .evaluation import TaskMetrics
+from .evaluation import TaskMetrics, loss_key
 from .hub import load_model
 from .optim import adamw_with_warmup
 from .train_mode import train_mode_for_fit
@@ -79,6 +79,7 @@ class FineTuningModule(L.LightningModule):
         self.adam_epsilon = adam_epsilon
         self.export_dir = export_dir
         self.metrics = TaskMetrics.for_task(self.task.name)
+        self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
@@ -99,17 +100,34 @@ class FineTuningModule(L.LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        self._evaluate(batch, dataloader_idx, "val", self.metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str, metrics: TaskMetrics) -> None:
         logits = self(batch)
-        self.metrics.update(logits, batch["labels"], dataloader_idx)
+        metrics.update(logits, batch["labels"], dataloader_idx)
         self.log(
-            "val/loss", self.loss(logits, batch["labels"]), batch_size=batch["labels"].shape[0],
-            add_dataloader_idx=True, sync_dist=True,
+            loss_key(self.trainer, stage, "loss", dataloader_idx), self.loss(logits, batch["labels"]),
+            batch_size=batch["labels"].shape[0], add_dataloader_idx=False, sync_dist=True,
         )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
         self.log_dict(self.metrics.compute(), prog_bar=True)
         self.metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """The logits of a test-set batch with its GLUE indices, as :class:`~lightning_kd.GLUESubmissionWriter`
+        reads them."""
+        return {"idx": batch["idx"], "logits": self(batch)}
 
     @rank_zero_only
     def on_train_end(self) -> None:

@@ -21,7 +21,7 @@ from transformers import (
 
 from . import hub
 from .discrepancy import measure_discrepancy
-from .evaluation import TaskMetrics
+from .evaluation import TaskMetrics, loss_key
 from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
@@ -127,6 +127,12 @@ class DistillationModule(L.LightningModule):
         self.__dict__["teacher"] = teacher_model
         self.student = build_student(student, teacher_model, model_class)
         self.task_metrics: TaskMetrics | None = None
+        self.test_metrics: TaskMetrics | None = None
+        self.teacher_metrics: dict[str, TaskMetrics] = {}
+        self.teacher_results: dict[tuple, dict[str, float]] = {}  # per evaluation set: the frozen teacher's metrics
+        self.last_evaluation: dict[str, dict[str, float]] = {}
+        self._teacher_key: tuple = ()
+        self._teacher_known = False
         self._check_vocabularies()
 
         self.objective = DistillationObjective(objective or self._default_objective())
@@ -314,25 +320,98 @@ class DistillationModule(L.LightningModule):
             self.step_timer.resume()
 
     def setup(self, stage: str) -> None:
-        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
+        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
+        # student and, as the bar it is measured against, for the teacher.
         task = getattr(getattr(self._trainer, "datamodule", None), "task", None)
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
+            self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
+            self.teacher_metrics = {
+                stage: TaskMetrics.for_task(task.name, prefix=f"{stage}/teacher").to(self.device)
+                for stage in ("val", "test")
+            }
+
+    def _evaluation_key(self, stage: str) -> tuple:
+        # The evaluation sets as the loop will read them: which sets, and how many batches of each
+        datamodule = getattr(self.trainer, "datamodule", None)
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            stage, counts = "sanity", trainer.num_sanity_val_batches
+        else:
+            counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        return (stage, tuple(getattr(datamodule, "validation_names", ())), tuple(counts))
+
+    def _start_evaluation(self, stage: str) -> None:
+        self._teacher_key = self._evaluation_key(stage)
+        self._teacher_known = self._teacher_key in self.teacher_results
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, dataloader_idx, "test")
+
+    def _evaluate(self, batch: Mapping[str, Tensor], dataloader_idx: int, stage: str) -> Tensor:
         teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.losses(teacher, student, batch)
         values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=batch["input_ids"].shape[0],
-                      sync_dist=True)
-        if self.task_metrics is not None and student.logits is not None:
-            self.task_metrics.update(student.logits, batch["labels"], dataloader_idx)
+        self.log_dict({loss_key(self.trainer, stage, k, dataloader_idx): v for k, v in values.items()},
+                      batch_size=batch["input_ids"].shape[0], sync_dist=True, add_dataloader_idx=False)
+        metrics = self.task_metrics if stage == "val" else self.test_metrics
+        if metrics is not None and student.logits is not None:
+            metrics.update(student.logits, batch["labels"], dataloader_idx)
+            if not self._teacher_known and teacher.logits is not None:
+                self.teacher_metrics[stage].update(teacher.logits, batch["labels"], dataloader_idx)
         return loss
 
+    def _end_evaluation(self, stage: str) -> None:
+        metrics = self.task_metrics if stage == "val" else self.test_metrics
+        if metrics is None:
+            return
+        student = metrics.compute()
+        metrics.reset()
+        if not self._teacher_known:
+            # The teacher is frozen, so its metrics on the same sets never change: computed once, then reused
+            self.teacher_results[self._teacher_key] = self.teacher_metrics[stage].compute()
+            self.teacher_metrics[stage].reset()
+        teacher = self.teacher_results.get(self._teacher_key, {})
+        gap = {key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value - student[key.replace("/teacher", "", 1)]
+               for key, value in teacher.items() if key.replace("/teacher", "", 1) in student}  # fmt: skip
+        self.log_dict(student, prog_bar=True)
+        self.log_dict({**teacher, **gap})
+        self.last_evaluation = {"student": student, "teacher": teacher, "gap": gap}
+
     def on_validation_epoch_end(self) -> None:
-        if self.task_metrics is not None:
-            self.log_dict(self.task_metrics.compute(), prog_bar=True)
-            self.task_metrics.reset()
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The student's outputs for a test-set batch, with its GLUE indices (see
+        :class:`~lightning_kd.GLUESubmissionWriter`)."""
+        logits = self.student_features(batch).logits
+        if logits is None:
+            raise ValueError("predicting needs a student that predicts: distil with task='sequence-classification'")
+        return {"idx": batch["idx"], "logits": logits}
+
+    def evaluation_summary(self) -> list[str]:
+        """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""
+        last = self.last_evaluation
+        lines = []
+        for key, value in sorted(last.get("teacher", {}).items()):
+            stage = key.split("/", 1)[0]
+            plain = key.replace("/teacher", "", 1)
+            if plain in last["student"]:
+                lines.append(f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
+                             f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})")
+        return lines
 
     @torch.no_grad()
     def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:

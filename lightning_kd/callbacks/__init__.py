@@ -4,6 +4,7 @@ from .dashboard import RunDashboard
 from .preemption import PreemptionCheckpoint
 from .pruning import PruningCallback
 from .report import DistillationReport
+from .submission import GLUESubmissionWriter
 from .ted import TEDFilterCallback
 
-__all__ = ["DistillationReport", "PreemptionCheckpoint", "PruningCallback", "RunDashboard", "TEDFilterCallback"]
+__all__ = ["DistillationReport", "GLUESubmissionWriter", "PreemptionCheckpoint", "PruningCallback", "RunDashboard", "TEDFilterCallback"]

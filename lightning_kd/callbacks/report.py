@@ -61,6 +61,9 @@ class DistillationReport(L.Callback):
         print("teacher-student discrepancy on the first batch (lower is closer):")
         for key in sorted(self.end):
             print(f"  {key:34s} start {self.start.get(key, float('nan')):.4f}   end {self.end[key]:.4f}")
+        gap = pl_module.evaluation_summary() if hasattr(pl_module, "evaluation_summary") else []
+        if gap:
+            print("task metrics at the last evaluation (gap = teacher - student):", *gap, sep="\n")
         if self.export_dir:
             path = pl_module.save_student(Path(self.export_dir))
             print(
