@@ -22,7 +22,8 @@ from transformers import (
 from . import hub
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics, loss_key
-from .models import capture_qkv, export_pretrained, get_adapter, is_classifier
+from .models import capture_qkv, get_adapter, is_classifier, parameter_count, save_standard
+from .models.card import auto_class_name, describe_device, export_sizes_line, forward_ms, write_model_card
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
@@ -456,17 +457,52 @@ class DistillationModule(L.LightningModule):
                 f"{self.teacher_source!r}; resuming continues against the new teacher."
             )
 
-    def save_student(self, path: str | os.PathLike, tokenizer: Any = None) -> str:
+    def save_student(
+        self, path: str | os.PathLike, tokenizer: Any = None, probe: Mapping[str, Tensor] | None = None,
+        discrepancy: Mapping[str, tuple[float, float]] | None = None,
+    ) -> str:  # fmt: skip
         """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads, with the
-        tokenizer (by default the DataModule's), so the folder is all a user needs."""
+        tokenizer (by default the DataModule's), the task's label names and a model card (``README.md``), so the
+        folder is all a user needs. ``probe``, a batch, times both models' forward pass for the card;
+        ``discrepancy`` goes into it as ``{name: (start, end)}``."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if tokenizer is None:
-            tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+            tokenizer = getattr(datamodule, "tokenizer", None)
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
-        export_pretrained(self.student, path)
+        label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
+        parameters, plain = save_standard(self.student, path, label_names or None)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+        speed = None
+        if probe is not None:
+            batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
+            ms = forward_ms({"teacher": self.teacher, "student": self.student}, batch)
+            shape = "x".join(str(n) for n in batch["input_ids"].shape)
+            speed = {"teacher_ms": ms["teacher"], "student_ms": ms["student"], "batch": shape,
+                     "device": describe_device(self.device)}  # fmt: skip
+        last = self.last_evaluation
+        write_model_card(
+            path, teacher=self.teacher_source, method=self.method_description(), recipe=getattr(self, "recipe", None),
+            model_class=auto_class_name(self.student), parameters=parameters, plain_parameters=plain,
+            teacher_parameters=parameter_count(self.teacher), speed=speed, discrepancy=discrepancy,
+            metrics={**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})},
+            label_names=list(label_names) if label_names else None,
+        )  # fmt: skip
+        print(export_sizes_line(parameters, plain))
         return str(path)
+
+    def method_description(self) -> str:
+        """What made this student, in one line for its model card: initialisation, objective, callbacks."""
+        spec = self.hparams.get("student")
+        init = spec.get("init") if isinstance(spec, Mapping) else spec if isinstance(spec, str) else "a given model"
+        if init == "extract":
+            init = f"extract (ETD, {spec.get('strategy', 'rand')})"
+        terms = ", ".join(t.name for t in self.terms.values())
+        parts = [f"student from {init}", f"objective: {terms}"]
+        names = {"PruningCallback": "HomoDistil pruning", "TEDFilterCallback": "TED filters"}
+        callbacks = [names[type(c).__name__] for c in getattr(self._trainer, "callbacks", []) if type(c).__name__ in names]
+        return "; ".join(parts + callbacks)
 
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:

@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 
 from . import hub
 from .models import (
-    drop_unused_pooler,
     extract,
+    freeze_unused_pooler,
     get_adapter,
     is_classifier,
     select_layers,
@@ -123,6 +123,7 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
         student = STUDENT_INITS[init](teacher, **options)
     except TypeError as error:
         raise ValueError(f"student init {init!r}: {error}") from error
-    drop_unused_pooler(student)
     # built from a frozen teacher, so it inherits frozen parameters and eval mode
-    return student.requires_grad_(True).train()
+    student.requires_grad_(True).train()
+    freeze_unused_pooler(student)
+    return student

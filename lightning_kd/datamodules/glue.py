@@ -42,6 +42,7 @@ class GLUETask:
     test_splits: tuple[str, ...] = ("test",)
     submission_names: tuple[str, ...] = ()
     test_tsv_columns: tuple[str, ...] = ()  # when the test file names its text columns differently
+    class_names: tuple[str, ...] = ()  # readable names (the hub's) where GLUE's files say 0/1
 
     @property
     def test_columns(self) -> tuple[str, ...]:
@@ -60,16 +61,16 @@ TASKS: dict[str, GLUETask] = {
     task.name: task
     for task in [
         GLUETask("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1"), ("matthews_correlation",), has_header=False,
-                 submission_names=("CoLA",), test_tsv_columns=("sentence",)),
+                 class_names=("unacceptable", "acceptable"), submission_names=("CoLA",), test_tsv_columns=("sentence",)),
         GLUETask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), ("accuracy",),
-                 submission_names=("SST-2",)),
+                 class_names=("negative", "positive"), submission_names=("SST-2",)),
         GLUETask(
             "mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("0", "1"),
-            ("f1", "accuracy"), submission_names=("MRPC",),
+            ("f1", "accuracy"), class_names=("not_equivalent", "equivalent"), submission_names=("MRPC",),
         ),
         GLUETask(
             "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1"),
-            ("f1", "accuracy"), submission_names=("QQP",),
+            ("f1", "accuracy"), class_names=("not_duplicate", "duplicate"), submission_names=("QQP",),
         ),
         GLUETask(
             "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", (),
@@ -92,7 +93,7 @@ TASKS: dict[str, GLUETask] = {
             ("entailment", "not_entailment"), ("accuracy",), submission_names=("RTE",),
         ),
         GLUETask("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",),
-                 submission_names=("WNLI",)),
+                 class_names=("not_entailment", "entailment"), submission_names=("WNLI",)),
         # Not GLUE: an offline stand-in with the same shape (see docstrings.write_docstring_task).
         GLUETask("docstrings", "docstrings", ("sentence",), ("sentence",), "label", DOCSTRING_CLASSES, ("accuracy",),
                  submission_names=("docstrings",)),
@@ -313,8 +314,10 @@ class GLUEDataModule(L.LightningDataModule):
 
     @property
     def label_names(self) -> list[str]:
-        """Class names in label id order (GLUE's own spelling, ``0``/``1`` where GLUE uses numbers); [] for STS-B."""
-        return list(self.task.labels)
+        """Readable class names in label id order, for a model's ``id2label`` (the hub's: ``negative``,
+        ``positive`` for SST-2; ``entailment``... for MNLI); [] for STS-B. GLUE's submission files use the
+        task's own spelling (``task.labels``: ``0``/``1`` where GLUE's files have numbers)."""
+        return list(self.task.class_names or self.task.labels)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

@@ -3,7 +3,14 @@
 from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
-from .export import check_exportable, export_pretrained, load_pruned, to_standard
+from .export import (
+    check_exportable,
+    export_pretrained,
+    load_pruned,
+    parameter_count,
+    save_standard,
+    to_standard,
+)
 from .extract import extract
 from .importance import (
     ActivationImportance,
@@ -15,7 +22,7 @@ from .importance import (
     top_units,
     unit_sensitivity,
 )
-from .layers import drop_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
+from .layers import freeze_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
 from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
@@ -47,9 +54,11 @@ __all__ = [
     "UnitImportance",
     "apply_masks",
     "capture_qkv",
-    "drop_unused_pooler",
+    "freeze_unused_pooler",
     "check_exportable",
     "export_pretrained",
+    "parameter_count",
+    "save_standard",
     "extract",
     "full_masks",
     "get_adapter",

@@ -69,7 +69,7 @@ def test_predict_writes_the_glue_submission_files(task: str, glue_dir: Path, tmp
         with torch.no_grad():
             logits = model(**{k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
         expected = (f"{float(logits.clamp(0, 5)):.3f}" if labels is None
-                    else data.label_names[int(logits.argmax())])  # fmt: skip
+                    else data.task.labels[int(logits.argmax())])  # fmt: skip
         assert rows[2]["prediction"] == expected
 
 
@@ -169,4 +169,4 @@ def test_cli_test_and_predict_on_the_offline_task(tmp_path: Path, monkeypatch: p
     rows = read_submission(tmp_path / "run" / "glue_submission" / "docstrings.tsv")
     data = GLUEDataModule("docstrings", TOKENIZER)
     assert len(rows) == len(data.read_predict_split("test")) == len(data.read_split("validation"))
-    assert {r["prediction"] for r in rows} <= set(data.label_names)
+    assert {r["prediction"] for r in rows} <= set(data.task.labels)
