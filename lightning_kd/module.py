@@ -27,6 +27,7 @@ from .models.card import auto_class_name, describe_device, export_sizes_line, fo
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
 from .optim import adamw_with_warmup, check_schedule
 from .students import StudentSpec, build_student
+from .teacher_cache import TeacherCache
 from .timing import StepTimer
 from .train_mode import train_mode_for_fit
 
@@ -83,6 +84,10 @@ class DistillationModule(L.LightningModule):
             dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
         time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
+        teacher_cache: task-specific distillation on a fixed data set: compute the teacher's outputs once per
+            training example and reuse them in later epochs, ``"memory"`` or a folder (kept on disk across runs),
+            or ``{"store": ..., "hidden_states": true}`` to keep the hidden states too (much larger; see
+            :mod:`lightning_kd.teacher_cache`).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: str | None = None,
         compile: bool | Mapping[str, Any] = False,
         time_steps: bool = True,
+        teacher_cache: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if task not in MODEL_CLASSES:
@@ -150,6 +156,7 @@ class DistillationModule(L.LightningModule):
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)
         self.step_timer: StepTimer | None = StepTimer() if time_steps else None
+        self.teacher_cache = TeacherCache.from_spec(teacher_cache)
         self._dropout_rng: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -244,7 +251,10 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         timer = self.step_timer
         with timer.section("teacher_forward") if timer else nullcontext():
-            teacher = self.teacher_features(batch)
+            if self.teacher_cache is not None:
+                teacher = self.teacher_cache.features(batch, lambda: self.teacher_features(batch))
+            else:
+                teacher = self.teacher_features(batch)
         with timer.section("student_forward") if timer else nullcontext():
             student = self.student_features(batch)
             loss, terms = self.losses(teacher, student, batch)
@@ -255,6 +265,8 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
         if self.trainer._logger_connector.should_update_logs:
+            if teacher.hidden_states is None:  # served from a logits-only cache: the discrepancy reads more
+                teacher = self.teacher_features(batch)
             self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
 
@@ -302,6 +314,20 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.step_timer:
             self.step_timer.to(self.device).reset()
+        if self.teacher_cache is not None:
+            self.teacher_cache.rank = self.global_rank
+            self.teacher_cache.bind(self.teacher, self.objective.needs())
+            rows = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+            if rows:
+                examples, mean = len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows)
+            else:
+                examples, mean = int(self.trainer.num_training_batches), 0.0
+            self.teacher_cache.announce(examples, mean, self.teacher)
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            self.log("teacher_cache/hit_rate", self.teacher_cache.hit_rate())
+            self.teacher_cache.save()
 
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
