@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from .callbacks import GLUESubmissionWriter, PreemptionCheckpoint, RunDashboard
 from .checkpointing import install_atomic_checkpoints
 from .datamodules import GLUEDataModule
+from .run_config import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 
@@ -29,6 +30,7 @@ class DistillationCLI(LightningCLI):
 
     def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RecipeConfigCallback)
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -41,8 +43,12 @@ class DistillationCLI(LightningCLI):
         install_atomic_checkpoints(self.trainer)
         add_csv_when_missing(self.trainer)
         add_wandb_when_configured(self.trainer)
+        name_wandb_runs(self.trainer, [str(f) for f in self.config[self.subcommand].get("config") or [] if f])
         add_dashboard_when_missing(self.trainer)
         add_preemption_checkpoint_under_slurm(self.trainer)
+
+    def after_fit(self) -> None:
+        finish_wandb_runs(self.trainer)
 
     def before_predict(self) -> None:
         add_submission_writer_for_glue(self.trainer, self.datamodule)
