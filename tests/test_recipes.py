@@ -76,3 +76,41 @@ def test_offline_recipes_run_as_shipped(group: list[str], tmp_path: Path, monkey
         exports = [p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")]
         for folder in exports:
             assert (tmp_path / folder / "config.json").is_file(), f"{name} did not export {folder}"
+
+
+PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFLINE]
+
+
+def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object) -> object:
+    """A tiny model of the family a hub name or TED teacher folder names, built offline instead of loading it."""
+    from transformers import AutoModel, BertConfig, DebertaV2Config
+
+    if what != "model" and what != "model config":
+        raise AssertionError(f"instantiating a recipe should not load a {what}")
+    labels = {k: kwargs[k] for k in ("num_labels", "problem_type") if kwargs.get(k) is not None}
+    shape = dict(hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=96,
+                 max_position_embeddings=128, vocab_size=30522, **labels)  # fmt: skip
+    name = str(name_or_path)
+    config = DebertaV2Config(**shape) if "deberta" in name or "ted" in name else BertConfig(**shape)
+    if what == "model config":
+        return config
+    return (AutoModel if loader is None else loader).from_config(config)
+
+
+@pytest.mark.parametrize("recipe", PAPER_SCALE, ids=[str(p.relative_to(EXPERIMENTS)) for p in PAPER_SCALE])
+def test_paper_scale_recipe_instantiates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model, data, trainer and callbacks built from the recipe, with tiny stand-ins for its hub models (nothing
+    downloads) and this machine's hardware: arguments every class accepts, not only a config that parses."""
+    from lightning_kd import hub
+    from lightning_kd.cli import DistillationCLI
+
+    monkeypatch.setattr(hub, "_load", _stand_in)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    # the hardware is this machine's (a multi-node GPU recipe cannot build its Trainer on a CPU), the rest as shipped
+    hardware = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
+    cli = DistillationCLI(args=["--config", str(recipe), *hardware], run=False)
+    assert cli.model.__class__.__module__.startswith("lightning_kd.")
+    assert cli.datamodule.__class__.__module__.startswith("lightning_kd.")
+    recipe_callbacks = yaml.safe_load(recipe.read_text())["trainer"].get("callbacks", [])
+    built = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {c["class_path"].rsplit(".", 1)[-1] for c in recipe_callbacks} <= built
