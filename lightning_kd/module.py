@@ -135,7 +135,7 @@ class DistillationModule(L.LightningModule):
         self.student = build_student(student, teacher_model, model_class)
         self.task_metrics: TaskMetrics | None = None
         self.test_metrics: TaskMetrics | None = None
-        self.teacher_metrics: dict[str, TaskMetrics] = {}
+        self.teacher_metrics = nn.ModuleDict()  # registered, so it moves to the device with the module
         self.teacher_results: dict[tuple, dict[str, float]] = {}  # per evaluation set: the frozen teacher's metrics
         self.last_evaluation: dict[str, dict[str, float]] = {}
         self._teacher_key: tuple = ()
@@ -353,10 +353,10 @@ class DistillationModule(L.LightningModule):
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
             self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
-            self.teacher_metrics = {
-                stage: TaskMetrics.for_task(task.name, prefix=f"{stage}/teacher").to(self.device)
-                for stage in ("val", "test")
-            }
+            for evaluation in ("val", "test"):
+                self.teacher_metrics[evaluation] = TaskMetrics.for_task(task.name, prefix=f"{evaluation}/teacher").to(
+                    self.device
+                )
 
     def _evaluation_key(self, stage: str) -> tuple:
         # The evaluation sets as the loop will read them: which sets, and how many batches of each
