@@ -38,6 +38,8 @@ class RecipeConfigCallback(SaveConfigCallback):
         files = [str(f) for f in (self.config.get("config") or []) if f is not None]
         config.pop("config", None)
         name = recipe_run_name(files)
+        if files:
+            pl_module.recipe = files[-1]  # the model card names the recipe its model came from
         for logger in trainer.loggers:
             logger.log_hyperparams({"run": {"name": name, "recipe": files}, **config})
 

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from .models import is_classifier
 from .objective import Features
 
 
@@ -81,7 +82,7 @@ class TeacherCache:
         if teacher.training:
             raise ValueError("teacher_cache needs a dropout-free teacher (eval mode): a teacher in train mode gives "
                              "different outputs each epoch, which a cache would freeze")  # fmt: skip
-        if not getattr(getattr(teacher, "config", None), "num_labels", None) or not hasattr(teacher, "classifier"):
+        if not is_classifier(teacher):
             raise ValueError("teacher_cache is for task-specific distillation (a sequence-classification teacher): "
                              "per-position outputs of a masked-LM teacher are too large to keep")  # fmt: skip
         reads = [name for name, asked in (("attentions", needs.attentions),

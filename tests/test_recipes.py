@@ -76,6 +76,7 @@ def test_offline_recipes_run_as_shipped(group: list[str], tmp_path: Path, monkey
         exports = [p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")]
         for folder in exports:
             assert (tmp_path / folder / "config.json").is_file(), f"{name} did not export {folder}"
+            assert name in (tmp_path / folder / "README.md").read_text(), "the model card names its recipe"
 
 
 PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFLINE]
