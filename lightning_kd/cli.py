@@ -43,7 +43,8 @@ class DistillationCLI(LightningCLI):
         install_atomic_checkpoints(self.trainer)
         add_csv_when_missing(self.trainer)
         add_wandb_when_configured(self.trainer)
-        name_wandb_runs(self.trainer, [str(f) for f in self.config[self.subcommand].get("config") or [] if f])
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name_wandb_runs(self.trainer, [str(f) for f in config.get("config") or [] if f])
         add_dashboard_when_missing(self.trainer)
         add_preemption_checkpoint_under_slurm(self.trainer)
 
