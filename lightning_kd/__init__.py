@@ -10,6 +10,8 @@ Where each paper lives:
 from .callbacks import (
     DistillationReport,
     GLUESubmissionWriter,
+    NonFiniteError,
+    NonFiniteGuard,
     PreemptionCheckpoint,
     PruningCallback,
     RunDashboard,
@@ -34,6 +36,8 @@ __all__ = [
     "GLUEDataModule",
     "GLUESubmissionWriter",
     "KnowledgeTerm",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "PreemptionCheckpoint",
     "PretrainingDataModule",
     "PruningCallback",

@@ -11,11 +11,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from .callbacks import GLUESubmissionWriter, PreemptionCheckpoint, RunDashboard
-from .checkpointing import install_atomic_checkpoints
+from .checkpointing import check_readable, install_atomic_checkpoints
 from .datamodules import GLUEDataModule
 from .run_config import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
+CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
 
 
 class DistillationCLI(LightningCLI):
@@ -38,6 +39,20 @@ class DistillationCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the recipe and the command line as written when resuming.
+
+        LightningCLI lays the checkpoint's hyper-parameters over them, so ``--ckpt_path ... --model.init_args.
+        learning_rate 1e-5`` would silently run with the checkpoint's rate. Here the module is built as the user
+        wrote it and compares itself with the checkpoint when it loads (:func:`check_resume`: differences are
+        refused unless ``allow_changes`` names them), the policy a Python user gets too. A checkpoint that cannot
+        be read is reported by its path before anything is built.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in CKPT_PATH_WORDS and not str(ckpt_path).startswith("registry"):
+            check_readable(ckpt_path)
 
     def before_fit(self) -> None:
         install_atomic_checkpoints(self.trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -12,12 +13,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from .checkpointing import check_resume
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics, loss_key
 from .hub import load_model, push_folder
-from .models import parameter_count, save_standard
+from .models import check_export_dir, check_export_written, parameter_count, save_standard
 from .models.card import auto_class_name, write_model_card
-from .optim import adamw_with_warmup
+from .optim import adamw_with_warmup, default_callbacks
 from .train_mode import train_mode_for_fit
 
 
@@ -53,6 +55,8 @@ class FineTuningModule(L.LightningModule):
             distillation or TED, for instance).
         push_to_hub: a hub repo id (``me/minilm-sst2``) to upload the exported folder to; ``private`` repo by
             default.
+        allow_changes: hyper-parameters that may differ from the checkpoint this run resumes (see
+            :func:`lightning_kd.checkpointing.check_resume`).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class FineTuningModule(L.LightningModule):
         export_dir: str | None = None,
         push_to_hub: str | None = None,
         private: bool = True,
+        allow_changes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -94,9 +99,6 @@ class FineTuningModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
-
-    def on_fit_start(self) -> None:
-        train_mode_for_fit(self)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task.is_regression:
@@ -141,6 +143,14 @@ class FineTuningModule(L.LightningModule):
         reads them."""
         return {"idx": batch["idx"], "logits": self(batch)}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
+
+    def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
+        if self.export_dir is not None:
+            check_export_dir(self.export_dir)
+
     @rank_zero_only
     def on_train_end(self) -> None:
         if self.export_dir is None:
@@ -155,6 +165,7 @@ class FineTuningModule(L.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.export_dir)
+        check_export_written(self.export_dir)
         source = self.hparams.get("model") or getattr(getattr(self.model, "config", None), "_name_or_path", "")
         write_model_card(
             self.export_dir, teacher=str(source), method=f"fine-tuned on {self.task.name}",
@@ -163,6 +174,9 @@ class FineTuningModule(L.LightningModule):
         )  # fmt: skip
         if self.push_to_hub:
             print(f"fine-tuned model pushed to {push_folder(self.export_dir, self.push_to_hub, self.private)}")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(

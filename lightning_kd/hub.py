@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,13 +31,52 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+PROXY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    Without this, an offline machine spends 20-50 s in the hub client's retries before every model or tokenizer
+    load fails. Behind a proxy a direct connection proves nothing, so the hub counts as reachable there.
+    """
+    if any(os.environ.get(name) for name in PROXY_SETTINGS):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    # in a thread, because a hanging name lookup ignores the socket's timeout
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened and opened[0])
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def _load(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any) -> Any:
     source = resolve_pretrained(name_or_path)
+    unreachable = ""
+    if not Path(source).is_dir() and not _offline() and not hub_reachable():
+        # the local cache may still hold it; only the network round trips are skipped
+        kwargs = {**kwargs, "local_files_only": True}
+        unreachable = f"The hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be reached. "
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:
         raise OSError(
-            f"could not load the {what} {str(name_or_path)!r}: {error}\n"
+            f"could not load the {what} {str(name_or_path)!r}: {error}\n{unreachable}"
             "If this machine is offline, pass a local folder that holds the files (config.json and weights, "
             "or the tokenizer files) instead of a hub name, or download it first with "
             "`huggingface-cli download <name> --local-dir <folder>`. "

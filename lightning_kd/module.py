@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,12 +23,21 @@ from transformers import (
 )
 
 from . import hub
+from .checkpointing import check_resume
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics, loss_key
-from .models import capture_qkv, get_adapter, is_classifier, parameter_count, save_standard
+from .models import (
+    capture_qkv,
+    check_export_written,
+    get_adapter,
+    is_classifier,
+    max_sequence_length,
+    parameter_count,
+    save_standard,
+)
 from .models.card import auto_class_name, describe_device, export_sizes_line, forward_ms, write_model_card
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
-from .optim import adamw_with_warmup, check_schedule
+from .optim import adamw_with_warmup, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
 from .teacher_cache import TeacherCache
 from .timing import StepTimer
@@ -63,6 +75,36 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
     )
 
 
+def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``batch`` with an all-ones ``attention_mask`` when it has none (what the models assume then), or an error
+    naming what a batch must hold."""
+    if "input_ids" not in batch:
+        raise KeyError(f"a batch needs 'input_ids' (and usually 'attention_mask', 'labels'); this one has "
+                       f"{sorted(batch)}. Check the DataModule's collate function.")
+    if "attention_mask" in batch:
+        return batch
+    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+
+def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
+    """Refuse, before the first step, data the models cannot take: sequences longer than their position
+    embeddings, or a task whose label count is not their classifier's."""
+    max_length = getattr(datamodule, "max_length", None)
+    task = getattr(datamodule, "task", None)
+    for name, model in models.items():
+        limit = max_sequence_length(model)
+        if isinstance(max_length, int) and limit is not None and max_length > limit:
+            raise ValueError(f"the data's max_length={max_length} is longer than the {name}'s {limit} positions "
+                             f"(max_position_embeddings); set the DataModule's max_length to at most {limit}.")
+        labels = getattr(task, "num_labels", None)
+        if labels is not None and is_classifier(model) and model.config.num_labels != labels:
+            raise ValueError(
+                f"the {name}'s classifier predicts {model.config.num_labels} labels, but task {task.name!r} has "
+                f"{labels}; load it with num_labels={labels} (DistillationModule(num_labels=...) for a named "
+                "teacher), or use the task it was trained for."
+            )
+
+
 class DistillationModule(L.LightningModule):
     """Distils ``teacher`` into ``student`` with a weighted sum of knowledge terms.
 
@@ -84,6 +126,8 @@ class DistillationModule(L.LightningModule):
             dict of ``torch.compile`` options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
         time_steps: split every step's time into teacher forward, student forward and backward, optimizer,
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
+        allow_changes: hyper-parameters that may differ from those of the checkpoint this run resumes (e.g.
+            ``["learning_rate"]``); any other difference is refused (see :func:`lightning_kd.checkpointing.check_resume`).
         teacher_cache: task-specific distillation on a fixed data set: compute the teacher's outputs once per
             training example and reuse them in later epochs, ``"memory"`` or a folder (kept on disk across runs),
             or ``{"store": ..., "hidden_states": true}`` to keep the hidden states too (much larger; see
@@ -106,6 +150,7 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: str | None = None,
         compile: bool | Mapping[str, Any] = False,
         time_steps: bool = True,
+        allow_changes: Sequence[str] = (),
         teacher_cache: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -124,15 +169,17 @@ class DistillationModule(L.LightningModule):
         self.teacher_source = (
             teacher if isinstance(teacher, str) else getattr(teacher.config, "_name_or_path", "")
         )
+        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}.")
         teacher_model.eval().requires_grad_(False)
-        if teacher_dtype is not None:
-            if teacher_dtype not in TEACHER_DTYPES:
-                raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}.")
-            teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         # Stored outside the module tree: not a parameter (optimizer, DDP), not in state_dict (checkpoints),
         # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
         self.__dict__["teacher"] = teacher_model
+        # The student is built before the teacher changes precision: students copied from the teacher's weights
+        # (copy, layers, extract) would otherwise inherit its half precision, and so would their AdamW moments.
         self.student = build_student(student, teacher_model, model_class)
+        if teacher_dtype is not None:
+            teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         self.task_metrics: TaskMetrics | None = None
         self.test_metrics: TaskMetrics | None = None
         self.teacher_metrics = nn.ModuleDict()  # registered, so it moves to the device with the module
@@ -158,6 +205,7 @@ class DistillationModule(L.LightningModule):
         self.step_timer: StepTimer | None = StepTimer() if time_steps else None
         self.teacher_cache = TeacherCache.from_spec(teacher_cache)
         self._dropout_rng: dict[str, Any] | None = None
+        self.last_terms: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -249,6 +297,7 @@ class DistillationModule(L.LightningModule):
         return self.student_features(batch)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        batch = complete_batch(batch)
         timer = self.step_timer
         with timer.section("teacher_forward") if timer else nullcontext():
             if self.teacher_cache is not None:
@@ -260,6 +309,7 @@ class DistillationModule(L.LightningModule):
             loss, terms = self.losses(teacher, student, batch)
         if timer:
             timer.count(batch)
+        self.last_terms = terms  # what NonFiniteGuard names when the loss is not finite
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
@@ -347,9 +397,11 @@ class DistillationModule(L.LightningModule):
             self.step_timer.resume()
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
         # student and, as the bar it is measured against, for the teacher.
-        task = getattr(getattr(self._trainer, "datamodule", None), "task", None)
+        task = getattr(datamodule, "task", None)
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
             self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
@@ -385,6 +437,7 @@ class DistillationModule(L.LightningModule):
         return self._evaluate(batch, dataloader_idx, "test")
 
     def _evaluate(self, batch: Mapping[str, Tensor], dataloader_idx: int, stage: str) -> Tensor:
+        batch = complete_batch(batch)
         teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.losses(teacher, student, batch)
         values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
@@ -423,7 +476,7 @@ class DistillationModule(L.LightningModule):
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """The student's outputs for a test-set batch, with its GLUE indices (see
         :class:`~lightning_kd.GLUESubmissionWriter`)."""
-        logits = self.student_features(batch).logits
+        logits = self.student_features(complete_batch(batch)).logits
         if logits is None:
             raise ValueError("predicting needs a student that predicts: distil with task='sequence-classification'")
         return {"idx": batch["idx"], "logits": logits}
@@ -448,7 +501,7 @@ class DistillationModule(L.LightningModule):
         totals: dict[str, float] = {}
         try:
             for batch in batches:
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                batch = complete_batch(self.transfer_batch_to_device(batch, self.device, 0))
                 values = self.measure_discrepancy(self.teacher_features(batch), self.student_features(batch), batch)
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
@@ -457,6 +510,9 @@ class DistillationModule(L.LightningModule):
         return totals
 
     # ------------------------------------------------------------------------------------------ optimisation
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -475,13 +531,18 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        allowed = list(self.hparams.get("allow_changes", ()))
+        check_resume(checkpoint, self.hparams, allowed)
         self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
+        # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:
-            rank_zero_warn(
-                f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
-                f"{self.teacher_source!r}; resuming continues against the new teacher."
-            )
+            message = (f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
+                       f"{self.teacher_source!r}")
+            if "teacher" not in allowed:
+                raise ValueError(f"{message}. Resume with the checkpoint's teacher, or pass "
+                                 "allow_changes=[teacher] to continue against the new one on purpose.")
+            rank_zero_warn(f"{message}; resuming continues against the new teacher (allow_changes).")
 
     def save_student(
         self, path: str | os.PathLike, tokenizer: Any = None, probe: Mapping[str, Tensor] | None = None,
@@ -497,9 +558,15 @@ class DistillationModule(L.LightningModule):
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
         label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
-        parameters, plain = save_standard(self.student, path, label_names or None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        try:
+            parameters, plain = _write_student(self.student, path, tokenizer, label_names)
+        except OSError as error:
+            # The run's work is in memory only: keep it where it can be written, then fail loudly.
+            root = Path(self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir())
+            rescue = root / f"student-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
+            _write_student(self.student, rescue, tokenizer, label_names)
+            raise OSError(f"could not save the student to {path} ({error}); it was saved to {rescue.resolve()} "
+                          "instead.") from error
         speed = None
         if probe is not None:
             batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
@@ -533,3 +600,14 @@ class DistillationModule(L.LightningModule):
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:
         return self.objective.terms
+
+
+def _write_student(
+    student: nn.Module, path: str | os.PathLike, tokenizer: Any, label_names: Sequence[str] | None = None
+) -> tuple[int, int]:
+    """Save the student (and tokenizer) to ``path``; (its parameters, those plain transformers loads)."""
+    sizes = save_standard(student, path, label_names or None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    check_export_written(path)
+    return sizes

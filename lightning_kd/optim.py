@@ -1,10 +1,11 @@
-"""The optimizer and learning-rate schedule that every lightning-kd module uses: AdamW with linear warm-up."""
+"""What every lightning-kd module trains with: AdamW with linear warm-up, and a guard against non-finite steps."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -42,6 +43,12 @@ def adamw_with_warmup(
     total = max(int(total_steps), 1)
     # a float below 1 is a share of the run; anything else (100, or 100.0 from YAML) counts steps
     warmup = int(warmup_steps * total) if isinstance(warmup_steps, float) and warmup_steps < 1 else int(warmup_steps)
+    if warmup > total:
+        raise ValueError(
+            f"the warm-up ({warmup} steps) is longer than the run ({total} optimizer steps): the learning rate "
+            f"would never reach {learning_rate}. Set warmup_steps to at most {total}, or give it as a share of the "
+            "run (e.g. 0.06)."
+        )
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -51,3 +58,14 @@ def adamw_with_warmup(
         return max(0.0, (total - step) / max(total - warmup, 1))
 
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+
+
+def default_callbacks(module: L.LightningModule) -> list[L.Callback]:
+    """The callbacks every lightning-kd module brings (``configure_callbacks``): a :class:`NonFiniteGuard` with
+    the ``stop`` policy, unless the Trainer already has one (Lightning would replace it by the module's)."""
+    from .callbacks.nonfinite import NonFiniteGuard  # callbacks import the modules' helpers
+
+    trainer = module._trainer
+    if trainer is not None and any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+        return []
+    return [NonFiniteGuard()]

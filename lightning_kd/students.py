@@ -21,6 +21,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -35,6 +36,7 @@ from .models import (
 )
 
 StudentSpec = PreTrainedModel | str | Mapping[str, Any]
+COUNTS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size")  # sizes in student specs
 
 
 def _copy(teacher: PreTrainedModel) -> PreTrainedModel:
@@ -119,10 +121,23 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
             f"unknown student init {init!r}: use one of {', '.join(sorted(STUDENT_INITS))}, "
             "a hub name or folder, or a model object."
         )
+    for key in COUNTS:
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"student init {init!r}: {key} must be a whole number, got {value!r} "
+                             f"({type(value).__name__}); write it without quotes.")
+    layers = options.get("layers")
+    if layers is not None and (isinstance(layers, str) or not all(isinstance(i, int) for i in layers)):
+        raise ValueError(f"student init {init!r}: layers must be a list of teacher block indices (0-based "
+                         f"integers), e.g. [0, 2, 4], got {layers!r}.")
     try:
         student = STUDENT_INITS[init](teacher, **options)
     except TypeError as error:
         raise ValueError(f"student init {init!r}: {error}") from error
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in student.parameters()):
+        # built from a teacher kept in half precision: the student trains in float32 (precision options change
+        # the arithmetic, never the student's master weights or its optimizer state)
+        student.float()
     # built from a frozen teacher, so it inherits frozen parameters and eval mode
     student.requires_grad_(True).train()
     freeze_unused_pooler(student)

@@ -133,7 +133,13 @@ def load_filters(path: str | os.PathLike, side: str = "model") -> LayerFilters:
             f"no stage-I TED filters for the {side} at {path}. Run stage I first "
             "(TEDFilterCallback(stage='filters', save_dir=...)) and pass its save_dir as `filters`."
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's message suggests weights_only=False, the wrong fix for a broken file
+        raise ValueError(
+            f"{path} cannot be read as TED filters ({type(error).__name__}): it is truncated or not a filter file. "
+            "Run stage I again (TEDFilterCallback(stage='filters', save_dir=...)) to rewrite it."
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != FILTER_FORMAT:
         raise ValueError(f"{path} is not a TED filter file written by lightning_kd.ted_filters.save_filters.")
     filters = LayerFilters(saved["layers"], saved["in_width"], saved["out_width"], saved["kind"])

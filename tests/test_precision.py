@@ -121,3 +121,29 @@ def test_compile_graph_capture_matches_eager(teacher: BertForMaskedLM) -> None:
 @pytest.mark.slow
 def test_compile_inductor_matches_eager(teacher: BertForMaskedLM) -> None:
     _compiled_equals_eager(teacher, True, atol=1e-4)
+
+
+@pytest.mark.parametrize("teacher_dtype", ["bfloat16", "float16"])
+def test_teacher_dtype_leaves_every_kind_of_student_and_its_optimizer_in_float32(
+    teacher: BertForMaskedLM, teacher_dtype: str, tmp_path: Any
+) -> None:
+    saved = tmp_path / "saved"
+    BertForMaskedLM(teacher.config).save_pretrained(saved)
+    specs = {
+        "copy": {"init": "copy"},
+        "config": {"init": "config", "config": {"num_hidden_layers": 2}},
+        "layers": {"init": "layers", "num_layers": 2},
+        "extract": {"init": "extract", "num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
+                    "intermediate_size": 16, "strategy": "rand"},
+        "folder": str(saved),
+        "object": BertForMaskedLM(teacher.config),
+    }
+    for name, spec in specs.items():
+        module = DistillationModule(teacher, spec, teacher_dtype=teacher_dtype, learning_rate=1e-3)
+        assert {p.dtype for p in module.teacher.parameters()} == {getattr(torch, teacher_dtype)}, name
+        assert {p.dtype for p in module.student.parameters()} == {torch.float32}, name
+        quiet_trainer(max_steps=1).fit(module, FixedBatches(num_batches=1))
+        moments = [v for state in module.trainer.optimizers[0].state.values()
+                   for v in state.values() if v.ndim > 0]
+        assert moments and {m.dtype for m in moments} == {torch.float32}, name
+        assert {p.dtype for p in module.student.parameters()} == {torch.float32}, name

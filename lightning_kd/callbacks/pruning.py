@@ -29,6 +29,7 @@ from ..models import (
     Sensitivity,
     UnitImportance,
     apply_masks,
+    check_export_dir,
     check_exportable,
     full_masks,
     masked_parameter_slices,
@@ -88,6 +89,10 @@ class PruningCallback(L.Callback):
         if unknown or not target:
             raise ValueError(f"unknown target kinds {unknown or '(none given)'}: PruningCallback prunes "
                              f"{', '.join(PRUNABLE)}, e.g. target={{'hidden': 0.5, 'heads': 0.5, 'ffn': 0.5}}.")
+        for kind, value in target.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"target {kind}={value!r} must be a number: a fraction (0.5) or a count (6), "
+                                 "written without quotes.")
         if isinstance(schedule, str) and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)} or a callable.")
         if importance not in IMPORTANCE:
@@ -129,8 +134,9 @@ class PruningCallback(L.Callback):
                 )
         self.full = {"heads": max(counts["heads"]), "ffn": max(counts["ffn"]), "hidden": counts["hidden"]}
         self.goal = {kind: self._resolve(kind, value) for kind, value in self.target.items()}
-        check_exportable(student, self.goal.get("hidden", self.full["hidden"]),
-                         self.goal.get("heads", self.full["heads"]))
+        self._check_exportable(student, counts["layers"])
+        if self.export_dir:
+            check_export_dir(self.export_dir)
         if "heads" in self.goal:
             self._check_head_terms(pl_module, self.goal["heads"] * counts["head_size"])
         last = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
@@ -147,6 +153,19 @@ class PruningCallback(L.Callback):
         if self.masks is None:
             self.masks = {kind: full_masks(student)[kind] for kind in self.goal}
         self._apply(pl_module)
+
+    def _check_exportable(self, student: torch.nn.Module, layers: int) -> None:
+        hidden, heads = self.goal.get("hidden", self.full["hidden"]), self.goal.get("heads", self.full["heads"])
+        if self.same_per_layer or "heads" not in self.goal:
+            check_exportable(student, hidden, heads)
+            return
+        # units compete across layers: one layer may end with every head the others gave up
+        widest = min(self.full["heads"], heads * layers - (layers - 1))
+        try:
+            check_exportable(student, hidden, widest)
+        except ValueError as error:
+            raise ValueError(f"with same_per_layer=False one layer may keep up to {widest} heads, and then: "
+                             f"{error} Or set same_per_layer=True.") from error
 
     @staticmethod
     def _check_head_terms(pl_module: L.LightningModule, width: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..hub import push_folder
+from ..models import check_export_dir
 
 
 def _parameters(model: torch.nn.Module) -> int:
@@ -38,6 +39,10 @@ class DistillationReport(L.Callback):
     @property
     def state_key(self) -> str:
         return f"DistillationReport[export_dir={self.export_dir}]"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.export_dir:
+            check_export_dir(self.export_dir)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -74,12 +79,11 @@ class DistillationReport(L.Callback):
         if self.export_dir:
             discrepancy = {k: (self.start.get(k, float("nan")), v) for k, v in self.end.items()}
             path = pl_module.save_student(Path(self.export_dir), probe=self.probe, discrepancy=discrepancy)
-            if self.push_to_hub:
-                url = push_folder(path, self.push_to_hub, private=self.private)
-                print(f"student pushed to {url}")
             print(
                 f"student saved to {Path(path).resolve()} (load it with transformers.AutoModel.from_pretrained)"
             )
+            if self.push_to_hub:
+                print(f"student pushed to {push_folder(path, self.push_to_hub, private=self.private)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": self.probe, "start": self.start}

@@ -4,9 +4,12 @@ from . import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter, HiddenParts, LayerParts
 from .capture import capture_qkv
 from .export import (
+    check_export_dir,
+    check_export_written,
     check_exportable,
     export_pretrained,
     load_pruned,
+    nonfinite_parameters,
     parameter_count,
     save_standard,
     to_standard,
@@ -22,7 +25,14 @@ from .importance import (
     top_units,
     unit_sensitivity,
 )
-from .layers import freeze_unused_pooler, is_classifier, keep_layers_, select_layers, uniform_layer_choice
+from .layers import (
+    freeze_unused_pooler,
+    is_classifier,
+    keep_layers_,
+    max_sequence_length,
+    select_layers,
+    uniform_layer_choice,
+)
 from .prune import prune_model, pruned_parameter_count
 from .registry import get_adapter, register_adapter, supported_model_types
 from .units import (
@@ -55,8 +65,11 @@ __all__ = [
     "apply_masks",
     "capture_qkv",
     "freeze_unused_pooler",
+    "check_export_dir",
+    "check_export_written",
     "check_exportable",
     "export_pretrained",
+    "nonfinite_parameters",
     "parameter_count",
     "save_standard",
     "extract",
@@ -64,6 +77,7 @@ __all__ = [
     "get_adapter",
     "is_classifier",
     "keep_layers_",
+    "max_sequence_length",
     "load_pruned",
     "masked",
     "masked_parameter_slices",

@@ -184,6 +184,10 @@ class ArchitectureAdapter:
         if getattr(config, "embedding_size", None) == old_hidden:
             config.embedding_size = hidden
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest input the position embeddings cover (None: no absolute limit)."""
+        return getattr(self.config(model), "max_position_embeddings", None)
+
     def supports_attention_maps(self, model: nn.Module) -> bool:
         """Whether ``output_attentions=True`` returns probabilities (eager attention does; sdpa does not)."""
         return getattr(self.config(model), "_attn_implementation", "eager") == "eager"

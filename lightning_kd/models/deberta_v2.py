@@ -22,6 +22,11 @@ class DebertaV2Adapter(ArchitectureAdapter):
         "cls.predictions.transform.dense": "r",
     }
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        # relative positions only (v3's default): any length runs
+        config = self.config(model)
+        return config.max_position_embeddings if getattr(config, "position_biased_input", True) else None
+
     def layer_parts(self, layer: nn.Module) -> LayerParts:
         attention = layer.attention
         return LayerParts(

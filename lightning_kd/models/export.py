@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,50 @@ def check_exportable(model: nn.Module, hidden: int, heads: int) -> None:
     _config_head_layout(adapter, hidden, heads, adapter.head_size(model))
 
 
+def check_export_dir(path: str | os.PathLike) -> Path:
+    """Raise now, naming the fix, if a model could not be saved as folder ``path`` at the end of a run.
+
+    Called when fit starts by everything that exports when it ends, so a long run does not end in a save that
+    cannot happen (``save_pretrained`` on an existing file logs an error and writes nothing).
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot export to {target}: it is a file, and a model is saved as a folder. Name a "
+                         "folder (it is created when missing), or move the file away.")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot export to {target}: {ancestor} is a file, so no folder can be made below it. "
+                         "Name a folder path whose parents are folders.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".lightning-kd-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot export to {target}: nothing can be written in {ancestor} ({error.strerror}). "
+                         "Name a folder on a writable file system, or fix its permissions.") from error
+    return target
+
+
+def check_export_written(path: str | os.PathLike) -> None:
+    """Raise ``OSError`` unless ``path`` holds a saved model (its config and weights)."""
+    folder = Path(path)
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
+    if not (folder / "config.json").is_file() or not weights:
+        raise OSError(f"the model was not written to {folder}: its config.json or weights are missing.")
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s floating-point parameters holding an inf or a NaN (one device sync)."""
+    named = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.isfinite(torch.stack(torch._foreach_norm([p for _, p in named], ord=float("inf"))))
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -136,7 +181,8 @@ def export_pretrained(
     """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``.
 
     ``label_names`` (a classifier's classes in id order) become the config's ``id2label``/``label2id``, so
-    pipelines print ``entailment`` rather than ``LABEL_0``. The model's own config is left as it was.
+    pipelines print ``entailment`` rather than ``LABEL_0``. The model's own config is left as it was. A model
+    with non-finite weights is refused: an all-NaN folder looks like a student and is not one.
     """
     save_standard(model, path, label_names, **save_kwargs)
     return Path(path)
@@ -154,6 +200,10 @@ def save_standard(
         raise TypeError(
             f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
         )
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"not exporting to {path}: {len(bad)} parameters are not finite (first "
+                         f"{', '.join(bad[:3])}); the run that trained this model diverged.")
     try:
         get_adapter(model)
     except ValueError:  # an architecture lightning-kd cannot prune is never padded: saved as it is

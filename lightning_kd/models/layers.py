@@ -21,6 +21,14 @@ def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:
     return [round(step * (i + 1)) - 1 for i in range(keep)]
 
 
+def max_sequence_length(model: nn.Module) -> int | None:
+    """The longest input ``model``'s position embeddings cover, or None when it has no absolute limit."""
+    try:
+        return get_adapter(model).max_positions(model)
+    except ValueError:  # an architecture without an adapter: its config says
+        return getattr(model.config, "max_position_embeddings", None)
+
+
 def keep_layers_(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     """Keep only the blocks at ``indices`` (in that order), in place; returns ``model``."""
     adapter = get_adapter(model)

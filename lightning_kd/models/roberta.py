@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from .bert import BertAdapter
 from .registry import register_adapter
 
@@ -18,3 +20,8 @@ class RobertaAdapter(BertAdapter):
         "classifier": "r",
         "qa_outputs": "r",
     }
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        # positions start after the padding index: 514 embeddings hold 512 tokens
+        config = self.config(model)
+        return config.max_position_embeddings - (config.pad_token_id or 0) - 1

@@ -97,10 +97,17 @@ def resolve_layer_map(
             f"unknown layer map {spec!r}: use one of {', '.join(LAYER_MAPS)} or a list of "
             "[student_layer, teacher_layer] pairs."
         )
-    pairs = [tuple(int(x) for x in pair) for pair in spec]
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"layer map entry {list(pair)} must be a [student_layer, teacher_layer] pair.")
+    if not isinstance(spec, Sequence):
+        raise ValueError(f"layer map {spec!r} is neither a name ({', '.join(LAYER_MAPS)}) nor a list of pairs.")
+    pairs = []
+    for pair in spec:
+        if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            raise ValueError(
+                f"layer map entry {pair!r} of {list(spec)!r} must be a [student_layer, teacher_layer] pair of "
+                "integers, e.g. layers: [[1, 2], [2, 4]] (a flat list like [2, 4] is not a map)."
+            )
+        pairs.append(tuple(pair))
         for side, index, total in (
             ("student", pair[0], student_layers),
             ("teacher", pair[1], teacher_layers),
@@ -140,8 +147,11 @@ class KnowledgeTerm(nn.Module):
 
     def __init__(self, weight: float = 1.0, name: str | None = None, loss: str | None = None) -> None:
         super().__init__()
-        weight = float(weight)
-        if math.isnan(weight) or weight < 0:
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"term {self.kind!r} has weight {weight!r}: a weight is a number, e.g. 1.0.") from None
+        if not math.isfinite(weight) or weight < 0:
             raise ValueError(
                 f"term {self.kind!r} has weight {weight}: weights must be finite and >= 0 "
                 "(set 0 to switch a term off while still logging it)."

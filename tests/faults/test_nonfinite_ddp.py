@@ -1,0 +1,38 @@
+"""Under DDP every rank takes the guard's decision together, even when only one rank's loss is bad."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_nonfinite_run.py")
+
+
+def run(tmp_path: Path, policy: str) -> tuple[dict, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), policy], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return rank0, rank1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_one_bad_rank_makes_every_rank_skip_or_stop_together(tmp_path: Path, policy: str) -> None:
+    rank0, rank1 = run(tmp_path, policy)
+    if policy == "skip":
+        assert rank0["skipped"] == rank1["skipped"] == [3]
+        assert rank0["step"] == rank1["step"] == 5 and not rank0["stopped"]
+    else:
+        assert rank0["step"] == rank1["step"] == 2
+        assert "optimizer step 3: on another rank" in rank0["stopped"]
+        assert "optimizer step 3: terms not finite: nan_on_rank_one = nan" in rank1["stopped"]
+    for name, value in rank0["student"].items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, rank1["student"][name]), name

@@ -1,0 +1,154 @@
+"""A run whose loss or gradients stop being finite stops (or skips the step) and never saves non-finite weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from kd_helpers import FixedBatches, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from transformers import BertForMaskedLM
+
+from lightning_kd import (
+    DistillationModule,
+    DistillationReport,
+    NonFiniteError,
+    NonFiniteGuard,
+    PruningCallback,
+    export_pretrained,
+)
+from lightning_kd.objective import Features, KnowledgeTerm, Needs
+
+
+class Poison(KnowledgeTerm):
+    """A term that is 0 (with a real gradient path) except on the calls listed in ``bad``, where it is NaN; with
+    ``bad_gradient`` its value stays finite and its gradient is not."""
+
+    kind = "poison"
+
+    def __init__(self, bad: tuple[int, ...], bad_gradient: bool = False) -> None:
+        super().__init__(weight=1.0)
+        self.bad, self.bad_gradient, self.calls = set(bad), bad_gradient, 0
+
+    def needs(self) -> Needs:
+        return Needs(hidden_states=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        hidden = student.hidden_states[-1]
+        call, self.calls = self.calls, self.calls + 1
+        if call not in self.bad:
+            return hidden.sum() * 0.0
+        if self.bad_gradient:
+            return torch.sqrt(hidden - hidden.detach()).sum()  # value 0, gradient inf
+        return hidden.sum() * float("nan")
+
+
+def module_with(teacher: BertForMaskedLM, poison: Poison) -> DistillationModule:
+    torch.manual_seed(0)
+    return DistillationModule(teacher, {"init": "layers", "num_layers": 2},
+                              objective=[{"term": "hidden"}, poison], learning_rate=1e-3)
+
+
+def finite(module: L.LightningModule) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_nan_term_stops_the_run_naming_step_term_and_newest_checkpoint(teacher: BertForMaskedLM, tmp_path: Path
+                                                                       ) -> None:
+    module = module_with(teacher, Poison(bad=(3,)))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    report = DistillationReport(export_dir=str(tmp_path / "student"))
+    trainer = quiet_trainer(max_steps=8, enable_checkpointing=True, callbacks=[checkpoints, report])
+    with pytest.raises(NonFiniteError) as caught:
+        trainer.fit(module, FixedBatches())
+    message = str(caught.value)
+    assert "optimizer step 4" in message and "poison = nan" in message
+    assert str((tmp_path / "ckpt" / "last.ckpt").resolve()) in message or "step=3" in message
+    assert trainer.global_step == 3
+    assert finite(module)  # the bad step was never applied
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "last.ckpt" in saved and not any("step=4" in name for name in saved)
+    for path in (tmp_path / "ckpt").iterdir():
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (tmp_path / "student").exists()
+
+
+def test_skip_policy_drops_the_bad_update_and_stops_after_max_skips(teacher: BertForMaskedLM) -> None:
+    module = module_with(teacher, Poison(bad=(2,)))
+    guard = NonFiniteGuard(policy="skip", max_skips=1)
+    trainer = quiet_trainer(max_steps=5, callbacks=[guard])
+    trainer.fit(module, FixedBatches())
+    assert guard.skipped == [3] and trainer.global_step == 5 and finite(module)
+    assert guard.state_dict() == {"skipped": [3]}
+    # the module did not add a second, stopping guard beside the one the trainer has
+    assert sum(isinstance(c, NonFiniteGuard) for c in trainer.callbacks) == 1
+
+    module = module_with(teacher, Poison(bad=(1, 2)))
+    with pytest.raises(NonFiniteError, match="optimizer step 3 after skipping steps \\[2\\]"):
+        quiet_trainer(max_steps=5, callbacks=[NonFiniteGuard(policy="skip", max_skips=1)]).fit(
+            module, FixedBatches())
+
+
+def test_skipped_step_leaves_weights_and_optimizer_state_as_they_were(teacher: BertForMaskedLM) -> None:
+    module = module_with(teacher, Poison(bad=(2,)))
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            if trainer.global_step == 2:
+                self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            if trainer.global_step == 3:
+                after = pl_module.state_dict()
+                self.unchanged = all(torch.equal(v, after[k]) for k, v in self.weights.items())
+
+    snapshot = Snapshot()
+    quiet_trainer(max_steps=3, callbacks=[NonFiniteGuard(policy="skip"), snapshot]).fit(module, FixedBatches())
+    assert snapshot.unchanged
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_caught(teacher: BertForMaskedLM) -> None:
+    module = module_with(teacher, Poison(bad=(1,), bad_gradient=True))
+    with pytest.raises(NonFiniteError, match="optimizer step 2: gradients not finite in .* parameters, first "):
+        quiet_trainer(max_steps=4).fit(module, FixedBatches())
+    assert finite(module)
+
+
+def test_guard_reads_gradients_before_pruning_scores_them(teacher: BertForMaskedLM) -> None:
+    torch.manual_seed(0)
+    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}, Poison(bad=(2,))])
+    pruning = PruningCallback({"ffn": 0.5}, interval=2)
+    guard = NonFiniteGuard(policy="skip")
+    trainer = quiet_trainer(max_steps=4, callbacks=[pruning, guard])
+    trainer.fit(module, FixedBatches())
+    assert trainer.callbacks.index(guard) < trainer.callbacks.index(pruning)
+    assert all(torch.isfinite(v).all() for v in pruning.scorer.state_dict().values())
+    assert guard.skipped == [3]
+
+
+def test_no_checkpoint_or_export_from_non_finite_weights(teacher: BertForMaskedLM, tmp_path: Path) -> None:
+    class Corrupt(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    next(pl_module.student.parameters()).fill_(float("inf"))
+
+    module = module_with(teacher, Poison(bad=()))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer(max_steps=4, enable_checkpointing=True, callbacks=[Corrupt(), checkpoints])
+    with pytest.raises(NonFiniteError, match="refusing to write a checkpoint: 1 parameters are not finite"):
+        trainer.fit(module, FixedBatches())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=1.ckpt"]
+    with pytest.raises(ValueError, match="not exporting .* not finite"):
+        export_pretrained(module.student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+
+
+def test_guard_options_and_infinite_weights_are_refused(teacher: BertForMaskedLM) -> None:
+    with pytest.raises(ValueError, match="unknown non-finite policy 'ignore'"):
+        NonFiniteGuard(policy="ignore")
+    with pytest.raises(ValueError, match="weight inf: weights must be finite"):
+        DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden", "weight": float("inf")}])
