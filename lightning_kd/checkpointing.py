@@ -13,7 +13,7 @@ always either the previous complete checkpoint or the new complete one. ``lightn
 with a plain ``Trainer`` pass ``plugins=[AtomicCheckpointIO()]``. A checkpoint it cannot read is reported with
 its path.
 
-:func:`check_resume` is the resume policy of every lightning-kd module: a run resumed with hyper-parameters that
+:func:`check_resume` is the resume policy of every lightning-kd module: a fit resumed with hyper-parameters that
 differ from the checkpoint's is refused with the list of differences, unless the module's ``allow_changes``
 names each of them; then they apply (optimizer settings included, which the restored optimizer state would
 otherwise overwrite) with a warning naming each.
@@ -144,6 +144,13 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     missing = "(not set)"
     return {key: (saved.get(key, missing), current.get(key, missing)) for key in keys
             if _plain(saved.get(key, missing)) != _plain(current.get(key, missing))}
+
+
+def resuming_fit(module: Any) -> bool:
+    """Whether ``module`` is loading a checkpoint to go on training (``trainer.fit(ckpt_path=...)``), where the
+    resume policy applies; ``load_from_checkpoint(path, **overrides)`` and evaluation take what they are given."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and trainer.state.fn == "fit"
 
 
 def check_resume(checkpoint: dict[str, Any], hparams: Mapping[str, Any], allow_changes: Iterable[str]) -> None:

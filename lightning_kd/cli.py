@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -139,6 +140,13 @@ def add_wandb_when_configured(trainer: L.Trainer) -> None:
 def main(args: list[str] | None = None) -> None:
     # Tokenizers' own thread pool fights dataloader workers for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["prepare"]:
+        # Tokenising a corpus into shards is not a Trainer run: its own small CLI, outside LightningCLI.
+        from .datamodules.prepared import prepare_main
+
+        prepare_main(argv[1:])
+        return
     DistillationCLI(args=args)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from .checkpointing import check_resume
+from .checkpointing import check_resume, resuming_fit
 from .datamodules.glue import get_task
 from .evaluation import TaskMetrics, loss_key
 from .hub import load_model, push_folder
@@ -144,7 +144,8 @@ class FineTuningModule(L.LightningModule):
         return {"idx": batch["idx"], "logits": self(batch)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
+        if resuming_fit(self):
+            check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
 
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import time
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from . import hub
-from .checkpointing import check_resume
+from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics, loss_key
 from .models import (
@@ -36,8 +37,9 @@ from .models import (
     save_standard,
 )
 from .models.card import auto_class_name, describe_device, export_sizes_line, forward_ms, write_model_card
+from .models.shrink import rebuild_shape_, student_shape
 from .objective import DistillationObjective, Features, KnowledgeTerm, ModelInfo
-from .optim import adamw_with_warmup, check_schedule, default_callbacks
+from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
 from .teacher_cache import TeacherCache
 from .timing import StepTimer
@@ -73,6 +75,14 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         can_return_qkv=known,
         name=name,
     )
+
+
+def _known(model: nn.Module) -> bool:
+    try:
+        get_adapter(model)
+    except ValueError:
+        return False
+    return True
 
 
 def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -157,6 +167,18 @@ class DistillationModule(L.LightningModule):
         if task not in MODEL_CLASSES:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
         check_schedule(schedule)
+        check_optimizer_settings(learning_rate, weight_decay, betas, eps, warmup_steps)
+        if not isinstance(compile, (bool, Mapping)):
+            raise ValueError(f"compile must be true, false or a dict of torch.compile options, got {compile!r}.")
+        known = set(inspect.signature(type(self).__init__).parameters) - {"self", "allow_changes"}
+        unknown = sorted(set(allow_changes) - known)
+        if unknown:
+            raise ValueError(f"allow_changes names {unknown}, which are not arguments of {type(self).__name__}: "
+                             f"choose among {', '.join(sorted(known))}.")
+        if isinstance(teacher, nn.Module) and num_labels is not None and is_classifier(teacher) \
+                and teacher.config.num_labels != num_labels:
+            raise ValueError(f"num_labels={num_labels}, but the teacher given predicts {teacher.config.num_labels} "
+                             "labels; drop num_labels (it only applies to a teacher loaded by name).")
         self.save_hyperparameters(
             ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
         )
@@ -399,6 +421,11 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
+        precision = str(getattr(self._trainer, "precision", ""))
+        if stage == "fit" and precision.endswith("-true") and precision != "32-true":
+            rank_zero_warn(f"precision={precision!r} trains the student's weights and its AdamW state in "
+                           f"{precision.split('-')[0]} and exports it so; use '{precision.split('-')[0]}-mixed' to "
+                           "keep float32 weights with half-precision arithmetic.")
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
         # student and, as the bar it is measured against, for the teacher.
         task = getattr(datamodule, "task", None)
@@ -528,12 +555,24 @@ class DistillationModule(L.LightningModule):
             "teacher_source": self.teacher_source,
             "teacher_class": type(self.teacher).__name__,
             "dropout_rng": self._dropout_rng,
+            # a student shrunk during the run (PruningCallback) is rebuilt to this shape before its weights load
+            "student_shape": student_shape(self.student) if _known(self.student) else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if resuming_fit(self):
+            self._check_resume(checkpoint)
+        self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
+        shape = checkpoint.get("lightning_kd", {}).get("student_shape")
+        if shape is not None:
+            kept = rebuild_shape_(self.student, shape)
+            if kept is not None:
+                self.objective.narrow_student_width(kept)
+                self.objective.to(next(self.student.parameters()))
+
+    def _check_resume(self, checkpoint: dict[str, Any]) -> None:
         allowed = list(self.hparams.get("allow_changes", ()))
         check_resume(checkpoint, self.hparams, allowed)
-        self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
         # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
         recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
         if recorded and recorded != self.teacher_source:

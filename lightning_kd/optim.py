@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,29 @@ SCHEDULES = ("linear", "constant")
 def check_schedule(schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}.")
+
+
+def check_optimizer_settings(
+    learning_rate: Any, weight_decay: Any, betas: Any, eps: Any, warmup_steps: Any
+) -> None:
+    """Refuse, when the module is built, AdamW settings that would fail (or silently misbehave) at fit start."""
+    def number(name: str, value: Any, low: float, low_included: bool = True) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__}); write it "
+                             "without quotes, e.g. 1.0e-4.")
+        if value < low or (value == low and not low_included):
+            raise ValueError(f"{name} must be {'>=' if low_included else '>'} {low}, got {value}.")
+
+    number("learning_rate", learning_rate, 0.0, low_included=False)
+    number("weight_decay", weight_decay, 0.0)
+    number("eps", eps, 0.0, low_included=False)
+    number("warmup_steps", warmup_steps, 0.0)
+    if isinstance(betas, str) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"betas must be two numbers, e.g. [0.9, 0.999], got {betas!r}.")
+    for beta in betas:
+        number("each of betas", beta, 0.0)
+        if beta >= 1:
+            raise ValueError(f"each of betas must be below 1, got {list(betas)}.")
 
 
 def adamw_with_warmup(
@@ -34,6 +58,11 @@ def adamw_with_warmup(
     to 0 at ``total_steps``, ``constant`` stays at the peak.
     """
     check_schedule(schedule)
+    if not math.isfinite(total_steps):
+        raise ValueError(
+            "the run has no last step (an endless data stream with no trainer.max_steps), so the learning-rate "
+            "schedule has no end and training never stops. Set trainer.max_steps."
+        )
     trainable = [p for p in parameters if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},

@@ -6,7 +6,8 @@ A student is declared in Python or YAML as one of
 - ``{"init": "config", "config": {"num_hidden_layers": 4, ...}}``: randomly initialised, the teacher's
   config with these fields changed (or ``"config": <name or folder>``);
 - ``{"init": "layers", "num_layers": 6}`` or ``{"init": "layers", "layers": [0, 2, 4]}``: teacher blocks
-  chosen uniformly (the DistilBERT choice) or by index, with the teacher's embeddings and heads;
+  chosen uniformly (every other block ending at the top, as ETD takes them; DistilBERT took
+  [0, 2, 4, 7, 9, 11], which ``layers`` reproduces) or by index, with the teacher's embeddings and heads;
 - ``{"init": "extract", "num_layers": 4, "hidden_size": 384, "num_attention_heads": 6,
   "intermediate_size": 1536, "strategy": "rand" | "impt"}``: ETD (Chen et al., 2021), layers chosen uniformly
   and units kept at random or by the teacher's own importance; ``impt`` scores on ``data``, a DataLoader or a

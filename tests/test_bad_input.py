@@ -130,3 +130,60 @@ def test_unreachable_hub_fails_at_once_from_the_cache_only(monkeypatch: pytest.M
         assert hub.hub_reachable()  # behind a proxy, a direct probe proves nothing
     finally:
         hub.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"learning_rate": "1e-3"}, "learning_rate must be a finite number, got '1e-3' \\(str\\)"),
+    ({"learning_rate": -1.0}, "learning_rate must be > 0.0"),
+    ({"eps": 0.0}, "eps must be > 0.0"),
+    ({"betas": (0.9,)}, "betas must be two numbers"),
+    ({"betas": (0.9, 1.0)}, "each of betas must be below 1"),
+    ({"warmup_steps": -2}, "warmup_steps must be >= 0.0"),
+    ({"warmup_steps": "0.1"}, "warmup_steps must be a finite number"),
+    ({"compile": "yes"}, "compile must be true, false or a dict"),
+    ({"allow_changes": ["learnig_rate"]}, "allow_changes names \\['learnig_rate'\\], which are not arguments"),
+    ({"num_labels": 3}, None),
+])
+def test_module_options_are_checked_when_it_is_built(teacher: BertForMaskedLM, options: dict,
+                                                     message: str | None) -> None:
+    if message is None:  # num_labels against a classifier teacher given as an object
+        two = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+        with pytest.raises(ValueError, match="num_labels=3, but the teacher given predicts 2 labels"):
+            DistillationModule(two, {"init": "copy"}, task="sequence-classification", **options)
+        return
+    with pytest.raises(ValueError, match=message):
+        DistillationModule(teacher, {"init": "layers", "num_layers": 2}, **options)
+
+
+def test_a_run_without_a_last_step_is_refused(teacher: BertForMaskedLM) -> None:
+    from lightning_kd.optim import adamw_with_warmup
+
+    with pytest.raises(ValueError, match="no last step .* Set trainer.max_steps"):
+        adamw_with_warmup(teacher.parameters(), float("inf"), 1e-3)
+
+
+def test_true_half_precision_says_the_student_trains_in_it(teacher: BertForMaskedLM) -> None:
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
+    with pytest.warns(UserWarning, match="precision='bf16-true' trains the student's weights .* 'bf16-mixed'"):
+        quiet_trainer(max_steps=1, precision="bf16-true").fit(module, FixedBatches(num_batches=1))
+
+
+def test_a_term_option_error_points_at_the_terms_file(teacher: BertForMaskedLM) -> None:
+    with pytest.raises(ValueError, match="See HiddenState in lightning_kd/objective/terms.py"):
+        DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden", "layer": "last"}])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+    ({"num_workers": -1}, "num_workers must be a whole number >= 0"),
+    ({"max_length": "128"}, "max_length must be a whole number >= 1, got '128'"),
+    ({"sources": "docstrings"}, "sources must be a list, e.g. sources: \\['docstrings'\\]"),
+    ({"mlm_probability": "0.15"}, "mlm_probability must be a number in \\(0, 1\\)"),
+])
+def test_pretraining_data_options_are_checked_when_built(options: dict, message: str) -> None:
+    from lightning_kd.datamodules import PretrainingDataModule
+
+    with pytest.raises(ValueError, match=message):
+        PretrainingDataModule(**{"tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "sources": ["docstrings"],
+                                 **options})

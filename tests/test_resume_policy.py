@@ -118,3 +118,13 @@ def test_truncated_checkpoint_is_named(teacher: BertForMaskedLM, tmp_path: Path)
         main(["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "cut.ckpt")])
     with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere.ckpt does not exist"):
         main(["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "nowhere.ckpt")])
+
+
+def test_load_from_checkpoint_takes_overrides_as_given(teacher: BertForMaskedLM, tmp_path: Path) -> None:
+    teacher.config._name_or_path = "teacher-a"
+    distil(teacher, tmp_path, steps=2)
+    other = BertForMaskedLM(tiny_bert_config())
+    other.config._name_or_path = "another-teacher"
+    # an explicit override outside a fit (inference, evaluation) is what the caller asked for
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", teacher=other, learning_rate=1e-2)
+    assert loaded.teacher is other and loaded.hparams.learning_rate == 1e-2

@@ -3,8 +3,13 @@
 The student starts as the teacher, so the teacher-student discrepancy starts at zero; every ``interval``
 steps the least important heads, FFN neurons and hidden dimensions are masked, a few at a time along a cubic
 schedule, so the discrepancy stays small while the student shrinks. Importance is PLATON's (EMA of |θ·∇θ|
-times EMA of its uncertainty) read from the student's own gradients before every optimizer step. At the end of fit
-the student is physically pruned, so it is really smaller and faster, and exported if asked.
+times EMA of its uncertainty) read from the student's own gradients before every optimizer step.
+
+By default (``physical=True``) every event removes the units for real, on every rank: the student is rebuilt in
+place with only the kept units (same class, config updated), and the optimizer's moments, the importance
+statistics, the objective's projections and DDP follow the new shapes, so the run gets cheaper as it prunes
+(see ``lightning_kd/models/shrink.py``). With ``physical=False`` the units are masked by hooks and removed at
+the end of fit: fixed shapes, for research that needs them. Either way the student computes the same thing.
 
 Everything the callback decides is in its ``state_dict`` (target, masks, importance statistics, schedule
 position), so a run resumed from a checkpoint ends with the same student as one that never stopped. Under
@@ -39,14 +44,32 @@ from ..models import (
     unit_counts,
     zero_masked_,
 )
+from ..models.prune import prune_model_
+from ..models.shrink import (
+    expand_scores,
+    follow_width,
+    plain_dropout_,
+    reindex_optimizer_,
+    relative_masks,
+    widen_dropout_,
+)
 from ..timing import timed
 
 PRUNABLE = ("heads", "ffn", "hidden")
-SCHEDULES: dict[str, Callable[[float], float]] = {
-    "cubic": lambda progress: 1.0 - (1.0 - progress) ** 3,  # Zhu & Gupta (2017), HomoDistil's choice
-    "linear": lambda progress: progress,
-    "one-shot": lambda progress: 1.0 if progress > 0 else 0.0,  # prune once, at the first event
-}
+def cubic(progress: float) -> float:
+    return 1.0 - (1.0 - progress) ** 3  # Zhu & Gupta (2017), HomoDistil's choice
+
+
+def linear(progress: float) -> float:
+    return progress
+
+
+def one_shot(progress: float) -> float:
+    return 1.0 if progress > 0 else 0.0  # prune once, at the first event
+
+
+# functions, not lambdas: the callback is pickled into every process under ddp_spawn
+SCHEDULES: dict[str, Callable[[float], float]] = {"cubic": cubic, "linear": linear, "one-shot": one_shot}
 IMPORTANCE = ("platon", "sensitivity")
 
 
@@ -61,13 +84,22 @@ class PruningCallback(L.Callback):
         interval: steps between pruning events.
         schedule: ``cubic`` (the share of the way to the target pruned after progress p is 1 - (1 - p)³),
             ``linear``, ``one-shot``, or any callable from progress in [0, 1] to that share.
-        importance: ``platon`` (with ``beta1``, ``beta2``) or ``sensitivity`` (|θ·∇θ| summed since the start).
+        importance: ``platon`` (with ``beta1``, ``beta2`` and ``delta_t``, PLATON's window: the EMAs take the
+            sensitivity averaged over that many steps; PLATON used 10) or ``sensitivity`` (|θ·∇θ| summed since
+            the start). Importance is collected from the first step, so ``start_step`` is PLATON's initial
+            warm-up; steps the optimizer skips (a GradScaler's overflow) or with non-finite sensitivities do
+            not count.
         same_per_layer: keep the same number of heads and neurons in every layer, so the result has a standard
             config; otherwise units compete across layers (every layer keeps at least one).
         export_dir: where to save the physically pruned student at the end of fit (a Hugging Face folder).
         prune_at_end: replace the masked student by the physically pruned one when training ends after the
             schedule has (a run stopped earlier stays masked, so its checkpoints resume).
         expect_copy: refuse a student whose shape is not the teacher's (HomoDistil starts from a copy).
+        physical: remove the units at every event, so the student (and its optimizer state, checkpoints and
+            DDP all-reduce) shrinks during the run; ``False`` masks them until the end instead.
+        granularity: per kind, keep counts (between the start and the target) are rounded up to multiples of
+            this, e.g. ``{"hidden": 64, "ffn": 64}``, so that the student changes shape a bounded number of
+            times; the last event reaches the target exactly. Heads are always whole. Default 1.
     """
 
     def __init__(
@@ -80,10 +112,13 @@ class PruningCallback(L.Callback):
         importance: str = "platon",
         beta1: float = 0.85,
         beta2: float = 0.95,
+        delta_t: int = 1,
         same_per_layer: bool = True,
         export_dir: str | None = None,
         prune_at_end: bool = True,
         expect_copy: bool = True,
+        physical: bool = True,
+        granularity: Mapping[str, int] | None = None,
     ) -> None:
         unknown = sorted(set(target) - set(PRUNABLE))
         if unknown or not target:
@@ -99,11 +134,17 @@ class PruningCallback(L.Callback):
             raise ValueError(f"unknown importance {importance!r}: use one of {', '.join(IMPORTANCE)}.")
         if interval < 1 or start_step < 0:
             raise ValueError(f"interval must be >= 1 and start_step >= 0, got {interval} and {start_step}.")
+        granularity = dict(granularity or {})
+        bad = {k: v for k, v in granularity.items() if k not in PRUNABLE or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"granularity {bad} is invalid: give whole numbers >= 1 for kinds among "
+                             f"{', '.join(PRUNABLE)}, e.g. granularity={{'hidden': 64, 'ffn': 64}}.")
         self.target = dict(target)
+        self.physical, self.granularity = physical, granularity
         self.start_step, self.end_step, self.interval = start_step, end_step, interval
         self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
         kinds = list(self.target)
-        self.scorer: UnitImportance = (PlatonImportance(beta1, beta2, kinds) if importance == "platon"
+        self.scorer: UnitImportance = (PlatonImportance(beta1, beta2, kinds, delta_t) if importance == "platon"
                                        else Sensitivity(kinds))
         self.same_per_layer = same_per_layer
         self.export_dir, self.prune_at_end, self.expect_copy = export_dir, prune_at_end, expect_copy
@@ -120,6 +161,11 @@ class PruningCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        window = getattr(self.scorer, "delta_t", 1)
+        if self.start_step + self.interval < window:
+            raise ValueError(f"the first pruning event (step {self.start_step + self.interval}) comes before PLATON's "
+                             f"first window of delta_t={window} steps closes; raise start_step or interval, or "
+                             "lower delta_t.")
         student = pl_module.student
         counts = unit_counts(student)
         if self.expect_copy:
@@ -133,6 +179,9 @@ class PruningCallback(L.Callback):
                     "another student."
                 )
         self.full = {"heads": max(counts["heads"]), "ffn": max(counts["ffn"]), "hidden": counts["hidden"]}
+        if self.masks is not None:  # resumed: a shrunk student is smaller than where the run started
+            self.full.update({kind: mask.shape[-1] for kind, mask in self.masks.items()})
+        self._check_compile(pl_module)
         self.goal = {kind: self._resolve(kind, value) for kind, value in self.target.items()}
         self._check_exportable(student, counts["layers"])
         if self.export_dir:
@@ -152,7 +201,42 @@ class PruningCallback(L.Callback):
             raise ValueError(f"end_step ({self.end_step}) must come after start_step ({self.start_step}).")
         if self.masks is None:
             self.masks = {kind: full_masks(student)[kind] for kind in self.goal}
-        self._apply(pl_module)
+        if self.physical:
+            self._check_shape(student)
+            self._follow_shape(pl_module)
+        else:
+            self._apply(pl_module)
+
+    def _check_compile(self, pl_module: L.LightningModule) -> None:
+        compiled = bool(getattr(pl_module, "hparams", {}).get("compile", False)) or (
+            getattr(pl_module.student, "_compiled_call_impl", None) is not None)
+        if compiled and not self.physical:
+            # dynamo skips module hook guards by default: a compiled student would keep computing with old masks
+            raise ValueError("PruningCallback(physical=False) masks the student with forward hooks, which a "
+                             "torch.compile'd student does not re-read when the masks change. Use physical=True "
+                             "(the default: the student really shrinks and recompiles once per shape), or "
+                             "compile=False.")
+
+    def _check_shape(self, student: torch.nn.Module) -> None:
+        """A resumed shrinking run: the student (rebuilt from the checkpoint) must hold exactly the kept units."""
+        counts = unit_counts(student)
+        for kind, mask in self.masks.items():
+            want = [int(k) for k in mask.sum(-1)] if kind != "hidden" else int(mask.sum())
+            have = counts[kind] if kind != "hidden" else counts["hidden"]
+            if want != have:
+                raise ValueError(
+                    f"the student holds {kind} {have}, but the pruning state keeps {want}: this callback's state "
+                    "and the student come from different runs. Resume the module and the callback from the same "
+                    "checkpoint (Trainer.fit(..., ckpt_path=...)).")
+
+    def _follow_shape(self, pl_module: L.LightningModule) -> None:
+        """After the student's shape is final for now: dropout at full width, widths for the logs."""
+        student = pl_module.student
+        if "hidden" in self.masks and not self.masks["hidden"].all():
+            widen_dropout_(student, self.masks["hidden"].numel(), self.masks["hidden"].nonzero().flatten())
+        self._parameters = sum(p.numel() for p in student.parameters())
+        self._widths = {f"width/{kind}": float(mask.sum()) / mask.numel() for kind, mask in self.masks.items()}
+        self._widths["params"] = float(self._parameters)
 
     def _check_exportable(self, student: torch.nn.Module, layers: int) -> None:
         hidden, heads = self.goal.get("hidden", self.full["hidden"]), self.goal.get("heads", self.full["heads"])
@@ -211,8 +295,9 @@ class PruningCallback(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         with timed(pl_module, "pruning"):
             # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
-            if self.start_step <= trainer.global_step < self.end_step:
-                self.scorer.update(pl_module.student)
+            if trainer.global_step < self.end_step and any(
+                    p.grad is not None for p in pl_module.student.parameters()):  # no gradients: a skipped step
+                self.scorer.update(pl_module.student, _step_taken(trainer, optimizer))
             # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
             with torch.no_grad():
                 for parameter, dim, index in self._slices:
@@ -236,11 +321,19 @@ class PruningCallback(L.Callback):
         span = max(self.end_step - self.start_step, 1)
         progress = min(max((step - self.start_step) / span, 0.0), 1.0)
         share = self.schedule(progress)
-        return {kind: max(goal, round(self.full[kind] - (self.full[kind] - goal) * share))
-                for kind, goal in self.goal.items()}
+        keep = {}
+        for kind, goal in self.goal.items():
+            count = round(self.full[kind] - (self.full[kind] - goal) * share)
+            multiple = self.granularity.get(kind, 1)
+            if count > goal and multiple > 1:  # never below the target, which the last event reaches exactly
+                count = min(self.full[kind], math.ceil(count / multiple) * multiple)
+            keep[kind] = max(goal, count)
+        return keep
 
     def _prune_event(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         scores = self.scorer.scores()
+        if self.physical:  # the statistics cover the units the shrunk student still has
+            scores = {kind: expand_scores(scores[kind], self.masks[kind]) for kind in self.goal}
         masks = {}
         for kind, keep in self.keep_counts(step).items():
             # units already pruned stay pruned: their weights are zero and they rank below everything
@@ -251,11 +344,31 @@ class PruningCallback(L.Callback):
                 masks[kind] = _top_units_across_layers(ranked, keep) & self.masks[kind]
         # every rank holds (nearly) the same scores; rank 0's masks make the decision identical
         masks = trainer.strategy.broadcast(masks, src=0)
-        self.masks = {kind: mask.cpu() for kind, mask in masks.items()}
+        old, self.masks = self.masks, {kind: mask.cpu() for kind, mask in masks.items()}
         self.last_event = step
-        self._apply(pl_module)
+        if self.physical:
+            if any(not torch.equal(self.masks[kind], old[kind]) for kind in old):  # a rounded schedule may wait
+                self._shrink(trainer, pl_module, relative_masks(self.masks, old))
+        else:
+            self._apply(pl_module)
         self.events.append({"step": step, **{k: int(v.sum()) for k, v in self.masks.items()},
                             "params": self._parameters})
+
+    def _shrink(self, trainer: L.Trainer, pl_module: L.LightningModule, relative: dict) -> None:
+        """Remove the units ``relative`` (masks over the current student) drops, and carry everything along."""
+        student = pl_module.student
+        resizes = prune_model_(student, relative)
+        if "hidden" in relative and not relative["hidden"].all():
+            kept = relative["hidden"].nonzero().flatten()
+            before = dict(pl_module.objective.named_parameters())
+            pl_module.objective.narrow_student_width(kept)
+            pl_module.objective.to(next(student.parameters()))  # maps it built sit with the student
+            resizes += follow_width(before, dict(pl_module.objective.named_parameters()), kept)
+        for optimizer in trainer.optimizers:
+            reindex_optimizer_(optimizer, resizes)
+        self.scorer.keep_units(relative)
+        self._follow_shape(pl_module)
+        _rewrap_ddp(trainer)
 
     # ------------------------------------------------------------------------------------------ the end
 
@@ -269,6 +382,9 @@ class PruningCallback(L.Callback):
 
     def prune_student(self, pl_module: L.LightningModule) -> torch.nn.Module:
         """Replace the masked student by the physically pruned one (what it computes stays the same)."""
+        if self.physical:  # already pruned; only the dropout goes back to plain transformers
+            plain_dropout_(pl_module.student)
+            return pl_module.student
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -288,7 +404,8 @@ class PruningCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"target": self.target, "masks": self.masks, "importance": self.scorer.state_dict(),
-                "last_event": self.last_event, "events": self.events, "end_step": self.end_step}
+                "last_event": self.last_event, "events": self.events, "end_step": self.end_step,
+                "physical": self.physical}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if dict(state_dict["target"]) != self.target:
@@ -297,11 +414,38 @@ class PruningCallback(L.Callback):
                 f"{self.target}. Resume with the checkpoint's target, or start a new run from the exported "
                 "student to prune it further."
             )
+        physical = state_dict.get("physical", False)  # checkpoints from before shrinking existed were masked
+        if physical != self.physical:
+            raise ValueError(
+                f"this checkpoint comes from a run with physical={physical}, but the callback now has "
+                f"physical={self.physical}: its student and statistics are laid out for the former. Resume with "
+                f"physical={physical}.")
         self.masks = state_dict["masks"]
         self.scorer.load_state_dict(state_dict["importance"])
         self.last_event, self.events = state_dict["last_event"], list(state_dict["events"])
         if self.end_step is None:
             self.end_step = state_dict["end_step"]
+
+
+def _rewrap_ddp(trainer: L.Trainer) -> None:
+    """DDP registered the old parameters with its reducer: wrap the module again, on every rank at once.
+
+    Every rank shrank at the same step to the same shapes (rank 0's decision was broadcast), so the new
+    wrappers agree, and from here on only the kept parameters are all-reduced.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()
+
+
+def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:
+    """False (on the device, no sync) when a GradScaler will skip this step because its gradients overflowed."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None:
+        return None
+    found = scaler._found_inf_per_device(optimizer)  # filled by unscale_, which ran before this hook
+    return ~torch.stack([v.reshape(()) for v in found.values()]).any().bool() if found else None
 
 
 def _top_units_across_layers(scores: torch.Tensor, keep_per_layer: int) -> torch.Tensor:

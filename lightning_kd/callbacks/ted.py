@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from ..models import is_classifier
 from ..module import model_info
 from ..objective import FilteredHidden, FilterTaskLoss
+from ..objective.ted import NORMALIZATIONS
 from ..ted_filters import filter_layer_pairs, load_filters, save_filters
 
 STAGES = {"filters": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",), "distill": ()}
@@ -44,6 +45,9 @@ class TEDFilterCallback(L.Callback):
         filter: ``linear`` (the paper's) or ``mlp`` (linear, GELU, linear).
         filter_width: the filters' output width, shared by both sides (default: the teacher's hidden size).
         weight: stage II: the weight of the filtered-hidden term (the paper's mse_alpha).
+        normalize: stage II: how the filtered MSE averages over positions: ``tokens`` (real tokens only) or
+            ``authors`` (padding included, as the published code does; the paper's mse_alpha values were tuned
+            with it, so the paper recipes set it).
         num_labels: the task's label count (1 for regression); by default the DataModule's task's.
     """
 
@@ -57,10 +61,16 @@ class TEDFilterCallback(L.Callback):
         filter: str = "linear",  # noqa: A002 - the YAML key users write
         filter_width: int | None = None,
         weight: float = 1.0,
+        normalize: str = "tokens",
         num_labels: int | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown TED stage {stage!r}: use one of {', '.join(STAGES)}.")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown TED normalize {normalize!r}: use 'tokens' (the filtered MSE over real tokens only) or "
+                "'authors' (over every padded position, as the paper's code and its mse_alpha values)."
+            )
         if stage == "distill" and filters is None:
             raise ValueError(
                 "TED stage II (stage='distill') matches the student to the teacher through the filters learned "
@@ -73,7 +83,7 @@ class TEDFilterCallback(L.Callback):
             "filter": filter,
             "filter_width": filter_width,
         }
-        self.weight, self.num_labels = float(weight), num_labels
+        self.weight, self.num_labels, self.normalize = float(weight), num_labels, normalize
         self.saved: dict[str, str] = {}
         self._missing: FileNotFoundError | None = None
 
@@ -161,7 +171,7 @@ class TEDFilterCallback(L.Callback):
             pl_module.objective.terms[term.name] = term
 
     def _add_distill_term(self, pl_module: L.LightningModule, teacher: Any, student: Any) -> None:
-        term = FilteredHidden(weight=self.weight, **self.options)
+        term = FilteredHidden(weight=self.weight, normalize=self.normalize, **self.options)
         term.bind(teacher, student)
         folder = Path(self.filters)
         files = {side: folder / f"{side}.pt" for side in ("teacher", "student")}
@@ -213,7 +223,7 @@ class TEDFilterCallback(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         # The filters themselves are module parameters (objective terms), so they are in the checkpoint's
         # state_dict; this records what produced them.
-        return {"stage": self.stage, **self.options, "filters": self.filters}
+        return {"stage": self.stage, **self.options, "filters": self.filters, "normalize": self.normalize}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         changed = {k: (v, self.options[k]) for k, v in state_dict.items() if k in self.options and self.options[k] != v}
@@ -221,4 +231,11 @@ class TEDFilterCallback(L.Callback):
             rank_zero_warn(
                 f"this checkpoint's TED filters were built with other options {changed} (saved, now); the "
                 "module's state will not fit them."
+            )
+        saved = state_dict.get("normalize", "tokens")  # checkpoints from before the option averaged over tokens
+        if self.stage == "distill" and saved != self.normalize:
+            rank_zero_warn(
+                f"this checkpoint's TED run averaged the filtered MSE with normalize={saved!r}, this run with "
+                f"{self.normalize!r}: the 'ted' term changes scale from here on. Set normalize={saved!r} to "
+                "resume the same run."
             )

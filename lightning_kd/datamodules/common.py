@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..hub import load_tokenizer
+from ..hub import load_tokenizer, resolve_pretrained
 
 
 def get_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -61,21 +64,66 @@ def models_of(module: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def check_vocabulary(tokenizer: PreTrainedTokenizerBase, module: nn.Module | None) -> None:
-    """Fail before training when the tokenizer can produce ids the model's embedding table does not have.
+def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the token -> id table: two tokenizers with the same one make the same ids."""
+    table = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(table.encode("utf-8")).hexdigest()[:16]
 
-    A larger tokenizer would index past the embeddings (a CUDA assert or a CPU IndexError deep inside the
-    forward pass); a smaller one is allowed, as models often pad their vocabulary to a multiple of 8.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spm.model", "vocab.json")
+# models round their embedding table up (to a multiple of 8, 64 or 128); more spare rows than this mean the
+# table was made for another, larger vocabulary
+SPARE_ROWS = 256
+
+
+def _own_tokenizer(model: nn.Module) -> tuple[str, PreTrainedTokenizerBase] | None:
+    """The tokenizer saved beside the model's weights, when its folder (or packaged hub copy) has one."""
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    folder = Path(resolve_pretrained(source)) if source else None
+    if folder is None or not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return source, load_tokenizer(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, module: nn.Module | None) -> None:
+    """Fail before training unless the tokenizer makes the ids each model was trained on.
+
+    Refused: a tokenizer other than the one saved with the model (another token -> id table), a padding id
+    other than the model's, a tokenizer larger than the embedding table (ids would index past it: a CUDA assert
+    or an IndexError deep inside the forward pass), and one far smaller than the table when the model's own
+    tokenizer is not at hand (a BERT tokenizer feeding a DeBERTa-v3 model, say). A few spare rows are allowed:
+    models round their tables up.
     """
     if module is None:
         return
     size = len(tokenizer)
+    mine = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    fix = ("Use the tokenizer the {name} was trained with (the same hub name or folder as the model)")
     for name, model in models_of(module).items():
         rows = _embedding_rows(model)
         if rows is not None and size > rows:
             raise ValueError(
                 f"the tokenizer has {size} tokens but the {name}'s embedding table has {rows} rows: "
-                f"ids {rows}..{size - 1} would index past it. Use the tokenizer the {name} was trained with "
-                "(the same hub name or folder as the model), or resize the model with "
+                f"ids {rows}..{size - 1} would index past it. {fix.format(name=name)}, or resize the model with "
                 "model.resize_token_embeddings(len(tokenizer)) before training."
+            )
+        own = _own_tokenizer(model)
+        if own is not None and vocabulary_hash(own[1]) != vocabulary_hash(tokenizer):
+            raise ValueError(
+                f"the data's tokenizer {mine!r} is not the {name}'s own ({own[0]!r}: another token -> id table), "
+                f"so every id would mean another word to it. {fix.format(name=name)}: tokenizer: {own[0]}."
+            )
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if pad is not None and tokenizer.pad_token_id is not None and pad != tokenizer.pad_token_id:
+            raise ValueError(
+                f"the data's tokenizer {mine!r} pads with id {tokenizer.pad_token_id}, but the {name} was trained "
+                f"with padding id {pad}: they do not share a vocabulary. {fix.format(name=name)}."
+            )
+        if own is None and rows is not None and rows - size > SPARE_ROWS:
+            raise ValueError(
+                f"the data's tokenizer {mine!r} has {size} tokens but the {name}'s embedding table has {rows} rows: "
+                f"the {name} was trained with another, larger vocabulary. {fix.format(name=name)}."
             )

@@ -1,15 +1,14 @@
-"""Streamed, packed, masked text for distillation pre-training.
+"""Packed, masked text for distillation pre-training: from prepared LitData shards, or streamed from text.
 
-Each reader (one per rank and dataloader worker) interleaves its share of every source, tokenises
-documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks
-them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
+Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`). Without them, each reader (one
+per rank and dataloader worker) mixes its share of every source by tokens, tokenises documents in batches
+with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
 takes the position off before the batch reaches the model and keeps the position of the last batch the
 training loop actually took, which is what the checkpoint stores.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import warnings
 from collections.abc import Iterator
@@ -43,7 +42,6 @@ def unpack(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-_DRAWS_PER_CHUNK = 4096
 _TOKENIZE_DOCS = 64
 
 
@@ -144,6 +142,13 @@ class PackedMLMStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, readers = self.reader()
         start = self.start_positions.get(reader)
+        if start is not None and "tokens" not in start:
+            warnings.warn(
+                "the checkpoint's stream position comes from an older version that mixed sources by document; "
+                "the stream starts from the beginning",
+                stacklevel=2,
+            )
+            start = None
         if start is not None and start.get("readers") != readers:
             warnings.warn(
                 f"the checkpoint's stream position was saved with {start.get('readers')} readers "
@@ -206,19 +211,18 @@ class PackedMLMStream(IterableDataset):
         exhausted = False
         while True:
             if available < self.content and not exhausted:
-                chunk = [doc for _, doc in zip(range(_TOKENIZE_DOCS), documents, strict=False)]
-                exhausted = len(chunk) < _TOKENIZE_DOCS
-                if chunk:
-                    texts = [text for text, _, _ in chunk]
-                    encoded = self._encode(texts)
-                    for ids, (_, before, after) in zip(encoded, chunk, strict=True):
-                        if ids:
-                            if self.last is not None:
-                                ids.append(self.last)
-                            pending.append([ids, skip, before])
-                            available += len(ids) - skip
-                        skip = 0
-                        after_last = after
+                for ids, before, after in documents:
+                    ids = list(ids)
+                    if self.last is not None:
+                        ids.append(self.last)
+                    pending.append([ids, skip, before])
+                    available += len(ids) - skip
+                    skip = 0
+                    after_last = after
+                    if available >= self.content:
+                        break
+                else:
+                    exhausted = True
                 continue
             if not pending:
                 return
@@ -242,37 +246,35 @@ class PackedMLMStream(IterableDataset):
 
     def _documents(
         self, reader: int, readers: int, start: dict[str, Any] | None
-    ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-        """(text, position before it, position after it) for this reader's documents, interleaved."""
+    ) -> Iterator[tuple[list[int], dict[str, Any], dict[str, Any]]]:
+        """(token ids, position before, position after) of this reader's documents, mixed by token share.
+
+        The next document comes from the source furthest below its share of the tokens taken so far
+        (``tokens[i] / share[i]`` smallest), so a source of short documents (BookCorpus's sentences) gets
+        its share of the tokens, not of the documents. The choice is a function of the position alone, so a
+        resumed reader chooses alike.
+        """
         count = len(self.sources)
         read = list(start["read"]) if start else [0] * count
         epochs = list(start["epochs"]) if start else [0] * count
         alive = list(start["alive"]) if start else [True] * count
-        draw = start["draw"] if start else 0
+        tokens = list(start["tokens"]) if start else [0] * count
         streams: list[Iterator[str] | None] = [None] * count
-        chunk_index, uniforms = -1, []
-        cumulative: list[float] = []
-        cumulative_for: list[bool] | None = None
-        weights = self.probabilities
-        while any(alive):
-            if draw // _DRAWS_PER_CHUNK != chunk_index:
-                # Draws come from a generator keyed by their index, so a resumed reader draws the same.
-                chunk_index = draw // _DRAWS_PER_CHUNK
-                rng = np.random.default_rng([self.seed, reader, chunk_index])
-                uniforms = rng.random(_DRAWS_PER_CHUNK).tolist()
-            if count == 1:
-                choice = 0
-            else:
-                if cumulative_for != alive:
-                    weights = self.probabilities * np.asarray(alive)
-                    cumulative, cumulative_for = np.cumsum(weights / weights.sum()).tolist(), list(alive)
-                choice = min(bisect.bisect_right(cumulative, uniforms[draw % _DRAWS_PER_CHUNK]), count - 1)
-                while not alive[choice] or weights[choice] == 0:
-                    choice = (choice + 1) % count
-            if streams[choice] is None:
-                streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
-            text = next(streams[choice], None)
-            if text is None:
+        # Documents read and tokenised ahead, per source; ``read`` counts only those handed on.
+        ahead: list[collections.deque[list[int]]] = [collections.deque() for _ in range(count)]
+        share = self.probabilities
+        while True:
+            candidates = [i for i in range(count) if alive[i] and share[i] > 0]
+            if not candidates:
+                return
+            choice = min(candidates, key=lambda i: tokens[i] / share[i])
+            if not ahead[choice]:
+                if streams[choice] is None:
+                    streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
+                texts = [text for _, text in zip(range(_TOKENIZE_DOCS), streams[choice], strict=False)]
+                if texts:
+                    ahead[choice].extend(self._encode(texts))
+                    continue
                 streams[choice] = None
                 if self.repeat and read[choice] > 0:
                     epochs[choice] += 1
@@ -280,19 +282,20 @@ class PackedMLMStream(IterableDataset):
                 elif self.repeat:
                     raise DataSourceError(
                         f"source {self.sources[choice].name!r} has no documents for reader {reader} of {readers} "
-                        "(ranks x dataloader workers): it is empty or smaller than the number of readers"
+                        "(ranks x dataloader workers): it is smaller than the number of readers; use fewer "
+                        "dataloader workers or ranks, or more data"
                     )
                 else:
                     alive[choice] = False
                 continue
-            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw}
+            ids = ahead[choice].popleft()
+            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
             read[choice] += 1
-            draw += 1
-            yield (
-                text,
-                before,
-                {"read": list(read), "epochs": list(epochs), "alive": list(alive), "draw": draw},
-            )
+            if ids:
+                # One for the separator, so the shares are of the tokens in the blocks.
+                tokens[choice] += len(ids) + (self.last is not None)
+                after = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
+                yield ids, before, after
 
 
 class _PositionTrackingLoader(DataLoader):
@@ -343,24 +346,42 @@ class _Tracker:
         return dict(self.history[0][1]) if self.history else dict(self.positions)
 
 
+def _check_counts(**counts: int | tuple[int, int]) -> None:
+    """Whole numbers of at least 1 (or of the minimum given as ``(value, minimum)``): a batch size of 0 would
+    otherwise spin forever without yielding a batch."""
+    for name, given in counts.items():
+        value, low = given if isinstance(given, tuple) else (given, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}.")
+
+
 class PretrainingDataModule(L.LightningDataModule):
-    """Streamed text, packed into full blocks and masked for MLM, with its stream position in checkpoints.
+    """Packed MLM blocks from a prepared folder (LitData shards) or streamed from text, resumable from checkpoints.
 
     Args:
-        tokenizer: hub name or folder of the teacher's fast tokenizer.
+        tokenizer: hub name or folder of the teacher's fast tokenizer. With ``prepared``: optional (the folder
+            carries its own), and when given it must have the vocabulary the folder was prepared with.
+        prepared: a folder written by ``lightning-kd prepare`` (local path or an object-store URL LitData reads,
+            such as ``s3://bucket/wiki``). Then ``sources`` and ``repeat`` are not used: blocks stream with LitData
+            across every rank and worker, once per epoch, and the loader's position is in the checkpoint.
+        shuffle: (prepared data) LitData's shuffle of chunks and of blocks within them, reseeded every epoch.
         sources: ``"docstrings"`` (Python's docstrings, offline), hub dataset names, local files/globs/folders
             (``.txt`` one document per line, ``.jsonl``, ``.parquet``), or dicts (``{"path": ..., "text_field":
             ..., "probability": ...}``, ``{"hub": ..., "config": ..., "split": ...}``,
             ``{"name": "docstrings", "packages": ["stdlib", "numpy"]}``). ``None``: English Wikipedia and
             BookCorpus from the hub.
-        probabilities: how often each source is drawn (normalised); default: equal, or from the dicts.
+        probabilities: each source's share of the tokens (normalised); default: equal, or from the dicts. The
+            next document comes from the source furthest below its share, so the shares hold within one
+            document's tokens, whatever the sources' document lengths.
+            With ``prepared``: the token shares of the prepared sources (default: their shares of the
+            prepared tokens).
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
     """
 
     def __init__(
         self,
-        tokenizer: str | PreTrainedTokenizerBase,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         sources: list[str | dict[str, Any]] | None = None,
         probabilities: list[float] | None = None,
         max_length: int = 128,
@@ -372,8 +393,24 @@ class PretrainingDataModule(L.LightningDataModule):
         repeat: bool = True,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        prepared: str | None = None,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
+        _check_counts(max_length=max_length, batch_size=batch_size, num_workers=(num_workers, 0), seed=(seed, 0))
+        if isinstance(sources, (str, dict)):
+            raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
+        if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, (int, float)):
+            raise ValueError(f"mlm_probability must be a number in (0, 1), got {mlm_probability!r}.")
+        self.prepared = str(prepared) if prepared is not None else None
+        self.shuffle = shuffle
+        self.manifest: dict[str, Any] | None = None
+        if self.prepared is not None:
+            self.manifest = self._read_prepared(self.prepared, tokenizer, max_length, sources)
+            tokenizer = tokenizer if tokenizer is not None else f"{self.prepared.rstrip('/')}/tokenizer"
+            sources = [entry["source"] for entry in self.manifest["sources"]]
+        if tokenizer is None:
+            raise ValueError("name the tokenizer (the teacher's hub name or folder), or pass a prepared folder")
         self.tokenizer_name = tokenizer
         self.sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
         if not self.sources:
@@ -381,6 +418,9 @@ class PretrainingDataModule(L.LightningDataModule):
                 "sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)"
             )
         self.probabilities = self._probabilities(self.sources, probabilities)
+        self.shares = (
+            self._probabilities(self.sources, probabilities) if probabilities is not None or prepared is None else None
+        )
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.max_length = max_length
@@ -397,6 +437,33 @@ class PretrainingDataModule(L.LightningDataModule):
         self._dataset: PackedMLMStream | None = None
         self._tracker = _Tracker()
         self._resume: dict[int, dict[str, Any]] = {}
+
+    @staticmethod
+    def _read_prepared(
+        folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        from .prepared import read_manifest, vocabulary_hash
+
+        manifest = read_manifest(folder)
+        if manifest["max_length"] != max_length:
+            raise ValueError(
+                f"{folder} holds blocks of {manifest['max_length']} tokens but max_length={max_length}: set "
+                f"max_length: {manifest['max_length']}, or prepare another folder with --max-length {max_length}"
+            )
+        if sources is not None:
+            raise ValueError(
+                f"give either sources or prepared, not both: {folder} was prepared from "
+                f"{[entry['source'] for entry in manifest['sources']]}"
+            )
+        if tokenizer is not None:
+            mine = vocabulary_hash(get_tokenizer(tokenizer))
+            if mine != manifest["vocab_hash"]:
+                raise ValueError(
+                    f"{folder} was prepared with the tokenizer {manifest['tokenizer']!r} (vocabulary "
+                    f"{manifest['vocab_hash']}), not {tokenizer!r} (vocabulary {mine}): its token ids would mean "
+                    "other words to this model. Prepare the corpus again with this tokenizer."
+                )
+        return manifest
 
     @staticmethod
     def _probabilities(sources: list[str | dict[str, Any]], given: list[float] | None) -> list[float]:
@@ -424,6 +491,8 @@ class PretrainingDataModule(L.LightningDataModule):
         """Collect the docstrings corpus once, on one process per node."""
         from .docstrings import docstrings_path
 
+        if self.prepared is not None:
+            return
         for spec in self.specs:
             if spec.kind == "docstrings":
                 docstrings_path(spec.packages, spec.cache_dir)
@@ -431,14 +500,14 @@ class PretrainingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         from .sources import load_hub_dataset
 
-        for spec in self.specs:
+        for spec in self.specs if self.prepared is None else []:
             if spec.kind == "hub":
                 # Resolving the stream here makes an offline run fail now, with the way out, not in a worker.
                 load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
         trainer = self._trainer_or_none()
         if trainer is not None:
             check_vocabulary(self.tokenizer, trainer.lightning_module)
-            if self.repeat and trainer.max_steps == -1 and stage == "fit":
+            if self.prepared is None and self.repeat and trainer.max_steps == -1 and stage == "fit":
                 warnings.warn(
                     "the pre-training stream repeats forever (repeat=True), so an epoch never ends: "
                     "set trainer.max_steps, or repeat=False to stop after one pass",
@@ -448,7 +517,40 @@ class PretrainingDataModule(L.LightningDataModule):
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
+    def check_not_empty(self) -> None:
+        """Fail now when a source holds no document at all.
+
+        Without this, ``repeat=False`` makes an empty epoch, and a Trainer with ``max_steps`` starts empty
+        epochs forever at step 0.
+        """
+        for spec in self.specs:
+            if next(read_documents(spec, 0, 1), None) is None:
+                where = ", ".join(spec.files) if spec.files else spec.name
+                raise DataSourceError(
+                    f"the source {spec.name!r} holds no documents (every line or record is empty: {where}); "
+                    "remove it from sources or fill it"
+                )
+
+    def prepared_loader(self, rank: int = 0, world_size: int = 1, num_nodes: int = 1) -> DataLoader:
+        """LitData's loader over the prepared folder, for the reader at ``rank`` of ``world_size``."""
+        from .prepared import MaskingCollate, PreparedLoader, prepared_datasets
+
+        assert self.prepared is not None and self.manifest is not None
+        dataset = prepared_datasets(
+            self.prepared, self.manifest, self.shares, self.shuffle, self.seed, rank, world_size, num_nodes
+        )
+        collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
+        return PreparedLoader(
+            dataset, collate, batch_size=self.batch_size, num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
+        if self.prepared is not None:
+            trainer = self._trainer_or_none()
+            rank, world_size = distributed_position(trainer)
+            return self.prepared_loader(rank, world_size, int(getattr(trainer, "num_nodes", 1) or 1))
+        self.check_not_empty()
         dataset = PackedMLMStream(
             self.specs, self.probabilities, self.tokenizer, self.max_length, self.batch_size,
             self.mlm_probability, self.whole_word_masking, self.seed, self.repeat,
@@ -476,7 +578,12 @@ class PretrainingDataModule(L.LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all)."""
+        """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all).
+
+        Prepared data keeps its position in LitData's loader, whose ``state_dict`` Lightning stores itself.
+        """
+        if self.prepared is not None:
+            return {}
         positions = self._tracker.consumed(self._batches_taken())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()

@@ -1,9 +1,10 @@
 """Text sources for pre-training: local files, the docstrings corpus and streamed hub datasets.
 
-Every source is a deterministic sequence of documents. A reader takes every ``num_shards``-th document
-starting at ``shard``, so ranks and dataloader workers read disjoint parts that together cover the whole
-source, also when it is a single file. ``start`` skips the documents of that shard already read, which is
-how a resumed run continues where it stopped.
+Every source is a deterministic sequence of documents, split among readers (one per rank and dataloader
+worker) into disjoint parts that together cover it exactly once. With at least as many files (hub: data
+shards) as readers, a reader gets whole files, round robin, and opens no other; with fewer, every reader
+reads the files and keeps every ``num_shards``-th document. ``start`` skips the documents of that reader
+already read, which is how a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +73,17 @@ def parse_source(source: str | dict[str, Any], cache_dir: str | None = None) -> 
 
 
 def _looks_local(name: str) -> bool:
+    # A hub name is ``dataset`` or ``owner/dataset``; anything with a deeper path, a folder that exists here or
+    # a file-like suffix is a local path, so a typo in it is reported as a missing file, not an offline hub.
+    path = Path(os.path.expanduser(name))
     return (
-        os.path.exists(os.path.expanduser(name))
+        path.exists()
         or any(ch in name for ch in "*?[")
         or name.startswith((".", "/", "~"))
-        or Path(name).suffix in TEXT_SUFFIXES
+        or name.count("/") >= 2
+        or "\\" in name
+        or (path.parent != Path(".") and path.parent.is_dir())
+        or bool(re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", path.suffix))
     )
 
 
@@ -90,8 +98,9 @@ def expand_files(pattern: str) -> list[str]:
         files = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
     if not files:
         raise DataSourceError(
-            f"no data files found at {pattern!r}: give an existing file, a folder that holds "
-            f"{', '.join(sorted(TEXT_SUFFIXES))} files, or a glob such as 'corpus/*.txt'"
+            f"no data files found at the local path {pattern!r}: give an existing file, a folder that holds "
+            f"{', '.join(sorted(TEXT_SUFFIXES))} files, or a glob such as 'corpus/*.txt' "
+            "(for a hub dataset, write {'hub': name})"
         )
     return files
 
@@ -101,29 +110,33 @@ def read_documents(spec: SourceSpec, shard: int, num_shards: int, start: int = 0
     if spec.kind == "hub":
         yield from _read_hub(spec, shard, num_shards, start)
         return
+    files = _local_files(spec)
+    if len(files) >= num_shards:
+        # Whole files, round robin: no reader opens a file another reader reads.
+        files, shard, num_shards = files[shard::num_shards], 0, 1
     skip = shard + start * num_shards
-    # JSON lines are parsed only when this shard keeps them: every reader scans the whole file.
-    for index, item in enumerate(_local_items(spec)):
+    # JSON lines are parsed only when this shard keeps them.
+    for index, item in enumerate(_local_items(files)):
         if index >= skip and (index - shard) % num_shards == 0:
             yield item if isinstance(item, str) else _parse_json_line(*item)
 
 
-def _local_items(spec: SourceSpec) -> Iterator[str | tuple[str, int, str, str]]:
-    """Documents as text, or (file, line number, raw JSON line, field) to parse when kept."""
+def _local_files(spec: SourceSpec) -> list[tuple[str, str, str]]:
+    """(file, kind, text field) per file; the docstrings corpus is one JSON lines file with a ``text`` field."""
     if spec.kind == "docstrings":
         from .docstrings import docstrings_path
 
-        path = str(docstrings_path(spec.packages, spec.cache_dir))
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                yield (path, number, line, "text")
-        return
-    for file in spec.files:
-        yield from _file_items(file, spec.text_field)
+        return [(str(docstrings_path(spec.packages, spec.cache_dir)), "jsonl", "text")]
+    return [(file, TEXT_SUFFIXES.get(Path(file).suffix, "text"), spec.text_field) for file in spec.files]
 
 
-def _file_items(file: str, text_field: str) -> Iterator[str | tuple[str, int, str, str]]:
-    kind = TEXT_SUFFIXES.get(Path(file).suffix, "text")
+def _local_items(files: list[tuple[str, str, str]]) -> Iterator[str | tuple[str, int, str, str]]:
+    """Documents as text, or (file, line number, raw JSON line, field) to parse when kept."""
+    for file, kind, text_field in files:
+        yield from _file_items(file, kind, text_field)
+
+
+def _file_items(file: str, kind: str, text_field: str) -> Iterator[str | tuple[str, int, str, str]]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -138,10 +151,17 @@ def _file_items(file: str, text_field: str) -> Iterator[str | tuple[str, int, st
                 if text and text.strip():
                     yield text
         return
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield line.rstrip("\n") if kind == "text" else (file, number, line, text_field)
+    number = 0
+    try:
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield line.rstrip("\n") if kind == "text" else (file, number, line, text_field)
+    except UnicodeDecodeError as error:
+        raise DataSourceError(
+            f"{file}: not UTF-8 text ({error.reason}, after line {number}); the corpus files must be UTF-8: "
+            "convert this one, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
+        ) from None
 
 
 def _parse_json_line(file: str, number: int, line: str, text_field: str) -> str:
@@ -224,12 +244,30 @@ def _read_hub(spec: SourceSpec, shard: int, num_shards: int, start: int) -> Iter
     from datasets.distributed import split_dataset_by_node
 
     dataset = load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
-    # split_dataset_by_node gives whole files to each shard when they divide evenly and every
-    # num_shards-th example otherwise: disjoint either way.
-    dataset = split_dataset_by_node(dataset, rank=shard, world_size=num_shards)
-    if start:
-        dataset = dataset.skip(start)
-    for record in dataset:
-        text = record.get(spec.text_field)
-        if isinstance(text, str) and text.strip():
-            yield text
+    if spec.text_field not in (dataset.column_names or [spec.text_field]):
+        raise DataSourceError(
+            f"the dataset {spec.name!r} has no column {spec.text_field!r} (columns: {dataset.column_names}); "
+            "set text_field in the source dict"
+        )
+    dataset = dataset.select_columns([spec.text_field])
+    if dataset.num_shards < num_shards:
+        # Parquet files split further by row group, which may give every reader whole shards after all.
+        try:
+            dataset = dataset.reshard()
+        except NotImplementedError:
+            pass
+    if dataset.num_shards >= num_shards:
+        # Whole shards, round robin: no reader opens a file another one reads.
+        dataset = dataset.shard(num_shards=num_shards, index=shard, contiguous=False)
+    else:
+        dataset = split_dataset_by_node(dataset, rank=shard, world_size=num_shards)
+    # ``iter`` rather than ``for record in dataset``: inside a DataLoader worker the latter splits the shards
+    # among the workers a second time, and this reader index already counts the worker.
+    kept = 0
+    for batch in dataset.iter(batch_size=256):
+        for text in batch[spec.text_field]:
+            if isinstance(text, str) and text.strip():
+                # ``start`` counts documents, which skips records without text too; ``dataset.skip`` would not.
+                if kept >= start:
+                    yield text
+                kept += 1

@@ -1,9 +1,9 @@
 """ETD, Extract Then Distill (Chen et al., 2021): a thin, shallow student cut out of the teacher's weights.
 
 Layers are taken uniformly (``uniform_layer_choice``); within them the student keeps attention heads,
-head dimensions, FFN neurons and hidden dimensions either at random (ETD-Rand) or by importance (ETD-Impt),
-where importance is the sensitivity ``|theta * grad|`` of the teacher's own loss on a sample of the
-training data.
+head dimensions (chosen per head), FFN neurons and hidden dimensions either at random (ETD-Rand) or by
+importance (ETD-Impt), where importance is the sensitivity ``|theta * grad|`` of the teacher's own loss on a
+sample of the training data.
 """
 
 from __future__ import annotations

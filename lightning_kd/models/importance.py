@@ -28,7 +28,7 @@ def _empty_scores(model: nn.Module) -> Scores:
     layers = counts["layers"]
     return {
         "heads": torch.zeros(layers, max(counts["heads"])),
-        "head_dims": torch.zeros(layers, counts["head_size"]),
+        "head_dims": torch.zeros(layers, max(counts["heads"]), counts["head_size"]),  # per head
         "ffn": torch.zeros(layers, max(counts["ffn"])),
         "hidden": torch.zeros(counts["hidden"]),
         "layers": torch.zeros(layers),
@@ -66,7 +66,7 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
         if axis.kind == "heads":
             grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)
             scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1)
-            scores["head_dims"][axis.layer] += grid.sum(0)
+            scores["head_dims"][axis.layer, : grid.shape[0]] += grid
         elif axis.kind == "ffn":
             scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1)
         else:
@@ -84,13 +84,25 @@ def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Sc
     return {kind: value.cpu() for kind, value in _sensitivity_on_device(model, kinds).items()}
 
 
+def _usable(step: Scores, taken: torch.Tensor | None) -> torch.Tensor:
+    """Whether this step's sensitivities may count (a device bool, no sync): all finite, and the optimizer takes
+    the step (a GradScaler skips steps whose gradients overflowed; their scores would be inf or NaN for good)."""
+    values = list(step.values())
+    ok = torch.stack([torch.isfinite(v).all() for v in values]).all() if values else torch.tensor(True)
+    return ok if taken is None else ok & taken.to(ok.device)
+
+
 class UnitImportance:
-    """Base of the scorers: tensors in ``self.state`` are the whole state, so checkpoints are trivial."""
+    """Base of the scorers: tensors in ``self.state`` are the whole state, so checkpoints are trivial.
+
+    ``update(model, taken)`` reads the gradients now in ``model``; ``taken`` (a bool tensor, default true) says
+    whether the optimizer applies this step: statistics follow only steps that are taken and finite.
+    """
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
 
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def scores(self) -> Scores:
@@ -110,6 +122,25 @@ class UnitImportance:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = {key: torch.as_tensor(value).clone() for key, value in state.items()}
 
+    def keep_units(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """The model lost units: keep the statistics of those that remain (``masks`` relative to its old shape).
+
+        Heads and FFN rows are repacked to the front, as the shrunk model lays its units out.
+        """
+        for key, value in list(self.state.items()):
+            kind = key.split(".")[0]
+            if kind not in masks or kind not in ("heads", "ffn", "hidden"):
+                continue
+            mask = masks[kind].to(value.device)
+            if kind == "hidden":
+                self.state[key] = value[mask]
+                continue
+            kept = mask.sum(-1)
+            packed = torch.arange(int(kept.max()), device=value.device)[None, :] < kept[:, None]
+            out = torch.zeros(value.shape[0], packed.shape[1], dtype=value.dtype, device=value.device)
+            out[packed] = value[:, : mask.shape[1]][mask]
+            self.state[key] = out
+
     def _ready(self) -> None:
         if not self.state:
             raise RuntimeError(f"{type(self).__name__} has no statistics yet: call update(model) first.")
@@ -122,10 +153,11 @@ class Sensitivity(UnitImportance):
         super().__init__()
         self.kinds = list(kinds) if kinds is not None else None
 
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
         step = _sensitivity_on_device(model, self.kinds)
+        ok = _usable(step, taken)
         for kind, value in step.items():
-            self.state[kind] = self._stored(kind, value) + value
+            self.state[kind] = self._stored(kind, value) + torch.where(ok, value, 0.0)
 
     def scores(self) -> Scores:
         self._ready()
@@ -135,31 +167,56 @@ class Sensitivity(UnitImportance):
 class PlatonImportance(UnitImportance):
     """PLATON (Zhang et al., 2022) per unit: EMA of the sensitivity times EMA of its uncertainty.
 
-    ``I`` is this step's unit sensitivity, ``mean = b1 * mean + (1 - b1) * I``,
+    ``I`` is the unit sensitivity averaged over a window of ``delta_t`` steps (PLATON's local window, 10 in its
+    paper; 1 updates every step), ``mean = b1 * mean + (1 - b1) * I``,
     ``uncertainty = b2 * uncertainty + (1 - b2) * |I - mean|``, score ``mean * uncertainty``. Smoothing per
-    unit rather than per weight keeps the state tiny (a few thousand numbers for BERT-base).
+    unit rather than per weight keeps the state tiny (a few thousand numbers for BERT-base). Steps the
+    optimizer skips, or whose sensitivities are not finite, do not count in a window.
     """
 
-    def __init__(self, beta1: float = 0.85, beta2: float = 0.95, kinds: Iterable[str] | None = None) -> None:
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95, kinds: Iterable[str] | None = None,
+                 delta_t: int = 1) -> None:
         super().__init__()
         self.kinds = list(kinds) if kinds is not None else None
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}.")
-        self.beta1, self.beta2 = beta1, beta2
+        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+            raise ValueError(f"delta_t must be a whole number of steps >= 1, got {delta_t!r}.")
+        self.beta1, self.beta2, self.delta_t = beta1, beta2, delta_t
 
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
         step = _sensitivity_on_device(model, self.kinds)
+        ok = _usable(step, taken)
         for kind, value in step.items():
+            self.state[f"{kind}.window"] = self._stored(f"{kind}.window", value) + torch.where(ok, value, 0.0)
+        counted = self._stored("window.steps", ok.float()) + ok.float()
+        # the window's length is counted on the host, so deciding when it closes never waits for the device
+        calls = int(self.state.get("window.calls", torch.zeros((), dtype=torch.long))) + 1
+        self.state["window.calls"] = torch.tensor(calls)
+        self.state["window.steps"] = counted
+        if calls % self.delta_t:
+            return
+        any_counted = counted > 0
+        for kind in step:
+            window = self.state[f"{kind}.window"]
+            value = window / counted.clamp_min(1.0)
             mean = self._stored(f"{kind}.mean", value)
             uncertainty = self._stored(f"{kind}.uncertainty", value)
-            mean = self.beta1 * mean + (1 - self.beta1) * value
-            uncertainty = self.beta2 * uncertainty + (1 - self.beta2) * (value - mean).abs()
-            self.state[f"{kind}.mean"], self.state[f"{kind}.uncertainty"] = mean, uncertainty
+            new_mean = self.beta1 * mean + (1 - self.beta1) * value
+            new_uncertainty = self.beta2 * uncertainty + (1 - self.beta2) * (value - new_mean).abs()
+            # a window of skipped steps leaves the statistics as they were
+            self.state[f"{kind}.mean"] = torch.where(any_counted, new_mean, mean)
+            self.state[f"{kind}.uncertainty"] = torch.where(any_counted, new_uncertainty, uncertainty)
+            self.state[f"{kind}.window"] = torch.zeros_like(window)
+        self.state["window.steps"] = torch.zeros_like(counted)
 
     def scores(self) -> Scores:
         self._ready()
-        kinds = {key.split(".")[0] for key in self.state}
+        kinds = {key.split(".")[0] for key in self.state if key.endswith(".mean")}
+        if not kinds:
+            raise RuntimeError(f"PlatonImportance has no statistics yet: its first window of {self.delta_t} steps "
+                               "has not closed.")
         return {kind: (self.state[f"{kind}.mean"] * self.state[f"{kind}.uncertainty"]).cpu() for kind in kinds}
 
 
@@ -197,7 +254,7 @@ class ActivationImportance(UnitImportance):
             def hook(_module: nn.Module, args: tuple) -> None:
                 grid = args[0].abs().reshape(-1, args[0].shape[-1] // head_size, head_size)
                 self._add("heads", grid.mean(dim=(0, 2)), row)
-                self._add("head_dims", grid.mean(dim=(0, 1)), row)
+                self._add("head_dims", grid.mean(dim=0), row)
 
             return hook
 

@@ -13,7 +13,8 @@ from .registry import get_adapter
 def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:
     """``keep`` layer indices spread evenly over ``num_layers``, always including the last.
 
-    12 -> 6 gives [1, 3, 5, 7, 9, 11]: every other layer, ending at the top, as DistilBERT and ETD take them.
+    12 -> 6 gives [1, 3, 5, 7, 9, 11]: every other layer, ending at the top, as ETD takes them. (DistilBERT
+    initialised from layers [0, 2, 4, 7, 9, 11]; pass them as ``layers`` to reproduce it.)
     """
     if not 0 < keep <= num_layers:
         raise ValueError(f"cannot keep {keep} of {num_layers} layers: choose between 1 and {num_layers}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,47 +23,75 @@ from .units import (
 )
 
 
+@dataclass(frozen=True)
+class Resize:
+    """``old`` was replaced by ``new``, which keeps the entries ``index[dim]`` of ``old`` along each ``dim``.
+
+    Whatever else is laid out like ``old`` (optimizer moments) follows with the same indices.
+    """
+
+    old: nn.Parameter
+    new: nn.Parameter
+    index: dict[int, torch.Tensor]
+
+
 def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
     """A copy of ``model`` without the units that ``masks`` removes (see ``units.py`` for the mask format).
 
     The copy computes exactly what ``apply_masks(model, masks)`` computes. When every kept layer keeps the
     same number of heads and FFN neurons its config is a standard one; otherwise the config holds the
     largest per-layer sizes and ``export_pretrained`` pads the layers so that plain transformers loads it.
-    ``masks["head_dims"]`` narrows every head and rescales the queries so that attention scores keep the
+    ``masks["head_dims"]`` narrows every head (each keeps its own dimensions) and rescales the queries so that attention scores keep the
     teacher's temperature (``q.k / sqrt(old head size)``); that is an initialisation, not a masked model.
+    """
+    masks = validate_masks(model, masks)
+    get_adapter(model)  # fail on an unsupported architecture before copying a large model
+    student = copy.deepcopy(model)
+    prune_model_(student, masks)
+    return student
+
+
+def prune_model_(model: nn.Module, masks: Masks) -> list[Resize]:
+    """``prune_model`` in place: ``model`` itself loses the units ``masks`` removes (same object, same class).
+
+    Returns every parameter that was replaced and how, so that an optimizer, DDP or anything else holding
+    the old parameters can follow (see ``shrink.py``). Parameters of removed layers are simply gone.
     """
     masks = validate_masks(model, masks)
     adapter = get_adapter(model)
     counts = unit_counts(model)
-    student = copy.deepcopy(model)
 
     # tied weights (word embeddings and MLM decoder) are one Parameter: slice it once, share the result
     cuts: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}
-    for axis in axes(student):
+    for axis in axes(model):
         index = kept_index(axis, masks, counts)
         if index is not None:
             cuts.setdefault(id(axis.parameter), (axis.parameter, {}))[1][axis.dim] = index
     replacements: dict[int, nn.Parameter] = {}
+    resizes: list[Resize] = []
     for key, (parameter, dims) in cuts.items():
         data = parameter.data
+        dims = {dim: index.to(data.device) for dim, index in dims.items()}
         for dim, index in dims.items():
-            data = data.index_select(dim, index.to(data.device))
-        replacements[key] = nn.Parameter(data.clone(), requires_grad=parameter.requires_grad)
-    for module in student.modules():
+            data = data.index_select(dim, index)
+        replacements[key] = nn.Parameter(data, requires_grad=parameter.requires_grad)
+        resizes.append(Resize(parameter, replacements[key], dims))
+    for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None and id(parameter) in replacements:
                 module._parameters[name] = replacements[id(parameter)]
         _refresh_shape(module)
     if "hidden" in masks:
         # norms without affine weights have nothing to slice but still carry their width
-        for norm in _hidden_modules(adapter, student)[2]:
+        for norm in _hidden_modules(adapter, model)[2]:
             norm.normalized_shape = (int(masks["hidden"].sum()),)
 
     head_size = counts["head_size"]
     if "head_dims" in masks:
-        kept_layers = masks.get("layers", torch.ones(counts["layers"], dtype=torch.bool))
-        head_size = int(masks["head_dims"][kept_layers.nonzero().flatten()[0]].sum())
-    for layer in adapter.layers(student):
+        layer = int(masks.get("layers", torch.ones(counts["layers"], dtype=torch.bool)).nonzero()[0])
+        head = int(masks["heads"][layer].nonzero()[0]) if "heads" in masks else 0
+        head_size = int(masks["head_dims"][layer, head].sum())  # every kept head keeps as many (validated)
+    for layer in adapter.layers(model):
         parts = adapter.layer_parts(layer)
         if head_size != counts["head_size"]:
             factor = query_rescale(counts["head_size"], head_size)
@@ -74,17 +103,17 @@ def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
         adapter.set_attention_shape(layer, parts.query.out_features // head_size, head_size)
 
     if "layers" in masks:
-        keep_layers_(student, masks["layers"].nonzero().flatten().tolist())
-    kept_layers = adapter.layers(student)
+        keep_layers_(model, masks["layers"].nonzero().flatten().tolist())
+    kept_layers = adapter.layers(model)
     adapter.update_config(
-        adapter.config(student),
-        hidden=adapter.residual_width(student),
+        adapter.config(model),
+        hidden=adapter.residual_width(model),
         heads=max(adapter.layer_parts(layer).query.out_features // head_size for layer in kept_layers),
         head_size=head_size,
         intermediate=max(adapter.layer_parts(layer).ffn_input.out_features for layer in kept_layers),
         layers=len(kept_layers),
     )
-    return student
+    return resizes
 
 
 def pruned_parameter_count(model: nn.Module, masks: Masks) -> int:

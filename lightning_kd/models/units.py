@@ -7,7 +7,9 @@ A mask set is a plain dict of bool tensors, easy to all-reduce under DDP and to 
 ``True`` keeps a unit. Any key may be missing (nothing of that kind is masked). In a model whose layers were
 already pruned to different widths the per-layer rows are padded: unit ``j`` of layer ``i`` exists only
 when ``j < unit_counts(model)[kind][i]``, and mask entries past it are ignored. ``"head_dims"``
-([layers, head_size]) narrows every head of a layer and is used by ``extract``; it is not a maskable unit.
+([layers, heads, head_size]: which dimensions each head keeps; a [layers, head_size] mask is shared by the
+heads of a layer) narrows the heads and is used by ``extract``; it is not a maskable unit. Every kept head keeps
+the same number of dimensions, since a config has one head size.
 
 Masking semantics (``apply_masks``): a masked model computes exactly what ``prune_model`` computes.
 Heads and FFN neurons are silenced by zeroing their contribution to the output projection, which is what
@@ -153,12 +155,14 @@ def validate_masks(model: nn.Module, masks: Masks) -> Masks:
     adapter = get_adapter(model)
     counts = unit_counts(model)
     full = full_masks(model)
-    full["head_dims"] = torch.ones(counts["layers"], counts["head_size"], dtype=torch.bool)
+    full["head_dims"] = torch.ones(counts["layers"], max(counts["heads"]), counts["head_size"], dtype=torch.bool)
     clean: Masks = {}
     for kind, mask in masks.items():
         mask = torch.as_tensor(mask).detach().to("cpu")
         if mask.dtype != torch.bool:
             raise ValueError(f"masks[{kind!r}] must be a bool tensor (True keeps a unit), got {mask.dtype}.")
+        if kind == "head_dims" and mask.dim() == 2:  # one choice for every head of a layer
+            mask = mask[:, None, :].expand(-1, full[kind].shape[1], -1)
         if mask.shape != full[kind].shape:
             raise ValueError(
                 f"masks[{kind!r}] has shape {tuple(mask.shape)}, but this model needs {tuple(full[kind].shape)}."
@@ -179,9 +183,12 @@ def validate_masks(model: nn.Module, masks: Masks) -> Masks:
                 f"remove those layers instead (masks['layers'][i] = False) or keep at least one {what}."
             )
     if "head_dims" in clean:
-        widths = {int(clean["head_dims"][i].sum()) for i in range(counts["layers"]) if layers[i]}
+        kept_heads = clean.get("heads", full["heads"])
+        widths = {int(clean["head_dims"][i, h].sum()) for i in range(counts["layers"]) if layers[i]
+                  for h in range(counts["heads"][i]) if kept_heads[i, h]}
         if len(widths) > 1:
-            raise ValueError(f"every layer must keep the same head size, got {sorted(widths)}.")
+            raise ValueError(f"every kept head must keep the same number of dimensions (one head size), got "
+                             f"{sorted(widths)}.")
     encoder = adapter.encoder(model)
     if getattr(encoder, "conv", None) is not None and not layers[0]:
         raise ValueError(
@@ -207,9 +214,10 @@ def kept_index(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None:
         masks["heads"][axis.layer, :heads] if "heads" in masks else torch.ones(heads, dtype=torch.bool)
     )
     keep_dims = (
-        masks["head_dims"][axis.layer] if "head_dims" in masks else torch.ones(head_size, dtype=torch.bool)
+        masks["head_dims"][axis.layer, :heads] if "head_dims" in masks
+        else torch.ones(heads, head_size, dtype=torch.bool)
     )
-    grid = keep_heads[:, None] & keep_dims[None, :]
+    grid = keep_heads[:, None] & keep_dims
     return grid.flatten().nonzero().flatten()
 
 

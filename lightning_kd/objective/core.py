@@ -22,7 +22,7 @@ def build_term(spec: Mapping[str, Any] | KnowledgeTerm) -> KnowledgeTerm:
         return TERMS[kind](**options)
     except TypeError as error:
         raise ValueError(
-            f"term {kind!r}: {error}. See {TERMS[kind].__name__} in lightning_kd/objective.py "
+            f"term {kind!r}: {error}. See {TERMS[kind].__name__} in {TERMS[kind].__module__.replace('.', '/')}.py "
             "for its options."
         ) from error
 

@@ -17,6 +17,10 @@ from ..ted_filters import FilterHead, LayerFilters, filter_layer_pairs
 from .base import Features, KnowledgeTerm, ModelInfo, Needs, masked_mean, register_term
 
 TED_SIDES = ("teacher", "student")
+# How the stage-II MSE is averaged over positions: "tokens" counts real tokens only; "authors" averages over
+# every position of the padded batch, padding included, as the published code does (F.mse_loss with
+# reduction="mean" over [batch, length, width]); their mse_alpha values were tuned with that average.
+NORMALIZATIONS = ("tokens", "authors")
 
 
 def _check_filter_width(width: int | None) -> None:
@@ -99,7 +103,11 @@ class FilteredHidden(KnowledgeTerm):
 
     The teacher's filters are frozen; the student's train with the student. Both must come from stage I
     (:meth:`use_stage_one_filters`): matching through random filters would distil noise, so the term refuses
-    to run without them. Padding never counts.
+    to run without them.
+
+    ``normalize`` picks the average over positions: ``"tokens"`` (real tokens only) or ``"authors"`` (every
+    position of the padded batch, padding included, as in the published code; a batch padded further gives a
+    smaller value, so the paper's mse_alpha values only carry over with this one).
     """
 
     kind = "ted"
@@ -111,13 +119,20 @@ class FilteredHidden(KnowledgeTerm):
         student_interval: int | None = None,
         filter: str = "linear",  # noqa: A002 - the YAML key users write
         filter_width: int | None = None,
+        normalize: str = "tokens",
         **kwargs: Any,
     ) -> None:
         _check_filter_width(filter_width)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"term 'ted': normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r} "
+                "('tokens': real tokens only; 'authors': padding included, as the paper's code averages)."
+            )
         kwargs.setdefault("name", "ted")
         super().__init__(**kwargs)
         self.interval, self.student_interval = interval, student_interval
         self.filter_kind, self.filter_width = filter, filter_width
+        self.normalize = normalize
         self.pairs: list[tuple[int, int]] = []
         self.teacher_filters: nn.Module | None = None
         self.student_filters: nn.Module | None = None
@@ -174,6 +189,8 @@ class FilteredHidden(KnowledgeTerm):
                 "instead of declaring the term by hand."
             )
         mask = batch["attention_mask"].bool()
+        if self.normalize == "authors":
+            mask = torch.ones_like(mask)
         with torch.no_grad():
             targets = self.teacher_filters(teacher.hidden_states)
         total = []

@@ -154,12 +154,16 @@ class HiddenState(_LayerTerm):
         """
         for index, project in enumerate(self.projections):
             if isinstance(project, nn.Linear):
-                narrowed = nn.Linear(len(kept), project.out_features).to(project.weight)
-                narrowed.weight.copy_(project.weight[:, kept])
-                narrowed.bias.copy_(project.bias)
+                # a learned projection keeps learning; the fixed map below stays fixed (a run shrinks many times)
+                narrowed = nn.Linear(len(kept), project.out_features, bias=project.bias is not None)
+                narrowed.to(project.weight)
+                narrowed.weight.copy_(project.weight[:, kept.to(project.weight.device)])
+                if project.bias is not None:
+                    narrowed.bias.copy_(project.bias)
+                narrowed.requires_grad_(project.weight.requires_grad)
             else:
                 width = int(kept.max()) + 1 if self.teacher_width is None else self.teacher_width
-                narrowed = nn.Linear(len(kept), width, bias=False)
+                narrowed = nn.Linear(len(kept), width, bias=False).requires_grad_(False)
                 narrowed.weight.zero_()
                 narrowed.weight[kept, torch.arange(len(kept))] = 1.0
             self.projections[index] = narrowed

@@ -156,21 +156,29 @@ def test_resume_continues_where_it_stopped(corpus, num_workers):
         assert len(expected & {tuple(t.flatten().tolist()) for t in rest}) >= 6
 
 
-def test_interleaving_follows_the_probabilities(tmp_path, tokenizer):
-    write_lines(tmp_path / "a" / "a.txt", 300, first=0)
+def test_sources_mix_by_token_share(tmp_path, tokenizer):
+    # Source a has documents about eight times as long as b's (BookCorpus is one sentence per row): mixing by
+    # document would give a far more than 75% of the tokens.
+    long_docs = [document(i, words=60) for i in range(200)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "a.txt").write_text("\n".join(long_docs) + "\n", encoding="utf-8")
     write_lines(tmp_path / "b" / "b.txt", 300, first=1000)
     dm = module(
         [str(tmp_path / "a"), {"path": str(tmp_path / "b" / "*.txt"), "probability": 1.0}],
         probabilities=[3.0, 1.0],
         repeat=True,
         batch_size=8,
+        max_length=64,
     )
     dm.train_dataloader()
-    batches = [unpack(batch) for _, batch in zip(range(40), dm._dataset, strict=False)]
+    batches = [unpack(batch) for _, batch in zip(range(60), dm._dataset, strict=False)]
     docs = documents_by_reader(batches, tokenizer, partial=True)[0]
-    numbers = [int(d.split()[1]) for d in docs if d.startswith("document")]
-    share_a = sum(n < 1000 for n in numbers) / len(numbers)
-    assert 0.65 < share_a < 0.85
+    tokens = {"a": 0, "b": 0}
+    for doc in docs:
+        if doc.startswith("document"):
+            tokens["a" if int(doc.split()[1]) < 1000 else "b"] += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+    share_a = tokens["a"] / (tokens["a"] + tokens["b"])
+    assert abs(share_a - 0.75) < 0.01, share_a
 
 
 def test_jsonl_parquet_and_folders(tmp_path, tokenizer):
@@ -213,15 +221,45 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_empty_and_missing_inputs(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
-    assert list(module([str(empty)]).train_dataloader()) == []
-    with pytest.raises(DataSourceError, match="no documents"):
-        next(iter(module([str(empty)], repeat=True).train_dataloader()))
+    # An empty epoch would make a Trainer with max_steps start empty epochs forever at step 0.
+    for repeat in (False, True):
+        with pytest.raises(DataSourceError, match=r"holds no documents.*empty\.txt"):
+            module([str(empty)], repeat=repeat).train_dataloader()
     with pytest.raises(DataSourceError, match="no data files found"):
         module([str(tmp_path / "missing" / "*.txt")]).train_dataloader()
     with pytest.raises(ValueError, match="sources is empty"):
         module([])
     with pytest.raises(ValueError, match="2 probabilities for 1 sources"):
         module([str(empty)], probabilities=[0.5, 0.5])
+
+
+def test_empty_corpus_under_a_trainer_fails_instead_of_spinning(tmp_path):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    model = BoringModel()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(DataSourceError, match="holds no documents"):
+        trainer.fit(model, datamodule=module([str(empty)], repeat=False))
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 3)
+    with pytest.raises(DataSourceError, match=r"latin1\.txt: not UTF-8"):
+        list(module([str(path)]).train_dataloader())
+
+
+def test_typo_in_a_local_path_is_a_missing_path_not_an_offline_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_lines(tmp_path / "corpus" / "wiki.txt", 10)
+    for typo in (tmp_path / "corpus" / "wiki.txtt", tmp_path / "corpsu" / "wiki.txt", "corpus/wiki.tx"):
+        with pytest.raises(DataSourceError) as info:
+            module([str(typo)]).train_dataloader()
+        assert "no data files found at the local path" in str(info.value), str(info.value)
+        assert "cannot be reached" not in str(info.value)
 
 
 def test_offline_hub_fails_at_once_with_the_way_out(monkeypatch):

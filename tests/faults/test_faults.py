@@ -100,7 +100,12 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (root / "student").exists()  # it really died mid-pruning (the schedule ends at step 8)
     assert {p.name for p in (root / "checkpoints").iterdir()} == {"last.ckpt"}
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    # the student shrank at the events of steps 2 and 4: the checkpoint holds the smaller shapes
+    shape = checkpoint["lightning_kd"]["student_shape"]
+    assert shape["heads"] == [2] * 4 and shape["ffn"] == [18] * 4
+    assert checkpoint["state_dict"]["student.bert.encoder.layer.0.intermediate.dense.weight"].shape == (18, 16)
 
     resumed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, None), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

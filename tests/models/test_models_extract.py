@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from model_factory import make_batch, make_model
@@ -13,6 +15,7 @@ from lightning_kd.models import (
     Sensitivity,
     extract,
     full_masks,
+    get_adapter,
     prune_model,
     score_units,
     unit_counts,
@@ -208,3 +211,30 @@ def test_random_scores_are_reproducible(arch):
     model = make_model(arch)
     first, second = score_units(model, method="random", seed=3), score_units(model, method="random", seed=3)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_every_head_keeps_its_own_best_dimensions(arch, monkeypatch):
+    teacher = make_model(arch)
+    counts = unit_counts(teacher)
+    heads, size, width = max(counts["heads"]), counts["head_size"], 2 * max(counts["heads"])
+    # head h prefers dimensions h and h + 1: a choice shared by all heads of a layer cannot honour that
+    wanted = {h: [h % size, (h + 1) % size] for h in range(heads)}
+    real = score_units
+
+    def scripted(model, data=None, method="sensitivity", **kwargs):
+        scores = real(model, method="random", seed=0)
+        scores["head_dims"] = 0.01 * scores["head_dims"]
+        for h, dims in wanted.items():
+            scores["head_dims"][:, h, dims] += 1.0
+        scores["hidden"] = -torch.arange(counts["hidden"], dtype=torch.float)  # keep hidden dims 0..width-1
+        return scores
+
+    monkeypatch.setattr(sys.modules["lightning_kd.models.extract"], "score_units", scripted)
+    student = extract(teacher, hidden_size=width, num_attention_heads=heads, strategy="impt",
+                      data=_mlm_batches(teacher))
+    assert unit_counts(student)["head_size"] == 2
+    value_t = get_adapter(teacher).layer_parts(get_adapter(teacher).layers(teacher)[0]).value.weight
+    value_s = get_adapter(student).layer_parts(get_adapter(student).layers(student)[0]).value.weight
+    for h, dims in wanted.items():
+        rows = [h * size + d for d in sorted(dims)]
+        assert torch.equal(value_s[2 * h: 2 * h + 2], value_t[rows][:, :width]), h

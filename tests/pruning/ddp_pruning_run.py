@@ -1,7 +1,9 @@
 """HomoDistil on two CPU processes (DDP over gloo); every rank saves the masks it chose and its student.
 
 Run by test_pruning_ddp.py as ``python ddp_pruning_run.py OUT_DIR``; Lightning starts the second rank by
-running this script again.
+running this script again. The student shrinks physically at every event, so DDP is re-wrapped each time.
+``single_process`` runs the same training in one process: both ranks' batches as two accumulated
+micro-batches, which averages the same gradients DDP averages.
 """
 
 from __future__ import annotations
@@ -37,13 +39,34 @@ class MaskHistory(L.Callback):
             self.history.append({k: v.clone() for k, v in self.pruning.masks.items()})
 
 
-def main(out: Path) -> None:
+class BothRanks(L.LightningDataModule):
+    """Rank 0's batch, then rank 1's, for each step."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([make_batch(seed=100 * rank + i) for i in range(4) for rank in (0, 1)], batch_size=None)
+
+
+def build(out: Path) -> tuple[DistillationModule, PruningCallback]:
     torch.manual_seed(0)
     teacher = BertForMaskedLM(tiny_bert_config())
     module = DistillationModule(teacher, {"init": "copy"}, learning_rate=1e-3,
                                 objective=[{"term": "logits"}, {"term": "hidden"}, {"term": "task"}])
     pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2,
                               export_dir=str(out / "student"))
+    return module, pruning
+
+
+def single_process(out: Path) -> DistillationModule:
+    module, pruning = build(out)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, accumulate_grad_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[pruning])
+    trainer.fit(module, BothRanks())
+    return module
+
+
+def main(out: Path) -> None:
+    module, pruning = build(out)
     history = MaskHistory(pruning)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

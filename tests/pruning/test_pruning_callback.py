@@ -23,7 +23,7 @@ def homodistil(teacher: BertForMaskedLM) -> DistillationModule:
 
 def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     module = homodistil(teacher)
-    pruning = PruningCallback(TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False)
+    pruning = PruningCallback(TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False, physical=False)
     trainer = quiet_trainer(max_steps=10, callbacks=[pruning])
     trainer.fit(module, FixedBatches())
     full = {"heads": 4, "ffn": 32, "hidden": 16}
@@ -89,7 +89,7 @@ def test_resumed_run_ends_with_the_same_student(teacher: BertForMaskedLM, tmp_pa
 def test_end_step_as_a_share_of_the_run_scales_with_its_length(
     teacher: BertForMaskedLM, max_steps: int, end_at: int
 ) -> None:
-    pruning = PruningCallback(TARGET, end_step=0.75, interval=1, prune_at_end=False)
+    pruning = PruningCallback(TARGET, end_step=0.75, interval=1, prune_at_end=False, physical=False)
     quiet_trainer(max_steps=max_steps, callbacks=[pruning]).fit(homodistil(teacher), FixedBatches())
     assert pruning.end_step == end_at and pruning.events[-1]["step"] == end_at
     assert pruning.events[-1]["hidden"] == 8  # the target reached at the scaled end

@@ -1,4 +1,5 @@
-"""Every DDP rank takes the same pruning decision and ends with the same student (2 CPU processes, gloo)."""
+"""Every DDP rank takes the same pruning decision, shrinks to the same shapes and ends with the same student as
+every other rank and as one process given the same data (2 CPU processes, gloo)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 SCRIPT = Path(__file__).with_name("ddp_pruning_run.py")
+sys.path.insert(0, str(SCRIPT.parent))
+from ddp_pruning_run import single_process  # noqa: E402
 
 
 @pytest.mark.slow
@@ -33,3 +36,11 @@ def test_two_ranks_prune_identically(tmp_path: Path) -> None:
     assert exported.config.hidden_size == 8
     for name, value in exported.state_dict().items():
         assert torch.equal(value, rank0["student"][name]), name
+
+    # the students really shrank during the run, and gradient sync kept working after every re-wrap:
+    # one process that averages the same two batches per step ends with the same student
+    assert [e["params"] for e in rank0["events"]] == sorted((e["params"] for e in rank0["events"]), reverse=True)
+    alone = single_process(tmp_path / "single").student.state_dict()
+    assert alone.keys() == rank0["student"].keys()
+    for name, value in alone.items():
+        assert torch.allclose(value, rank0["student"][name], atol=1e-5), name

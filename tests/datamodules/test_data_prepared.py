@@ -1,0 +1,322 @@
+"""Prepared data: ``prepare`` (LitData ``optimize``) and PretrainingDataModule(prepared=...) on LitData streaming."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from kd_datafiles import TOKENIZER, document, write_lines
+from torch import nn
+
+from lightning_kd.cli import main as cli_main
+from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
+from lightning_kd.datamodules.prepared import PreparedDataError, prepare, read_manifest
+
+
+def write_corpus(folder: Path, files: int, documents: int = 120, first: int = 0) -> list[str]:
+    texts = []
+    for k in range(files):
+        part = range(first + k * documents // files, first + (k + 1) * documents // files)
+        texts += write_lines(folder / f"part-{k:02d}.txt", len(part), first=part.start)
+    return texts
+
+
+def blocks_of(batches: list[dict]) -> list[tuple[int, ...]]:
+    """Each block of each batch, unmasked, without padding."""
+    found = []
+    for batch in batches:
+        ids = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+        for row, mask in zip(ids, batch["attention_mask"], strict=True):
+            found.append(tuple(row[mask.bool()].tolist()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    write_corpus(root / "corpus", 3)
+    prepare(root / "out", TOKENIZER, [str(root / "corpus")], max_length=32, num_workers=2, chunk_blocks=7)
+    return root / "out"
+
+
+def test_manifest_counts_every_token(tmp_path, tokenizer):
+    texts = write_corpus(tmp_path / "corpus", 3)
+    manifest = prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2)
+    expected = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)  # + [SEP]
+    (entry,) = manifest["sources"]
+    assert entry["tokens"] == expected and entry["documents"] == len(texts)
+    assert manifest["max_length"] == 32 and manifest["tokenizer"] == TOKENIZER and len(manifest["vocab_hash"]) == 16
+    assert read_manifest(tmp_path / "out") == manifest
+    # Every block is [CLS] ... [SEP]; the text inside, joined, is every document once.
+    dm = PretrainingDataModule(prepared=str(tmp_path / "out"), max_length=32, batch_size=8, shuffle=False)
+    blocks = blocks_of(list(dm.train_dataloader()))
+    assert len(blocks) == entry["blocks"]
+    assert all(b[0] == tokenizer.cls_token_id and b[-1] == tokenizer.sep_token_id for b in blocks)
+    inner = [t for b in blocks for t in b[1:-1]]
+    assert len(inner) == expected
+    docs = tokenizer.decode(inner).split(" [SEP]")
+    numbers = sorted(int(d.split()[1]) for d in docs if d.strip())
+    assert numbers == list(range(len(texts)))
+
+
+def test_prepare_is_idempotent_resumes_and_refuses_another_tokenizer(tmp_path):
+    write_corpus(tmp_path / "a", 2)
+    write_corpus(tmp_path / "b", 1, first=500)
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = tmp_path / "out"
+    first = prepare(out, TOKENIZER, sources, max_length=32, num_workers=2)
+    chunks = {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")}
+    assert prepare(out, TOKENIZER, sources, max_length=32, num_workers=2) == first
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")} == chunks, "a finished folder was rewritten"
+
+    # An interrupted run: the second source has no index and no manifest was written.
+    second = out / first["sources"][1]["folder"]
+    (second / "index.json").unlink()
+    (out / "manifest.json").unlink()
+    again = prepare(out, TOKENIZER, sources, max_length=32, num_workers=2)
+    assert again == first
+    kept = {p: t for p, t in chunks.items() if first["sources"][0]["folder"] in str(p)}
+    assert kept and all(p.stat().st_mtime_ns == t for p, t in kept.items()), "a finished source was redone"
+
+    other = tmp_path / "other-tokenizer"
+    _wordlevel_tokenizer().save_pretrained(other)
+    with pytest.raises(PreparedDataError) as info:
+        prepare(out, str(other), sources, max_length=32)
+    assert TOKENIZER in str(info.value) and str(other) in str(info.value)
+    with pytest.raises(PreparedDataError, match="max_length=32, not 64"):
+        prepare(out, TOKENIZER, sources, max_length=64)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(PreparedDataError, match="not empty"):
+        prepare(tmp_path / "busy", TOKENIZER, sources, max_length=32)
+    # The training side refuses a tokenizer of another vocabulary too.
+    with pytest.raises(ValueError, match="prepared with the tokenizer"):
+        PretrainingDataModule(str(other), prepared=str(out), max_length=32)
+    with pytest.raises(ValueError, match="max_length: 32"):
+        PretrainingDataModule(prepared=str(out), max_length=64)
+
+
+def _wordlevel_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "document": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def test_cli_prepare(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus", 2)
+    args = ["prepare", "--output", str(tmp_path / "out"), "--tokenizer", TOKENIZER, "--sources",
+            json.dumps([str(tmp_path / "corpus")]), "--max_length", "32", "--num_workers", "1"]  # fmt: skip
+    cli_main(args)
+    assert "blocks from 120 documents" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out")["sources"][0]["documents"] == 120
+    with pytest.raises(SystemExit, match="lightning-kd prepare: .*max_length=32, not 16"):
+        cli_main([*args[:-4], "--max_length", "16"])
+
+
+@pytest.mark.parametrize("files", [3, 8])
+def test_every_block_once_for_any_ranks_and_workers(tmp_path, files):
+    write_corpus(tmp_path / "corpus", files, documents=160)
+    out = tmp_path / "out"
+    manifest = prepare(out, TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2, chunk_blocks=16)
+    # LitData hands out chunks: 3 divides none of the 2, 4 and 8 readers, 8 divides them all.
+    assert len(list(out.rglob("chunk-*.bin"))) == files
+    total = manifest["sources"][0]["blocks"]
+    batch = 4
+    reference = None
+    failures = []
+    for ranks in (1, 2):
+        for workers in (0, 1, 2, 4):
+            seen = []
+            for rank in range(ranks):
+                dm = PretrainingDataModule(prepared=str(out), max_length=32, batch_size=batch, num_workers=workers)
+                seen += blocks_of(list(dm.prepared_loader(rank=rank, world_size=ranks)))
+            counts = Counter(seen)
+            if reference is None:
+                reference = set(counts)
+                assert len(seen) == total
+            repeated = sum(c - 1 for c in counts.values())
+            missing = len(reference - set(counts))
+            # LitData's drop_last under several ranks: fewer than a batch per rank, plus a batch, may be left out.
+            allowed = 0 if ranks == 1 else batch * (ranks + 1)
+            if repeated or missing > allowed or not set(counts) <= reference:
+                failures.append(f"{ranks} ranks x {workers} workers: {repeated} repeated, {missing} missing")
+    assert not failures, failures
+
+
+def test_sources_mix_by_token_share(tmp_path):
+    # Short documents in one source, long ones in the other: a mix by document would miss the shares by far.
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "long.txt").write_text(
+        "\n".join(document(i, words=80) for i in range(1600)) + "\n", encoding="utf-8"
+    )
+    write_lines(tmp_path / "short" / "short.txt", 12_000, first=20_000)
+    out = tmp_path / "out"
+    manifest = prepare(out, TOKENIZER, [str(tmp_path / "long"), str(tmp_path / "short")], max_length=16, num_workers=2)
+    for declared in (None, [0.3, 0.7]):
+        dm = PretrainingDataModule(prepared=str(out), max_length=16, batch_size=64, probabilities=declared, num_workers=1)
+        loader = dm.train_dataloader()
+        for taken, _ in enumerate(loader, start=1):
+            if taken == 200:  # 12,800 blocks, well inside the epoch
+                break
+        state = loader.state_dict()["num_samples_yielded"]
+        blocks = [sum(per_worker[k] for per_worker in state.values()) for k in range(2)]
+        # Blocks are all max_length tokens (bar each piece's last), so the block share is the token share.
+        share = blocks[0] / sum(blocks)
+        expected = manifest["sources"][0]["share"] if declared is None else 0.3
+        assert abs(share - expected) < 0.01, (declared, share, expected)
+
+
+class Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+        self.seen: list[tuple[tuple[int, ...], ...]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append(tuple(tuple(row) for row in batch["input_ids"].tolist()))
+        return self.layer(batch["attention_mask"][:, :1].float()).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _trainer(root: Path, max_steps: int, **kwargs: object) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepared, num_workers):
+    def data() -> PretrainingDataModule:
+        return PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=num_workers)
+
+    straight = Recorder()
+    _trainer(tmp_path / "a", 9, enable_checkpointing=False).fit(straight, datamodule=data())
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = Recorder()
+    _trainer(tmp_path / "b", 4, callbacks=[checkpoint]).fit(first, datamodule=data())
+    (saved,) = list((tmp_path / "ckpt").glob("*.ckpt"))
+    (state,) = torch.load(saved, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    # The position of the last batch the loop took, not of the one Lightning's fetcher had already fetched.
+    assert state["num_samples_yielded"] == 4 * 4
+    second = Recorder()
+    _trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
+    assert first.seen == straight.seen[:4]
+    assert second.seen == straight.seen[4:], "the resumed run did not see the batches of the uninterrupted one"
+
+
+def test_resume_on_another_layout_goes_on_with_the_next_pass(prepared):
+    def loader(world_size: int, workers: int):
+        dm = PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=workers)
+        return dm.prepared_loader(rank=0, world_size=world_size)
+
+    first = loader(1, 0)
+    for taken, _ in enumerate(first, start=1):
+        if taken == 5:
+            break
+    state = first.state_dict()
+    same = loader(1, 0)
+    same.load_state_dict(state)
+    assert blocks_of([next(iter(same))]) == blocks_of([next(iter(_skip(loader(1, 0), 5)))])
+
+    for world_size, workers in ((2, 0), (1, 2)):
+        other = loader(world_size, workers)
+        with pytest.warns(UserWarning, match=r"starts pass 2; about 20 blocks of pass 1 were read"):
+            other.load_state_dict(state)
+        resumed = blocks_of(list(other))
+        fresh = loader(world_size, workers)
+        fresh.current_epoch = 1  # the same rank's share of pass 2
+        assert resumed == blocks_of(list(fresh))
+
+
+def _skip(loader, count: int):
+    iterator = iter(loader)
+    for _ in range(count):
+        next(iterator)
+    return iterator
+
+
+def test_prepare_reads_a_hub_dataset_through_datasets(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [document(i) for i in range(90)]
+    (tmp_path / "hub").mkdir()
+    for k in range(3):  # a hub dataset's parquet files, read by `datasets` as the hub copy would be
+        pq.write_table(pa.table({"text": texts[k::3]}), tmp_path / "hub" / f"train-{k:05d}-of-00003.parquet")
+    manifest = prepare(tmp_path / "out", TOKENIZER, [{"hub": str(tmp_path / "hub")}], max_length=32, num_workers=2)
+    (entry,) = manifest["sources"]
+    assert entry["documents"] == 90
+    assert entry["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+
+def _rank_main(rank: int, folder: str, out: str, port: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # No rank given: the DataModule takes it from torch.distributed, as under a DDP Trainer.
+        dm = PretrainingDataModule(prepared=folder, max_length=32, batch_size=4, num_workers=2)
+        blocks = blocks_of(list(dm.train_dataloader()))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(blocks))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    torch.multiprocessing.spawn(_rank_main, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
+    ranks = [[tuple(b) for b in json.loads((tmp_path / f"rank{r}.json").read_text())] for r in range(2)]
+    everything = set(blocks_of(list(PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4).train_dataloader())))
+    assert ranks[0] and ranks[1] and len(ranks[0]) == len(ranks[1]), "DDP ranks must take as many batches"
+    assert not set(ranks[0]) & set(ranks[1]), "two ranks read the same block"
+    assert set(ranks[0]) | set(ranks[1]) <= everything
+    assert len(everything - set(ranks[0]) - set(ranks[1])) < 4 * 3, "more than LitData's drop_last remainder"
+
+
+def test_resume_with_mixed_sources(tmp_path):
+    write_lines(tmp_path / "a" / "a.txt", 300, first=0)
+    write_lines(tmp_path / "b" / "b.txt", 300, first=1000)
+    prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "a"), str(tmp_path / "b")], max_length=32, num_workers=2)
+    for workers in (0, 2):
+        def loader(workers: int = workers):
+            dm = PretrainingDataModule(prepared=str(tmp_path / "out"), max_length=32, batch_size=4, num_workers=workers)
+            return dm.train_dataloader()
+
+        reference = [b["input_ids"] for b in loader()]
+        first = loader()
+        for taken, _ in enumerate(first, start=1):
+            if taken == 7:
+                break
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        rest = [b["input_ids"] for b in resumed]
+        assert len(rest) == len(reference) - 7, workers
+        assert all(torch.equal(a, b) for a, b in zip(rest, reference[7:], strict=True)), workers
+
+
+def test_prepare_refuses_an_empty_source(tmp_path):
+    write_corpus(tmp_path / "corpus", 1, documents=10)
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataSourceError, match=r"'.*empty\.txt' holds no documents"):
+        prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")], max_length=32)
+    assert not (tmp_path / "out").exists(), "nothing is written before the sources are checked"

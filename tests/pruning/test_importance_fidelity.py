@@ -1,0 +1,71 @@
+"""PLATON as its authors ran it: a window of delta_t steps, and only steps the optimizer takes count."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kd_helpers import FixedBatches, quiet_trainer
+from lightning.pytorch.plugins import MixedPrecision
+from transformers import BertForMaskedLM
+
+from lightning_kd import DistillationModule, PruningCallback
+from lightning_kd.models import importance
+from lightning_kd.models.importance import PlatonImportance
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_nonfinite import Poison  # noqa: E402
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    steps = iter(values)
+    monkeypatch.setattr(importance, "_sensitivity_on_device",
+                        lambda model, kinds=None: {"ffn": torch.full((1, 2), next(steps))})
+
+
+def test_platon_window_averages_delta_t_steps_before_the_emas(monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted(monkeypatch, [2.0, 4.0, float("nan"), 8.0, 6.0])
+    scorer = PlatonImportance(beta1=0.5, beta2=0.5, delta_t=2)
+    scorer.update(None)
+    assert "ffn.mean" not in scorer.state
+    with pytest.raises(RuntimeError, match="first window of 2 steps has not closed"):
+        scorer.scores()
+    scorer.update(None)
+    mean = 0.5 * 3.0  # the window's average, (2 + 4) / 2
+    assert scorer.state["ffn.mean"][0, 0] == pytest.approx(mean)
+    assert scorer.state["ffn.uncertainty"][0, 0] == pytest.approx(0.5 * abs(3.0 - mean))
+    scorer.update(None)  # NaN sensitivities: not counted
+    scorer.update(None, taken=torch.tensor(True))
+    assert scorer.state["ffn.mean"][0, 0] == pytest.approx(0.5 * mean + 0.5 * 8.0)  # the window is 8 alone
+    scorer.update(None, taken=torch.tensor(False))  # a step the GradScaler skips
+    assert float(scorer.state["window.steps"]) == 0.0
+
+
+def test_a_skipped_fp16_step_does_not_poison_the_importance(teacher: BertForMaskedLM) -> None:
+    torch.manual_seed(0)
+    # step 3's gradients overflow (inf) while its loss stays finite: 16-mixed's GradScaler skips that step
+    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"},
+                                                                         Poison(bad=(2,), bad_gradient=True)])
+    pruning = PruningCallback({"ffn": 0.5, "heads": 0.5}, interval=2, end_step=6, physical=False)
+    # Lightning turns 16-mixed into bf16-mixed on a CPU; this keeps fp16 and its GradScaler, as on a GPU
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    quiet_trainer(max_steps=6, plugins=[fp16], callbacks=[pruning]).fit(module, FixedBatches())
+    state = pruning.scorer.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    scores = pruning.scorer.scores()["ffn"]
+    assert torch.isfinite(scores).all() and scores.std() > 0  # ranked by importance, not by index
+
+
+def test_first_event_before_the_first_window_is_refused_and_the_callback_pickles(teacher: BertForMaskedLM
+                                                                                ) -> None:
+    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}])
+    with pytest.raises(ValueError, match="first pruning event \\(step 2\\) comes before PLATON's first window of "
+                                         "delta_t=10"):
+        quiet_trainer(max_steps=6, callbacks=[PruningCallback({"ffn": 0.5}, interval=2, delta_t=10)]).fit(
+            module, FixedBatches())
+    # ddp_spawn pickles the callback into every process
+    restored = pickle.loads(pickle.dumps(PruningCallback({"ffn": 0.5}, schedule="cubic")))
+    assert restored.schedule(0.5) == pytest.approx(0.875)
