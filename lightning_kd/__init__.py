@@ -9,6 +9,7 @@ Where each paper lives:
 
 from .callbacks import (
     DistillationReport,
+    GLUESubmissionWriter,
     NonFiniteError,
     NonFiniteGuard,
     PreemptionCheckpoint,
@@ -33,6 +34,7 @@ __all__ = [
     "DistillationReport",
     "FineTuningModule",
     "GLUEDataModule",
+    "GLUESubmissionWriter",
     "KnowledgeTerm",
     "NonFiniteError",
     "NonFiniteGuard",

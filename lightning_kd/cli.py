@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from .callbacks import PreemptionCheckpoint, RunDashboard
+from .callbacks import GLUESubmissionWriter, PreemptionCheckpoint, RunDashboard
 from .checkpointing import check_readable, install_atomic_checkpoints
+from .datamodules import GLUEDataModule
+from .run_config import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
@@ -30,6 +32,7 @@ class DistillationCLI(LightningCLI):
 
     def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RecipeConfigCallback)
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -56,8 +59,16 @@ class DistillationCLI(LightningCLI):
         install_atomic_checkpoints(self.trainer)
         add_csv_when_missing(self.trainer)
         add_wandb_when_configured(self.trainer)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name_wandb_runs(self.trainer, [str(f) for f in config.get("config") or [] if f])
         add_dashboard_when_missing(self.trainer)
         add_preemption_checkpoint_under_slurm(self.trainer)
+
+    def after_fit(self) -> None:
+        finish_wandb_runs(self.trainer)
+
+    def before_predict(self) -> None:
+        add_submission_writer_for_glue(self.trainer, self.datamodule)
 
 
 def add_csv_when_missing(trainer: L.Trainer) -> None:
@@ -100,6 +111,14 @@ def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
     environment = trainer._accelerator_connector.cluster_environment
     name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
     _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
+
+
+def add_submission_writer_for_glue(trainer: L.Trainer, datamodule: object) -> None:
+    """``lightning-kd predict`` on a GLUE task writes the submission folder to ``<default_root_dir>/glue_submission``
+    (see :class:`~lightning_kd.GLUESubmissionWriter`), unless the recipe has a writer of its own."""
+    if not isinstance(datamodule, GLUEDataModule) or any(isinstance(c, GLUESubmissionWriter) for c in trainer.callbacks):
+        return
+    trainer.callbacks.append(GLUESubmissionWriter(os.path.join(trainer.default_root_dir, "glue_submission")))
 
 
 def add_wandb_when_configured(trainer: L.Trainer) -> None:

@@ -91,3 +91,21 @@ class TaskMetrics(nn.Module):
         for metrics in self.splits:
             for metric in metrics.values():
                 metric.reset()
+
+
+def split_names(trainer: object, count: int) -> list[str]:
+    """Names of the ``count`` evaluation dataloaders: the DataModule's ``validation_names`` (MNLI's
+    ``validation_matched``/``validation_mismatched``) when it has them, else ``dataloader_idx_<i>``."""
+    names = getattr(getattr(trainer, "datamodule", None), "validation_names", None)
+    if names is not None and len(names) == count:
+        return list(names)
+    return [f"dataloader_idx_{i}" for i in range(count)]
+
+
+def loss_key(trainer: object, stage: str, name: str, dataloader_idx: int) -> str:
+    """``<stage>/<name>``, with the evaluation set's name appended when there are several (MNLI's losses say
+    matched and mismatched, as its metrics do, rather than Lightning's ``dataloader_idx_0/1``)."""
+    counts = getattr(trainer, "num_val_batches" if stage == "val" else "num_test_batches", None) or [0]
+    if len(counts) <= 1:
+        return f"{stage}/{name}"
+    return f"{stage}/{name}/{split_names(trainer, len(counts))[dataloader_idx]}"

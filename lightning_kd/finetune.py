@@ -11,14 +11,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from .checkpointing import check_resume, resuming_fit
 from .datamodules.glue import get_task
-from .evaluation import TaskMetrics
-from .hub import load_model
-from .models import check_export_dir, check_export_written
+from .evaluation import TaskMetrics, loss_key
+from .hub import load_model, push_folder
+from .models import check_export_dir, check_export_written, parameter_count, save_standard
+from .models.card import auto_class_name, write_model_card
 from .optim import adamw_with_warmup, default_callbacks
+from .train_mode import train_mode_for_fit
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,7 +51,10 @@ class FineTuningModule(L.LightningModule):
         task: the GLUE task; it fixes ``num_labels``, the loss (MSE for STS-B) and the metrics.
         warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
         export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
-            tokenizer (a fine-tuned teacher for task-specific distillation or TED, for instance).
+            tokenizer, the task's label names and a model card (a fine-tuned teacher for task-specific
+            distillation or TED, for instance).
+        push_to_hub: a hub repo id (``me/minilm-sst2``) to upload the exported folder to; ``private`` repo by
+            default.
         allow_changes: hyper-parameters that may differ from the checkpoint this run resumes (see
             :func:`lightning_kd.checkpointing.check_resume`).
     """
@@ -64,6 +69,8 @@ class FineTuningModule(L.LightningModule):
         adam_epsilon: float = 1e-8,
         model_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
+        push_to_hub: str | None = None,
+        private: bool = True,
         allow_changes: Sequence[str] = (),
     ) -> None:
         super().__init__()
@@ -82,8 +89,13 @@ class FineTuningModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.adam_epsilon = adam_epsilon
+        if push_to_hub and not export_dir:
+            raise ValueError("push_to_hub uploads the exported folder: set export_dir too")
         self.export_dir = export_dir
+        self.push_to_hub, self.private = push_to_hub, private
+        self.last_metrics: dict[str, float] = {}
         self.metrics = TaskMetrics.for_task(self.task.name)
+        self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
@@ -101,23 +113,42 @@ class FineTuningModule(L.LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        self._evaluate(batch, dataloader_idx, "val", self.metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str, metrics: TaskMetrics) -> None:
         logits = self(batch)
-        self.metrics.update(logits, batch["labels"], dataloader_idx)
+        metrics.update(logits, batch["labels"], dataloader_idx)
         self.log(
-            "val/loss", self.loss(logits, batch["labels"]), batch_size=batch["labels"].shape[0],
-            add_dataloader_idx=True, sync_dist=True,
+            loss_key(self.trainer, stage, "loss", dataloader_idx), self.loss(logits, batch["labels"]),
+            batch_size=batch["labels"].shape[0], add_dataloader_idx=False, sync_dist=True,
         )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
-        self.log_dict(self.metrics.compute(), prog_bar=True)
+        self.last_metrics = self.metrics.compute()
+        self.log_dict(self.last_metrics, prog_bar=True)
         self.metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """The logits of a test-set batch with its GLUE indices, as :class:`~lightning_kd.GLUESubmissionWriter`
+        reads them."""
+        return {"idx": batch["idx"], "logits": self(batch)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if resuming_fit(self):
             check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
 
     def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
         if self.export_dir is not None:
             check_export_dir(self.export_dir)
 
@@ -125,11 +156,25 @@ class FineTuningModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.export_dir is None:
             return
-        self.model.save_pretrained(self.export_dir)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        datamodule = self.trainer.datamodule
+        label_names = getattr(datamodule, "label_names", None) or list(self.task.class_names or self.task.labels)
+        if isinstance(self.model, PreTrainedModel):
+            parameters, plain = save_standard(self.model, self.export_dir, label_names or None)
+        else:
+            self.model.save_pretrained(self.export_dir)
+            parameters = plain = parameter_count(self.model)
+        tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.export_dir)
         check_export_written(self.export_dir)
+        source = self.hparams.get("model") or getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        write_model_card(
+            self.export_dir, teacher=str(source), method=f"fine-tuned on {self.task.name}",
+            recipe=getattr(self, "recipe", None), model_class=auto_class_name(self.model), parameters=parameters,
+            plain_parameters=plain, metrics=self.last_metrics, label_names=label_names or None,
+        )  # fmt: skip
+        if self.push_to_hub:
+            print(f"fine-tuned model pushed to {push_folder(self.export_dir, self.push_to_hub, self.private)}")
 
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)

@@ -98,3 +98,15 @@ def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
     return _load(AutoTokenizer, name_or_path, "tokenizer", **kwargs)
+
+
+def push_folder(path: str | os.PathLike, repo_id: str, private: bool = True, api: Any = None) -> str:
+    """Upload an exported model folder to the hub as ``repo_id`` (created if needed); returns the repo's URL."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model",
+                      commit_message="Upload a model exported by lightning-kd")  # fmt: skip
+    return str(getattr(repo, "url", repo))

@@ -26,16 +26,18 @@ from transformers import (
 from . import hub
 from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
-from .evaluation import TaskMetrics
+from .evaluation import TaskMetrics, loss_key
 from .models import (
     MaskedLMParts,
     capture_qkv,
     check_export_written,
-    export_pretrained,
     get_adapter,
     is_classifier,
     max_sequence_length,
+    parameter_count,
+    save_standard,
 )
+from .models.card import auto_class_name, describe_device, export_sizes_line, forward_ms, write_model_card
 from .models.shrink import rebuild_shape_, student_shape
 from .objective import (
     PREDICTION_POSITIONS,
@@ -47,7 +49,9 @@ from .objective import (
 )
 from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
 from .students import StudentSpec, build_student
+from .teacher_cache import TeacherCache
 from .timing import StepTimer
+from .train_mode import train_mode_for_fit
 
 MODEL_CLASSES = {
     "base": AutoModel,
@@ -164,6 +168,10 @@ class DistillationModule(L.LightningModule):
             pruning and filters, and log it with tokens per second (see :mod:`lightning_kd.timing`).
         allow_changes: hyper-parameters that may differ from those of the checkpoint this run resumes (e.g.
             ``["learning_rate"]``); any other difference is refused (see :func:`lightning_kd.checkpointing.check_resume`).
+        teacher_cache: task-specific distillation on a fixed data set: compute the teacher's outputs once per
+            training example and reuse them in later epochs, ``"memory"`` or a folder (kept on disk across runs),
+            or ``{"store": ..., "hidden_states": true}`` to keep the hidden states too (much larger; see
+            :mod:`lightning_kd.teacher_cache`).
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class DistillationModule(L.LightningModule):
         compile: bool | Mapping[str, Any] = False,
         time_steps: bool = True,
         allow_changes: Sequence[str] = (),
+        teacher_cache: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if task not in MODEL_CLASSES:
@@ -226,6 +235,12 @@ class DistillationModule(L.LightningModule):
         if teacher_dtype is not None:
             teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         self.task_metrics: TaskMetrics | None = None
+        self.test_metrics: TaskMetrics | None = None
+        self.teacher_metrics = nn.ModuleDict()  # registered, so it moves to the device with the module
+        self.teacher_results: dict[tuple, dict[str, float]] = {}  # per evaluation set: the frozen teacher's metrics
+        self.last_evaluation: dict[str, dict[str, float]] = {}
+        self._teacher_key: tuple = ()
+        self._teacher_known = False
         self._check_vocabularies()
 
         self.objective = DistillationObjective(objective or self._default_objective())
@@ -242,6 +257,7 @@ class DistillationModule(L.LightningModule):
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)
         self.step_timer: StepTimer | None = StepTimer() if time_steps else None
+        self.teacher_cache = TeacherCache.from_spec(teacher_cache)
         self._dropout_rng: dict[str, Any] | None = None
         self.last_terms: dict[str, Tensor] = {}
 
@@ -371,7 +387,10 @@ class DistillationModule(L.LightningModule):
         batch = self.prepare_batch(batch)
         timer = self.step_timer
         with timer.section("teacher_forward") if timer else nullcontext():
-            teacher = self.teacher_features(batch)
+            if self.teacher_cache is not None:
+                teacher = self.teacher_cache.features(batch, lambda: self.teacher_features(batch))
+            else:
+                teacher = self.teacher_features(batch)
         with timer.section("student_forward") if timer else nullcontext():
             student = self.student_features(batch)
             loss, terms = self.losses(teacher, student, batch)
@@ -384,6 +403,8 @@ class DistillationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
         if logging:
+            if teacher.hidden_states is None:  # served from a logits-only cache: the discrepancy reads more
+                teacher = self.teacher_features(batch)
             self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
 
@@ -435,8 +456,23 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.step_timer:
             self.step_timer.to(self.device).reset()
+        if self.teacher_cache is not None:
+            self.teacher_cache.rank = self.global_rank
+            self.teacher_cache.bind(self.teacher, self.objective.needs())
+            rows = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+            if rows:
+                examples, mean = len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows)
+            else:
+                examples, mean = int(self.trainer.num_training_batches), 0.0
+            self.teacher_cache.announce(examples, mean, self.teacher)
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            self.log("teacher_cache/hit_rate", self.teacher_cache.hit_rate())
+            self.teacher_cache.save()
 
     def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
         options = self.hparams.get("compile", False)
         if options:
             options = {} if options is True else dict(options)
@@ -464,26 +500,99 @@ class DistillationModule(L.LightningModule):
             rank_zero_warn(f"precision={precision!r} trains the student's weights and its AdamW state in "
                            f"{precision.split('-')[0]} and exports it so; use '{precision.split('-')[0]}-mixed' to "
                            "keep float32 weights with half-precision arithmetic.")
-        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics.
+        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
+        # student and, as the bar it is measured against, for the teacher.
         task = getattr(datamodule, "task", None)
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
+            self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
+            for evaluation in ("val", "test"):
+                self.teacher_metrics[evaluation] = TaskMetrics.for_task(task.name, prefix=f"{evaluation}/teacher").to(
+                    self.device
+                )
+
+    def _evaluation_key(self, stage: str) -> tuple:
+        # The evaluation sets as the loop will read them: which sets, and how many batches of each
+        datamodule = getattr(self.trainer, "datamodule", None)
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            stage, counts = "sanity", trainer.num_sanity_val_batches
+        else:
+            counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        return (stage, tuple(getattr(datamodule, "validation_names", ())), tuple(counts))
+
+    def _start_evaluation(self, stage: str) -> None:
+        self._teacher_key = self._evaluation_key(stage)
+        self._teacher_known = self._teacher_key in self.teacher_results
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._evaluate(batch, dataloader_idx, "test")
+
+    def _evaluate(self, batch: Mapping[str, Tensor], dataloader_idx: int, stage: str) -> Tensor:
         batch = self.prepare_batch(batch)
         teacher, student = self.teacher_features(batch), self.student_features(batch)
         loss, terms = self.losses(teacher, student, batch)
         values = {"loss": loss, **terms, **self.measure_discrepancy(teacher, student, batch)}
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=batch["input_ids"].shape[0],
-                      sync_dist=True)
-        if self.task_metrics is not None and student.logits is not None:
-            self.task_metrics.update(student.logits, batch["labels"], dataloader_idx)
+        self.log_dict({loss_key(self.trainer, stage, k, dataloader_idx): v for k, v in values.items()},
+                      batch_size=batch["input_ids"].shape[0], sync_dist=True, add_dataloader_idx=False)
+        metrics = self.task_metrics if stage == "val" else self.test_metrics
+        if metrics is not None and student.logits is not None:
+            metrics.update(student.logits, batch["labels"], dataloader_idx)
+            if not self._teacher_known and teacher.logits is not None:
+                self.teacher_metrics[stage].update(teacher.logits, batch["labels"], dataloader_idx)
         return loss
 
+    def _end_evaluation(self, stage: str) -> None:
+        metrics = self.task_metrics if stage == "val" else self.test_metrics
+        if metrics is None:
+            return
+        student = metrics.compute()
+        metrics.reset()
+        if not self._teacher_known:
+            # The teacher is frozen, so its metrics on the same sets never change: computed once, then reused
+            self.teacher_results[self._teacher_key] = self.teacher_metrics[stage].compute()
+            self.teacher_metrics[stage].reset()
+        teacher = self.teacher_results.get(self._teacher_key, {})
+        gap = {key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value - student[key.replace("/teacher", "", 1)]
+               for key, value in teacher.items() if key.replace("/teacher", "", 1) in student}  # fmt: skip
+        self.log_dict(student, prog_bar=True)
+        self.log_dict({**teacher, **gap})
+        self.last_evaluation = {"student": student, "teacher": teacher, "gap": gap}
+
     def on_validation_epoch_end(self) -> None:
-        if self.task_metrics is not None:
-            self.log_dict(self.task_metrics.compute(), prog_bar=True)
-            self.task_metrics.reset()
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The student's outputs for a test-set batch, with its GLUE indices (see
+        :class:`~lightning_kd.GLUESubmissionWriter`)."""
+        logits = self.student_features(complete_batch(batch)).logits
+        if logits is None:
+            raise ValueError("predicting needs a student that predicts: distil with task='sequence-classification'")
+        return {"idx": batch["idx"], "logits": logits}
+
+    def evaluation_summary(self) -> list[str]:
+        """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""
+        last = self.last_evaluation
+        lines = []
+        for key, value in sorted(last.get("teacher", {}).items()):
+            stage = key.split("/", 1)[0]
+            plain = key.replace("/teacher", "", 1)
+            if plain in last["student"]:
+                lines.append(f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
+                             f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})")
+        return lines
 
     @torch.no_grad()
     def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
@@ -548,31 +657,70 @@ class DistillationModule(L.LightningModule):
                                  "allow_changes=[teacher] to continue against the new one on purpose.")
             rank_zero_warn(f"{message}; resuming continues against the new teacher (allow_changes).")
 
-    def save_student(self, path: str | os.PathLike, tokenizer: Any = None) -> str:
+    def save_student(
+        self, path: str | os.PathLike, tokenizer: Any = None, probe: Mapping[str, Tensor] | None = None,
+        discrepancy: Mapping[str, tuple[float, float]] | None = None,
+    ) -> str:  # fmt: skip
         """Write the student as a Hugging Face folder that ``AutoModel.from_pretrained`` loads, with the
-        tokenizer (by default the DataModule's), so the folder is all a user needs."""
+        tokenizer (by default the DataModule's), the task's label names and a model card (``README.md``), so the
+        folder is all a user needs. ``probe``, a batch, times both models' forward pass for the card;
+        ``discrepancy`` goes into it as ``{name: (start, end)}``."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if tokenizer is None:
-            tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+            tokenizer = getattr(datamodule, "tokenizer", None)
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
+        label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
         try:
-            _write_student(self.student, path, tokenizer)
+            parameters, plain = _write_student(self.student, path, tokenizer, label_names)
         except OSError as error:
             # The run's work is in memory only: keep it where it can be written, then fail loudly.
             root = Path(self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir())
             rescue = root / f"student-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
-            _write_student(self.student, rescue, tokenizer)
+            _write_student(self.student, rescue, tokenizer, label_names)
             raise OSError(f"could not save the student to {path} ({error}); it was saved to {rescue.resolve()} "
                           "instead.") from error
+        speed = None
+        if probe is not None:
+            batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
+            ms = forward_ms({"teacher": self.teacher, "student": self.student}, batch)
+            shape = "x".join(str(n) for n in batch["input_ids"].shape)
+            speed = {"teacher_ms": ms["teacher"], "student_ms": ms["student"], "batch": shape,
+                     "device": describe_device(self.device)}  # fmt: skip
+        last = self.last_evaluation
+        write_model_card(
+            path, teacher=self.teacher_source, method=self.method_description(), recipe=getattr(self, "recipe", None),
+            model_class=auto_class_name(self.student), parameters=parameters, plain_parameters=plain,
+            teacher_parameters=parameter_count(self.teacher), speed=speed, discrepancy=discrepancy,
+            metrics={**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})},
+            label_names=list(label_names) if label_names else None,
+        )  # fmt: skip
+        print(export_sizes_line(parameters, plain))
         return str(path)
+
+    def method_description(self) -> str:
+        """What made this student, in one line for its model card: initialisation, objective, callbacks."""
+        spec = self.hparams.get("student")
+        init = spec.get("init") if isinstance(spec, Mapping) else spec if isinstance(spec, str) else "a given model"
+        if init == "extract":
+            init = f"extract (ETD, {spec.get('strategy', 'rand')})"
+        terms = ", ".join(t.name for t in self.terms.values())
+        parts = [f"student from {init}", f"objective: {terms}"]
+        names = {"PruningCallback": "HomoDistil pruning", "TEDFilterCallback": "TED filters"}
+        callbacks = [names[type(c).__name__] for c in getattr(self._trainer, "callbacks", []) if type(c).__name__ in names]
+        return "; ".join(parts + callbacks)
 
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:
         return self.objective.terms
 
 
-def _write_student(student: nn.Module, path: str | os.PathLike, tokenizer: Any) -> None:
-    export_pretrained(student, path)
+def _write_student(
+    student: nn.Module, path: str | os.PathLike, tokenizer: Any, label_names: Sequence[str] | None = None
+) -> tuple[int, int]:
+    """Save the student (and tokenizer) to ``path``; (its parameters, those plain transformers loads)."""
+    sizes = save_standard(student, path, label_names or None)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     check_export_written(path)
+    return sizes

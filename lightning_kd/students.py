@@ -28,8 +28,8 @@ from transformers import PreTrainedModel
 
 from . import hub
 from .models import (
-    drop_unused_pooler,
     extract,
+    freeze_unused_pooler,
     get_adapter,
     is_classifier,
     select_layers,
@@ -135,10 +135,11 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
         student = STUDENT_INITS[init](teacher, **options)
     except TypeError as error:
         raise ValueError(f"student init {init!r}: {error}") from error
-    drop_unused_pooler(student)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in student.parameters()):
         # built from a teacher kept in half precision: the student trains in float32 (precision options change
         # the arithmetic, never the student's master weights or its optimizer state)
         student.float()
     # built from a frozen teacher, so it inherits frozen parameters and eval mode
-    return student.requires_grad_(True).train()
+    student.requires_grad_(True).train()
+    freeze_unused_pooler(student)
+    return student

@@ -84,3 +84,45 @@ def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Pa
     assert exported.config.num_hidden_layers == 3
     assert list((tmp_path / "runs" / "demo").rglob("*.wandb")), "W&B offline run file missing"
     assert read_metrics(tmp_path / "runs" / "demo")
+
+
+def test_runs_record_the_resolved_recipe_and_its_name(tmp_path: Path, tiny_teacher_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """CSV and offline W&B runs hold trainer, model, data and callbacks as resolved, under the recipe's name, and
+    the W&B run folder is complete (config.yaml, wandb-summary.json) when the command returns."""
+    from lightning_kd.callbacks.dashboard import read_run_records
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} is about small models." for i in range(100)))
+    recipe = {
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "default_root_dir": "runs/named",
+                    "callbacks": [{"class_path": "lightning_kd.DistillationReport"}]},
+        "model": {"class_path": "lightning_kd.DistillationModule",
+                  "init_args": {"teacher": str(tiny_teacher_dir), "student": {"init": "layers", "num_layers": 1}}},
+        "data": {"class_path": "lightning_kd.datamodules.PretrainingDataModule",
+                 "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 16, "batch_size": 2}},
+    }  # fmt: skip
+    (tmp_path / "experiments" / "glue").mkdir(parents=True)
+    config = tmp_path / "experiments" / "glue" / "tiny_named.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    wandb.teardown()
+    try:
+        main(["fit", "--config", str(config)])
+    finally:
+        wandb.teardown()
+    (hparams,) = (tmp_path / "runs" / "named").rglob("hparams.yaml")
+    recorded = yaml.safe_load(hparams.read_text())
+    assert recorded["run"]["name"] == "glue-tiny_named"
+    assert recorded["trainer"]["max_steps"] == 2 and recorded["data"]["init_args"]["batch_size"] == 2
+    assert recorded["trainer"]["callbacks"][0]["class_path"] == "lightning_kd.DistillationReport"
+    assert recorded["model"]["init_args"]["learning_rate"] == 1e-4  # a default, resolved
+    (run_dir,) = (tmp_path / "runs" / "named" / "wandb").glob("offline-run-*")
+    assert (run_dir / "files" / "wandb-summary.json").is_file()
+    wandb_config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    assert wandb_config["trainer"]["value"]["max_steps"] == 2
+    (run_file,) = run_dir.glob("*.wandb")
+    names = {record.run.display_name for record in read_run_records(run_file) if record.HasField("run")}
+    assert names == {"glue-tiny_named"}

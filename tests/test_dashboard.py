@@ -279,6 +279,26 @@ def test_summary_figure_draws_the_given_values() -> None:
     assert [ax.get_title() for ax in without.axes] == ["discrepancy", "loss"]
 
 
+def test_summary_figure_scales_params_to_the_teacher_and_draws_validation() -> None:
+    series = {
+        "params": [(0, 2000.0), (10, 1000.0)],
+        "train/loss": [(0, 1.0), (10, 0.25)],
+        "val/sst2/accuracy": [(5, 0.6), (10, 0.7)],
+        "val/teacher/sst2/accuracy": [(5, 0.9), (10, 0.9)],
+        "val/gap/sst2/accuracy": [(5, 0.3), (10, 0.2)],  # the difference of the two drawn lines: not drawn
+        "val/discrepancy/kl": [(10, 0.1)],
+    }
+    figure = summary_figure(series, teacher_params=4000)
+    assert [ax.get_title() for ax in figure.axes] == ["width", "loss", "validation"]
+    width, _, validation = figure.axes
+    assert lines(width)["params / teacher (4,000)"] == ([0, 10], [0.5, 0.25])
+    drawn = lines(validation)
+    assert drawn == {"val/sst2/accuracy": ([5, 10], [0.6, 0.7]), "val/teacher/sst2/accuracy": ([5, 10], [0.9, 0.9])}
+    # a run without pruning: the student's constant share of the teacher over the run
+    still = summary_figure({k: v for k, v in series.items() if k != "params"}, teacher_params=4000, student_params=1000)
+    assert lines(still.axes[0])["params / teacher (4,000)"] == ([0, 10], [0.25, 0.25])
+
+
 def test_metrics_csv_round_trip(tmp_path: Path) -> None:
     """CSVLogger's layout: one row per log call, empty cells for what that call did not log."""
     metrics_file = tmp_path / "metrics.csv"

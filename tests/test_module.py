@@ -126,10 +126,13 @@ def test_students_from_specs(teacher: BertForMaskedLM) -> None:
         DistillationModule(teacher, {"init": "config", "config": {"num_layers": 2}})
 
 
-def test_bare_encoder_student_drops_its_unused_pooler() -> None:
+def test_bare_encoder_student_keeps_the_teachers_pooler_frozen() -> None:
     teacher = BertModel(tiny_bert_config())
     module = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
-    assert module.student.pooler is None
+    # frozen: no term reads it and DDP refuses parameters without gradients; kept: the export carries it
+    assert not any(p.requires_grad for p in module.student.pooler.parameters())
+    assert torch.equal(module.student.pooler.dense.weight, teacher.pooler.dense.weight)
+    assert all(p.requires_grad for n, p in module.student.named_parameters() if not n.startswith("pooler."))
     assert [t.name for t in module.terms.values()] == [
         "hidden_mse"
     ]  # no predictions: hidden states by default

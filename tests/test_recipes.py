@@ -36,3 +36,87 @@ def test_homodistil_targets_stay_counts() -> None:
     parser.add_class_arguments(PruningCallback, "pruning")
     parsed = parser.parse_object({"pruning": {"target": target}})
     assert all(isinstance(v, int) for v in parsed.pruning.target.values())
+
+
+# Recipes whose data and models exist on every machine (the packaged MiniLM, the docstrings corpus), in the
+# order a user runs them: the TED chain reads what the run before it wrote under runs/.
+OFFLINE = [
+    "demo.yaml",
+    "homodistil/tiny_offline.yaml",
+    "glue/docstrings_minilm_tiny.yaml",
+    "ted/tiny_teacher.yaml",
+    "ted/tiny_stage1.yaml",
+    "ted/tiny_stage2.yaml",
+]
+OFFLINE_GROUPS = [["demo.yaml"], ["homodistil/tiny_offline.yaml"], ["glue/docstrings_minilm_tiny.yaml"],
+                  ["ted/tiny_teacher.yaml", "ted/tiny_stage1.yaml", "ted/tiny_stage2.yaml"]]  # fmt: skip
+
+
+def test_every_recipe_is_either_run_offline_or_paper_scale() -> None:
+    """A recipe on data every machine has (the docstrings) must be in OFFLINE, so it is run as shipped below;
+    the others (hub teachers and GLUE downloads) are parsed above."""
+    for recipe in RECIPES:
+        name = str(recipe.relative_to(EXPERIMENTS))
+        data = yaml.safe_load(recipe.read_text())["data"]["init_args"]
+        offline = data.get("task") == "docstrings" or "docstrings" in (data.get("sources") or [])
+        assert (name in OFFLINE) == offline, f"{name}: add it to OFFLINE, which the suite runs as shipped"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", OFFLINE_GROUPS, ids=[g[-1] for g in OFFLINE_GROUPS])
+def test_offline_recipes_run_as_shipped(group: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each offline recipe, unmodified but for max_steps, through the CLI in a fresh folder (its runs/ paths are
+    relative): a setting that only breaks at full length (an interval longer than an epoch) fails here too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for name in group:
+        main(["fit", "--config", str(EXPERIMENTS / name), "--trainer.max_steps=2"])
+        recipe = yaml.safe_load((EXPERIMENTS / name).read_text())
+        parts = [recipe["model"]] + recipe["trainer"].get("callbacks", [])
+        exports = [p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")]
+        for folder in exports:
+            assert (tmp_path / folder / "config.json").is_file(), f"{name} did not export {folder}"
+            assert name in (tmp_path / folder / "README.md").read_text(), "the model card names its recipe"
+
+
+PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFLINE]
+
+
+def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object) -> object:
+    """A tiny model of the family a hub name or TED teacher folder names, built offline instead of loading it."""
+    from transformers import AutoModel, BertConfig, DebertaV2Config
+
+    if what != "model" and what != "model config":
+        raise AssertionError(f"instantiating a recipe should not load a {what}")
+    labels = {k: kwargs[k] for k in ("num_labels", "problem_type") if kwargs.get(k) is not None}
+    shape = dict(hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=96,
+                 max_position_embeddings=128, vocab_size=30522, **labels)  # fmt: skip
+    name = str(name_or_path)
+    config = DebertaV2Config(**shape) if "deberta" in name or "ted" in name else BertConfig(**shape)
+    if what == "model config":
+        return config
+    return (AutoModel if loader is None else loader).from_config(config)
+
+
+@pytest.mark.parametrize("recipe", PAPER_SCALE, ids=[str(p.relative_to(EXPERIMENTS)) for p in PAPER_SCALE])
+def test_paper_scale_recipe_instantiates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model, data, trainer and callbacks built from the recipe, with tiny stand-ins for its hub models (nothing
+    downloads), this machine's hardware, and the docstrings for prepared shards it does not have: arguments every
+    class accepts, not only a config that parses."""
+    from lightning_kd import hub
+    from lightning_kd.cli import DistillationCLI
+
+    monkeypatch.setattr(hub, "_load", _stand_in)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    # the hardware is this machine's (a multi-node GPU recipe cannot build its Trainer on a CPU), the rest as shipped
+    hardware = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
+    # prepared shards are checked when the DataModule is built; this machine has none, so the docstrings stand in
+    data = yaml.safe_load(recipe.read_text())["data"]["init_args"]
+    if data.get("prepared"):
+        hardware += ["--data.init_args.prepared=null", "--data.init_args.sources=[docstrings]"]
+    cli = DistillationCLI(args=["--config", str(recipe), *hardware], run=False)
+    assert cli.model.__class__.__module__.startswith("lightning_kd.")
+    assert cli.datamodule.__class__.__module__.startswith("lightning_kd.")
+    recipe_callbacks = yaml.safe_load(recipe.read_text())["trainer"].get("callbacks", [])
+    built = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {c["class_path"].rsplit(".", 1)[-1] for c in recipe_callbacks} <= built

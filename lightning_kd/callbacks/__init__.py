@@ -5,10 +5,12 @@ from .nonfinite import NonFiniteError, NonFiniteGuard
 from .preemption import PreemptionCheckpoint
 from .pruning import PruningCallback
 from .report import DistillationReport
+from .submission import GLUESubmissionWriter
 from .ted import TEDFilterCallback
 
 __all__ = [
     "DistillationReport",
+    "GLUESubmissionWriter",
     "NonFiniteError",
     "NonFiniteGuard",
     "PreemptionCheckpoint",

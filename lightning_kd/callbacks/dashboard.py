@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..datamodules.glue import TASKS
 from ..evaluation import TaskMetrics
 from ..timing import METRICS as STEP_METRICS
 from .pruning import PruningCallback
@@ -60,7 +62,7 @@ SUMMARIES: tuple[tuple[str, str], ...] = (
 HIGHER_IS_BETTER = "max,last"
 
 # The summary plot's panels, top to bottom (which names each draws: `_panel_lines`).
-PLOT_PANELS = ("discrepancy", "width", "loss")
+PLOT_PANELS = ("discrepancy", "width", "loss", "validation")
 
 
 def _has_wandb(trainer: L.Trainer) -> bool:
@@ -206,8 +208,11 @@ class RunDashboard(L.Callback):
         if not metrics_file.is_file():
             rank_zero_warn(f"no summary plot: {metrics_file} does not exist (nothing was logged).")
             return
-        self.plot_path = save_summary_plot(read_metrics_csv(metrics_file), metrics_file.parent / self.plot)
-        print(f"summary plot (discrepancy, width, loss against steps) saved to {self.plot_path.resolve()}")
+        teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "student", None)
+        counts = [sum(p.numel() for p in m.parameters()) if isinstance(m, torch.nn.Module) else None
+                  for m in (teacher, student)]  # fmt: skip
+        self.plot_path = save_summary_plot(read_metrics_csv(metrics_file), metrics_file.parent / self.plot, *counts)
+        print(f"summary plot (discrepancy, width, loss, validation against steps) saved to {self.plot_path.resolve()}")
 
 
 # ---------------------------------------------------------------------------------------------- the plot
@@ -230,7 +235,15 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[float, flo
     return series
 
 
-def _panel_lines(series: Series) -> dict[str, list[tuple[str, list[float], list[float], dict[str, Any]]]]:
+def _is_task_metric(name: str) -> bool:
+    """``val/<task>/...`` (the student's official metrics) and ``val/teacher/<task>/...``; not the gap."""
+    parts = name.split("/")
+    return len(parts) > 2 and parts[0] == "val" and (parts[1] in TASKS or (parts[1] == "teacher" and parts[2] in TASKS))
+
+
+def _panel_lines(
+    series: Series, teacher_params: int | None = None, student_params: int | None = None
+) -> dict[str, list[tuple[str, list[float], list[float], dict[str, Any]]]]:
     """Per panel: (label, steps, values, line style) for each line, in drawing order."""
 
     def line(name: str, label: str | None = None, scale: float = 1.0, **style: Any) -> tuple:
@@ -247,11 +260,16 @@ def _panel_lines(series: Series) -> dict[str, list[tuple[str, list[float], list[
         elif name.startswith("width/"):
             panels["width"].append(line(name))
     if "params" in series and series["params"]:
-        start = series["params"][0][1]
-        # a share of the starting size, so it reads on the same axis as the widths
-        panels["width"].append(
-            line("params", f"params / {start:,.0f}", 1.0 / start if start else 1.0, color="black")
-        )
+        # a share of the teacher's size (else of the starting size), so it reads on the same axis as the widths
+        base = teacher_params or series["params"][0][1]
+        label = f"params / teacher ({base:,.0f})" if teacher_params else f"params / {base:,.0f}"
+        panels["width"].append(line("params", label, 1.0 / base if base else 1.0, color="black"))
+    elif teacher_params and student_params:
+        steps = sorted({step for values in series.values() for step, _ in values})
+        if steps:
+            ratio = student_params / teacher_params
+            panels["width"].append((f"params / teacher ({teacher_params:,.0f})", [steps[0], steps[-1]],
+                                    [ratio, ratio], {"color": "black"}))  # fmt: skip
     if "train/loss" in series:
         panels["loss"].append(line("train/loss", linewidth=2.0, color="black"))
     for name in names:
@@ -260,13 +278,19 @@ def _panel_lines(series: Series) -> dict[str, list[tuple[str, list[float], list[
     for name in names:
         if name == "val/loss" or name.startswith("val/loss/"):
             panels["loss"].append(line(name, linestyle="--", marker="o"))
+    for name in names:
+        if _is_task_metric(name):
+            teacher = name.startswith("val/teacher/")
+            panels["validation"].append(line(name, linestyle="--" if teacher else "-", marker="o"))
     return {title: lines for title, lines in panels.items() if lines}
 
 
-def summary_figure(series: Series) -> Figure:
-    """One panel each for the discrepancy, the width (and parameters, as a share of the start) and the loss
-    (``train/loss``, its terms, ``val/loss``) against steps; panels with nothing logged are left out."""
-    panels = _panel_lines(series)
+def summary_figure(series: Series, teacher_params: int | None = None, student_params: int | None = None) -> Figure:
+    """One panel each for the discrepancy, the width (and parameters, as a share of the teacher's when
+    ``teacher_params`` is given, else of the start), the loss (``train/loss``, its terms, ``val/loss``) and the
+    validation metrics (the student's solid, the teacher's dashed) against steps; panels with nothing logged are
+    left out."""
+    panels = _panel_lines(series, teacher_params, student_params)
     figure = Figure(figsize=(6.5, 3.0 * max(len(panels), 1)), layout="constrained")
     FigureCanvasAgg(figure)  # render with Agg whatever pyplot's backend is
     axes = figure.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
@@ -285,11 +309,13 @@ def summary_figure(series: Series) -> Figure:
     return figure
 
 
-def save_summary_plot(series: Series, path: str | os.PathLike) -> Path:
+def save_summary_plot(
+    series: Series, path: str | os.PathLike, teacher_params: int | None = None, student_params: int | None = None
+) -> Path:
     """Draw :func:`summary_figure` into a PNG at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    summary_figure(series).savefig(path, dpi=110)
+    summary_figure(series, teacher_params, student_params).savefig(path, dpi=110)
     return path
 
 

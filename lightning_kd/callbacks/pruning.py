@@ -80,7 +80,7 @@ class PruningCallback(L.Callback):
         target: what remains at the end, per unit kind (``heads`` per layer, ``ffn`` neurons per layer,
             ``hidden`` dimensions): a fraction of the full size (float, e.g. ``0.5``) or a count (int).
         start_step, end_step: the schedule runs between these optimizer steps (``end_step`` defaults to the
-            run's last step).
+            run's last step; a float in (0, 1) is a share of it, so a recipe keeps its shape at any length).
         interval: steps between pruning events.
         schedule: ``cubic`` (the share of the way to the target pruned after progress p is 1 - (1 - p)³),
             ``linear``, ``one-shot``, or any callable from progress in [0, 1] to that share.
@@ -106,7 +106,7 @@ class PruningCallback(L.Callback):
         self,
         target: Mapping[str, int | float],
         start_step: int = 0,
-        end_step: int | None = None,
+        end_step: int | float | None = None,
         interval: int = 10,
         schedule: str | Callable[[float], float] = "cubic",
         importance: str = "platon",
@@ -191,6 +191,8 @@ class PruningCallback(L.Callback):
         last = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         if self.end_step is None:
             self.end_step = last
+        elif isinstance(self.end_step, float) and 0.0 < self.end_step < 1.0:
+            self.end_step = max(self.start_step + 1, round(self.end_step * last))
         if self.end_step > last:
             raise ValueError(f"the pruning schedule ends at step {self.end_step}, after the run's last step "
                              f"{last}: the student would never reach its target. Set end_step <= {last} or "

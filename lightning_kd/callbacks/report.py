@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..hub import push_folder
 from ..models import check_export_dir
 
 
@@ -19,13 +20,18 @@ def _parameters(model: torch.nn.Module) -> int:
 class DistillationReport(L.Callback):
     """Prints teacher and student sizes, the discrepancy on the first training batch at the start and at the
     end of fit (the same batch both times, so the two numbers compare), and saves the student as a Hugging
-    Face folder in ``export_dir`` with the DataModule's tokenizer, so ``AutoModel.from_pretrained`` loads it.
+    Face folder in ``export_dir`` with the DataModule's tokenizer, the task's label names and a model card, so
+    ``AutoModel.from_pretrained`` loads it; ``push_to_hub`` (a repo id such as ``me/minilm-sst2``) uploads the
+    folder too (a ``private`` repo unless told otherwise; the token comes from ``huggingface-cli login`` or ``HF_TOKEN``).
     With a PruningCallback, the student it reports and saves is the physically pruned one (pruning happens
     when training ends, before fit ends).
     """
 
-    def __init__(self, export_dir: str | None = None) -> None:
+    def __init__(self, export_dir: str | None = None, push_to_hub: str | None = None, private: bool = True) -> None:
+        if push_to_hub and not export_dir:
+            raise ValueError("push_to_hub uploads the exported folder: set export_dir too")
         self.export_dir = export_dir
+        self.push_to_hub, self.private = push_to_hub, private
         self.probe: dict[str, torch.Tensor] | None = None
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
@@ -67,11 +73,17 @@ class DistillationReport(L.Callback):
         print("teacher-student discrepancy on the first batch (lower is closer):")
         for key in sorted(self.end):
             print(f"  {key:34s} start {self.start.get(key, float('nan')):.4f}   end {self.end[key]:.4f}")
+        gap = pl_module.evaluation_summary() if hasattr(pl_module, "evaluation_summary") else []
+        if gap:
+            print("task metrics at the last evaluation (gap = teacher - student):", *gap, sep="\n")
         if self.export_dir:
-            path = pl_module.save_student(Path(self.export_dir))
+            discrepancy = {k: (self.start.get(k, float("nan")), v) for k, v in self.end.items()}
+            path = pl_module.save_student(Path(self.export_dir), probe=self.probe, discrepancy=discrepancy)
             print(
                 f"student saved to {Path(path).resolve()} (load it with transformers.AutoModel.from_pretrained)"
             )
+            if self.push_to_hub:
+                print(f"student pushed to {push_folder(path, self.push_to_hub, private=self.private)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": self.probe, "start": self.start}

@@ -175,7 +175,9 @@ DOCSTRING_CLASSES = ("asyncio", "email", "logging", "multiprocessing", "unittest
 
 
 def write_docstring_task(folder: str | os.PathLike | None = None, dev_share: int = 5) -> Path:
-    """train.tsv and dev.tsv (``sentence<TAB>label``, as SST-2 lays them out) for the docstrings task.
+    """train.tsv and dev.tsv (``sentence<TAB>label``, as SST-2 lays them out) for the docstrings task, and a
+    test.tsv (``index<TAB>sentence``, GLUE's test layout) that holds the dev texts without their labels, so the
+    whole GLUE path, predicting a test set included, runs offline.
 
     A docstring goes to dev when the hash of its text says so (one in ``dev_share``), so the split does not
     depend on collection order. Returns the folder; ``GLUEDataModule("docstrings", data_dir=folder)`` reads it.
@@ -186,7 +188,7 @@ def write_docstring_task(folder: str | os.PathLike | None = None, dev_share: int
         if folder is not None
         else default_cache_dir() / f"docstrings-task-py{sys.version_info[0]}{sys.version_info[1]}"
     )
-    if (target / "train.tsv").exists() and (target / "dev.tsv").exists():
+    if all((target / name).exists() for name in ("train.tsv", "dev.tsv", "test.tsv")):
         return target
     target.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[str]] = {"train.tsv": [], "dev.tsv": []}
@@ -199,8 +201,10 @@ def write_docstring_task(folder: str | os.PathLike | None = None, dev_share: int
             "dev.tsv" if int(hashlib.sha1(text.encode()).hexdigest(), 16) % dev_share == 0 else "train.tsv"
         )
         rows[split].append(f"{text}\t{label}")
+    headers = {"train.tsv": "sentence\tlabel", "dev.tsv": "sentence\tlabel", "test.tsv": "index\tsentence"}
+    rows["test.tsv"] = [f"{i}\t{line.rsplit(chr(9), 1)[0]}" for i, line in enumerate(rows["dev.tsv"])]
     for name, lines in rows.items():
         tmp = target / f"{name}.{os.getpid()}.tmp"
-        tmp.write_text("sentence\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        tmp.write_text(headers[name] + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, target / name)
     return target

@@ -36,6 +36,17 @@ class GLUETask:
     validation_files: tuple[str, ...] = ("dev.tsv",)
     validation_splits: tuple[str, ...] = ("validation",)
     has_header: bool = True
+    # GLUE's unlabeled test sets: TSV files (with a header and an ``index`` column), hub splits, and the names
+    # of the files the GLUE server takes for them
+    test_files: tuple[str, ...] = ("test.tsv",)
+    test_splits: tuple[str, ...] = ("test",)
+    submission_names: tuple[str, ...] = ()
+    test_tsv_columns: tuple[str, ...] = ()  # when the test file names its text columns differently
+    class_names: tuple[str, ...] = ()  # readable names (the hub's) where GLUE's files say 0/1
+
+    @property
+    def test_columns(self) -> tuple[str, ...]:
+        return self.test_tsv_columns or tuple(str(c) for c in self.tsv_columns)
 
     @property
     def num_labels(self) -> int:
@@ -49,39 +60,66 @@ class GLUETask:
 TASKS: dict[str, GLUETask] = {
     task.name: task
     for task in [
-        GLUETask("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1"), ("matthews_correlation",), has_header=False),
-        GLUETask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), ("accuracy",)),
+        GLUETask("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1"), ("matthews_correlation",), has_header=False,
+                 class_names=("unacceptable", "acceptable"), submission_names=("CoLA",), test_tsv_columns=("sentence",)),
+        GLUETask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), ("accuracy",),
+                 class_names=("negative", "positive"), submission_names=("SST-2",)),
         GLUETask(
             "mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("0", "1"),
-            ("f1", "accuracy"),
+            ("f1", "accuracy"), class_names=("not_equivalent", "equivalent"), submission_names=("MRPC",),
         ),
         GLUETask(
             "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1"),
-            ("f1", "accuracy"),
+            ("f1", "accuracy"), class_names=("not_duplicate", "duplicate"), submission_names=("QQP",),
         ),
         GLUETask(
             "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", (),
-            ("pearson", "spearman"),
+            ("pearson", "spearman"), submission_names=("STS-B",),
         ),
         GLUETask(
             "mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
             ("entailment", "neutral", "contradiction"), ("accuracy",),
             validation_files=("dev_matched.tsv", "dev_mismatched.tsv"),
             validation_splits=("validation_matched", "validation_mismatched"),
+            test_files=("test_matched.tsv", "test_mismatched.tsv"), test_splits=("test_matched", "test_mismatched"),
+            submission_names=("MNLI-m", "MNLI-mm"),
         ),
         GLUETask(
             "qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-            ("entailment", "not_entailment"), ("accuracy",),
+            ("entailment", "not_entailment"), ("accuracy",), submission_names=("QNLI",),
         ),
         GLUETask(
             "rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-            ("entailment", "not_entailment"), ("accuracy",),
+            ("entailment", "not_entailment"), ("accuracy",), submission_names=("RTE",),
         ),
-        GLUETask("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",)),
+        GLUETask("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",),
+                 class_names=("not_entailment", "entailment"), submission_names=("WNLI",)),
         # Not GLUE: an offline stand-in with the same shape (see docstrings.write_docstring_task).
-        GLUETask("docstrings", "docstrings", ("sentence",), ("sentence",), "label", DOCSTRING_CLASSES, ("accuracy",)),
+        GLUETask("docstrings", "docstrings", ("sentence",), ("sentence",), "label", DOCSTRING_CLASSES, ("accuracy",),
+                 submission_names=("docstrings",)),
     ]
 }  # fmt: skip
+
+
+def submission_lines(task: GLUETask, indices: torch.Tensor, outputs: torch.Tensor) -> list[str]:
+    """``index<TAB>prediction`` lines, header first, sorted by index, as GLUE's server reads them.
+
+    Classes are written as the task's own labels (``entailment``, ``not_entailment`` for MNLI, AX, QNLI and RTE;
+    ``0``/``1`` elsewhere); STS-B scores are clipped to GLUE's 0-5 range.
+    """
+    order = torch.argsort(indices)
+    indices, outputs = indices[order], outputs[order].float()
+    if task.is_regression:
+        values = [f"{v:.3f}" for v in outputs.reshape(-1).clamp(0.0, 5.0).tolist()]
+    else:
+        values = [task.labels[i] for i in outputs.argmax(dim=-1).tolist()]
+    return ["index\tprediction"] + [f"{i}\t{v}" for i, v in zip(indices.tolist(), values, strict=True)]
+
+
+# The diagnostic set: MNLI-shaped pairs that a model trained on MNLI labels; GLUE's server takes AX.tsv.
+AX_SPLIT = "ax"
+AX_HUB_COLUMNS = ("premise", "hypothesis")
+AX_FILES = ("diagnostic/diagnostic.tsv", "diagnostic.tsv", "AX/diagnostic.tsv", "AX.tsv")
 
 
 def get_task(name: str) -> GLUETask:
@@ -143,6 +181,40 @@ def read_tsv(path: str | os.PathLike, task: GLUETask, skip_malformed: bool = Fal
     return examples
 
 
+def read_test_tsv(path: str | os.PathLike, columns: Sequence[str]) -> list[Example]:
+    """(texts, index) rows of an unlabeled GLUE test file: a header with ``index`` (QQP: ``id``) and ``columns``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file; GLUE's download holds the unlabeled test sets as test.tsv "
+                              "(MNLI: test_matched.tsv, test_mismatched.tsv; AX: diagnostic/diagnostic.tsv)")  # fmt: skip
+    lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+    header = lines[0].split("\t") if lines else []
+    index_column = next((c for c in ("index", "id") if c in header), None)
+    missing = [c for c in columns if c not in header]
+    if index_column is None or missing:
+        raise DataSourceError(
+            f"{path}, line 1: the header {header} lacks {missing or ['index']}; a GLUE test file has an `index` "
+            f"column and the text columns {list(columns)}"
+        )
+    text_at, index_at = [header.index(c) for c in columns], header.index(index_column)
+    examples: list[Example] = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            raise DataSourceError(f"{path}, line {number}: expected {len(header)} tab-separated columns, "
+                                  f"found {len(fields)}")  # fmt: skip
+        try:
+            index = int(fields[index_at])
+        except ValueError:
+            raise DataSourceError(f"{path}, line {number}: the index {fields[index_at]!r} is not a number") from None
+        examples.append(([fields[i] for i in text_at], index))
+    if not examples:
+        raise DataSourceError(f"{path}: no examples in the file")
+    return examples
+
+
 def _label(task: GLUETask, value: str) -> float | int:
     value = value.strip()
     if task.is_regression:
@@ -179,6 +251,12 @@ class GLUEDataModule(L.LightningDataModule):
         tokenizer: hub name or folder of the model's fast tokenizer.
         data_dir: a folder in GLUE's TSV layout (the task folder or ``glue_data``); ``None``: the hub.
         skip_malformed: warn and skip rows with the wrong number of columns or a bad label, instead of failing.
+        with_ax: with MNLI, ``predict`` also labels the AX diagnostic set (GLUE's ``diagnostic/diagnostic.tsv``
+            next to the MNLI folder, or the hub's ``ax`` config).
+
+    ``validate`` and ``test`` report the official metrics on the labeled dev sets (GLUE keeps its test labels
+    private); ``predict`` labels the unlabeled test sets, and :class:`~lightning_kd.GLUESubmissionWriter` writes
+    the predictions as the folder GLUE's server takes.
     """
 
     def __init__(
@@ -192,6 +270,7 @@ class GLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         skip_malformed: bool = False,
         seed: int = 0,
+        with_ax: bool = True,
     ) -> None:
         super().__init__()
         self.task = get_task(task)
@@ -203,6 +282,7 @@ class GLUEDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.skip_malformed = skip_malformed
         self.seed = seed
+        self.with_ax = with_ax
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, list[dict[str, Any]]] = {}
 
@@ -223,18 +303,64 @@ class GLUEDataModule(L.LightningDataModule):
         return list(self.task.validation_splits)
 
     @property
+    def predict_names(self) -> list[str]:
+        """The unlabeled test sets ``predict`` runs on: the task's, plus the AX diagnostic set with MNLI."""
+        return list(self.task.test_splits) + ([AX_SPLIT] if self.task.name == "mnli" and self.with_ax else [])
+
+    @property
+    def submission_names(self) -> list[str]:
+        """The GLUE submission file (without ``.tsv``) of each of ``predict_names``."""
+        return list(self.task.submission_names) + (["AX"] if AX_SPLIT in self.predict_names else [])
+
+    @property
+    def label_names(self) -> list[str]:
+        """Readable class names in label id order, for a model's ``id2label`` (the hub's: ``negative``,
+        ``positive`` for SST-2; ``entailment``... for MNLI); [] for STS-B. GLUE's submission files use the
+        task's own spelling (``task.labels``: ``0``/``1`` where GLUE's files have numbers)."""
+        return list(self.task.class_names or self.task.labels)
+
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
             self._tokenizer = get_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
+    def _folder(self) -> Path:
+        return write_docstring_task() if self.data_dir is None else task_folder(self.data_dir, self.task)
+
+    def _ax_file(self) -> Path:
+        assert self.data_dir is not None
+        folder = task_folder(self.data_dir, self.task)
+        candidates = [base / name for base in (Path(self.data_dir), folder.parent, folder) for name in AX_FILES]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise DataSourceError(
+            f"no AX diagnostic file for MNLI near {self.data_dir}: looked for {', '.join(AX_FILES)} in "
+            f"{sorted({str(c.parent) for c in candidates})}. Put GLUE's diagnostic/diagnostic.tsv next to the MNLI "
+            "folder, or pass with_ax=False to predict MNLI's test sets alone"
+        )
+
+    def read_predict_split(self, split: str) -> list[Example]:
+        """Unlabeled (texts, index) examples of one of ``predict_names``."""
+        if split not in self.predict_names:
+            raise ValueError(f"unknown test set {split!r} for {self.task.name}: use one of {self.predict_names}")
+        if self.data_dir is not None or self.task.name == "docstrings":
+            if split == AX_SPLIT:
+                return read_test_tsv(self._ax_file(), ("sentence1", "sentence2"))
+            file = self.task.test_files[self.task.test_splits.index(split)]
+            return read_test_tsv(self._folder() / file, self.task.test_columns)
+        if split == AX_SPLIT:
+            dataset, text_columns = load_hub_dataset("nyu-mll/glue", "ax", "test"), AX_HUB_COLUMNS
+        else:
+            dataset, text_columns = load_hub_dataset("nyu-mll/glue", self.task.name, split), self.task.text_columns
+        columns = [dataset[c] for c in text_columns]
+        return [(tuple(texts), int(index)) for *texts, index in zip(*columns, dataset["idx"], strict=True)]
+
     def read_split(self, split: str) -> list[Example]:
         """Raw (texts, label) examples of ``train`` or one of ``validation_names``."""
         if self.data_dir is not None or self.task.name == "docstrings":
-            if self.data_dir is None:
-                folder = write_docstring_task()
-            else:
-                folder = task_folder(self.data_dir, self.task)
+            folder = self._folder()
             file = (
                 "train.tsv"
                 if split == "train"
@@ -249,18 +375,22 @@ class GLUEDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             check_vocabulary(self.tokenizer, trainer.lightning_module)
+        if stage == "predict":
+            for split in self.predict_names:
+                if split not in self.datasets:
+                    self.datasets[split] = self.encode(self.read_predict_split(split), key="idx")
+            return
         splits = list(self.validation_names) + (["train"] if stage in (None, "fit") else [])
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self.encode(self.read_split(split))
 
-    def encode(self, examples: Sequence[Example]) -> list[dict[str, Any]]:
+    def encode(self, examples: Sequence[Example], key: str = "labels") -> list[dict[str, Any]]:
+        """Token ids of each example, with its label (``key="labels"``) or its test-set index (``"idx"``)."""
         columns = list(zip(*(texts for texts, _ in examples), strict=True))
         encoded = self.tokenizer(*columns, truncation=True, max_length=self.max_length, verbose=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        return [
-            {**{k: encoded[k][i] for k in keys}, "labels": label} for i, (_, label) in enumerate(examples)
-        ]
+        return [{**{k: encoded[k][i] for k in keys}, key: value} for i, (_, value) in enumerate(examples)]
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pads to the longest row of the batch, not to max_length."""
@@ -275,16 +405,18 @@ class GLUEDataModule(L.LightningDataModule):
             attention_mask[i, :n] = 1
             if "token_type_ids" in row:
                 token_type_ids[i, :n] = torch.tensor(row["token_type_ids"], dtype=torch.long)
-        dtype = torch.float32 if self.is_regression else torch.long
-        labels = torch.tensor([row["labels"] for row in rows], dtype=dtype)
-        return {
-            "input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-            "labels": labels,
-        }  # fmt: skip
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if "labels" in rows[0]:
+            dtype = torch.float32 if self.is_regression else torch.long
+            batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=dtype)
+        if "idx" in rows[0]:
+            batch["idx"] = torch.tensor([row["idx"] for row in rows], dtype=torch.long)
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            self.setup("fit" if split == "train" else "validate")
+            stage = "fit" if split == "train" else "predict" if split in self.predict_names else "validate"
+            self.setup(stage)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[split],  # type: ignore[arg-type]
@@ -301,4 +433,12 @@ class GLUEDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.validation_names]
+        return loaders if len(loaders) > 1 else loaders[0]
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The labeled dev sets: GLUE's test labels are private, so ``test`` scores what can be scored."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(split, shuffle=False) for split in self.predict_names]
         return loaders if len(loaders) > 1 else loaders[0]

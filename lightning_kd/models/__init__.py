@@ -10,6 +10,8 @@ from .export import (
     export_pretrained,
     load_pruned,
     nonfinite_parameters,
+    parameter_count,
+    save_standard,
     to_standard,
 )
 from .extract import extract
@@ -24,7 +26,7 @@ from .importance import (
     unit_sensitivity,
 )
 from .layers import (
-    drop_unused_pooler,
+    freeze_unused_pooler,
     is_classifier,
     keep_layers_,
     max_sequence_length,
@@ -63,12 +65,14 @@ __all__ = [
     "UnitImportance",
     "apply_masks",
     "capture_qkv",
-    "drop_unused_pooler",
+    "freeze_unused_pooler",
     "check_export_dir",
     "check_export_written",
     "check_exportable",
     "export_pretrained",
     "nonfinite_parameters",
+    "parameter_count",
+    "save_standard",
     "extract",
     "full_masks",
     "get_adapter",

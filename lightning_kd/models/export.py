@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,31 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
     return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
 
 
-def export_pretrained(model: nn.Module, path: str | os.PathLike, **save_kwargs: Any) -> Path:
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_pretrained(
+    model: nn.Module, path: str | os.PathLike, label_names: Sequence[str] | None = None, **save_kwargs: Any
+) -> Path:
     """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``.
 
-    A model with non-finite weights is refused: an all-NaN folder looks like a student and is not one."""
+    ``label_names`` (a classifier's classes in id order) become the config's ``id2label``/``label2id``, so
+    pipelines print ``entailment`` rather than ``LABEL_0``. The model's own config is left as it was. A model
+    with non-finite weights is refused: an all-NaN folder looks like a student and is not one.
+    """
+    save_standard(model, path, label_names, **save_kwargs)
+    return Path(path)
+
+
+def save_standard(
+    model: nn.Module, path: str | os.PathLike, label_names: Sequence[str] | None = None, **save_kwargs: Any
+) -> tuple[int, int]:
+    """:func:`export_pretrained`, returning (parameters of ``model``, parameters plain transformers loads).
+
+    The two differ when layers were pruned to different widths: plain transformers has one width for every
+    layer, so the narrower ones are zero-padded to the widest (:func:`load_pruned` removes the padding).
+    """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
@@ -182,8 +204,21 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike, **save_kwargs: 
     if bad:
         raise ValueError(f"not exporting to {path}: {len(bad)} parameters are not finite (first "
                          f"{', '.join(bad[:3])}); the run that trained this model diverged.")
-    to_standard(model).save_pretrained(path, **save_kwargs)
-    return Path(path)
+    try:
+        get_adapter(model)
+    except ValueError:  # an architecture lightning-kd cannot prune is never padded: saved as it is
+        standard = copy.deepcopy(model)
+    else:
+        standard = to_standard(model)
+    if label_names:
+        num_labels = getattr(standard.config, "num_labels", None)
+        if num_labels != len(label_names):
+            raise ValueError(f"{len(label_names)} label names {list(label_names)} for a model with {num_labels} "
+                             "labels: pass the task's own label names")  # fmt: skip
+        standard.config.id2label = dict(enumerate(label_names))
+        standard.config.label2id = {name: i for i, name in enumerate(label_names)}
+    standard.save_pretrained(path, **save_kwargs)
+    return parameter_count(model), parameter_count(standard)
 
 
 def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs: Any) -> nn.Module:

@@ -66,9 +66,11 @@ def is_classifier(model: nn.Module) -> bool:
     return hasattr(model, "classifier")
 
 
-def drop_unused_pooler(model: nn.Module) -> None:
-    """Remove a bare encoder's pooler: no distillation term reads it, and parameters without gradients break
-    DDP. Models with a task head keep theirs (a classifier reads it)."""
+def freeze_unused_pooler(model: nn.Module) -> None:
+    """Freeze a bare encoder's pooler: no distillation term reads it, and parameters without gradients break
+    DDP, but it is kept (and pruned with the hidden dimensions) so that the exported student carries the
+    teacher's pooler, and a classifier fine-tuned from it does not start from a random one. Models with a task
+    head train theirs (a classifier reads it)."""
     base = getattr(model, "base_model", model)
     if base is model and getattr(model, "pooler", None) is not None:
-        model.pooler = None
+        model.pooler.requires_grad_(False)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from kd_datafiles import GLUE_FOLDERS, TOKENIZER, write_glue_task, write_lines
+from kd_datafiles import GLUE_FOLDERS, TOKENIZER, write_glue_task, write_glue_test_files, write_lines
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kd.hub import load_tokenizer
@@ -34,4 +34,5 @@ def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("glue_data")
     for task in GLUE_FOLDERS:
         write_glue_task(root, task)
+        write_glue_test_files(root, task)
     return root

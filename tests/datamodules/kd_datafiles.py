@@ -106,3 +106,50 @@ def write_glue_task(root: Path, task: str, train: int = 40, dev: int = 24) -> Pa
 
 
 GLUE_FOLDERS = ["CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI"]
+
+
+# GLUE's unlabeled test files: a header with `index` (QQP: `id`) and the text columns, no labels.
+GLUE_TEST_HEADERS = {
+    "CoLA": "index\tsentence",
+    "SST-2": "index\tsentence",
+    "MRPC": "index\t#1 ID\t#2 ID\t#1 String\t#2 String",
+    "QQP": "id\tquestion1\tquestion2",
+    "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
+    "MNLI": MNLI_COLUMNS,
+    "QNLI": "index\tquestion\tsentence",
+    "RTE": "index\tsentence1\tsentence2",
+    "WNLI": "index\tsentence1\tsentence2",
+}
+GLUE_TEST_FILES = {"MNLI": ["test_matched.tsv", "test_mismatched.tsv"]}
+
+
+def glue_test_row(task: str, i: int) -> str:
+    s1, s2 = sentence(i + 1), sentence(i + 5)
+    if task in ("CoLA", "SST-2"):
+        return f"{i}\t{s1}"
+    if task == "MRPC":
+        return f"{i}\t{3000 + i}\t{4000 + i}\t{s1}\t{s2}"
+    if task == "QQP":
+        return f"{i}\t{s1}\t{s2}"
+    if task == "STS-B":
+        return f"{i}\tmain-forums\tdeft-forum\t2014\t{i:04d}\tnone\tnone\t{s1}\t{s2}"
+    if task == "MNLI":
+        return f"{i}\t{41193 + i}\t{41193 + i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s1}\t{s2}"
+    return f"{i}\t{s1}\t{s2}"
+
+
+def write_glue_test_files(root: Path, task: str, count: int = 10) -> list[Path]:
+    """The task's test file(s) in its folder under ``root``; with MNLI also the AX diagnostic set."""
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in GLUE_TEST_FILES.get(task, ["test.tsv"]):
+        rows = [glue_test_row(task, i) for i in range(count)]
+        (folder / name).write_text("\n".join([GLUE_TEST_HEADERS[task], *rows]) + "\n", encoding="utf-8")
+        written.append(folder / name)
+    if task == "MNLI":
+        (root / "diagnostic").mkdir(exist_ok=True)
+        rows = [f"{i}\t{sentence(i)}\t{sentence(i + 2)}" for i in range(count + 3)]
+        (root / "diagnostic" / "diagnostic.tsv").write_text("\n".join(["index\tsentence1\tsentence2", *rows]) + "\n")
+        written.append(root / "diagnostic" / "diagnostic.tsv")
+    return written

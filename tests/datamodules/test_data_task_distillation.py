@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from kd_datafiles import TOKENIZER
 from transformers import BertConfig, BertForSequenceClassification
@@ -30,7 +32,38 @@ def test_distillation_on_mnli_logs_official_metrics_for_both_validation_splits(g
     metrics = trainer.callback_metrics
     for split in ("validation_matched", "validation_mismatched"):
         assert 0.0 <= float(metrics[f"val/mnli/{split}/accuracy"]) <= 1.0
-    assert "val/logits_kl/dataloader_idx_0" in metrics and "val/task/dataloader_idx_1" in metrics
+    # losses are named by the set, as the metrics are, not dataloader_idx_0/1
+    assert "val/logits_kl/validation_matched" in metrics and "val/task/validation_mismatched" in metrics
+    assert not any("dataloader_idx" in key for key in metrics)
+
+
+def test_validation_reports_the_teacher_once_per_set_and_the_gap(glue_dir: Path) -> None:
+    teacher = classifier(3, 2).eval()
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 1}, objective=[{"term": "logits"}])
+    data = GLUEDataModule("mnli", TOKENIZER, data_dir=str(glue_dir / "MNLI"), max_length=32, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    trainer.fit(module, data)
+    updates = []
+    original = module.teacher_metrics["val"].update
+    module.teacher_metrics["val"].update = lambda *a, **k: (updates.append(1), original(*a, **k))
+    first = trainer.validate(module, data, verbose=False)
+    second = trainer.validate(module, data, verbose=False)
+    assert len(updates) == 4  # 2 batches x 2 sets in the first validate; the second reuses the cached values
+    assert first == second
+    # the teacher's accuracy, computed by hand on the same batches
+    for i, split in enumerate(("validation_matched", "validation_mismatched")):
+        loader = data.val_dataloader()[i]
+        rows = list(itertools.islice(loader, 2))
+        with torch.no_grad():
+            right = sum(int((teacher(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+                             .logits.argmax(-1) == b["labels"]).sum()) for b in rows)
+        expected = right / sum(len(b["labels"]) for b in rows)
+        metrics = trainer.callback_metrics
+        assert float(metrics[f"val/teacher/mnli/{split}/accuracy"]) == pytest.approx(expected)
+        gap = float(metrics[f"val/teacher/mnli/{split}/accuracy"]) - float(metrics[f"val/mnli/{split}/accuracy"])
+        assert float(metrics[f"val/gap/mnli/{split}/accuracy"]) == pytest.approx(gap)
+    assert any("gap" in line and "validation_matched/accuracy" in line for line in module.evaluation_summary())
 
 
 def test_distillation_on_stsb_matches_scores_instead_of_a_one_class_kl(glue_dir: Path) -> None:

@@ -85,6 +85,16 @@ def test_resumed_run_ends_with_the_same_student(teacher: BertForMaskedLM, tmp_pa
         assert torch.allclose(value, resumed_state[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize(("max_steps", "end_at"), [(8, 6), (4, 3), (2, 2)])
+def test_end_step_as_a_share_of_the_run_scales_with_its_length(
+    teacher: BertForMaskedLM, max_steps: int, end_at: int
+) -> None:
+    pruning = PruningCallback(TARGET, end_step=0.75, interval=1, prune_at_end=False, physical=False)
+    quiet_trainer(max_steps=max_steps, callbacks=[pruning]).fit(homodistil(teacher), FixedBatches())
+    assert pruning.end_step == end_at and pruning.events[-1]["step"] == end_at
+    assert pruning.events[-1]["hidden"] == 8  # the target reached at the scaled end
+
+
 def test_export_loads_with_plain_transformers(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     module = homodistil(teacher)
     pruning = PruningCallback(TARGET, end_step=4, interval=2, export_dir=str(tmp_path / "student"))

@@ -1,0 +1,76 @@
+"""GLUESubmissionWriter: ``lightning-kd predict`` on GLUE writes the folder that GLUE's server takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..datamodules.glue import GLUEDataModule, submission_lines
+
+
+class GLUESubmissionWriter(L.Callback):
+    """Collects what ``predict_step`` returns (``{"idx", "logits"}``) per test set and writes one
+    ``<Task>.tsv`` per set (``CoLA.tsv`` ... ``MNLI-m.tsv``, ``MNLI-mm.tsv``, ``AX.tsv``) into ``output_dir``:
+    zip the folder's files and upload them. Under DDP every rank's share is gathered on rank 0, and the rows a
+    sampler repeated to even out the ranks are written once.
+    """
+
+    def __init__(self, output_dir: str = "glue_submission") -> None:
+        self.output_dir = output_dir
+        self.collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.written: list[Path] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"GLUESubmissionWriter[output_dir={self.output_dir}]"
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(trainer.datamodule, GLUEDataModule):
+            raise TypeError(
+                "GLUESubmissionWriter writes GLUE test-set predictions: predict with a GLUEDataModule "
+                f"(got {type(trainer.datamodule).__name__}), or remove the callback."
+            )
+        self.collected = {}
+
+    def on_predict_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if not isinstance(outputs, dict) or "idx" not in outputs or "logits" not in outputs:
+            raise TypeError("predict_step must return {'idx': test-set indices, 'logits': outputs} for the writer")
+        self.collected.setdefault(dataloader_idx, []).append(
+            (outputs["idx"].detach().cpu(), outputs["logits"].detach().float().cpu())
+        )
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule: GLUEDataModule = trainer.datamodule
+        parts = {i: (torch.cat([p[0] for p in rows]), torch.cat([p[1] for p in rows]))
+                 for i, rows in self.collected.items()}  # fmt: skip
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = {i: (torch.cat([g[i][0] for g in gathered]), torch.cat([g[i][1] for g in gathered]))
+                     for i in parts}  # fmt: skip
+        if not trainer.is_global_zero:
+            return
+        folder = Path(self.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.written = []
+        for i, name in enumerate(datamodule.submission_names):
+            if i not in parts:
+                continue
+            indices, outputs = parts[i]
+            first = {}
+            for position, index in enumerate(indices.tolist()):
+                first.setdefault(index, position)  # a DistributedSampler repeats rows to even out the ranks
+            keep = torch.tensor(sorted(first.values()), dtype=torch.long)
+            path = folder / f"{name}.tsv"
+            lines = submission_lines(datamodule.task, indices[keep], outputs[keep])
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            self.written.append(path)
+        rank_zero_info(f"GLUE submission files written to {folder.resolve()}: "
+                       f"{', '.join(p.name for p in self.written)} (zip them and upload)")  # fmt: skip
