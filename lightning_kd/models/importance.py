@@ -187,6 +187,15 @@ class PlatonImportance(UnitImportance):
         if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
             raise ValueError(f"delta_t must be a whole number of steps >= 1, got {delta_t!r}.")
         self.beta1, self.beta2, self.delta_t = beta1, beta2, delta_t
+        self._calls = 0  # updates so far; a plain int, so closing a window never reads a tensor
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), "window.calls": torch.tensor(self._calls)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        state = dict(state)
+        self._calls = int(state.pop("window.calls", 0))
+        super().load_state_dict(state)
 
     def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
         step = _sensitivity_on_device(model, self.kinds)
@@ -195,10 +204,9 @@ class PlatonImportance(UnitImportance):
             self.state[f"{kind}.window"] = self._stored(f"{kind}.window", value) + torch.where(ok, value, 0.0)
         counted = self._stored("window.steps", ok.float()) + ok.float()
         # the window's length is counted on the host, so deciding when it closes never waits for the device
-        calls = int(self.state.get("window.calls", torch.zeros((), dtype=torch.long))) + 1
-        self.state["window.calls"] = torch.tensor(calls)
+        self._calls += 1
         self.state["window.steps"] = counted
-        if calls % self.delta_t:
+        if self._calls % self.delta_t:
             return
         any_counted = counted > 0
         for kind in step:

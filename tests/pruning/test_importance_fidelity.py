@@ -78,5 +78,15 @@ def test_head_dim_statistics_follow_the_heads_a_gradual_shrink_removes(teacher: 
     quiet_trainer(max_steps=6, callbacks=[pruning]).fit(module, FixedBatches())
     heads = module.student.config.num_attention_heads
     assert heads < teacher.config.num_attention_heads
-    for key in ("head_dims.mean", "head_dims.uncertainty", "head_dims.window"):
+    for key in ("heads.mean", "heads.uncertainty", "heads.window"):
         assert pruning.scorer.state[key].shape[1] == heads
+    assert not any(key.startswith("head_dims") for key in pruning.scorer.state)  # only what pruning reads
+    # a scorer that does keep per-head dimension statistics re-packs them with the heads
+    scorer = PlatonImportance(kinds=["heads", "head_dims"])
+    scorer.state = {"head_dims.mean": torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)}
+    kept = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    scorer.keep_units({"heads": kept})
+    packed = scorer.state["head_dims.mean"]
+    assert packed.shape == (2, 3, 3)
+    assert torch.equal(packed[0, :2], torch.arange(24.0).reshape(2, 4, 3)[0, [0, 2]])
+    assert torch.equal(packed[1], torch.arange(24.0).reshape(2, 4, 3)[1, [1, 2, 3]])
