@@ -27,24 +27,23 @@ from . import hub
 from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics, loss_key
+from .inputs import check_models_fit_data, complete_batch
 from .models import (
-    MaskedLMParts,
     capture_qkv,
     check_export_written,
     get_adapter,
     is_classifier,
-    max_sequence_length,
     parameter_count,
     save_standard,
 )
 from .models.card import auto_class_name, describe_device, export_sizes_line, forward_ms, write_model_card
+from .models.info import has_adapter, masked_lm_parts, model_info
 from .models.shrink import rebuild_shape_, student_shape
 from .objective import (
     PREDICTION_POSITIONS,
     DistillationObjective,
     Features,
     KnowledgeTerm,
-    ModelInfo,
     prediction_positions,
 )
 from .optim import adamw_with_warmup, check_optimizer_settings, check_schedule, default_callbacks
@@ -62,85 +61,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_info(model: nn.Module, name: str) -> ModelInfo:
-    config = model.config
-    try:
-        adapter = get_adapter(model)
-        layers, heads = adapter.num_layers(model), adapter.num_heads(model)
-        known = True
-    except ValueError:
-        layers, heads, known = config.num_hidden_layers, config.num_attention_heads, False
-    eager = getattr(config, "_attn_implementation", "eager") == "eager"
-    return ModelInfo(
-        num_layers=layers,
-        hidden_size=config.hidden_size,
-        num_heads=heads,
-        vocab_size=config.vocab_size,
-        # an MLM head (output embeddings) or a classifier: either way the model returns logits
-        predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
-        or is_classifier(model),
-        can_return_attentions=eager or known,
-        can_return_qkv=known,
-        name=name,
-    )
-
-
-def _known(model: nn.Module) -> bool:
-    try:
-        get_adapter(model)
-    except ValueError:
-        return False
-    return True
-
-
-def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """``batch`` with an all-ones ``attention_mask`` when it has none (what the models assume then), or an error
-    naming what a batch must hold."""
-    if "input_ids" not in batch:
-        raise KeyError(f"a batch needs 'input_ids' (and usually 'attention_mask', 'labels'); this one has "
-                       f"{sorted(batch)}. Check the DataModule's collate function.")
-    if "attention_mask" in batch:
-        return batch
-    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
-
-
-def _has_adapter(model: nn.Module) -> bool:
-    try:
-        get_adapter(model)
-    except ValueError:
-        return False
-    return True
-
-
 def _compiled_models(names: Sequence[str]) -> Sequence[str]:
     unknown = sorted(set(names) - {"student", "teacher"})
     if unknown or isinstance(names, str):
         raise ValueError(f"compile's models {unknown or names!r} are unknown: name 'student' and/or 'teacher' "
                          "in a list, e.g. compile: {models: [teacher]}.")
     return names
-
-
-def _masked_lm_parts(model: nn.Module) -> MaskedLMParts | None:
-    return get_adapter(model).masked_lm_parts(model) if _has_adapter(model) else None
-
-
-def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
-    """Refuse, before the first step, data the models cannot take: sequences longer than their position
-    embeddings, or a task whose label count is not their classifier's."""
-    max_length = getattr(datamodule, "max_length", None)
-    task = getattr(datamodule, "task", None)
-    for name, model in models.items():
-        limit = max_sequence_length(model)
-        if isinstance(max_length, int) and limit is not None and max_length > limit:
-            raise ValueError(f"the data's max_length={max_length} is longer than the {name}'s {limit} positions "
-                             f"(max_position_embeddings); set the DataModule's max_length to at most {limit}.")
-        labels = getattr(task, "num_labels", None)
-        if labels is not None and is_classifier(model) and model.config.num_labels != labels:
-            raise ValueError(
-                f"the {name}'s classifier predicts {model.config.num_labels} labels, but task {task.name!r} has "
-                f"{labels}; load it with num_labels={labels} (DistillationModule(num_labels=...) for a named "
-                "teacher), or use the task it was trained for."
-            )
 
 
 class DistillationModule(L.LightningModule):
@@ -289,10 +215,10 @@ class DistillationModule(L.LightningModule):
         self, model: nn.Module, batch: Mapping[str, Tensor], qkv_layers: frozenset[int]
     ) -> Features:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        if _has_adapter(model):
+        if has_adapter(model):
             inputs["attention_mask"] = get_adapter(model).attention_mask_input(model, inputs["attention_mask"])
         capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
-        parts = _masked_lm_parts(model)
+        parts = masked_lm_parts(model)
         positions = batch.get(PREDICTION_POSITIONS) if self.needs.logits else None
         logits = None
         with capture as qkv:
@@ -480,7 +406,7 @@ class DistillationModule(L.LightningModule):
             # In place, so parameter names, state_dict keys and the pruning hooks stay as they are; a masked LM
             # is called as encoder and head (see _features), so those are what gets compiled.
             for model in (getattr(self, name) for name in names):
-                parts = _masked_lm_parts(model)
+                parts = masked_lm_parts(model)
                 for part in (parts.encoder, parts.head) if parts is not None else (model,):
                     part.compile(**options)
 
@@ -630,7 +556,7 @@ class DistillationModule(L.LightningModule):
             "teacher_class": type(self.teacher).__name__,
             "dropout_rng": self._dropout_rng,
             # a student shrunk during the run (PruningCallback) is rebuilt to this shape before its weights load
-            "student_shape": student_shape(self.student) if _known(self.student) else None,
+            "student_shape": student_shape(self.student) if has_adapter(self.student) else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ from transformers import BertForMaskedLM, BertForSequenceClassification, Roberta
 
 from lightning_kd import DistillationModule, PruningCallback, hub
 from lightning_kd.datamodules.glue import get_task
+from lightning_kd.inputs import complete_batch
 from lightning_kd.models import max_sequence_length
-from lightning_kd.module import complete_batch
 from lightning_kd.ted_filters import load_filters
 
 

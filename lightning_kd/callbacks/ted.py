@@ -24,7 +24,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from ..models import is_classifier
-from ..module import model_info
+from ..models.info import model_info
 from ..objective import FilteredHidden, FilterTaskLoss
 from ..objective.ted import NORMALIZATIONS
 from ..ted_filters import filter_layer_pairs, load_filters, save_filters

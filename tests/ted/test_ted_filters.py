@@ -8,7 +8,7 @@ from ted_helpers import ARCHITECTURES, LabelledBatches, labelled_batch, quiet_tr
 
 from lightning_kd import DistillationModule
 from lightning_kd.callbacks.ted import TEDFilterCallback
-from lightning_kd.module import model_info
+from lightning_kd.models.info import model_info
 from lightning_kd.objective import FilteredHidden
 from lightning_kd.ted_filters import LayerFilters, filter_layer_pairs, save_filters
 

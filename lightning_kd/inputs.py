@@ -1,0 +1,41 @@
+"""What a batch must hold, and which data the models can take: checked before the first step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import is_classifier, max_sequence_length
+
+
+def complete_batch(batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``batch`` with an all-ones ``attention_mask`` when it has none (what the models assume then), or an error
+    naming what a batch must hold."""
+    if "input_ids" not in batch:
+        raise KeyError(f"a batch needs 'input_ids' (and usually 'attention_mask', 'labels'); this one has "
+                       f"{sorted(batch)}. Check the DataModule's collate function.")
+    if "attention_mask" in batch:
+        return batch
+    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+
+def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
+    """Refuse, before the first step, data the models cannot take: sequences longer than their position
+    embeddings, or a task whose label count is not their classifier's."""
+    max_length = getattr(datamodule, "max_length", None)
+    task = getattr(datamodule, "task", None)
+    for name, model in models.items():
+        limit = max_sequence_length(model)
+        if isinstance(max_length, int) and limit is not None and max_length > limit:
+            raise ValueError(f"the data's max_length={max_length} is longer than the {name}'s {limit} positions "
+                             f"(max_position_embeddings); set the DataModule's max_length to at most {limit}.")
+        labels = getattr(task, "num_labels", None)
+        if labels is not None and is_classifier(model) and model.config.num_labels != labels:
+            raise ValueError(
+                f"the {name}'s classifier predicts {model.config.num_labels} labels, but task {task.name!r} has "
+                f"{labels}; load it with num_labels={labels} (DistillationModule(num_labels=...) for a named "
+                "teacher), or use the task it was trained for."
+            )

@@ -1,0 +1,48 @@
+"""What the objective and the module need to know of a model before training: its sizes, what it can return,
+and where a masked LM's encoder ends and its prediction head begins."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..objective import ModelInfo
+from .base import MaskedLMParts
+from .layers import is_classifier
+from .registry import get_adapter
+
+
+def has_adapter(model: nn.Module) -> bool:
+    """Whether lightning-kd knows ``model``'s architecture (pruning, q/k/v capture, gathered heads)."""
+    try:
+        get_adapter(model)
+    except ValueError:
+        return False
+    return True
+
+
+def masked_lm_parts(model: nn.Module) -> MaskedLMParts | None:
+    """The encoder and prediction head of a masked LM of a known architecture, else None."""
+    return get_adapter(model).masked_lm_parts(model) if has_adapter(model) else None
+
+
+def model_info(model: nn.Module, name: str) -> ModelInfo:
+    config = model.config
+    known = has_adapter(model)
+    if known:
+        adapter = get_adapter(model)
+        layers, heads = adapter.num_layers(model), adapter.num_heads(model)
+    else:
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    return ModelInfo(
+        num_layers=layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        vocab_size=config.vocab_size,
+        # an MLM head (output embeddings) or a classifier: either way the model returns logits
+        predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
+        or is_classifier(model),
+        can_return_attentions=eager or known,
+        can_return_qkv=known,
+        name=name,
+    )
