@@ -184,7 +184,8 @@ def coverage(tokenizer) -> None:
     import pyarrow.parquet as pq
     from torch.utils.data import DataLoader
 
-    from lightning_kd.datamodules.pretraining import POSITION_KEY, unpack
+    from lightning_kd.datamodules.masking import unpack
+    from lightning_kd.datamodules.pretraining import POSITION_KEY
 
     root = Path(tempfile.mkdtemp(prefix="kd-coverage-"))
     documents = [f"document {i} " + " ".join(["word"] * (5 + i % 13)) for i in range(600)]

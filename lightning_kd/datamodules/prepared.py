@@ -35,7 +35,7 @@ from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
 
 from .common import get_tokenizer, vocabulary_hash, with_prediction_positions
-from .pretraining import PACKED_KEY, continuation_table, mask_tokens, unpack
+from .masking import PACKED_KEY, continuation_table, mask_tokens, unpack
 from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
 
 MANIFEST = "manifest.json"

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kd.datamodules.pretraining import POSITION_KEY, unpack
+from lightning_kd.datamodules.masking import unpack
+from lightning_kd.datamodules.pretraining import POSITION_KEY
 
 
 def unmask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

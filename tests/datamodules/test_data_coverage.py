@@ -15,7 +15,7 @@ from kd_datafiles import TOKENIZER, document
 from torch.utils.data import DataLoader
 
 from lightning_kd.datamodules import PretrainingDataModule
-from lightning_kd.datamodules.pretraining import unpack
+from lightning_kd.datamodules.masking import unpack
 
 DOCUMENTS = 90
 

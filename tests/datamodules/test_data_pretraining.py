@@ -12,7 +12,7 @@ from kd_datafiles import TOKENIZER, document, write_lines
 from torch.utils.data import DataLoader
 
 from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
-from lightning_kd.datamodules.pretraining import mask_tokens, unpack
+from lightning_kd.datamodules.masking import mask_tokens, unpack
 
 
 def module(sources: list, **kwargs: object) -> PretrainingDataModule:
