@@ -1,9 +1,12 @@
-"""What several benchmarks share: the offline MiniLM teacher, the docstrings corpus and its held-out batches."""
+"""What several benchmarks share: the offline MiniLM teacher, the docstrings corpus and its held-out batches, and a
+callback timing every training step."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
+import lightning as L
 import torch
 
 from lightning_kd import PretrainingDataModule
@@ -18,3 +21,16 @@ def held_out_batches(count: int = 4, seed: int = 1234, batch_size: int = 8,
                                      batch_size=batch_size, seed=seed)
     held_out.setup("fit")
     return list(itertools.islice(iter(held_out.train_dataloader()), count))
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training step, whatever other callbacks do in it (put it after them)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter() - self.start)

@@ -31,6 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from _common import StepTimer
 from transformers import BertConfig, BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
@@ -62,19 +63,6 @@ def mlm_batches(count: int, batch: int, seq: int, vocab: int) -> list[dict[str, 
     return out
 
 
-class StepTimes(L.Callback):
-    """Wall time of every step, the pruning event included (this callback runs after PruningCallback)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(time.perf_counter() - self.start)
-
-
 def worker(mode: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = BertConfig(**MINILM, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
@@ -92,7 +80,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
         events.append(time.perf_counter() - start)
 
     pruning._prune_event = timed_event
-    timer = StepTimes()
+    timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, timer],
                         log_every_n_steps=50)

@@ -32,6 +32,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import StepTimer
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from lightning_kd import DistillationModule
@@ -78,17 +79,6 @@ def batches(count: int, batch: int, seq: int, vocab: int) -> list[dict[str, torc
         mask[: batch // 4, seq // 2:] = 0  # some padding, as real batches have
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(time.perf_counter() - self.start)
 
 
 def lightning_round(module: DistillationModule, data: list, steps: int, callbacks: tuple = (),
