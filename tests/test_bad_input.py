@@ -187,3 +187,25 @@ def test_pretraining_data_options_are_checked_when_built(options: dict, message:
     with pytest.raises(ValueError, match=message):
         PretrainingDataModule(**{"tokenizer": "sentence-transformers/all-MiniLM-L6-v2", "sources": ["docstrings"],
                                  **options})
+
+
+@pytest.mark.parametrize(("term", "message"), [
+    ({"term": "logits", "temperature": float("inf")}, "temperature must be a finite number > 0, got inf"),
+    ({"term": "logits", "temperature": "2"}, "temperature must be a finite number > 0, got '2'"),
+    ({"term": "relations", "num_relation_heads": 0}, "num_relation_heads must be a whole number >= 1"),
+    ({"term": "relations", "num_relation_heads": "2"}, "num_relation_heads must be a whole number >= 1"),
+    ({"term": "hidden", "projection": "no"}, "projection must be true, false or left out"),
+])
+def test_term_options_are_checked_when_the_objective_is_built(teacher: BertForMaskedLM, term: dict,
+                                                              message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DistillationModule(teacher, {"init": "layers", "num_layers": 2}, objective=[term])
+
+
+def test_load_pruned_names_a_missing_folder_and_a_class_given_as_text(tmp_path: Path) -> None:
+    from lightning_kd import load_pruned
+
+    with pytest.raises(FileNotFoundError, match="no exported student at .*nowhere"):
+        load_pruned(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="model_class must be a transformers class"):
+        load_pruned(tmp_path, model_class="AutoModel")

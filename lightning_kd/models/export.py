@@ -223,6 +223,11 @@ def save_standard(
 
 def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs: Any) -> nn.Module:
     """Load an exported student and remove the zero padding that ``export_pretrained`` added, if any."""
+    if not hasattr(model_class, "from_pretrained"):
+        raise TypeError(f"model_class must be a transformers class such as AutoModel, got {model_class!r}.")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no exported student at {path}: load_pruned reads a folder written by "
+                                "export_pretrained (or DistillationReport / PruningCallback's export_dir).")
     model = model_class.from_pretrained(path, **kwargs)
     record = getattr(model.config, RECORD_KEY, None)
     if not record:

@@ -55,8 +55,9 @@ class PredictionKL(KnowledgeTerm):
 
     def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
         self.temperature = float(temperature)
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
@@ -138,6 +139,9 @@ class HiddenState(_LayerTerm):
     with_embeddings = True
 
     def __init__(self, projection: bool | None = None, **kwargs: Any) -> None:
+        if projection is not None and not isinstance(projection, bool):
+            raise ValueError(f"projection must be true, false or left out (only when widths differ), got "
+                             f"{projection!r}.")
         super().__init__(**kwargs)
         self.projection = projection
         self.teacher_width: int | None = None
@@ -294,6 +298,10 @@ class Relations(_LayerTerm):
             raise ValueError(
                 f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}."
             )
+        if num_relation_heads is not None and (isinstance(num_relation_heads, bool)
+                                               or not isinstance(num_relation_heads, int) or num_relation_heads < 1):
+            raise ValueError(f"num_relation_heads must be a whole number >= 1 (or left out: the teacher's head "
+                             f"count), got {num_relation_heads!r}.")
         self.relations = list(relations)
         self.num_relation_heads = num_relation_heads
 
