@@ -39,3 +39,14 @@ def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> N
                 f"{labels}; load it with num_labels={labels} (DistillationModule(num_labels=...) for a named "
                 "teacher), or use the task it was trained for."
             )
+
+
+def check_task_fits_data(task: str, datamodule: Any) -> None:
+    """The module's ``task`` must read the labels the DataModule makes: token labels (MLM) or one per example."""
+    glue = getattr(datamodule, "task", None)
+    if task == "masked-lm" and glue is not None:
+        raise ValueError(f"task='masked-lm' predicts tokens, but the DataModule gives task {glue.name!r} one label "
+                         "per example; use task: sequence-classification (with a classifier teacher).")
+    if task == "sequence-classification" and hasattr(datamodule, "mlm_probability"):
+        raise ValueError("task='sequence-classification' predicts one label per example, but the DataModule makes "
+                         "masked-token (MLM) batches; use task: masked-lm, or a GLUEDataModule.")

@@ -27,7 +27,7 @@ from . import hub
 from .checkpointing import check_resume, resuming_fit
 from .discrepancy import measure_discrepancy
 from .evaluation import TaskMetrics, loss_key
-from .inputs import check_models_fit_data, complete_batch
+from .inputs import check_models_fit_data, check_task_fits_data, complete_batch
 from .models import (
     capture_qkv,
     check_export_written,
@@ -421,6 +421,7 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
+        check_task_fits_data(self.hparams.task, datamodule)
         precision = str(getattr(self._trainer, "precision", ""))
         if stage == "fit" and precision.endswith("-true") and precision != "32-true":
             rank_zero_warn(f"precision={precision!r} trains the student's weights and its AdamW state in "

@@ -209,3 +209,9 @@ def test_load_pruned_names_a_missing_folder_and_a_class_given_as_text(tmp_path: 
         load_pruned(tmp_path / "nowhere")
     with pytest.raises(TypeError, match="model_class must be a transformers class"):
         load_pruned(tmp_path, model_class="AutoModel")
+
+
+def test_a_task_that_does_not_read_the_datas_labels_is_refused(teacher: BertForMaskedLM) -> None:
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, task="masked-lm")
+    with pytest.raises(ValueError, match="task='masked-lm' predicts tokens, but the DataModule gives task 'mnli'"):
+        quiet_trainer(max_steps=1).fit(module, MNLIData())
