@@ -27,7 +27,8 @@ from lightning_kd.hub import load_model
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
+OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer",
+                                                                    "num_relation_heads": 8}]
 TARGET = {"hidden": 0.5, "heads": 0.5, "ffn": 0.5}
 
 

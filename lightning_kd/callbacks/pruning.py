@@ -186,8 +186,6 @@ class PruningCallback(L.Callback):
         self._check_exportable(student, counts["layers"])
         if self.export_dir:
             check_export_dir(self.export_dir)
-        if "heads" in self.goal:
-            self._check_head_terms(pl_module, self.goal["heads"] * counts["head_size"])
         last = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         if self.end_step is None:
             self.end_step = last
@@ -199,6 +197,8 @@ class PruningCallback(L.Callback):
                              "raise trainer.max_steps.")
         if self.end_step <= self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must come after start_step ({self.start_step}).")
+        if "heads" in self.goal:
+            self._check_head_terms(pl_module, counts["head_size"])
         if self.masks is None:
             self.masks = {kind: full_masks(student)[kind] for kind in self.goal}
         if self.physical:
@@ -251,17 +251,27 @@ class PruningCallback(L.Callback):
             raise ValueError(f"with same_per_layer=False one layer may keep up to {widest} heads, and then: "
                              f"{error} Or set same_per_layer=True.") from error
 
-    @staticmethod
-    def _check_head_terms(pl_module: L.LightningModule, width: int) -> None:
-        """Terms that read heads must still make sense once the student keeps ``width`` attention dimensions."""
+    def _check_head_terms(self, pl_module: L.LightningModule, head_size: int) -> None:
+        """Terms that read heads must make sense at every width the schedule passes through, not only the last
+        (a relation split that fails at an intermediate width would crash the run there)."""
+        events = range(self.start_step + self.interval, self.end_step, self.interval)
+        counts = {self.full["heads"], self.goal["heads"], *(self.keep_counts(s)["heads"] for s in events)}
+        # units competing across layers can leave a layer any number of heads
+        widths = sorted(c * head_size for c in (counts if self.same_per_layer else range(1, self.full["heads"] + 1)))
         for name, term in pl_module.objective.terms.items():
             if term.kind == "attention":
                 raise ValueError(f"term {name!r} matches attention maps head by head, which stops working once "
                                  "heads are pruned; use the 'relations' term, which works across head counts.")
             heads = getattr(term, "num_relation_heads", None)
-            if term.kind == "relations" and width % heads:
-                raise ValueError(f"term {name!r} splits q/k/v into {heads} relation heads, which do not divide the "
-                                 f"{width} dimensions the pruned heads keep; set num_relation_heads to a divisor.")
+            bad = [w for w in widths if w % heads] if term.kind == "relations" else []
+            if bad:
+                common = math.gcd(*widths)
+                fits = [d for d in range(1, common + 1) if common % d == 0 and d <= heads] or [1]
+                raise ValueError(
+                    f"term {name!r} splits q/k/v into {heads} relation heads, which do not divide the {bad[0]} "
+                    f"dimensions the pruned heads keep at one point of the schedule (widths {widths}); set "
+                    f"num_relation_heads to a divisor of every width, e.g. {fits[-1]}."
+                )
 
     def _resolve(self, kind: str, value: float | int) -> int:
         full = self.full[kind]

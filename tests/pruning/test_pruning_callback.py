@@ -150,3 +150,15 @@ def test_terms_that_read_heads_are_checked_against_the_pruned_width(teacher: Ber
                                                                           "num_relation_heads": 16}])
     with pytest.raises(ValueError, match="do not divide the 8 dimensions"):
         quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(relations, FixedBatches())
+
+
+def test_relation_heads_must_divide_every_width_the_schedule_passes_through(teacher: BertForMaskedLM) -> None:
+    # 4 heads of 4 dimensions go to 2 through 3: 8 relation heads divide the final 8 dimensions but not 12
+    relations = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "relations",
+                                                                          "num_relation_heads": 8}])
+    pruning = PruningCallback({"heads": 0.5}, interval=1, end_step=4, schedule="linear")
+    with pytest.raises(ValueError, match="do not divide the 12 dimensions .*widths \\[8, 12, 16\\].* e.g. 4"):
+        quiet_trainer(max_steps=6, callbacks=[pruning]).fit(relations, FixedBatches())
+    competing = PruningCallback({"heads": 0.5}, interval=1, end_step=4, same_per_layer=False)
+    with pytest.raises(ValueError, match="widths \\[4, 8, 12, 16\\]"):  # any layer may keep any head count
+        quiet_trainer(max_steps=6, callbacks=[competing]).fit(relations, FixedBatches())
