@@ -1,10 +1,12 @@
-"""Turning packed, masked batches back into the documents they hold."""
+"""Turning packed, masked batches back into the documents they hold, and a quiet trainer for the data tests."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -45,3 +47,11 @@ def documents_by_reader(
 
 def normalised(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return [tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
+def data_trainer(root: Path, max_steps: int, **kwargs: object) -> L.Trainer:
+    """A CPU trainer that logs and prints nothing, for runs that only exercise the data."""
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **kwargs,
+    )  # fmt: skip

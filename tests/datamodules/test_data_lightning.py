@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers_data import data_trainer
 from kd_datafiles import TOKENIZER, write_lines
 from torch import nn
 
@@ -37,13 +38,6 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def trainer(tmp_path: Path, max_steps: int, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kwargs,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_resumed_fit_continues_the_stream(tmp_path, num_workers):
     path = tmp_path / "corpus.txt"
@@ -55,19 +49,19 @@ def test_resumed_fit_continues_the_stream(tmp_path, num_workers):
         )
 
     straight = Recorder()
-    trainer(tmp_path / "a", 8, enable_checkpointing=False).fit(straight, datamodule=data())
+    data_trainer(tmp_path / "a", 8, enable_checkpointing=False).fit(straight, datamodule=data())
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1
     )
     first = Recorder()
-    trainer(tmp_path / "b", 3, callbacks=[checkpoint]).fit(first, datamodule=data())
+    data_trainer(tmp_path / "b", 3, callbacks=[checkpoint]).fit(first, datamodule=data())
     (saved,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     state = torch.load(saved, weights_only=False)["PretrainingDataModule"]
     assert state["positions"]["0"]["batches"] == 3
 
     second = Recorder()
-    trainer(tmp_path / "c", 8, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
+    data_trainer(tmp_path / "c", 8, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
     assert first.seen == straight.seen[:3]
     assert second.seen == straight.seen[3:], "the resumed run did not continue where the first stopped"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers_data import data_trainer
 from kd_datafiles import TOKENIZER, document, write_lines
 from torch import nn
 
@@ -191,29 +192,22 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _trainer(root: Path, max_steps: int, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepared, num_workers):
     def data() -> PretrainingDataModule:
         return PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=num_workers)
 
     straight = Recorder()
-    _trainer(tmp_path / "a", 9, enable_checkpointing=False).fit(straight, datamodule=data())
+    data_trainer(tmp_path / "a", 9, enable_checkpointing=False).fit(straight, datamodule=data())
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     first = Recorder()
-    _trainer(tmp_path / "b", 4, callbacks=[checkpoint]).fit(first, datamodule=data())
+    data_trainer(tmp_path / "b", 4, callbacks=[checkpoint]).fit(first, datamodule=data())
     (saved,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     (state,) = torch.load(saved, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     # The position of the last batch the loop took, not of the one Lightning's fetcher had already fetched.
     assert state["num_samples_yielded"] == 4 * 4
     second = Recorder()
-    _trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
+    data_trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
     assert first.seen == straight.seen[:4]
     assert second.seen == straight.seen[4:], "the resumed run did not see the batches of the uninterrupted one"
 
