@@ -1,7 +1,8 @@
 """How far the student is from the teacher, in numbers that mean the same for any two models.
 
 - ``discrepancy/kl``: KL(teacher || student) of the predictions at temperature 1, where both models predict
-  (on MLM's masked positions, or per example for a classifier).
+  (on MLM's masked positions, or per example for a classifier); ``discrepancy/mse`` instead for one-output
+  regression heads (STS-B), the mean squared difference of the two scores, as a KL of one class is always 0.
 - ``discrepancy/hidden/layer_<m>``: 1 - linear CKA (Kornblith et al., 2019) between student layer ``m`` and
   its teacher layer under the uniform map, over the real (non-padding) tokens of the batch. CKA compares
   representations of any two widths and ignores rotation and scale, so it is defined before a projection has
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .objective import Features, prediction_kl, resolve_layer_map
+from .objective import Features, prediction_kl, prediction_mse, resolve_layer_map
 
 
 def linear_cka(x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -50,9 +51,12 @@ def measure_discrepancy(
         and student.logits is not None
         and teacher.logits.shape == student.logits.shape
     ):
-        out["discrepancy/kl"] = prediction_kl(
-            teacher.logits, student.logits, batch, temperature=1.0, positions=student.positions
-        )
+        if teacher.logits.shape[-1] == 1:
+            out["discrepancy/mse"] = prediction_mse(teacher.logits, student.logits, batch, student.positions)
+        else:
+            out["discrepancy/kl"] = prediction_kl(
+                teacher.logits, student.logits, batch, temperature=1.0, positions=student.positions
+            )
     if teacher.hidden_states is not None and student.hidden_states is not None:
         mask = batch["attention_mask"].reshape(-1)
         pairs = resolve_layer_map(

@@ -77,7 +77,8 @@ class DistillationModule(L.LightningModule):
             ``no_grad``, and kept out of the optimizer, DDP and checkpoints (a checkpoint records its name).
         student: a model, a name / folder, or an init spec (see :mod:`lightning_kd.students`).
         objective: knowledge terms (see :mod:`lightning_kd.objective`); by default the prediction KL where both
-            models predict, else hidden-state MSE over the uniform layer map.
+            models predict (``loss: mse`` of the scores for one-output regression heads, where a KL is always 0),
+            else hidden-state MSE over the uniform layer map.
         task: which head to load named models with: ``base`` (no head), ``masked-lm``, ``sequence-classification``.
         num_labels: label count when loading a classifier by name whose config does not set it.
         learning_rate, weight_decay, betas, eps: AdamW settings (no decay on biases and norms).
@@ -192,6 +193,8 @@ class DistillationModule(L.LightningModule):
     def _default_objective(self) -> list[dict[str, Any]]:
         teacher, student = model_info(self.teacher, "teacher"), model_info(self.student, "student")
         if teacher.predicts and student.predicts:
+            if 1 in (teacher.num_outputs, student.num_outputs):
+                return [{"term": "logits", "loss": "mse"}]
             return [{"term": "logits", "temperature": 1.0}]
         return [{"term": "hidden", "loss": "mse", "layers": "uniform"}]
 

@@ -4,6 +4,8 @@ the positions it reads, in value and in gradient, padding included."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from transformers import (
@@ -19,7 +21,7 @@ from lightning_kd import DistillationModule
 from lightning_kd.datamodules import with_prediction_positions
 from lightning_kd.discrepancy import linear_cka, measure_discrepancy
 from lightning_kd.models import get_adapter
-from lightning_kd.objective import PREDICTION_POSITIONS, Features, prediction_kl
+from lightning_kd.objective import PREDICTION_POSITIONS, Features, prediction_kl, prediction_mse
 
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -152,12 +154,11 @@ def test_score_mse_and_kl_over_gathered_rows_equal_the_masked_all_position_loss(
     generator = torch.Generator().manual_seed(seed)
     batch = mlm_batch(50, seed=seed)
     positions = with_prediction_positions(dict(batch))[PREDICTION_POSITIONS]
-    for width in (1, 50):  # 1: a score per token (MSE), 50: a distribution (KL)
+    for width, loss in ((1, prediction_mse), (50, prediction_mse), (50, partial(prediction_kl, temperature=3.0))):
         t = torch.randn(4, 12, width, generator=generator)
         s = torch.randn(4, 12, width, generator=generator)
-        everywhere = prediction_kl(t, s, batch, 3.0)
-        gathered = prediction_kl(t.reshape(-1, width)[positions], s.reshape(-1, width)[positions], batch, 3.0,
-                                 positions=positions)
+        everywhere = loss(t, s, batch)
+        gathered = loss(t.reshape(-1, width)[positions], s.reshape(-1, width)[positions], batch, positions=positions)
         torch.testing.assert_close(gathered, everywhere)
 
 

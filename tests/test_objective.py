@@ -43,6 +43,28 @@ def test_prediction_kl_matches_hand_computation_with_temperature() -> None:
     assert value.item() == pytest.approx(expected_t2, abs=1e-6)
 
 
+def test_logits_kl_is_refused_on_a_regression_head_and_mse_matches_the_scores() -> None:
+    regression = info(num_outputs=1)
+    for spec in ({"term": "logits"}, {"term": "logits", "loss": "kl", "temperature": 2.0}):
+        with pytest.raises(ValueError, match="identically 0 on a one-output.*loss: mse"):
+            bound(spec, regression, regression)
+    with pytest.raises(ValueError, match="no temperature"):
+        build_term({"term": "logits", "loss": "mse", "temperature": 2.0})
+    term = bound({"term": "logits", "loss": "mse"}, regression, regression)
+    assert term.name == "logits_mse"
+    teacher, student = Features(logits=torch.tensor([[1.0], [3.0]])), Features(logits=torch.tensor([[2.0], [0.0]]))
+    # scores 1, 3 against 2, 0: ((1)^2 + (3)^2) / 2
+    assert term(teacher, student, {"attention_mask": torch.ones(2, 1)}).item() == pytest.approx(5.0)
+
+
+def test_logits_mse_on_class_logits_averages_classes_then_rows() -> None:
+    term = bound({"term": "logits", "loss": "mse"})
+    teacher = Features(logits=torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]))
+    student = Features(logits=torch.tensor([[1.0, 3.0, -1.0], [1.0, 1.0, 1.0]]))
+    # row 0: 9 / 3 = 3, row 1: 3 / 3 = 1
+    assert term(teacher, student, {"attention_mask": torch.ones(2, 1)}).item() == pytest.approx(2.0)
+
+
 def test_prediction_kl_reads_only_masked_mlm_positions_and_never_padding() -> None:
     torch.manual_seed(0)
     t, s = torch.randn(2, 5, 7), torch.randn(2, 5, 7)

@@ -42,6 +42,7 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         # an MLM head (output embeddings) or a classifier: either way the model returns logits
         predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
         or is_classifier(model),
+        num_outputs=config.num_labels if is_classifier(model) else config.vocab_size,  # read only when predicts
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,

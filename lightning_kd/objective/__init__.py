@@ -41,6 +41,7 @@ from .terms import (
     Relations,
     TaskLoss,
     prediction_kl,
+    prediction_mse,
     relation_log_probs,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "TaskLoss",
     "build_term",
     "prediction_kl",
+    "prediction_mse",
     "prediction_positions",
     "register_term",
     "relation_log_probs",

@@ -48,16 +48,25 @@ def _row_mean(values: Tensor, weights: Tensor | None) -> Tensor:
 
 @register_term
 class PredictionKL(KnowledgeTerm):
-    """KL(teacher || student) of the temperature-softened predictions, scaled by T² (Hinton et al.)."""
+    """The teacher's predictions as a target: KL(teacher || student) of the temperature-softened distributions,
+    scaled by T² (Hinton et al.), or ``loss: mse`` between the raw logits (logit matching; for a one-output
+    regression head such as STS-B's, the squared difference of the two scores).
+
+    A one-output head has no distribution (its softmax is 1 whatever the score), so the KL would be 0 at every
+    step: it is refused there, and the MSE has to be asked for by name.
+    """
 
     kind = "logits"
-    losses = ("kl",)
+    losses = ("kl", "mse")
 
     def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not 0 < temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        if self.loss == "mse" and temperature != 1:
+            raise ValueError(f"the 'logits' term with loss 'mse' compares raw logits and has no temperature, got "
+                             f"temperature={temperature!r}: drop it, or use loss 'kl'.")
         self.temperature = float(temperature)
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
@@ -68,11 +77,19 @@ class PredictionKL(KnowledgeTerm):
                     "head. Load it with a head (task: masked-lm or sequence-classification), or "
                     "distil hidden states / relations instead."
                 )
+        if self.loss == "kl" and 1 in (teacher.num_outputs, student.num_outputs):
+            raise ValueError(
+                "the 'logits' term's KL is identically 0 on a one-output (regression, e.g. STS-B) head: the "
+                "softmax of one score is always 1. Set loss: mse to match the two scores, or leave the logits "
+                "term out (the TED authors' STS-B run, whose KL was 0, amounts to that)."
+            )
 
     def needs(self) -> Needs:
         return Needs(logits=True)
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        if self.loss == "mse":
+            return prediction_mse(teacher.logits, student.logits, batch, student.positions)
         return prediction_kl(teacher.logits, student.logits, batch, self.temperature, student.positions)
 
 
@@ -83,23 +100,39 @@ def prediction_kl(
     temperature: float,
     positions: Tensor | None = None,
 ) -> Tensor:
-    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions; MSE for regression.
+    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions.
 
     ``positions``: the logits are already gathered there, one row each (see ``Features.positions``).
     """
+    if teacher_logits.shape[-1] == 1:
+        raise ValueError("a KL between one-output (regression) predictions is identically 0: compare them with "
+                         "prediction_mse (the logits term's loss: mse).")
     t, weights = _prediction_rows(teacher_logits, batch, positions)
     s, _ = _prediction_rows(student_logits, batch, positions)
     if t.numel() == 0:
         return student_logits.sum() * 0.0
     t, s = t.float() / temperature, s.float() / temperature
-    if t.shape[-1] == 1:  # a regression head has no distribution: match the scores instead
-        return _row_mean((s - t).pow(2).squeeze(-1), weights) * temperature**2
     teacher_prob = t.softmax(-1)
     # Soft cross-entropy has KL's gradient and skips a log on the teacher side's graph; adding back the teacher
     # entropy (no gradient) turns its value into the KL that users read on their dashboards.
     cross_entropy = -(teacher_prob * s.log_softmax(-1)).sum(-1)
     entropy = -torch.special.xlogy(teacher_prob, teacher_prob).sum(-1)
     return _row_mean(cross_entropy - entropy, weights) * temperature**2
+
+
+def prediction_mse(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    positions: Tensor | None = None,
+) -> Tensor:
+    """Mean over the predicted positions of the mean squared difference of the logits (of the scores, for a
+    one-output regression head); positions as in :func:`prediction_kl`."""
+    t, weights = _prediction_rows(teacher_logits, batch, positions)
+    s, _ = _prediction_rows(student_logits, batch, positions)
+    if t.numel() == 0:
+        return student_logits.sum() * 0.0
+    return _row_mean((s.float() - t.float()).pow(2).mean(-1), weights)
 
 
 class _LayerTerm(KnowledgeTerm):

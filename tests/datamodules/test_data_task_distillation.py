@@ -66,19 +66,27 @@ def test_validation_reports_the_teacher_once_per_set_and_the_gap(glue_dir: Path)
     assert any("gap" in line and "validation_matched/accuracy" in line for line in module.evaluation_summary())
 
 
-def test_distillation_on_stsb_matches_scores_instead_of_a_one_class_kl(glue_dir: Path) -> None:
+def test_distillation_on_stsb_refuses_a_one_class_kl_and_matches_scores_when_asked(glue_dir: Path) -> None:
+    with pytest.raises(ValueError, match="identically 0 on a one-output"):
+        DistillationModule(classifier(1, 2), {"init": "layers", "num_layers": 1}, objective=[{"term": "logits"}])
+    default = DistillationModule(classifier(1, 2), {"init": "layers", "num_layers": 1})
+    assert [term.name for term in default.objective.terms.values()] == ["logits_mse"]
     module = DistillationModule(classifier(1, 2), {"init": "layers", "num_layers": 1},
-                                objective=[{"term": "logits"}, {"term": "task"}])
+                                objective=[{"term": "logits", "loss": "mse"}, {"term": "task"}])
     data = GLUEDataModule("stsb", TOKENIZER, data_dir=str(glue_dir / "STS-B"), max_length=32, batch_size=8)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    loss, terms = module.objective(module.teacher_features(batch), module.student_features(batch), batch)
-    assert terms["logits_kl"] > 0  # MSE between the two regressors' scores, never a silent zero
+    teacher, student = module.teacher_features(batch), module.student_features(batch)
+    _, terms = module.objective(teacher, student, batch)
+    expected = (student.logits.float() - teacher.logits.float()).pow(2).mean()
+    assert float(terms["logits_mse"]) > 0 and float(terms["logits_mse"]) == pytest.approx(float(expected), rel=1e-5)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
     trainer.fit(module, data)
     trainer.validate(module, data, verbose=False)
     assert {"val/stsb/pearson", "val/stsb/spearman"} <= set(trainer.callback_metrics)
+    discrepancy = module.discrepancy([batch])
+    assert "discrepancy/kl" not in discrepancy and discrepancy["discrepancy/mse"] > 0
 
 
 def test_fine_tuned_model_is_exported_with_its_tokenizer(glue_dir: Path, tmp_path: Path) -> None:
