@@ -29,6 +29,11 @@ prediction through the tied input embeddings (the decoder BERT's MLM head shares
     python benchmarks/fidelity.py             # the evidence run, about an hour on this 2-core CPU
     python benchmarks/fidelity.py --quick     # a smoke run of every arm: 1 seed, few steps, not evidence
 
+Seeds can run apart (several processes or GPUs) and be tabled together:
+
+    python benchmarks/fidelity.py --seeds 0 --results seed0.json   # ... one per seed, then
+    python benchmarks/fidelity.py --aggregate seed0.json seed1.json seed2.json
+
 How the hour was estimated: ``--quick`` (1 seed; 20 distillation and 20 fine-tuning steps per arm; TED one
 epoch per stage) took 379 s on this 2-core CPU while three other engineers' jobs shared it: 321 s for the 5
 arms (64 s per arm, most of it the 20 distillation steps of a MiniLM-sized teacher at batch 8 x 128) and 58 s
@@ -41,6 +46,7 @@ time per part (distillation fits, fine-tuning fits, TED) to recalibrate the defa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -52,6 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import ted_comparison
 import torch
 from _common import TEACHER, held_out_batches
 from homodistil_vs_prune_once import TARGET
@@ -153,15 +160,18 @@ def distil(arm: str, seed: int, args: argparse.Namespace, probe: list, task: GLU
     shape = {k: getattr(config, k) for k in SHAPE}
     if shape != SHAPE:  # the comparison is only fair at equal size
         raise RuntimeError(f"{arm} ended at {shape}, not the common final shape {SHAPE}.")
-    return {
+    result = {
         "discrepancy": module.discrepancy(probe)["discrepancy/hidden"],
         "accuracy": timed("fine-tuning fits", fine_tune, module, task, seed, args),
         "parameters": sum(p.numel() for p in module.student.parameters()),
         "losses": curve.losses,
     }
+    print(f"  seed {seed}, {arm}: done at {time.perf_counter() - STARTED:.0f} s", flush=True)
+    return result
 
 
 TIMES = {"distillation fits": 0.0, "fine-tuning fits": 0.0}  # for calibrating the default sizes
+STARTED = time.perf_counter()
 
 
 def timed(name: str, function: Callable[..., Any], *args: Any) -> Any:
@@ -253,7 +263,15 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--ft-max-length", type=int, default=64)
     parser.add_argument("--score-batches", type=int, default=8, help="ETD-Impt importance batches")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--results", help="write every seed's results to this JSON file as it finishes")
+    parser.add_argument("--aggregate", nargs="+", metavar="JSON", help="table the results of earlier runs, no run")
     args = parser.parse_args()
+    if args.aggregate:
+        seeds = [seed for path in args.aggregate for seed in json.loads(open(path).read())]
+        print(f"{len(seeds)} seed(s) from {', '.join(args.aggregate)}\n\n{table(seeds)}")
+        return
+    ted_comparison.ACCELERATOR = args.accelerator
     defaults = {"steps": 20, "ft_steps": 20, "ted_epochs": 1} if args.quick else \
         {"steps": 80, "ft_steps": 80, "ted_epochs": 2}
     for key, value in defaults.items():
@@ -263,7 +281,8 @@ def main() -> None:
         args.seeds = args.seeds[:1]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.accelerator == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_kd"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -284,7 +303,12 @@ def main() -> None:
         ted = ted_run(seed, ted_args, ted_data)
         timings["ted"] += time.perf_counter() - start
         saved = compute_saved(arms["ETD-Impt"]["losses"], arms["random init"]["losses"])
-        results.append({"distil": arms, "ted": ted, "saved": saved})
+        settings = {key: getattr(args, key) for key in ("steps", "ft_steps", "ted_epochs", "batch_size", "lr",
+                                                         "ft_lr", "accelerator")}  # fmt: skip
+        results.append({"seed": seed, "settings": settings, "distil": arms, "ted": ted, "saved": saved})
+        if args.results:
+            with open(args.results, "w") as file:
+                json.dump(results, file)
         print(f"seed {seed}: " + "; ".join(
             f"{arm} 1-CKA {r['discrepancy']:.4f} acc {r['accuracy']:.3f} ({r['parameters'] / 1e6:.2f}M)"
             for arm, r in arms.items()) + f"; ETD compute saved {saved:.0%}; TED part: "

@@ -40,9 +40,12 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METHODS = ("fine-tuned", "KD", "layer-wise KD", "TED")
 
 
+ACCELERATOR = "cpu"  # fidelity.py --accelerator gpu sets it
+
+
 def trainer(epochs: int, **kwargs: Any) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        accelerator=ACCELERATOR, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         **kwargs,
     )  # fmt: skip
@@ -51,8 +54,10 @@ def trainer(epochs: int, **kwargs: Any) -> L.Trainer:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: GLUEDataModule) -> float:
     model.eval()
+    device = next(model.parameters()).device  # where its fit left it
     right = total = 0
     for batch in data.val_dataloader():
+        batch = {key: value.to(device) for key, value in batch.items()}
         right += int((sequence_logits(model, batch).argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
     return right / total
