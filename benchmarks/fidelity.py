@@ -26,7 +26,7 @@ mean ± standard deviation over seeds, with the paper's claim and whether its di
 ETD-Impt needs the teacher's own loss; MiniLM ships without its MLM head, so the loss is masked-token
 prediction through the tied input embeddings (the decoder BERT's MLM head shares), on the corpus' MLM batches.
 
-    python benchmarks/fidelity.py             # the evidence run, about an hour on this 2-core CPU
+    python benchmarks/fidelity.py             # the evidence run, about half an hour on this 2-core CPU
     python benchmarks/fidelity.py --quick     # a smoke run of every arm: 1 seed, few steps, not evidence
 
 Seeds can run apart (several processes or GPUs) and be tabled together:
@@ -34,13 +34,10 @@ Seeds can run apart (several processes or GPUs) and be tabled together:
     python benchmarks/fidelity.py --seeds 0 --results seed0.json   # ... one per seed, then
     python benchmarks/fidelity.py --aggregate seed0.json seed1.json seed2.json
 
-How the hour was estimated: ``--quick`` (1 seed; 20 distillation and 20 fine-tuning steps per arm; TED one
-epoch per stage) took 379 s on this 2-core CPU while three other engineers' jobs shared it: 321 s for the 5
-arms (64 s per arm, most of it the 20 distillation steps of a MiniLM-sized teacher at batch 8 x 128) and 58 s
-for TED. Scaling every arm linearly with its steps (20 -> 80, an upper bound: loading, ETD scoring and saving
-do not grow) gives 4 x 321 s = 1284 s per seed, and TED at two epochs 2 x 58 s = 116 s per seed:
-3 seeds x 1400 s = 70 min on the shared machine, less on an idle one, so about an hour. The run prints its
-time per part (distillation fits, fine-tuning fits, TED) to recalibrate the defaults.
+Time: the evidence run (3 seeds, the defaults) took 29 min on this 2-core CPU (part 1 1401 s, of which
+distillation fits 897 s and fine-tuning fits 453 s; TED 315 s); 6 seeds of a 6x longer run
+(``--accelerator gpu --steps 500 --ft-steps 250 --batch-size 32 --ted-epochs 3``) took about 4 min per seed
+on an H200. Results and what they show: docs/results.md.
 """
 
 from __future__ import annotations
