@@ -75,6 +75,8 @@ class DistillationModule(L.LightningModule):
     Args:
         teacher: a Hugging Face model, or a hub name / local folder to load. Frozen, kept in eval mode, run under
             ``no_grad``, and kept out of the optimizer, DDP and checkpoints (a checkpoint records its name).
+            A model object given here is used itself, not copied: it is frozen, moved with the module and cast
+            by ``teacher_dtype`` in place, so pass ``copy.deepcopy(model)`` to keep the original as it was.
         student: a model, a name / folder, or an init spec (see :mod:`lightning_kd.students`).
         objective: knowledge terms (see :mod:`lightning_kd.objective`); by default the prediction KL where both
             models predict (``loss: mse`` of the scores for one-output regression heads, where a KL is always 0),
