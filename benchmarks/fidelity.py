@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="distillation steps of every arm")
     parser.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps of every student")
-    parser.add_argument("--ted-epochs", type=int, default=None, help="epochs per TED stage and of its teacher")
+    parser.add_argument("--ted-epochs", type=int, default=None, help="epochs of the TED teacher, every student and stage II (stage I: one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -266,6 +266,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.aggregate:
         seeds = [seed for path in args.aggregate for seed in json.loads(open(path).read())]
+        settings = {json.dumps(seed.get("settings"), sort_keys=True) for seed in seeds}
+        if len(settings) > 1:  # a table over seeds is only fair at equal settings
+            parser.error(f"the files hold runs with different settings, which one table cannot compare: "
+                         f"{' / '.join(sorted(settings))}")
         print(f"{len(seeds)} seed(s) from {', '.join(args.aggregate)}\n\n{table(seeds)}")
         return
     ted_comparison.ACCELERATOR = args.accelerator
@@ -312,7 +316,7 @@ def main() -> None:
             + ", ".join(f"{k} {v:.3f}" for k, v in ted.items()), flush=True)
     label = "SMOKE RUN (1 seed, few steps, not evidence)" if args.quick else "evidence run"
     print(f"\n{label}: seeds {args.seeds}, {args.steps} distillation steps, {args.ft_steps} fine-tuning steps, "
-          f"TED {args.ted_epochs} epoch(s) per stage; time: part 1 {timings['distil']:.0f} s "
+          f"TED {args.ted_epochs} epoch(s) per stage but stage I; time: part 1 {timings['distil']:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in TIMES.items())}), "
           f"TED {timings['ted']:.0f} s, total {sum(timings.values()):.0f} s ({math.ceil(sum(timings.values()) / 60)} min)\n")
     print(table(results))

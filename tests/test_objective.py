@@ -57,6 +57,12 @@ def test_logits_kl_is_refused_on_a_regression_head_and_mse_matches_the_scores() 
     assert term(teacher, student, {"attention_mask": torch.ones(2, 1)}).item() == pytest.approx(5.0)
 
 
+def test_logits_term_refuses_heads_of_different_widths() -> None:
+    for loss in ("kl", "mse"):
+        with pytest.raises(ValueError, match="teacher predicts 3 outputs and the student 1"):
+            bound({"term": "logits", "loss": loss}, info(num_outputs=3), info(num_outputs=1))
+
+
 def test_logits_mse_on_class_logits_averages_classes_then_rows() -> None:
     term = bound({"term": "logits", "loss": "mse"})
     teacher = Features(logits=torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]))

@@ -33,10 +33,10 @@ class ModelInfo:
     num_heads: int
     vocab_size: int
     predicts: bool  # whether the model has a prediction head (logits)
-    num_outputs: int | None = None  # logits per row: num_labels of a classifier (1 = regression), else the vocabulary
     can_return_attentions: bool = True
     can_return_qkv: bool = True
     name: str = "model"
+    num_outputs: int | None = None  # logits per row: num_labels of a classifier (1 = regression), else the vocabulary
 
 
 @dataclass

@@ -77,6 +77,12 @@ class PredictionKL(KnowledgeTerm):
                     "head. Load it with a head (task: masked-lm or sequence-classification), or "
                     "distil hidden states / relations instead."
                 )
+        if None not in (teacher.num_outputs, student.num_outputs) and teacher.num_outputs != student.num_outputs:
+            raise ValueError(
+                f"the 'logits' term compares predictions row by row, but the teacher predicts {teacher.num_outputs} "
+                f"outputs and the student {student.num_outputs}: give the student the teacher's head (num_labels, "
+                "vocabulary), or distil hidden states / relations instead."
+            )
         if self.loss == "kl" and 1 in (teacher.num_outputs, student.num_outputs):
             raise ValueError(
                 "the 'logits' term's KL is identically 0 on a one-output (regression, e.g. STS-B) head: the "
