@@ -52,6 +52,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -265,7 +266,7 @@ def main() -> None:
     parser.add_argument("--aggregate", nargs="+", metavar="JSON", help="table the results of earlier runs, no run")
     args = parser.parse_args()
     if args.aggregate:
-        seeds = [seed for path in args.aggregate for seed in json.loads(open(path).read())]
+        seeds = [seed for path in args.aggregate for seed in json.loads(Path(path).read_text())]
         settings = {json.dumps(seed.get("settings"), sort_keys=True) for seed in seeds}
         if len(settings) > 1:  # a table over seeds is only fair at equal settings
             parser.error(f"the files hold runs with different settings, which one table cannot compare: "
