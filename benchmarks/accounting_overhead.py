@@ -19,7 +19,9 @@ from lightning_kd import DistillationModule
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
@@ -29,8 +31,9 @@ def main() -> None:
     teacher = teacher_model()
     # One module for both sides, its timer switched on and off between rounds: two instances of the same module
     # differ by a few percent on their own (an A/A run of two untimed instances measured 1.036).
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": 3}, objective=OBJECTIVE,
-                                schedule="constant")
+    module = DistillationModule(
+        teacher, {"init": "layers", "num_layers": 3}, objective=OBJECTIVE, schedule="constant"
+    )
     timer = module.step_timer
     data = batches(4, args.batch, args.seq, teacher.config.vocab_size)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -39,10 +42,14 @@ def main() -> None:
             module.step_timer = timer if timed else None
             # logging steps every 10, so the timer's per-interval summary is part of what is measured
             times[timed].extend(lightning_round(module, data, args.steps, log_every_n_steps=10))
-        print(f"round {index + 1}/{args.rounds}: accounting on {statistics.median(times[True]):.4f} s/step, "
-              f"off {statistics.median(times[False]):.4f} s/step")
+        print(
+            f"round {index + 1}/{args.rounds}: accounting on {statistics.median(times[True]):.4f} s/step, "
+            f"off {statistics.median(times[False]):.4f} s/step"
+        )
     ratio = statistics.median(times[True]) / statistics.median(times[False])
-    print(f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} threads, {len(times[True])} timed steps each")
+    print(
+        f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} threads, {len(times[True])} timed steps each"
+    )
     print(f"step time ratio (accounting on / off): {ratio:.3f}  (target <= 1.01)")
 
 

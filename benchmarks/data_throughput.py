@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prepare-copies", type=int, default=5, help="the text, this many times, for prepare")
+    parser.add_argument(
+        "--prepare-copies", type=int, default=5, help="the text, this many times, for prepare"
+    )
     parser.add_argument("--parts", default="stream,prepared,coverage", help="which measurements to run")
     args = parser.parse_args()
 
@@ -141,7 +143,9 @@ def prepared_throughput(args: argparse.Namespace, texts: list[str], tokenizer) -
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # LitData's own progress messages
-                manifest = prepare(out, args.tokenizer, [str(corpus)], max_length=args.max_length, num_workers=workers)
+                manifest = prepare(
+                    out, args.tokenizer, [str(corpus)], max_length=args.max_length, num_workers=workers
+                )
             seconds = time.perf_counter() - start
             rate = manifest["sources"][0]["tokens"] / seconds
             rates[f"prepare, {workers}"] = max(rates.get(f"prepare, {workers}", 0.0), rate)
@@ -153,7 +157,9 @@ def prepared_throughput(args: argparse.Namespace, texts: list[str], tokenizer) -
             f"prepare, {workers} worker{'s' if workers > 1 else ' '}      {rate / 1e3:9.1f} k tokens/s   "
             f"ratio per worker {rate / workers / rates['tokenizer']:5.2f}"
         )
-    print(f"tokenizer alone          {rates['tokenizer'] / 1e3:9.1f} k tokens/s   target: ratio per worker >= 0.80")
+    print(
+        f"tokenizer alone          {rates['tokenizer'] / 1e3:9.1f} k tokens/s   target: ratio per worker >= 0.80"
+    )
 
     print()
     print("training side from prepared shards (LitData streaming, MLM masking at collate):")
@@ -161,7 +167,10 @@ def prepared_throughput(args: argparse.Namespace, texts: list[str], tokenizer) -
         best = 0.0
         for _ in range(args.repeats):
             dm = PretrainingDataModule(
-                prepared=str(prepared), max_length=args.max_length, batch_size=args.batch_size, num_workers=workers
+                prepared=str(prepared),
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                num_workers=workers,
             )
             batches = iter(dm.train_dataloader())
             next(batches)
@@ -170,7 +179,9 @@ def prepared_throughput(args: argparse.Namespace, texts: list[str], tokenizer) -
                 delivered += int(batch["attention_mask"].sum())
             best = max(best, delivered / (time.perf_counter() - start))
         per_worker = best / max(workers, 1)
-        print(f"{workers} worker{'s' if workers != 1 else ' '}  {best / 1e6:6.2f} M tokens/s   {per_worker / 1e6:6.2f} M per worker   target >= 2 M per worker")
+        print(
+            f"{workers} worker{'s' if workers != 1 else ' '}  {best / 1e6:6.2f} M tokens/s   {per_worker / 1e6:6.2f} M per worker   target >= 2 M per worker"
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -191,7 +202,11 @@ def coverage(tokenizer) -> None:
     documents = [f"document {i} " + " ".join(["word"] * (5 + i % 13)) for i in range(600)]
     print()
     print("streaming path coverage: distinct documents read / documents (repeats)")
-    print(f"{'source':18s}" + "".join(f"{r}x{w:<7d}" for r in (1, 2) for w in (0, 1, 2, 4)) + "  (ranks x workers)")
+    print(
+        f"{'source':18s}"
+        + "".join(f"{r}x{w:<7d}" for r in (1, 2) for w in (0, 1, 2, 4))
+        + "  (ranks x workers)"
+    )
     for kind in ("local", "hub"):
         for files in (4, 5, 41):
             folder = root / f"{kind}-{files}"
@@ -209,7 +224,12 @@ def coverage(tokenizer) -> None:
                     seen: list[int] = []
                     for rank in range(ranks):
                         dm = PretrainingDataModule(
-                            tokenizer, [source], max_length=128, batch_size=16, repeat=False, num_workers=workers
+                            tokenizer,
+                            [source],
+                            max_length=128,
+                            batch_size=16,
+                            repeat=False,
+                            num_workers=workers,
                         )
                         dm.train_dataloader()
                         dataset = dm._dataset
@@ -232,7 +252,9 @@ def coverage(tokenizer) -> None:
 
 def _numbers(text: str) -> list[str]:
     words = text.split()
-    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == "document" and words[i + 1].isdigit()]
+    return [
+        words[i + 1] for i, word in enumerate(words[:-1]) if word == "document" and words[i + 1].isdigit()
+    ]
 
 
 if __name__ == "__main__":

@@ -73,14 +73,16 @@ from lightning_kd import (
     PruningCallback,
 )
 from lightning_kd.hub import load_model
-from lightning_kd.models import extract
+from lightning_kd.pruning import extract
 
 # the final shape every arm of part 1 ends at: TARGET (half the widths) applied to MiniLM-L6-H384
 SHAPE = {"num_hidden_layers": 6, "hidden_size": 192, "num_attention_heads": 6, "intermediate_size": 768}
 # homodistil_vs_prune_once's objective, with 8 relation heads: its default (the teacher's 12) does not divide
 # the attention widths that gradual head pruning passes through (11 heads x 32 = 352)
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"},
-             {"term": "relations", "layers": "last_layer", "num_relation_heads": 8}]
+OBJECTIVE = [
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "relations", "layers": "last_layer", "num_relation_heads": 8},
+]
 ARMS = ("HomoDistil", "prune once", "ETD-Impt", "ETD-Rand", "random init")
 
 
@@ -90,8 +92,9 @@ class LossCurve(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           *args: object) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: object
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
 
@@ -105,8 +108,9 @@ def mlm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 def corpus(seed: int, args: argparse.Namespace) -> PretrainingDataModule:
-    return PretrainingDataModule(TEACHER, sources=["docstrings"], max_length=args.max_length,
-                                 batch_size=args.batch_size, seed=seed)
+    return PretrainingDataModule(
+        TEACHER, sources=["docstrings"], max_length=args.max_length, batch_size=args.batch_size, seed=seed
+    )
 
 
 def student_for(arm: str, teacher: torch.nn.Module, seed: int, args: argparse.Namespace) -> Any:
@@ -114,14 +118,24 @@ def student_for(arm: str, teacher: torch.nn.Module, seed: int, args: argparse.Na
         return {"init": "copy"}
     if arm == "random init":
         return {"init": "config", "config": {k: v for k, v in SHAPE.items() if k != "num_hidden_layers"}}
-    sizes = {"num_layers": SHAPE["num_hidden_layers"], "hidden_size": SHAPE["hidden_size"],
-             "num_attention_heads": SHAPE["num_attention_heads"], "intermediate_size": SHAPE["intermediate_size"]}
+    sizes = {
+        "num_layers": SHAPE["num_hidden_layers"],
+        "hidden_size": SHAPE["hidden_size"],
+        "num_attention_heads": SHAPE["num_attention_heads"],
+        "intermediate_size": SHAPE["intermediate_size"],
+    }
     if arm == "ETD-Rand":
         return extract(teacher, strategy="rand", seed=seed, **sizes)
     data = corpus(seed, args)
     data.setup("fit")
-    return extract(teacher, strategy="impt", data=data.train_dataloader(), loss_fn=mlm_loss,
-                   max_batches=args.score_batches, **sizes)
+    return extract(
+        teacher,
+        strategy="impt",
+        data=data.train_dataloader(),
+        loss_fn=mlm_loss,
+        max_batches=args.score_batches,
+        **sizes,
+    )
 
 
 def pruning_for(arm: str, steps: int) -> list[L.Callback]:
@@ -143,16 +157,21 @@ def fine_tune(module: DistillationModule, task: GLUEDataModule, seed: int, args:
     return accuracy(tuning.model, task)
 
 
-def distil(arm: str, seed: int, args: argparse.Namespace, probe: list, task: GLUEDataModule) -> dict[str, Any]:
+def distil(
+    arm: str, seed: int, args: argparse.Namespace, probe: list, task: GLUEDataModule
+) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     teacher = load_model(TEACHER)
     student = student_for(arm, teacher, seed, args)
     L.seed_everything(seed, verbose=False)
-    module = DistillationModule(teacher, student, objective=OBJECTIVE, learning_rate=args.lr, warmup_steps=0.05)
+    module = DistillationModule(
+        teacher, student, objective=OBJECTIVE, learning_rate=args.lr, warmup_steps=0.05
+    )
     curve = LossCurve()
     start = time.perf_counter()
     trainer(10_000, max_steps=args.steps, callbacks=[*pruning_for(arm, args.steps), curve]).fit(
-        module, corpus(seed, args))
+        module, corpus(seed, args)
+    )
     TIMES["distillation fits"] += time.perf_counter() - start
     config = module.student.config
     shape = {k: getattr(config, k) for k in SHAPE}
@@ -181,7 +200,7 @@ def timed(name: str, function: Callable[..., Any], *args: Any) -> Any:
 
 
 def trailing_mean(values: Sequence[float], window: int) -> list[float]:
-    return [statistics.fmean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def compute_saved(impt: Sequence[float], random: Sequence[float]) -> float:
@@ -218,28 +237,58 @@ def table(seeds: list[dict[str, Any]]) -> str:
 
     rows = []
 
-    def compare(name: str, claim: str, better: str, worse: str, part: str, key: str | None,
-                lower_is_better: bool = False) -> None:
+    def compare(
+        name: str,
+        claim: str,
+        better: str,
+        worse: str,
+        part: str,
+        key: str | None,
+        lower_is_better: bool = False,
+    ) -> None:
         a, b = values(part, better, key), values(part, worse, key)
         sign = -1 if lower_is_better else 1
-        rows.append((name, f"{mean_std(a)} vs {mean_std(b)}", claim,
-                     verdict([sign * (x - y) for x, y in zip(a, b, strict=True)])))
+        rows.append(
+            (
+                name,
+                f"{mean_std(a)} vs {mean_std(b)}",
+                claim,
+                verdict([sign * (x - y) for x, y in zip(a, b, strict=True)]),
+            )
+        )
 
     homo = "HomoDistil (ICLR 2023): iterative pruning beats prune-once and ETD-style init at equal size"
     for other in ARMS[1:]:
-        compare(f"HomoDistil vs {other}: discrepancy (1 - CKA, lower better)", homo, "HomoDistil", other,
-                "distil", "discrepancy", lower_is_better=True)
-        compare(f"HomoDistil vs {other}: docstrings accuracy", homo, "HomoDistil", other, "distil", "accuracy")
+        compare(
+            f"HomoDistil vs {other}: discrepancy (1 - CKA, lower better)",
+            homo,
+            "HomoDistil",
+            other,
+            "distil",
+            "discrepancy",
+            lower_is_better=True,
+        )
+        compare(
+            f"HomoDistil vs {other}: docstrings accuracy", homo, "HomoDistil", other, "distil", "accuracy"
+        )
     etd = "ETD (ICANN 2021): ETD-Impt > ETD-Rand > random init"
-    compare("ETD-Impt vs random init: docstrings accuracy", etd, "ETD-Impt", "random init", "distil", "accuracy")
+    compare(
+        "ETD-Impt vs random init: docstrings accuracy", etd, "ETD-Impt", "random init", "distil", "accuracy"
+    )
     compare("ETD-Impt vs ETD-Rand: docstrings accuracy", etd, "ETD-Impt", "ETD-Rand", "distil", "accuracy")
     saved = [s["saved"] for s in seeds]
     mean = statistics.fmean(saved)
     # the size counts too: "about 70%" is met by 50% or more
     direction = verdict(saved)
     etd_verdict = direction if mean >= 0.5 or direction.startswith("no") else f"{direction}; size no (< 50%)"
-    rows.append(("ETD-Impt vs random init: compute saved to reach its final loss", mean_std(saved),
-                 "ETD (ICANN 2021): about 70% less compute", etd_verdict))
+    rows.append(
+        (
+            "ETD-Impt vs random init: compute saved to reach its final loss",
+            mean_std(saved),
+            "ETD (ICANN 2021): about 70% less compute",
+            etd_verdict,
+        )
+    )
     ted = "TED (ICML 2023): TED > LWD > KD > fine-tuning on GLUE"
     for better, worse in zip(TED_METHODS[:0:-1], TED_METHODS[-2::-1], strict=True):
         compare(f"{better} vs {worse}: docstrings accuracy", ted, better, worse, "ted", None)
@@ -249,12 +298,19 @@ def table(seeds: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps, not evidence")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="distillation steps of every arm")
     parser.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps of every student")
-    parser.add_argument("--ted-epochs", type=int, default=None, help="epochs of the TED teacher, every student and stage II (stage I: one)")
+    parser.add_argument(
+        "--ted-epochs",
+        type=int,
+        default=None,
+        help="epochs of the TED teacher, every student and stage II (stage I: one)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -263,19 +319,26 @@ def main() -> None:
     parser.add_argument("--score-batches", type=int, default=8, help="ETD-Impt importance batches")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--results", help="write every seed's results to this JSON file as it finishes")
-    parser.add_argument("--aggregate", nargs="+", metavar="JSON", help="table the results of earlier runs, no run")
+    parser.add_argument(
+        "--aggregate", nargs="+", metavar="JSON", help="table the results of earlier runs, no run"
+    )
     args = parser.parse_args()
     if args.aggregate:
         seeds = [seed for path in args.aggregate for seed in json.loads(Path(path).read_text())]
         settings = {json.dumps(seed.get("settings"), sort_keys=True) for seed in seeds}
         if len(settings) > 1:  # a table over seeds is only fair at equal settings
-            parser.error(f"the files hold runs with different settings, which one table cannot compare: "
-                         f"{' / '.join(sorted(settings))}")
+            parser.error(
+                f"the files hold runs with different settings, which one table cannot compare: "
+                f"{' / '.join(sorted(settings))}"
+            )
         print(f"{len(seeds)} seed(s) from {', '.join(args.aggregate)}\n\n{table(seeds)}")
         return
     ted_comparison.ACCELERATOR = args.accelerator
-    defaults = {"steps": 20, "ft_steps": 20, "ted_epochs": 1} if args.quick else \
-        {"steps": 80, "ft_steps": 80, "ted_epochs": 2}
+    defaults = (
+        {"steps": 20, "ft_steps": 20, "ted_epochs": 1}
+        if args.quick
+        else {"steps": 80, "ft_steps": 80, "ted_epochs": 2}
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -290,12 +353,21 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     probe = held_out_batches()
-    task = GLUEDataModule("docstrings", TEACHER, max_length=args.ft_max_length, batch_size=16, eval_batch_size=64)
+    task = GLUEDataModule(
+        "docstrings", TEACHER, max_length=args.ft_max_length, batch_size=16, eval_batch_size=64
+    )
     task.setup("fit")
     ted_data = GLUEDataModule("docstrings", TEACHER, max_length=16, batch_size=16, eval_batch_size=64)
     ted_data.setup("fit")
-    ted_args = argparse.Namespace(epochs=args.ted_epochs, teacher_epochs=args.ted_epochs, lr=2e-4, teacher_lr=1e-4,
-                                  filter_lr=1e-3, kl_alpha=1.0, mse_alpha=1.0)  # ted_comparison's defaults
+    ted_args = argparse.Namespace(
+        epochs=args.ted_epochs,
+        teacher_epochs=args.ted_epochs,
+        lr=2e-4,
+        teacher_lr=1e-4,
+        filter_lr=1e-3,
+        kl_alpha=1.0,
+        mse_alpha=1.0,
+    )  # ted_comparison's defaults
     results, timings = [], {"distil": 0.0, "ted": 0.0}
     for seed in args.seeds:
         start = time.perf_counter()
@@ -305,21 +377,31 @@ def main() -> None:
         ted = ted_run(seed, ted_args, ted_data)
         timings["ted"] += time.perf_counter() - start
         saved = compute_saved(arms["ETD-Impt"]["losses"], arms["random init"]["losses"])
-        settings = {key: getattr(args, key) for key in ("steps", "ft_steps", "ted_epochs", "batch_size", "lr",
-                                                         "ft_lr", "accelerator")}  # fmt: skip
+        settings = {
+            key: getattr(args, key)
+            for key in ("steps", "ft_steps", "ted_epochs", "batch_size", "lr", "ft_lr", "accelerator")
+        }
         results.append({"seed": seed, "settings": settings, "distil": arms, "ted": ted, "saved": saved})
         if args.results:
             with open(args.results, "w") as file:
                 json.dump(results, file)
-        print(f"seed {seed}: " + "; ".join(
-            f"{arm} 1-CKA {r['discrepancy']:.4f} acc {r['accuracy']:.3f} ({r['parameters'] / 1e6:.2f}M)"
-            for arm, r in arms.items()) + f"; ETD compute saved {saved:.0%}; TED part: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in ted.items()), flush=True)
+        print(
+            f"seed {seed}: "
+            + "; ".join(
+                f"{arm} 1-CKA {r['discrepancy']:.4f} acc {r['accuracy']:.3f} ({r['parameters'] / 1e6:.2f}M)"
+                for arm, r in arms.items()
+            )
+            + f"; ETD compute saved {saved:.0%}; TED part: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ted.items()),
+            flush=True,
+        )
     label = "SMOKE RUN (1 seed, few steps, not evidence)" if args.quick else "evidence run"
-    print(f"\n{label}: seeds {args.seeds}, {args.steps} distillation steps, {args.ft_steps} fine-tuning steps, "
-          f"TED {args.ted_epochs} epoch(s) per stage but stage I; time: part 1 {timings['distil']:.0f} s "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in TIMES.items())}), "
-          f"TED {timings['ted']:.0f} s, total {sum(timings.values()):.0f} s ({math.ceil(sum(timings.values()) / 60)} min)\n")
+    print(
+        f"\n{label}: seeds {args.seeds}, {args.steps} distillation steps, {args.ft_steps} fine-tuning steps, "
+        f"TED {args.ted_epochs} epoch(s) per stage but stage I; time: part 1 {timings['distil']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in TIMES.items())}), "
+        f"TED {timings['ted']:.0f} s, total {sum(timings.values()):.0f} s ({math.ceil(sum(timings.values()) / 60)} min)\n"
+    )
     print(table(results))
 
 

@@ -38,12 +38,21 @@ from lightning_kd import DistillationModule, PruningCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "experiments" / "homodistil" / "homobert_small.yaml"
-OBJECTIVE = [{"term": "logits", "temperature": 1.0}, {"term": "hidden", "loss": "mse", "layers": "uniform"},
-             {"term": "task"}]
+OBJECTIVE = [
+    {"term": "logits", "temperature": 1.0},
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "task"},
+]
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 # bert-base-uncased, the recipe's teacher (its config is not downloadable here; these are its published sizes)
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 vocab_size=30522, head_size=64)
+BERT_BASE = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    vocab_size=30522,
+    head_size=64,
+)
 MLM_SHARE = 0.15  # predictions are computed only where MLM masked a token
 
 
@@ -67,10 +76,21 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = BertConfig(**MINILM, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
     teacher = BertForMaskedLM(config).eval()
-    module = DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, task="masked-lm",
-                                schedule="constant", time_steps=False)
-    pruning = PruningCallback({"hidden": 128, "heads": 4, "ffn": 512}, end_step=args.steps // 2,
-                              interval=args.interval, prune_at_end=False, physical=mode == "shrink")
+    module = DistillationModule(
+        teacher,
+        {"init": "copy"},
+        objective=OBJECTIVE,
+        task="masked-lm",
+        schedule="constant",
+        time_steps=False,
+    )
+    pruning = PruningCallback(
+        {"hidden": 128, "heads": 4, "ffn": 512},
+        end_step=args.steps // 2,
+        interval=args.interval,
+        prune_at_end=False,
+        physical=mode == "shrink",
+    )
     events: list[float] = []
     prune_event = pruning._prune_event
 
@@ -81,17 +101,29 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
 
     pruning._prune_event = timed_event
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, timer],
-                        log_every_n_steps=50)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, timer],
+        log_every_n_steps=50,
+    )
     data = mlm_batches(4, args.batch, args.seq, config.vocab_size)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "last.ckpt"
         trainer.save_checkpoint(path)
         checkpoint = path.stat().st_size
-    return {"times": timer.times, "events": events, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "checkpoint": checkpoint, "params": pruning.widths()["params"]}
+    return {
+        "times": timer.times,
+        "events": events,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "checkpoint": checkpoint,
+        "params": pruning.widths()["params"],
+    }
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -100,10 +132,29 @@ def measure(args: argparse.Namespace) -> dict[str, list[dict]]:
         order = ["shrink", "mask"] if round_index % 2 == 0 else ["mask", "shrink"]  # ABBA
         for mode in order:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                command = [sys.executable, __file__, "--worker", mode, "--out", out.name, "--steps", str(args.steps),
-                           "--batch", str(args.batch), "--seq", str(args.seq), "--interval", str(args.interval)]
-                subprocess.run(command, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    mode,
+                    "--out",
+                    out.name,
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                    "--interval",
+                    str(args.interval),
+                ]
+                subprocess.run(
+                    command,
+                    check=True,
+                    env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 results[mode].append(json.loads(Path(out.name).read_text()))
             total = sum(results[mode][-1]["times"])
             print(f"round {round_index + 1}/{args.rounds} {mode:>6}: {total:.1f} s for {args.steps} steps")
@@ -131,11 +182,14 @@ def plot(results: dict[str, list[dict]], path: Path, args: argparse.Namespace) -
 # ---------------------------------------------------------------------------------------------- counted
 
 
-def forward_flops_per_token(hidden: int, heads: int, ffn: int, layers: int, seq: int, vocab: int,
-                            head_size: int = 64) -> float:
+def forward_flops_per_token(
+    hidden: int, heads: int, ffn: int, layers: int, seq: int, vocab: int, head_size: int = 64
+) -> float:
     """Multiply-adds x 2 of one token's forward pass: the blocks, plus the MLM head where MLM masked a token."""
     attention = heads * head_size
-    block = 2 * hidden * 3 * attention + 2 * 2 * seq * attention + 2 * attention * hidden + 2 * 2 * hidden * ffn
+    block = (
+        2 * hidden * 3 * attention + 2 * 2 * seq * attention + 2 * attention * hidden + 2 * 2 * hidden * ffn
+    )
     head = MLM_SHARE * (2 * hidden * hidden + 2 * hidden * vocab)
     return layers * block + head
 
@@ -144,41 +198,67 @@ def homobert_small_flops(recipe_granularity: bool = True) -> dict[str, float]:
     recipe = yaml.safe_load(RECIPE.read_text())
     steps = recipe["trainer"]["max_steps"]
     seq = recipe["data"]["init_args"]["max_length"]
-    options = next(c["init_args"] for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("PruningCallback"))
-    schedule = PruningCallback(options["target"], start_step=options.get("start_step", 0),
-                               end_step=options["end_step"], interval=options["interval"],
-                               schedule=options.get("schedule", "cubic"), granularity=options.get("granularity") if recipe_granularity else None)
+    options = next(
+        c["init_args"] for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("PruningCallback")
+    )
+    schedule = PruningCallback(
+        options["target"],
+        start_step=options.get("start_step", 0),
+        end_step=options["end_step"],
+        interval=options["interval"],
+        schedule=options.get("schedule", "cubic"),
+        granularity=options.get("granularity") if recipe_granularity else None,
+    )
     base = BERT_BASE
-    schedule.full = {"hidden": base["hidden_size"], "heads": base["num_attention_heads"],
-                     "ffn": base["intermediate_size"]}
+    schedule.full = {
+        "hidden": base["hidden_size"],
+        "heads": base["num_attention_heads"],
+        "ffn": base["intermediate_size"],
+    }
     schedule.goal = {kind: schedule._resolve(kind, value) for kind, value in options["target"].items()}
 
     def student(shape: dict[str, int]) -> float:  # forward + backward (twice the forward)
-        return 3 * forward_flops_per_token(shape["hidden"], shape["heads"], shape["ffn"], base["num_hidden_layers"],
-                                           seq, base["vocab_size"])
+        return 3 * forward_flops_per_token(
+            shape["hidden"], shape["heads"], shape["ffn"], base["num_hidden_layers"], seq, base["vocab_size"]
+        )
 
     full = student(schedule.full)
-    teacher = forward_flops_per_token(base["hidden_size"], base["num_attention_heads"], base["intermediate_size"],
-                                      base["num_hidden_layers"], seq, base["vocab_size"])
+    teacher = forward_flops_per_token(
+        base["hidden_size"],
+        base["num_attention_heads"],
+        base["intermediate_size"],
+        base["num_hidden_layers"],
+        seq,
+        base["vocab_size"],
+    )
     shrinking, shape = 0.0, dict(schedule.full)
     shapes = {tuple(shape.values())}
     for step in range(steps):
         shrinking += student(shape)
         done = step + 1  # an event after this step (global_step == done) sets the shape of the next ones
-        if done > schedule.start_step and done <= schedule.end_step and (
-                (done - schedule.start_step) % schedule.interval == 0 or done == schedule.end_step):
+        if (
+            done > schedule.start_step
+            and done <= schedule.end_step
+            and ((done - schedule.start_step) % schedule.interval == 0 or done == schedule.end_step)
+        ):
             shape = {**shape, **schedule.keep_counts(done)}
             shapes.add(tuple(shape.values()))
-    return {"total": (steps * teacher + shrinking) / (steps * (teacher + full)),
-            "student": shrinking / (steps * full), "steps": steps, "end_step": schedule.end_step,
-            "shapes": len(shapes)}
+    return {
+        "total": (steps * teacher + shrinking) / (steps * (teacher + full)),
+        "student": shrinking / (steps * full),
+        "steps": steps,
+        "end_step": schedule.end_step,
+        "shapes": len(shapes),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
@@ -194,10 +274,12 @@ def main() -> None:
 
     for recipe_granularity in (True, False):
         counted = homobert_small_flops(recipe_granularity)
-        print(f"homobert_small ({counted['steps']} steps, pruned until step {counted['end_step']}, granularity "
-              f"{'of the recipe' if recipe_granularity else '1'}): training FLOPs shrink/mask {counted['total']:.3f} "
-              f"with the teacher's forward (target <= 0.5), {counted['student']:.3f} for the student alone; "
-              f"{counted['shapes']} distinct student shapes")
+        print(
+            f"homobert_small ({counted['steps']} steps, pruned until step {counted['end_step']}, granularity "
+            f"{'of the recipe' if recipe_granularity else '1'}): training FLOPs shrink/mask {counted['total']:.3f} "
+            f"with the teacher's forward (target <= 0.5), {counted['student']:.3f} for the student alone; "
+            f"{counted['shapes']} distinct student shapes"
+        )
 
     results = measure(args)
 
@@ -205,24 +287,35 @@ def main() -> None:
         return statistics.median(run[key] for run in results[mode])
 
     wall = statistics.median(sum(r["times"]) for r in results["shrink"]) / statistics.median(
-        sum(r["times"]) for r in results["mask"])
-    late = [statistics.median(r["times"][args.steps // 2 + 1:]) for r in results["shrink"]]
-    late_mask = [statistics.median(r["times"][args.steps // 2 + 1:]) for r in results["mask"]]
+        sum(r["times"]) for r in results["mask"]
+    )
+    late = [statistics.median(r["times"][args.steps // 2 + 1 :]) for r in results["shrink"]]
+    late_mask = [statistics.median(r["times"][args.steps // 2 + 1 :]) for r in results["mask"]]
     events = [e for run in results["shrink"] for e in run["events"]]
     mask_events = [e for run in results["mask"] for e in run["events"]]
-    print(f"MiniLM-L6-H384 shape with MLM head, batch {args.batch}x{args.seq}, {args.steps} steps, schedule ends at "
-          f"step {args.steps // 2}, an event every {args.interval} steps, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds ABBA")
+    print(
+        f"MiniLM-L6-H384 shape with MLM head, batch {args.batch}x{args.seq}, {args.steps} steps, schedule ends at "
+        f"step {args.steps // 2}, an event every {args.interval} steps, {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds ABBA"
+    )
     print(f"wall-clock shrink/mask: {wall:.3f}  (target <= 0.65)")
-    print(f"step time after the schedule: shrink {statistics.median(late):.3f} s, mask "
-          f"{statistics.median(late_mask):.3f} s, ratio {statistics.median(late) / statistics.median(late_mask):.3f}")
-    print(f"peak RSS shrink/mask: {median('shrink', 'peak_rss') / median('mask', 'peak_rss'):.3f}  "
-          f"({median('shrink', 'peak_rss') / 2**20:.0f} MiB vs {median('mask', 'peak_rss') / 2**20:.0f} MiB, teacher "
-          "and Python included)")
-    print(f"checkpoint size shrink/mask (end of run): {median('shrink', 'checkpoint') / median('mask', 'checkpoint'):.3f}"
-          f"  ({median('shrink', 'checkpoint') / 2**20:.1f} MiB vs {median('mask', 'checkpoint') / 2**20:.1f} MiB)")
-    print(f"one event: shrink {1000 * statistics.median(events):.1f} ms (max {1000 * max(events):.1f}), "
-          f"mask {1000 * statistics.median(mask_events):.1f} ms")
+    print(
+        f"step time after the schedule: shrink {statistics.median(late):.3f} s, mask "
+        f"{statistics.median(late_mask):.3f} s, ratio {statistics.median(late) / statistics.median(late_mask):.3f}"
+    )
+    print(
+        f"peak RSS shrink/mask: {median('shrink', 'peak_rss') / median('mask', 'peak_rss'):.3f}  "
+        f"({median('shrink', 'peak_rss') / 2**20:.0f} MiB vs {median('mask', 'peak_rss') / 2**20:.0f} MiB, teacher "
+        "and Python included)"
+    )
+    print(
+        f"checkpoint size shrink/mask (end of run): {median('shrink', 'checkpoint') / median('mask', 'checkpoint'):.3f}"
+        f"  ({median('shrink', 'checkpoint') / 2**20:.1f} MiB vs {median('mask', 'checkpoint') / 2**20:.1f} MiB)"
+    )
+    print(
+        f"one event: shrink {1000 * statistics.median(events):.1f} ms (max {1000 * max(events):.1f}), "
+        f"mask {1000 * statistics.median(mask_events):.1f} ms"
+    )
     if args.plot:
         plot(results, args.plot, args)
         print(f"plot: {args.plot}")

@@ -27,8 +27,10 @@ from lightning_kd.hub import load_model
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer",
-                                                                    "num_relation_heads": 8}]
+OBJECTIVE = [
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "relations", "layers": "last_layer", "num_relation_heads": 8},
+]
 TARGET = {"hidden": 0.5, "heads": 0.5, "ffn": 0.5}
 
 
@@ -42,8 +44,14 @@ class Probe(L.Callback):
         values = pl_module.discrepancy(self.batches)
         pl_module.student.eval()  # as `discrepancy` does: dropout would add its own noise to the distance
         with torch.no_grad():
-            mse = sum(float(pl_module.objective(pl_module.teacher_features(b), pl_module.student_features(b), b)[1]
-                            ["hidden_mse"]) for b in self.batches) / len(self.batches)
+            mse = sum(
+                float(
+                    pl_module.objective(pl_module.teacher_features(b), pl_module.student_features(b), b)[1][
+                        "hidden_mse"
+                    ]
+                )
+                for b in self.batches
+            ) / len(self.batches)
         pl_module.student.train()
         self.curve.append((trainer.global_step, values["discrepancy/hidden"], mse))
 
@@ -58,20 +66,32 @@ class Probe(L.Callback):
 def run(name: str, pruning: PruningCallback, steps: int, probe_batches: list, every: int, seed: int) -> list:
     L.seed_everything(seed, verbose=False)
     teacher = load_model(TEACHER)
-    module = DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=3e-4,
-                                warmup_steps=0.05)
+    module = DistillationModule(
+        teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=3e-4, warmup_steps=0.05
+    )
     probe = Probe(probe_batches, every)
     data = PretrainingDataModule(TEACHER, sources=["docstrings"], max_length=128, batch_size=8, seed=seed)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, probe])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, probe],
+    )
     trainer.fit(module, data)
-    print(f"{name}: final discrepancy/hidden {probe.curve[-1][1]:.4f}, hidden MSE {probe.curve[-1][2]:.4f}, "
-          f"student {sum(p.numel() for p in module.student.parameters()) / 1e6:.2f}M parameters")
+    print(
+        f"{name}: final discrepancy/hidden {probe.curve[-1][1]:.4f}, hidden MSE {probe.curve[-1][2]:.4f}, "
+        f"student {sum(p.numel() for p in module.student.parameters()) / 1e6:.2f}M parameters"
+    )
     return probe.curve
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--score-steps", type=int, default=10)
     parser.add_argument("--every", type=int, default=10)
@@ -80,11 +100,22 @@ def main() -> None:
     probe_batches = held_out_batches()
 
     end = args.steps * 3 // 4
-    iterative = run("iterative (HomoDistil)", PruningCallback(TARGET, end_step=end, interval=5),
-                    args.steps, probe_batches, args.every, seed=0)
-    once = run("prune once, then distil",
-               PruningCallback(TARGET, end_step=args.score_steps, interval=args.score_steps, schedule="one-shot"),
-               args.steps, probe_batches, args.every, seed=0)
+    iterative = run(
+        "iterative (HomoDistil)",
+        PruningCallback(TARGET, end_step=end, interval=5),
+        args.steps,
+        probe_batches,
+        args.every,
+        seed=0,
+    )
+    once = run(
+        "prune once, then distil",
+        PruningCallback(TARGET, end_step=args.score_steps, interval=args.score_steps, schedule="one-shot"),
+        args.steps,
+        probe_batches,
+        args.every,
+        seed=0,
+    )
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, curve in (("iterative (HomoDistil)", iterative), ("prune once, then distil", once)):

@@ -25,7 +25,10 @@ SETTINGS = {
     "bf16-mixed, bf16 teacher": {"precision": "bf16-mixed", "teacher_dtype": "bfloat16"},
     "float32, compiled": {"precision": "32-true", "compile": True},
 }
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
+OBJECTIVE = [
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "relations", "layers": "last_layer"},
+]
 
 
 def measure(shape: str, setting: str, steps: int, batch: int, seq: int, device: str) -> dict[str, float]:
@@ -41,16 +44,25 @@ def measure(shape: str, setting: str, steps: int, batch: int, seq: int, device: 
         try:
             teacher = load_model("sentence-transformers/all-MiniLM-L6-v2")
         except OSError:
-            teacher = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                           intermediate_size=1536), add_pooling_layer=False)
+            teacher = BertModel(
+                BertConfig(
+                    hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+                ),
+                add_pooling_layer=False,
+            )
     else:
         teacher = BertModel(BertConfig(), add_pooling_layer=False)
     options = dict(SETTINGS[setting])
     precision = options.pop("precision")
     module = DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, **options)
     generator = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(1000, teacher.config.vocab_size, (batch, seq), generator=generator),
-             "attention_mask": torch.ones(batch, seq, dtype=torch.long)} for _ in range(4)]
+    data = [
+        {
+            "input_ids": torch.randint(1000, teacher.config.vocab_size, (batch, seq), generator=generator),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        }
+        for _ in range(4)
+    ]
     marks: list[float] = []
 
     class Clock(L.Callback):
@@ -60,9 +72,18 @@ def measure(shape: str, setting: str, steps: int, batch: int, seq: int, device: 
             marks.append(time.perf_counter())
 
     pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, interval=4, prune_at_end=False)
-    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruning, Clock()], log_every_n_steps=10)
+    trainer = L.Trainer(
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, Clock()],
+        log_every_n_steps=10,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     warm = marks[2:]  # the first steps build the optimizer (and compile)
     steps_per_s = (len(warm) - 1) / (warm[-1] - warm[0])
@@ -74,7 +95,9 @@ def measure(shape: str, setting: str, steps: int, batch: int, seq: int, device: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=("tiny", "base"), default="tiny")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
@@ -88,21 +111,41 @@ def main() -> None:
         return
     results = {}
     for setting in args.settings:
-        command = [sys.executable, __file__, "--one", setting, "--shape", args.shape, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
-        run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            setting,
+            "--shape",
+            args.shape,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--device",
+            args.device,
+        ]
+        run = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}
+        )
         if run.returncode:
             print(f"{setting}: failed\n{run.stderr[-2000:]}")
             continue
         results[setting] = json.loads(run.stdout.strip().splitlines()[-1])
-        print(f"{setting:26s} {results[setting]['steps_per_s']:.3f} steps/s   peak {results[setting]['peak_mb']:.0f} MB",
-              flush=True)
+        print(
+            f"{setting:26s} {results[setting]['steps_per_s']:.3f} steps/s   peak {results[setting]['peak_mb']:.0f} MB",
+            flush=True,
+        )
     base = results.get("float32")
     if base:
         print(f"{args.shape}, batch {args.batch}x{args.seq}, {args.device}; against float32 in the same run:")
         for setting, value in results.items():
-            print(f"  {setting:26s} speed x{value['steps_per_s'] / base['steps_per_s']:.2f}   "
-                  f"peak memory x{value['peak_mb'] / base['peak_mb']:.2f}")
+            print(
+                f"  {setting:26s} speed x{value['steps_per_s'] / base['steps_per_s']:.2f}   "
+                f"peak memory x{value['peak_mb'] / base['peak_mb']:.2f}"
+            )
 
 
 if __name__ == "__main__":

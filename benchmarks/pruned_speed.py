@@ -20,7 +20,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from lightning_kd.hub import load_model
-from lightning_kd.models import apply_masks, full_masks, prune_model, unit_counts
+from lightning_kd.pruning import apply_masks, full_masks, prune_model, unit_counts
 
 
 def teacher_model() -> BertModel:

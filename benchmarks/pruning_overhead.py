@@ -25,10 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import batches, lightning_round, teacher_model  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
-from lightning_kd.models import full_masks  # noqa: E402
-from lightning_kd.models.shrink import rebuild_shape_, student_shape  # noqa: E402
+from lightning_kd.pruning import full_masks  # noqa: E402
+from lightning_kd.pruning.shrink import rebuild_shape_, student_shape  # noqa: E402
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
+OBJECTIVE = [
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "relations", "layers": "last_layer"},
+]
 TARGET = {"hidden": 0.5, "heads": 0.5, "ffn": 0.5}
 
 
@@ -36,7 +39,7 @@ def half_masks(module: DistillationModule) -> dict[str, torch.Tensor]:
     """Keep the first half of every kind (which units does not matter for timing)."""
     masks = {kind: full_masks(module.student)[kind] for kind in TARGET}
     for mask in masks.values():
-        mask[..., mask.shape[-1] // 2:] = False
+        mask[..., mask.shape[-1] // 2 :] = False
     return masks
 
 
@@ -45,8 +48,11 @@ def prepared(teacher: torch.nn.Module, physical: bool) -> tuple[DistillationModu
     masks = half_masks(module)
     if physical:  # the student as a shrinking run holds it between two events
         shape = student_shape(module.student)
-        shape = {"heads": [h // 2 for h in shape["heads"]], "ffn": [f // 2 for f in shape["ffn"]],
-                 "hidden": shape["hidden"] // 2}
+        shape = {
+            "heads": [h // 2 for h in shape["heads"]],
+            "ffn": [f // 2 for f in shape["ffn"]],
+            "hidden": shape["hidden"] // 2,
+        }
         kept = rebuild_shape_(module.student, shape)
         module.objective.narrow_student_width(kept)
     return module, masks
@@ -54,28 +60,44 @@ def prepared(teacher: torch.nn.Module, physical: bool) -> tuple[DistillationModu
 
 def compare(teacher: torch.nn.Module, data: list, args: argparse.Namespace, physical: bool) -> float:
     pruned, masks = prepared(teacher, physical)
-    plain, _ = prepared(teacher, physical) if physical else (DistillationModule(
-        teacher, {"init": "copy"}, objective=OBJECTIVE, schedule="constant"), None)
+    plain, _ = (
+        prepared(teacher, physical)
+        if physical
+        else (DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, schedule="constant"), None)
+    )
     with_callback, without = [], []
     for round_index in range(args.rounds):
         # the schedule's only event is the last step, which is not timed; units are scored at every step
-        callback = PruningCallback(TARGET, end_step=args.steps, interval=args.steps, prune_at_end=False,
-                                   physical=physical, expect_copy=False)
+        callback = PruningCallback(
+            TARGET,
+            end_step=args.steps,
+            interval=args.steps,
+            prune_at_end=False,
+            physical=physical,
+            expect_copy=False,
+        )
         callback.masks = {kind: mask.clone() for kind, mask in masks.items()}
-        runs = [lambda callback=callback: with_callback.extend(
-                    lightning_round(pruned, data, args.steps, (callback,))[:-1]),
-                lambda: without.extend(lightning_round(plain, data, args.steps)[:-1])]
+        runs = [
+            lambda callback=callback: with_callback.extend(
+                lightning_round(pruned, data, args.steps, (callback,))[:-1]
+            ),
+            lambda: without.extend(lightning_round(plain, data, args.steps)[:-1]),
+        ]
         for run in runs if round_index % 2 == 0 else runs[::-1]:  # ABBA: each goes second half the time
             run()
         if callback._handle is not None:
             callback._handle.remove()  # the next round installs its own hooks
-        print(f"{'shrinking' if physical else 'masked'} round {round_index + 1}/{args.rounds}: with PruningCallback "
-              f"{statistics.median(with_callback):.4f} s/step, without {statistics.median(without):.4f} s/step")
+        print(
+            f"{'shrinking' if physical else 'masked'} round {round_index + 1}/{args.rounds}: with PruningCallback "
+            f"{statistics.median(with_callback):.4f} s/step, without {statistics.median(without):.4f} s/step"
+        )
     return statistics.median(with_callback) / statistics.median(without)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=["physical", "masked", "both"], default="physical")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
@@ -87,8 +109,10 @@ def main() -> None:
     data = batches(4, args.batch, args.seq, teacher.config.vocab_size)
     modes = {"physical": [True], "masked": [False], "both": [True, False]}[args.mode]
     ratios = {physical: compare(teacher, data, args, physical) for physical in modes}
-    print(f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} threads, {args.rounds} rounds of "
-          f"{args.steps - 2} timed steps each, between events")
+    print(
+        f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} threads, {args.rounds} rounds of "
+        f"{args.steps - 2} timed steps each, between events"
+    )
     for physical, ratio in ratios.items():
         name = "shrinking (physical=True)" if physical else "masks (physical=False)"
         print(f"{name}: step time ratio (with PruningCallback / without): {ratio:.3f}  (target <= 1.05)")

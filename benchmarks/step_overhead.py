@@ -39,9 +39,15 @@ from lightning_kd import DistillationModule
 from lightning_kd.datamodules import with_prediction_positions
 from lightning_kd.hub import load_model
 
-OBJECTIVE = [{"term": "hidden", "loss": "mse", "layers": "uniform"}, {"term": "relations", "layers": "last_layer"}]
-MLM_OBJECTIVE = [{"term": "logits", "temperature": 1.0}, {"term": "hidden", "loss": "mse", "layers": "uniform"},
-                 {"term": "task"}]
+OBJECTIVE = [
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "relations", "layers": "last_layer"},
+]
+MLM_OBJECTIVE = [
+    {"term": "logits", "temperature": 1.0},
+    {"term": "hidden", "loss": "mse", "layers": "uniform"},
+    {"term": "task"},
+]
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 
 
@@ -64,7 +70,9 @@ def mlm_batches(count: int, batch: int, seq: int, vocab: int, probability: float
     generator = torch.Generator().manual_seed(0)
     out = []
     for raw in batches(count, batch, seq, vocab):
-        chosen = (torch.rand(raw["input_ids"].shape, generator=generator) < probability) & raw["attention_mask"].bool()
+        chosen = (torch.rand(raw["input_ids"].shape, generator=generator) < probability) & raw[
+            "attention_mask"
+        ].bool()
         labels = torch.where(chosen, raw["input_ids"], torch.full_like(raw["input_ids"], -100))
         out.append(with_prediction_positions({**raw, "labels": labels}))
     return out
@@ -76,17 +84,25 @@ def batches(count: int, batch: int, seq: int, vocab: int) -> list[dict[str, torc
     for _ in range(count):
         ids = torch.randint(1000, vocab, (batch, seq), generator=generator)
         mask = torch.ones_like(ids)
-        mask[: batch // 4, seq // 2:] = 0  # some padding, as real batches have
+        mask[: batch // 4, seq // 2 :] = 0  # some padding, as real batches have
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
 
-def lightning_round(module: DistillationModule, data: list, steps: int, callbacks: tuple = (),
-                    log_every_n_steps: int = 50) -> list[float]:
+def lightning_round(
+    module: DistillationModule, data: list, steps: int, callbacks: tuple = (), log_every_n_steps: int = 50
+) -> list[float]:
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
-                        log_every_n_steps=log_every_n_steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, timer],
+        log_every_n_steps=log_every_n_steps,
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer.fit(module, loader)
     return timer.times[1:]  # the first step builds the optimizer and warms caches
@@ -105,16 +121,26 @@ def relation_kl(t: torch.Tensor, s: torch.Tensor, heads: int, mask: torch.Tensor
     return (rows * valid).sum() / valid.sum()
 
 
-def manual_round(teacher: BertModel, student: BertModel, projections: torch.nn.ModuleList, data: list,
-                 steps: int, optimizer: torch.optim.Optimizer) -> list[float]:
+def manual_round(
+    teacher: BertModel,
+    student: BertModel,
+    projections: torch.nn.ModuleList,
+    data: list,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+) -> list[float]:
     times = []
     t_layers, s_layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
     pairs = [(m, round(m * t_layers / s_layers)) for m in range(s_layers + 1)]
 
     def hook_into(model: BertModel, layer: int, store: dict) -> list:
         attention = model.encoder.layer[layer].attention.self
-        return [getattr(attention, role).register_forward_hook(
-            lambda _m, _i, out, role=role: store.__setitem__(role, out)) for role in ("query", "key", "value")]
+        return [
+            getattr(attention, role).register_forward_hook(
+                lambda _m, _i, out, role=role: store.__setitem__(role, out)
+            )
+            for role in ("query", "key", "value")
+        ]
 
     t_qkv, s_qkv = {}, {}
     handles = hook_into(teacher, t_layers - 1, t_qkv) + hook_into(student, s_layers - 1, s_qkv)
@@ -129,8 +155,10 @@ def manual_round(teacher: BertModel, student: BertModel, projections: torch.nn.M
         for (s, t), project in zip(pairs, projections, strict=True):
             per_token = (project(s_out.hidden_states[s]) - t_out.hidden_states[t]).pow(2).mean(-1)
             hidden.append((per_token * mask).sum() / mask.sum())
-        relations = [relation_kl(t_qkv[r], s_qkv[r], teacher.config.num_attention_heads, mask)
-                     for r in ("query", "key", "value")]
+        relations = [
+            relation_kl(t_qkv[r], s_qkv[r], teacher.config.num_attention_heads, mask)
+            for r in ("query", "key", "value")
+        ]
         loss = torch.stack(hidden).mean() + torch.stack(relations).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,8 +169,14 @@ def manual_round(teacher: BertModel, student: BertModel, projections: torch.nn.M
     return times[1:]
 
 
-def manual_mlm_round(teacher: BertForMaskedLM, student: BertForMaskedLM, data: list, steps: int,
-                     optimizer: torch.optim.Optimizer, gather: bool) -> list[float]:
+def manual_mlm_round(
+    teacher: BertForMaskedLM,
+    student: BertForMaskedLM,
+    data: list,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    gather: bool,
+) -> list[float]:
     """Prediction KL + MLM cross-entropy on the masked positions + uniform hidden MSE, by hand; ``gather``: the
     head at the positions only (as the module does), else at every position with the masked rows selected."""
     times = []
@@ -167,8 +201,12 @@ def manual_mlm_round(teacher: BertForMaskedLM, student: BertForMaskedLM, data: l
             s_out = student(**inputs, output_hidden_states=True)
             keep = batch["labels"] != -100
             t_logits, s_logits, labels = t_out.logits[keep], s_out.logits[keep], batch["labels"][keep]
-        kl = F.kl_div(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1), log_target=True,
-                      reduction="batchmean")
+        kl = F.kl_div(
+            s_logits.float().log_softmax(-1),
+            t_logits.float().log_softmax(-1),
+            log_target=True,
+            reduction="batchmean",
+        )
         task = F.cross_entropy(s_logits.float(), labels)
         hidden = []
         for s, t in pairs:
@@ -185,8 +223,13 @@ def manual_mlm_round(teacher: BertForMaskedLM, student: BertForMaskedLM, data: l
 def mlm_main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     teacher = mlm_teacher_model()
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": args.student_layers},
-                                objective=MLM_OBJECTIVE, task="masked-lm", schedule="constant")
+    module = DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": args.student_layers},
+        objective=MLM_OBJECTIVE,
+        task="masked-lm",
+        schedule="constant",
+    )
     runs: dict[str, list[float]] = {"lightning-kd": [], "same math": [], "all positions": []}
     loops = {}
     for name, gather in (("same math", True), ("all positions", False)):
@@ -197,27 +240,37 @@ def mlm_main(args: argparse.Namespace) -> None:
     names = list(runs)
     per_round: list[dict[str, float]] = []
     for round_index in range(args.rounds):
-        order = names[round_index % 3:] + names[: round_index % 3]  # each run first, second and third in turn
+        order = (
+            names[round_index % 3 :] + names[: round_index % 3]
+        )  # each run first, second and third in turn
         for name in order:
             if name == "lightning-kd":
                 runs[name].extend(lightning_round(module, data, args.steps))
             else:
                 t, s, optimizer, gather = loops[name]
                 runs[name].extend(manual_mlm_round(t, s, data, args.steps, optimizer, gather))
-        this = {name: statistics.median(times[-(args.steps - 1):]) for name, times in runs.items()}
+        this = {name: statistics.median(times[-(args.steps - 1) :]) for name, times in runs.items()}
         per_round.append(this)
-        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {value:.4f} s/step" for name, value in this.items()))
+        print(
+            f"round {round_index + 1}/{args.rounds}: "
+            + ", ".join(f"{name} {value:.4f} s/step" for name, value in this.items())
+        )
     masked = sum(len(b["prediction_positions"]) for b in data) / sum(b["input_ids"].numel() for b in data)
     median = {name: statistics.median(times) for name, times in runs.items()}
-    print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M (vocabulary "
-          f"{teacher.config.vocab_size}) -> student {sum(p.numel() for p in module.student.parameters()) / 1e6:.1f}M, "
-          f"batch {args.batch}x{args.seq}, {masked:.1%} of tokens masked, {torch.get_num_threads()} threads, "
-          f"{len(runs['lightning-kd'])} timed steps each")
-    print(f"step time ratio (lightning-kd / same-math loop): {median['lightning-kd'] / median['same math']:.3f}"
-          "  (target <= 1.03)")
-    print(f"step time ratio (lightning-kd / all-position loop): "
-          f"{median['lightning-kd'] / median['all positions']:.3f}  (what the gather saves)")
+    print(
+        f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M (vocabulary "
+        f"{teacher.config.vocab_size}) -> student {sum(p.numel() for p in module.student.parameters()) / 1e6:.1f}M, "
+        f"batch {args.batch}x{args.seq}, {masked:.1%} of tokens masked, {torch.get_num_threads()} threads, "
+        f"{len(runs['lightning-kd'])} timed steps each"
+    )
+    print(
+        f"step time ratio (lightning-kd / same-math loop): {median['lightning-kd'] / median['same math']:.3f}"
+        "  (target <= 1.03)"
+    )
+    print(
+        f"step time ratio (lightning-kd / all-position loop): "
+        f"{median['lightning-kd'] / median['all positions']:.3f}  (what the gather saves)"
+    )
     # on a shared machine the load drifts between rounds: the median of each round's own ratio resists that
     for other, label in (("same math", "same-math"), ("all positions", "all-position")):
         ratio = statistics.median(r["lightning-kd"] / r[other] for r in per_round)
@@ -232,12 +285,16 @@ def mlm_main(args: argparse.Namespace) -> None:
         gathered = manual_mlm_round(*gathered_loop[:2], data, 2, gathered_loop[2], True)[0]
         everywhere = manual_mlm_round(*all_loop[:2], data, 2, all_loop[2], False)[0]
         pairs.append(gathered / everywhere)
-    print(f"gathered / all-position hand-written step, alternating step by step ({len(pairs)} pairs, median): "
-          f"{statistics.median(pairs):.3f}")
+    print(
+        f"gathered / all-position hand-written step, alternating step by step ({len(pairs)} pairs, median): "
+        f"{statistics.median(pairs):.3f}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -249,8 +306,12 @@ def main() -> None:
         return mlm_main(args)
     torch.manual_seed(0)
     teacher = teacher_model()
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": args.student_layers},
-                                objective=OBJECTIVE, schedule="constant")
+    module = DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": args.student_layers},
+        objective=OBJECTIVE,
+        schedule="constant",
+    )
     manual_teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     manual_student = copy.deepcopy(module.student)
     projections = torch.nn.ModuleList([torch.nn.Identity() for _ in range(args.student_layers + 1)])
@@ -260,17 +321,24 @@ def main() -> None:
     lightning_times, manual_times = [], []
     for round_index in range(args.rounds):
         # ABBA order: whichever runs second in a round has warmer caches, so each goes second half the time
-        runs = [lambda: lightning_times.extend(lightning_round(module, data, args.steps)),
-                lambda: manual_times.extend(
-                    manual_round(manual_teacher, manual_student, projections, data, args.steps, optimizer))]
+        runs = [
+            lambda: lightning_times.extend(lightning_round(module, data, args.steps)),
+            lambda: manual_times.extend(
+                manual_round(manual_teacher, manual_student, projections, data, args.steps, optimizer)
+            ),
+        ]
         for run in runs if round_index % 2 == 0 else runs[::-1]:
             run()
-        print(f"round {round_index + 1}/{args.rounds}: lightning-kd {statistics.median(lightning_times):.4f} s/step, "
-              f"plain PyTorch {statistics.median(manual_times):.4f} s/step")
+        print(
+            f"round {round_index + 1}/{args.rounds}: lightning-kd {statistics.median(lightning_times):.4f} s/step, "
+            f"plain PyTorch {statistics.median(manual_times):.4f} s/step"
+        )
     ratio = statistics.median(lightning_times) / statistics.median(manual_times)
-    print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M -> student "
-          f"{sum(p.numel() for p in module.student.parameters()) / 1e6:.1f}M, batch {args.batch}x{args.seq}, "
-          f"{torch.get_num_threads()} threads, {len(lightning_times)} timed steps each")
+    print(
+        f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M -> student "
+        f"{sum(p.numel() for p in module.student.parameters()) / 1e6:.1f}M, batch {args.batch}x{args.seq}, "
+        f"{torch.get_num_threads()} threads, {len(lightning_times)} timed steps each"
+    )
     print(f"step time ratio (lightning-kd / plain PyTorch): {ratio:.3f}  (target <= 1.05)")
 
 

@@ -61,13 +61,28 @@ class EpochClock(L.Callback):
 
 def run(teacher: Any, data: GLUEDataModule, batches: int, cached: bool) -> tuple[float, float, float]:
     torch.manual_seed(0)
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, task="sequence-classification",
-                                objective=[{"term": "task"}, {"term": "logits", "temperature": 2.0}],
-                                learning_rate=2e-4, teacher_cache="memory" if cached else None)  # fmt: skip
+    module = DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": 2},
+        task="sequence-classification",
+        objective=[{"term": "task"}, {"term": "logits", "temperature": 2.0}],
+        learning_rate=2e-4,
+        teacher_cache="memory" if cached else None,
+    )
     clock = EpochClock()
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_val_batches=0,
-              num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, log_every_n_steps=batches, callbacks=[clock]).fit(module, data)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=batches,
+        callbacks=[clock],
+    ).fit(module, data)
     share = sum(clock.teacher_ms) / max(sum(clock.step_ms), 1e-9)
     hits = float(clock.hit_rate[-1]) if clock.hit_rate else 0.0
     return clock.epochs[1], share, hits
@@ -95,15 +110,19 @@ def main() -> None:
         shares.append(share)
         seconds, _, hits = run(teacher, data, args.batches, cached=True)
         cached.append(seconds)
-    print(f"threads: {torch.get_num_threads()}, {args.batches} batches of 16 x <=64 tokens per epoch, "
-          f"{args.rounds} rounds alternating")  # fmt: skip
+    print(
+        f"threads: {torch.get_num_threads()}, {args.batches} batches of 16 x <=64 tokens per epoch, "
+        f"{args.rounds} rounds alternating"
+    )
     print(f"second epoch, uncached: {', '.join(f'{s:.2f}' for s in plain)} s")
     print(f"second epoch, cached:   {', '.join(f'{s:.2f}' for s in cached)} s")
     ratio = min(cached) / min(plain)
     share = sum(shares) / len(shares)
-    print(f"epoch time cached / uncached (fastest of each): {ratio:.3f}  (saving {1 - ratio:.1%}); "
-          f"teacher forward share of the uncached step: {share:.1%}; cache hit rate in the second epoch: "
-          f"{hits:.0%}")
+    print(
+        f"epoch time cached / uncached (fastest of each): {ratio:.3f}  (saving {1 - ratio:.1%}); "
+        f"teacher forward share of the uncached step: {share:.1%}; cache hit rate in the second epoch: "
+        f"{hits:.0%}"
+    )
 
 
 if __name__ == "__main__":

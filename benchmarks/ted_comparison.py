@@ -32,9 +32,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lightning_kd import DistillationModule, FineTuningModule, GLUEDataModule, build_student
-from lightning_kd.callbacks.ted import TEDFilterCallback
-from lightning_kd.finetune import sequence_logits
+from lightning_kd.finetuning.module import sequence_logits
 from lightning_kd.hub import load_model
+from lightning_kd.ted.callback import TEDFilterCallback
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METHODS = ("fine-tuned", "KD", "layer-wise KD", "TED")
@@ -45,10 +45,17 @@ ACCELERATOR = "cpu"  # fidelity.py --accelerator gpu sets it
 
 def trainer(epochs: int, **kwargs: Any) -> L.Trainer:
     return L.Trainer(
-        accelerator=ACCELERATOR, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=ACCELERATOR,
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 @torch.no_grad()
@@ -78,13 +85,21 @@ def run(seed: int, args: argparse.Namespace, data: GLUEDataModule) -> dict[str, 
     kd = [{"term": "task"}, {"term": "logits", "temperature": 2.0, "weight": args.kl_alpha}]
     layerwise = {"term": "hidden", "layers": [[1, 3], [2, 6]], "projection": True, "weight": args.mse_alpha}
 
-    def distill(objective: list[dict[str, Any]], callbacks: list[L.Callback] = (), lr: float | None = None,
-                epochs: int | None = None) -> DistillationModule:  # fmt: skip
+    def distill(
+        objective: list[dict[str, Any]],
+        callbacks: list[L.Callback] = (),
+        lr: float | None = None,
+        epochs: int | None = None,
+    ) -> DistillationModule:
         L.seed_everything(seed, verbose=False)
         module = DistillationModule(
-            teacher, copy.deepcopy(student), objective=objective, task="sequence-classification",
-            learning_rate=lr or args.lr, warmup_steps=0.1,
-        )  # fmt: skip
+            teacher,
+            copy.deepcopy(student),
+            objective=objective,
+            task="sequence-classification",
+            learning_rate=lr or args.lr,
+            warmup_steps=0.1,
+        )
         trainer(epochs or args.epochs, callbacks=list(callbacks)).fit(module, data)
         return module
 
@@ -93,7 +108,9 @@ def run(seed: int, args: argparse.Namespace, data: GLUEDataModule) -> dict[str, 
     scores["layer-wise KD"] = accuracy(distill([*kd, layerwise]).student, data)
     with tempfile.TemporaryDirectory() as filters:
         options = {"interval": 3, "save_dir": filters}
-        distill([{"term": "task"}], [TEDFilterCallback(stage="filters", **options)], lr=args.filter_lr, epochs=1)
+        distill(
+            [{"term": "task"}], [TEDFilterCallback(stage="filters", **options)], lr=args.filter_lr, epochs=1
+        )
         stage_two = TEDFilterCallback(stage="distill", filters=filters, interval=3, weight=args.mse_alpha)
         scores["TED"] = accuracy(distill(kd, [stage_two]).student, data)
     return scores

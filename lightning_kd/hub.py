@@ -71,7 +71,9 @@ def _load(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any
     if not Path(source).is_dir() and not _offline() and not hub_reachable():
         # the local cache may still hold it; only the network round trips are skipped
         kwargs = {**kwargs, "local_files_only": True}
-        unreachable = f"The hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be reached. "
+        unreachable = (
+            f"The hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be reached. "
+        )
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:
@@ -107,6 +109,10 @@ def push_folder(path: str | os.PathLike, repo_id: str, private: bool = True, api
 
         api = HfApi()
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload a model exported by lightning-kd")  # fmt: skip
+    api.upload_folder(
+        folder_path=str(path),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload a model exported by lightning-kd",
+    )
     return str(getattr(repo, "url", repo))

@@ -16,8 +16,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-ALWAYS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal,
-          aten.unique_dim, aten._unique2, aten.unique_consecutive, aten.lift_fresh}
+ALWAYS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.is_nonzero,
+    aten.equal,
+    aten.unique_dim,
+    aten._unique2,
+    aten.unique_consecutive,
+    aten.lift_fresh,
+}
 WITH_BOOL_INDEX = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
 
@@ -43,20 +52,33 @@ class SyncRecorder(TorchDispatchMode, L.Callback):
         self.step = trainer.global_step
         self.logging = trainer._logger_connector.should_update_logs
         # AdamW keeps its step counters on the host unless capturable or fused: reading them waits for nothing
-        self.host = {state["step"].data_ptr() for optimizer in trainer.optimizers
-                     for state in optimizer.state.values() if isinstance(state.get("step"), torch.Tensor)}
+        self.host = {
+            state["step"].data_ptr()
+            for optimizer in trainer.optimizers
+            for state in optimizer.state.values()
+            if isinstance(state.get("step"), torch.Tensor)
+        }
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         packet = func.overloadpacket
-        if self.step is not None and not self.paused and (
-            packet in ALWAYS or (packet in WITH_BOOL_INDEX and _bool_index(args))
+        if (
+            self.step is not None
+            and not self.paused
+            and (packet in ALWAYS or (packet in WITH_BOOL_INDEX and _bool_index(args)))
         ):
-            on_host = (packet is aten._local_scalar_dense and isinstance(args[0], torch.Tensor)
-                       and args[0].data_ptr() in self.host)
+            on_host = (
+                packet is aten._local_scalar_dense
+                and isinstance(args[0], torch.Tensor)
+                and args[0].data_ptr() in self.host
+            )
             if not on_host:
-                where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
-                         for f in traceback.extract_stack()[-24:-2]]
-                self.found.append({"step": self.step, "logging": self.logging, "op": str(func), "where": where})
+                where = [
+                    f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                    for f in traceback.extract_stack()[-24:-2]
+                ]
+                self.found.append(
+                    {"step": self.step, "logging": self.logging, "op": str(func), "where": where}
+                )
         return func(*args, **(kwargs or {}))
 
     def between_logging_steps(self, after: int = 0) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule
-from lightning_kd.checkpointing import AtomicCheckpointIO
+from lightning_kd.training.checkpoints import AtomicCheckpointIO
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -53,5 +53,7 @@ def test_paper_recipes_with_periodic_checkpoints_link_the_last_one() -> None:
             args = callback.get("init_args") or {}
             if callback.get("class_path", "").endswith("ModelCheckpoint") and args.get("every_n_train_steps"):
                 periodic += 1
-                assert args.get("save_last") == "link", f"{recipe.name} writes last.ckpt as a second full copy"
+                assert args.get("save_last") == "link", (
+                    f"{recipe.name} writes last.ckpt as a second full copy"
+                )
     assert periodic >= 4  # the four HomoBERT recipes

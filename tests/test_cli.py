@@ -21,7 +21,9 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-a
 @pytest.fixture
 def tiny_teacher_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    BertModel(tiny_bert_config(vocab_size=30522, max_position_embeddings=128)).save_pretrained(tmp_path / "teacher")
+    BertModel(tiny_bert_config(vocab_size=30522, max_position_embeddings=128)).save_pretrained(
+        tmp_path / "teacher"
+    )
     return tmp_path / "teacher"
 
 
@@ -31,24 +33,45 @@ def read_metrics(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_cli_fit_from_a_recipe(tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_fit_from_a_recipe(
+    tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about distillation of small models." for i in range(300)))
+    corpus.write_text(
+        "\n".join(f"Sentence number {i} talks about distillation of small models." for i in range(300))
+    )
     recipe = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 4, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path / "run")}},
-                    "callbacks": [{"class_path": "lightning_kd.DistillationReport",
-                                   "init_args": {"export_dir": str(tmp_path / "student")}}]},
-        "model": {"class_path": "lightning_kd.DistillationModule",
-                  "init_args": {"teacher": str(tiny_teacher_dir), "student": {"init": "layers", "num_layers": 2},
-                                "objective": [{"term": "hidden", "layers": "uniform"},
-                                              {"term": "relations", "weight": 0.5}]}},
-        "data": {"class_path": "lightning_kd.datamodules.PretrainingDataModule",
-                 "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 32, "batch_size": 4}},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "run")},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning_kd.DistillationReport",
+                    "init_args": {"export_dir": str(tmp_path / "student")},
+                }
+            ],
+        },
+        "model": {
+            "class_path": "lightning_kd.DistillationModule",
+            "init_args": {
+                "teacher": str(tiny_teacher_dir),
+                "student": {"init": "layers", "num_layers": 2},
+                "objective": [{"term": "hidden", "layers": "uniform"}, {"term": "relations", "weight": 0.5}],
+            },
+        },
+        "data": {
+            "class_path": "lightning_kd.datamodules.PretrainingDataModule",
+            "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 32, "batch_size": 4},
+        },
     }
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
@@ -62,8 +85,9 @@ def test_cli_fit_from_a_recipe(tmp_path: Path, tiny_teacher_dir: Path, monkeypat
 
 
 @pytest.mark.slow
-def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Path,
-                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_demo_recipe_runs_on_a_tiny_teacher(
+    tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """The README's first command, with the real teacher swapped for a tiny one and fewer steps."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -72,9 +96,23 @@ def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Pa
     # W&B's background service resolves relative paths against the folder it started in: start a fresh one here
     wandb.teardown()
     try:
-        main(["fit", "--config", str(REPO / "experiments" / "demo.yaml"),
-              "--model.init_args.teacher", str(tiny_teacher_dir), "--trainer.max_steps", "3",
-              "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "2", "--data.init_args.max_length", "32"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments" / "demo.yaml"),
+                "--model.init_args.teacher",
+                str(tiny_teacher_dir),
+                "--trainer.max_steps",
+                "3",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--data.init_args.batch_size",
+                "2",
+                "--data.init_args.max_length",
+                "32",
+            ]
+        )
     finally:
         wandb.finish()
         wandb.teardown()  # flushes the offline run file before it is looked for
@@ -86,8 +124,9 @@ def test_demo_recipe_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher_dir: Pa
     assert read_metrics(tmp_path / "runs" / "demo")
 
 
-def test_runs_record_the_resolved_recipe_and_its_name(tmp_path: Path, tiny_teacher_dir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_record_the_resolved_recipe_and_its_name(
+    tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """CSV and offline W&B runs hold trainer, model, data and callbacks as resolved, under the recipe's name, and
     the W&B run folder is complete (config.yaml, wandb-summary.json) when the command returns."""
     from lightning_kd.callbacks.dashboard import read_run_records
@@ -97,14 +136,23 @@ def test_runs_record_the_resolved_recipe_and_its_name(tmp_path: Path, tiny_teach
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Sentence number {i} is about small models." for i in range(100)))
     recipe = {
-        "trainer": {"accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "default_root_dir": "runs/named",
-                    "callbacks": [{"class_path": "lightning_kd.DistillationReport"}]},
-        "model": {"class_path": "lightning_kd.DistillationModule",
-                  "init_args": {"teacher": str(tiny_teacher_dir), "student": {"init": "layers", "num_layers": 1}}},
-        "data": {"class_path": "lightning_kd.datamodules.PretrainingDataModule",
-                 "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 16, "batch_size": 2}},
-    }  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": "runs/named",
+            "callbacks": [{"class_path": "lightning_kd.DistillationReport"}],
+        },
+        "model": {
+            "class_path": "lightning_kd.DistillationModule",
+            "init_args": {"teacher": str(tiny_teacher_dir), "student": {"init": "layers", "num_layers": 1}},
+        },
+        "data": {
+            "class_path": "lightning_kd.datamodules.PretrainingDataModule",
+            "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 16, "batch_size": 2},
+        },
+    }
     (tmp_path / "experiments" / "glue").mkdir(parents=True)
     config = tmp_path / "experiments" / "glue" / "tiny_named.yaml"
     config.write_text(yaml.safe_dump(recipe))

@@ -31,7 +31,7 @@ from lightning_kd.callbacks.dashboard import (
     save_summary_plot,
     summary_figure,
 )
-from lightning_kd.cli import DistillationCLI
+from lightning_kd.cli.app import DistillationCLI
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PANEL_METRICS = {
@@ -293,9 +293,14 @@ def test_summary_figure_scales_params_to_the_teacher_and_draws_validation() -> N
     width, _, validation = figure.axes
     assert lines(width)["params / teacher (4,000)"] == ([0, 10], [0.5, 0.25])
     drawn = lines(validation)
-    assert drawn == {"val/sst2/accuracy": ([5, 10], [0.6, 0.7]), "val/teacher/sst2/accuracy": ([5, 10], [0.9, 0.9])}
+    assert drawn == {
+        "val/sst2/accuracy": ([5, 10], [0.6, 0.7]),
+        "val/teacher/sst2/accuracy": ([5, 10], [0.9, 0.9]),
+    }
     # a run without pruning: the student's constant share of the teacher over the run
-    still = summary_figure({k: v for k, v in series.items() if k != "params"}, teacher_params=4000, student_params=1000)
+    still = summary_figure(
+        {k: v for k, v in series.items() if k != "params"}, teacher_params=4000, student_params=1000
+    )
     assert lines(still.axes[0])["params / teacher (4,000)"] == ([0, 10], [0.25, 0.25])
 
 
@@ -430,7 +435,7 @@ def test_cli_adds_a_csv_logger_next_to_other_loggers(
 
 def test_task_scores_are_maximised() -> None:
     """GLUE metrics (accuracy, MCC, F1, correlations) are better higher, unlike the val/ losses beside them."""
-    from lightning_kd.evaluation import TaskMetrics
+    from lightning_kd.datamodules.glue_metrics import TaskMetrics
 
     module = L.LightningModule()
     module.task_metrics = TaskMetrics.for_task("mnli")

@@ -21,23 +21,33 @@ class CountSteps(L.Callback):
         self.batches += 1
 
 
-def fit(teacher: BertForMaskedLM, callback: L.Callback, student: dict | None = None, steps: int = 4,
-        root: Path | None = None) -> CountSteps:
+def fit(
+    teacher: BertForMaskedLM,
+    callback: L.Callback,
+    student: dict | None = None,
+    steps: int = 4,
+    root: Path | None = None,
+) -> CountSteps:
     torch.manual_seed(0)
     module = DistillationModule(teacher, student or {"init": "copy"}, objective=[{"term": "hidden"}])
     counter = CountSteps()
-    trainer = quiet_trainer(max_steps=steps, callbacks=[callback, counter],
-                            default_root_dir=str(root) if root else None)
+    trainer = quiet_trainer(
+        max_steps=steps, callbacks=[callback, counter], default_root_dir=str(root) if root else None
+    )
     trainer.fit(module, FixedBatches())
     return counter
 
 
-@pytest.mark.parametrize("make", [
-    lambda path: DistillationReport(export_dir=str(path)),
-    lambda path: PruningCallback({"ffn": 0.5}, interval=2, export_dir=str(path)),
-])
-def test_export_dir_that_is_a_file_is_refused_before_the_first_step(teacher: BertForMaskedLM, tmp_path: Path,
-                                                                    make: object) -> None:
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda path: DistillationReport(export_dir=str(path)),
+        lambda path: PruningCallback({"ffn": 0.5}, interval=2, export_dir=str(path)),
+    ],
+)
+def test_export_dir_that_is_a_file_is_refused_before_the_first_step(
+    teacher: BertForMaskedLM, tmp_path: Path, make: object
+) -> None:
     existing = tmp_path / "student"
     existing.write_text("not a folder")
     counter = CountSteps()
@@ -68,13 +78,16 @@ def test_heads_competing_across_layers_that_could_not_be_exported_are_refused_at
 ) -> None:
     # 4 heads of size 4 per layer, hidden 16 -> 8: two heads fit per layer, but across layers one may keep all 4
     pruning = PruningCallback({"hidden": 0.5, "heads": 0.5}, interval=2, same_per_layer=False)
-    with pytest.raises(ValueError, match="same_per_layer=False one layer may keep up to 4 heads.*same_per_layer=True"):
+    with pytest.raises(
+        ValueError, match="same_per_layer=False one layer may keep up to 4 heads.*same_per_layer=True"
+    ):
         fit(teacher, pruning)
     fit(teacher, PruningCallback({"hidden": 0.5, "heads": 0.5}, interval=2, same_per_layer=True))
 
 
-def test_a_save_that_fails_at_the_end_keeps_the_student_and_says_where(teacher: BertForMaskedLM,
-                                                                       tmp_path: Path) -> None:
+def test_a_save_that_fails_at_the_end_keeps_the_student_and_says_where(
+    teacher: BertForMaskedLM, tmp_path: Path
+) -> None:
     target = tmp_path / "student"
 
     class TakeThePath(L.Callback):
@@ -84,10 +97,15 @@ def test_a_save_that_fails_at_the_end_keeps_the_student_and_says_where(teacher: 
 
     torch.manual_seed(0)
     module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}])
-    trainer = quiet_trainer(max_steps=2, default_root_dir=str(tmp_path / "run"),
-                            callbacks=[DistillationReport(export_dir=str(target)), TakeThePath()])
+    trainer = quiet_trainer(
+        max_steps=2,
+        default_root_dir=str(tmp_path / "run"),
+        callbacks=[DistillationReport(export_dir=str(target)), TakeThePath()],
+    )
     with pytest.raises(OSError, match="could not save the student to .*student.*saved to .*student-rescued-"):
         trainer.fit(module, FixedBatches())
     (rescued,) = (tmp_path / "run").glob("student-rescued-*")
     loaded = AutoModelForMaskedLM.from_pretrained(rescued)
-    assert torch.equal(loaded.bert.embeddings.word_embeddings.weight, module.student.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        loaded.bert.embeddings.word_embeddings.weight, module.student.bert.embeddings.word_embeddings.weight
+    )

@@ -19,21 +19,40 @@ from transformers import (
 
 from lightning_kd import DistillationModule
 from lightning_kd.datamodules import with_prediction_positions
-from lightning_kd.discrepancy import linear_cka, measure_discrepancy
+from lightning_kd.distillation.discrepancy import linear_cka, measure_discrepancy
 from lightning_kd.models import get_adapter
 from lightning_kd.objective import PREDICTION_POSITIONS, Features, prediction_kl, prediction_mse
 
-TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            initializer_range=0.2)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    initializer_range=0.2,
+)
 FAMILIES = {
     "bert": (BertConfig, BertForMaskedLM, {}),
     "roberta": (RobertaConfig, RobertaForMaskedLM, {"pad_token_id": 1}),
     # v3's settings (relative positions, the current head that decodes with the tied word embeddings)
-    "deberta-v2": (DebertaV2Config, DebertaV2ForMaskedLM,
-                   {"relative_attention": True, "position_buckets": 8, "max_relative_positions": 16,
-                    "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
-                    "position_biased_input": False, "type_vocab_size": 0, "legacy": False}),
+    "deberta-v2": (
+        DebertaV2Config,
+        DebertaV2ForMaskedLM,
+        {
+            "relative_attention": True,
+            "position_buckets": 8,
+            "max_relative_positions": 16,
+            "pos_att_type": ["p2c", "c2p"],
+            "share_att_key": True,
+            "norm_rel_ebd": "layer_norm",
+            "position_biased_input": False,
+            "type_vocab_size": 0,
+            "legacy": False,
+        },
+    ),
     # the legacy head (BERT-style cls.predictions) that older DeBERTa checkpoints carry
     "deberta-v2-legacy": (DebertaV2Config, DebertaV2ForMaskedLM, {"legacy": True}),
 }
@@ -71,8 +90,9 @@ def all_positions(module: DistillationModule, model: torch.nn.Module, batch: dic
 
 
 def distillation_module(family: str) -> DistillationModule:
-    module = DistillationModule(masked_lm(family), {"init": "layers", "num_layers": 2}, objective=OBJECTIVE,
-                                task="masked-lm")
+    module = DistillationModule(
+        masked_lm(family), {"init": "layers", "num_layers": 2}, objective=OBJECTIVE, task="masked-lm"
+    )
     with torch.no_grad():  # a student that differs from the teacher, so that every term is far from zero
         for parameter in module.student.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
@@ -135,7 +155,9 @@ def test_positions_computed_by_the_module_when_the_batch_lacks_them() -> None:
     module = distillation_module("bert")
     batch = mlm_batch(module.teacher.config.vocab_size)
     prepared = module.prepare_batch(batch)
-    assert torch.equal(prepared[PREDICTION_POSITIONS], with_prediction_positions(dict(batch))[PREDICTION_POSITIONS])
+    assert torch.equal(
+        prepared[PREDICTION_POSITIONS], with_prediction_positions(dict(batch))[PREDICTION_POSITIONS]
+    )
     # a batch without token labels is predicted everywhere and read on its real (non-padding) tokens
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     assert PREDICTION_POSITIONS not in module.prepare_batch(unlabelled)
@@ -144,8 +166,13 @@ def test_positions_computed_by_the_module_when_the_batch_lacks_them() -> None:
     assert t.positions is None and t.logits.shape[:2] == batch["input_ids"].shape
     real = batch["attention_mask"].reshape(-1).bool()
     vocab = t.logits.shape[-1]
-    expected = prediction_kl(t.logits.reshape(-1, vocab)[real], s.logits.reshape(-1, vocab)[real], {}, 2.0,
-                             positions=real.nonzero().flatten())
+    expected = prediction_kl(
+        t.logits.reshape(-1, vocab)[real],
+        s.logits.reshape(-1, vocab)[real],
+        {},
+        2.0,
+        positions=real.nonzero().flatten(),
+    )
     torch.testing.assert_close(prediction_kl(t.logits, s.logits, unlabelled, 2.0), expected)
 
 
@@ -154,11 +181,17 @@ def test_score_mse_and_kl_over_gathered_rows_equal_the_masked_all_position_loss(
     generator = torch.Generator().manual_seed(seed)
     batch = mlm_batch(50, seed=seed)
     positions = with_prediction_positions(dict(batch))[PREDICTION_POSITIONS]
-    for width, loss in ((1, prediction_mse), (50, prediction_mse), (50, partial(prediction_kl, temperature=3.0))):
+    for width, loss in (
+        (1, prediction_mse),
+        (50, prediction_mse),
+        (50, partial(prediction_kl, temperature=3.0)),
+    ):
         t = torch.randn(4, 12, width, generator=generator)
         s = torch.randn(4, 12, width, generator=generator)
         everywhere = loss(t, s, batch)
-        gathered = loss(t.reshape(-1, width)[positions], s.reshape(-1, width)[positions], batch, positions=positions)
+        gathered = loss(
+            t.reshape(-1, width)[positions], s.reshape(-1, width)[positions], batch, positions=positions
+        )
         torch.testing.assert_close(gathered, everywhere)
 
 
@@ -171,11 +204,22 @@ def test_weighted_cka_equals_cka_of_the_kept_rows() -> None:
 
 
 def test_compile_can_take_the_teacher_alone_and_compiles_the_parts_that_run() -> None:
-    module = DistillationModule(masked_lm("bert"), {"init": "layers", "num_layers": 2}, task="masked-lm",
-                                compile={"models": ["teacher"], "backend": "eager"})
+    module = DistillationModule(
+        masked_lm("bert"),
+        {"init": "layers", "num_layers": 2},
+        task="masked-lm",
+        compile={"models": ["teacher"], "backend": "eager"},
+    )
     module.on_fit_start()
-    assert module.teacher.bert._compiled_call_impl is not None and module.teacher.cls._compiled_call_impl is not None
+    assert (
+        module.teacher.bert._compiled_call_impl is not None
+        and module.teacher.cls._compiled_call_impl is not None
+    )
     assert module.student.bert._compiled_call_impl is None
     with pytest.raises(ValueError, match="'techer'.*'student' and/or 'teacher'"):
-        DistillationModule(masked_lm("bert"), {"init": "layers", "num_layers": 2}, task="masked-lm",
-                           compile={"models": ["techer"]})
+        DistillationModule(
+            masked_lm("bert"),
+            {"init": "layers", "num_layers": 2},
+            task="masked-lm",
+            compile={"models": ["techer"]},
+        )

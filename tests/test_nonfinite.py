@@ -49,18 +49,25 @@ class Poison(KnowledgeTerm):
 
 def module_with(teacher: BertForMaskedLM, poison: Poison) -> DistillationModule:
     torch.manual_seed(0)
-    return DistillationModule(teacher, {"init": "layers", "num_layers": 2},
-                              objective=[{"term": "hidden"}, poison], learning_rate=1e-3)
+    return DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": 2},
+        objective=[{"term": "hidden"}, poison],
+        learning_rate=1e-3,
+    )
 
 
 def finite(module: L.LightningModule) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_nan_term_stops_the_run_naming_step_term_and_newest_checkpoint(teacher: BertForMaskedLM, tmp_path: Path
-                                                                       ) -> None:
+def test_nan_term_stops_the_run_naming_step_term_and_newest_checkpoint(
+    teacher: BertForMaskedLM, tmp_path: Path
+) -> None:
     module = module_with(teacher, Poison(bad=(3,)))
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True
+    )
     report = DistillationReport(export_dir=str(tmp_path / "student"))
     trainer = quiet_trainer(max_steps=8, enable_checkpointing=True, callbacks=[checkpoints, report])
     with pytest.raises(NonFiniteError) as caught:
@@ -91,7 +98,8 @@ def test_skip_policy_drops_the_bad_update_and_stops_after_max_skips(teacher: Ber
     module = module_with(teacher, Poison(bad=(1, 2)))
     with pytest.raises(NonFiniteError, match="optimizer step 3 after skipping steps \\[2\\]"):
         quiet_trainer(max_steps=5, callbacks=[NonFiniteGuard(policy="skip", max_skips=1)]).fit(
-            module, FixedBatches())
+            module, FixedBatches()
+        )
 
 
 def test_skipped_step_leaves_weights_and_optimizer_state_as_they_were(teacher: BertForMaskedLM) -> None:
@@ -106,13 +114,17 @@ def test_skipped_step_leaves_weights_and_optimizer_state_as_they_were(teacher: B
                 self.unchanged = all(torch.equal(v, after[k]) for k, v in self.weights.items())
 
     snapshot = Snapshot()
-    quiet_trainer(max_steps=3, callbacks=[NonFiniteGuard(policy="skip"), snapshot]).fit(module, FixedBatches())
+    quiet_trainer(max_steps=3, callbacks=[NonFiniteGuard(policy="skip"), snapshot]).fit(
+        module, FixedBatches()
+    )
     assert snapshot.unchanged
 
 
 def test_non_finite_gradient_with_a_finite_loss_is_caught(teacher: BertForMaskedLM) -> None:
     module = module_with(teacher, Poison(bad=(1,), bad_gradient=True))
-    with pytest.raises(NonFiniteError, match="optimizer step 2: gradients not finite in .* parameters, first "):
+    with pytest.raises(
+        NonFiniteError, match="optimizer step 2: gradients not finite in .* parameters, first "
+    ):
         quiet_trainer(max_steps=4).fit(module, FixedBatches())
     assert finite(module)
 

@@ -52,7 +52,10 @@ def test_logits_kl_is_refused_on_a_regression_head_and_mse_matches_the_scores() 
         build_term({"term": "logits", "loss": "mse", "temperature": 2.0})
     term = bound({"term": "logits", "loss": "mse"}, regression, regression)
     assert term.name == "logits_mse"
-    teacher, student = Features(logits=torch.tensor([[1.0], [3.0]])), Features(logits=torch.tensor([[2.0], [0.0]]))
+    teacher, student = (
+        Features(logits=torch.tensor([[1.0], [3.0]])),
+        Features(logits=torch.tensor([[2.0], [0.0]])),
+    )
     # scores 1, 3 against 2, 0: ((1)^2 + (3)^2) / 2
     assert term(teacher, student, {"attention_mask": torch.ones(2, 1)}).item() == pytest.approx(5.0)
 
@@ -259,7 +262,9 @@ def test_bad_terms_are_named(spec: dict, message: str) -> None:
 def test_duplicate_term_names_are_refused() -> None:
     with pytest.raises(ValueError, match="distinct `name`"):
         DistillationObjective([{"term": "hidden"}, {"term": "hidden"}])
-    DistillationObjective([{"term": "hidden"}, {"term": "hidden", "layers": "last_layer", "name": "hidden_top"}])
+    DistillationObjective(
+        [{"term": "hidden"}, {"term": "hidden", "layers": "last_layer", "name": "hidden_top"}]
+    )
 
 
 def test_logits_term_needs_prediction_heads() -> None:
@@ -269,8 +274,11 @@ def test_logits_term_needs_prediction_heads() -> None:
 
 @pytest.mark.parametrize("projection", [None, True])
 def test_narrowing_the_student_width_keeps_the_hidden_term_exact(projection: bool | None) -> None:
-    term = bound({"term": "hidden", "layers": "last_layer", "projection": projection}, info(hidden_size=6, num_layers=1),
-                 info(hidden_size=6, num_layers=1))
+    term = bound(
+        {"term": "hidden", "layers": "last_layer", "projection": projection},
+        info(hidden_size=6, num_layers=1),
+        info(hidden_size=6, num_layers=1),
+    )
     torch.manual_seed(0)
     kept = torch.tensor([0, 2, 3])
     masked_student = torch.randn(2, 4, 6)

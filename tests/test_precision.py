@@ -19,15 +19,28 @@ class Losses(L.Callback):
     def __init__(self) -> None:
         self.values: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         self.values.append(float(outputs["loss"]))
 
 
-def distil(teacher: BertForMaskedLM, steps: int = 6, precision: str = "32-true", callbacks: list | None = None,
-           objective: list | None = None, **module_options: Any) -> tuple[DistillationModule, list[float]]:
+def distil(
+    teacher: BertForMaskedLM,
+    steps: int = 6,
+    precision: str = "32-true",
+    callbacks: list | None = None,
+    objective: list | None = None,
+    **module_options: Any,
+) -> tuple[DistillationModule, list[float]]:
     torch.manual_seed(0)
-    module = DistillationModule(teacher, {"init": "config", "config": {"num_hidden_layers": 2}},
-                                objective=objective or OBJECTIVE, learning_rate=1e-3, **module_options)
+    module = DistillationModule(
+        teacher,
+        {"init": "config", "config": {"num_hidden_layers": 2}},
+        objective=objective or OBJECTIVE,
+        learning_rate=1e-3,
+        **module_options,
+    )
     losses = Losses()
     trainer = quiet_trainer(max_steps=steps, precision=precision, callbacks=[losses, *(callbacks or [])])
     trainer.fit(module, FixedBatches())
@@ -45,8 +58,10 @@ def test_bf16_mixed_runs_both_models_in_bf16_and_follows_float32(teacher: BertFo
 
     reference, exact = distil(teacher)
     module = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, objective=OBJECTIVE)
-    handles = [module.teacher.bert.encoder.layer[0].attention.self.query.register_forward_hook(record("teacher")),
-               module.student.bert.encoder.layer[0].attention.self.query.register_forward_hook(record("student"))]
+    handles = [
+        module.teacher.bert.encoder.layer[0].attention.self.query.register_forward_hook(record("teacher")),
+        module.student.bert.encoder.layer[0].attention.self.query.register_forward_hook(record("student")),
+    ]
     quiet_trainer(max_steps=1, precision="bf16-mixed").fit(module, FixedBatches())
     for handle in handles:
         handle.remove()
@@ -111,7 +126,9 @@ def _compiled_equals_eager(teacher: BertForMaskedLM, compile_options: Any, atol:
     assert compiled.student.cls._compiled_call_impl is not None
     assert compiled_losses == pytest.approx(eager_losses, abs=atol)
     assert compiled.student.state_dict().keys() == eager.student.state_dict().keys()
-    for (name, a), b in zip(eager.student.state_dict().items(), compiled.student.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        eager.student.state_dict().items(), compiled.student.state_dict().values(), strict=True
+    ):
         assert torch.allclose(a, b, atol=atol), name
 
 
@@ -135,8 +152,14 @@ def test_teacher_dtype_leaves_every_kind_of_student_and_its_optimizer_in_float32
         "copy": {"init": "copy"},
         "config": {"init": "config", "config": {"num_hidden_layers": 2}},
         "layers": {"init": "layers", "num_layers": 2},
-        "extract": {"init": "extract", "num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
-                    "intermediate_size": 16, "strategy": "rand"},
+        "extract": {
+            "init": "extract",
+            "num_layers": 2,
+            "hidden_size": 8,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "strategy": "rand",
+        },
         "folder": str(saved),
         "object": BertForMaskedLM(teacher.config),
     }
@@ -145,7 +168,8 @@ def test_teacher_dtype_leaves_every_kind_of_student_and_its_optimizer_in_float32
         assert {p.dtype for p in module.teacher.parameters()} == {getattr(torch, teacher_dtype)}, name
         assert {p.dtype for p in module.student.parameters()} == {torch.float32}, name
         quiet_trainer(max_steps=1).fit(module, FixedBatches(num_batches=1))
-        moments = [v for state in module.trainer.optimizers[0].state.values()
-                   for v in state.values() if v.ndim > 0]
+        moments = [
+            v for state in module.trainer.optimizers[0].state.values() for v in state.values() if v.ndim > 0
+        ]
         assert moments and {m.dtype for m in moments} == {torch.float32}, name
         assert {p.dtype for p in module.student.parameters()} == {torch.float32}, name

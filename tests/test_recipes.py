@@ -25,8 +25,8 @@ def test_recipe_parses(recipe: Path, capsys: pytest.CaptureFixture) -> None:
 
 def test_homodistil_targets_stay_counts() -> None:
     """A count in a recipe must not turn into a float, which the callback would read as a fraction."""
-    from lightning_kd.callbacks.pruning import PruningCallback
-    from lightning_kd.cli import DistillationCLI  # noqa: F401  (the parser the recipes go through)
+    from lightning_kd.cli.app import DistillationCLI  # noqa: F401  (the parser the recipes go through)
+    from lightning_kd.pruning.callback import PruningCallback
 
     recipe = yaml.safe_load((EXPERIMENTS / "homodistil" / "homobert_small.yaml").read_text())
     target = recipe["trainer"]["callbacks"][0]["init_args"]["target"]
@@ -49,12 +49,17 @@ OFFLINE = [
     "ted/tiny_stage1.yaml",
     "ted/tiny_stage2.yaml",
 ]
-OFFLINE_GROUPS = [["demo.yaml"], ["homodistil/tiny_offline.yaml"], ["glue/docstrings_minilm_tiny.yaml"],
-                  ["ted/tiny_teacher.yaml", "ted/tiny_stage1.yaml", "ted/tiny_stage2.yaml"]]  # fmt: skip
+OFFLINE_GROUPS = [
+    ["demo.yaml"],
+    ["homodistil/tiny_offline.yaml"],
+    ["glue/docstrings_minilm_tiny.yaml"],
+    ["ted/tiny_teacher.yaml", "ted/tiny_stage1.yaml", "ted/tiny_stage2.yaml"],
+]
 # Run to their shipped length: a pruning schedule is laid out over max_steps, so a run cut short passes through
 # fewer widths (12 relation heads failed at a width met only mid-run, and max_steps=2 hid it). About a minute.
-FULL_LENGTH = {"homodistil/tiny_offline.yaml": {"hidden_size": 192, "num_attention_heads": 6,
-                                                "intermediate_size": 768}}  # fmt: skip
+FULL_LENGTH = {
+    "homodistil/tiny_offline.yaml": {"hidden_size": 192, "num_attention_heads": 6, "intermediate_size": 768}
+}
 
 
 def test_every_recipe_is_either_run_offline_or_paper_scale() -> None:
@@ -69,23 +74,36 @@ def test_every_recipe_is_either_run_offline_or_paper_scale() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("group", OFFLINE_GROUPS, ids=[g[-1] for g in OFFLINE_GROUPS])
-def test_offline_recipes_run_as_shipped(group: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_recipes_run_as_shipped(
+    group: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each offline recipe, unmodified but for max_steps (pruning recipes not even that), through the CLI in a
     fresh folder (its runs/ paths are relative): a setting that only breaks at full length (an interval longer
     than an epoch) fails here too."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     for name in group:
-        main(["fit", "--config", str(EXPERIMENTS / name), *([] if name in FULL_LENGTH else ["--trainer.max_steps=2"])])
+        main(
+            [
+                "fit",
+                "--config",
+                str(EXPERIMENTS / name),
+                *([] if name in FULL_LENGTH else ["--trainer.max_steps=2"]),
+            ]
+        )
         recipe = yaml.safe_load((EXPERIMENTS / name).read_text())
         parts = [recipe["model"]] + recipe["trainer"].get("callbacks", [])
-        exports = [p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")]
+        exports = [
+            p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")
+        ]
         for folder in exports:
             assert (tmp_path / folder / "config.json").is_file(), f"{name} did not export {folder}"
             assert name in (tmp_path / folder / "README.md").read_text(), "the model card names its recipe"
             if name in FULL_LENGTH:
                 config = json.loads((tmp_path / folder / "config.json").read_text())
-                assert {key: config[key] for key in FULL_LENGTH[name]} == FULL_LENGTH[name], "ends at its target"
+                assert {key: config[key] for key in FULL_LENGTH[name]} == FULL_LENGTH[name], (
+                    "ends at its target"
+                )
 
 
 PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFLINE]
@@ -98,8 +116,15 @@ def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object)
     if what != "model" and what != "model config":
         raise AssertionError(f"instantiating a recipe should not load a {what}")
     labels = {k: kwargs[k] for k in ("num_labels", "problem_type") if kwargs.get(k) is not None}
-    shape = dict(hidden_size=48, num_hidden_layers=12, num_attention_heads=12, intermediate_size=96,
-                 max_position_embeddings=128, vocab_size=30522, **labels)  # fmt: skip
+    shape = dict(
+        hidden_size=48,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=96,
+        max_position_embeddings=128,
+        vocab_size=30522,
+        **labels,
+    )
     name = str(name_or_path)
     config = DebertaV2Config(**shape) if "deberta" in name or "ted" in name else BertConfig(**shape)
     if what == "model config":
@@ -113,12 +138,17 @@ def test_paper_scale_recipe_instantiates(recipe: Path, monkeypatch: pytest.Monke
     downloads), this machine's hardware, and the docstrings for prepared shards it does not have: arguments every
     class accepts, not only a config that parses."""
     from lightning_kd import hub
-    from lightning_kd.cli import DistillationCLI
+    from lightning_kd.cli.app import DistillationCLI
 
     monkeypatch.setattr(hub, "_load", _stand_in)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     # the hardware is this machine's (a multi-node GPU recipe cannot build its Trainer on a CPU), the rest as shipped
-    hardware = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
+    hardware = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_nodes=1",
+        "--trainer.strategy=auto",
+    ]
     # prepared shards are checked when the DataModule is built; this machine has none, so the docstrings stand in
     data = yaml.safe_load(recipe.read_text())["data"]["init_args"]
     if data.get("prepared"):

@@ -26,8 +26,14 @@ HOMOBERT = [{"term": "logits"}, {"term": "hidden", "loss": "mse", "layers": "uni
 STEPS, LOG_EVERY = 9, 3
 
 
-def run(teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch, *, positions: bool = True,
-        pruning: bool = False, module_cls: type = DistillationModule) -> SyncRecorder:
+def run(
+    teacher: BertForMaskedLM,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    positions: bool = True,
+    pruning: bool = False,
+    module_cls: type = DistillationModule,
+) -> SyncRecorder:
     recorder = SyncRecorder()
     guard_step = NonFiniteGuard.on_before_optimizer_step
 
@@ -42,21 +48,30 @@ def run(teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch, *, positions:
     if positions:
         batches = [with_prediction_positions(b) for b in batches]
     # pruning events on logging steps: an event decides on the host, which is allowed where a logger reads anyway
-    callbacks = [PruningCallback({"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, interval=LOG_EVERY)] if pruning else []
-    trainer = quiet_trainer(max_steps=STEPS, log_every_n_steps=LOG_EVERY, enable_progress_bar=True,
-                            callbacks=[*callbacks, recorder])
+    callbacks = (
+        [PruningCallback({"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, interval=LOG_EVERY)] if pruning else []
+    )
+    trainer = quiet_trainer(
+        max_steps=STEPS,
+        log_every_n_steps=LOG_EVERY,
+        enable_progress_bar=True,
+        callbacks=[*callbacks, recorder],
+    )
     with recorder:
         trainer.fit(module, DataLoader(batches, batch_size=None))
     return recorder
 
 
 def describe(found: list[dict]) -> str:
-    return "\n".join(f"step {f['step']}: {f['op']} from\n    " + "\n    ".join(f["where"][-6:]) for f in found)
+    return "\n".join(
+        f"step {f['step']}: {f['op']} from\n    " + "\n    ".join(f["where"][-6:]) for f in found
+    )
 
 
 @pytest.mark.parametrize("pruning", [False, True], ids=["distillation", "with-pruning"])
-def test_no_sync_between_logging_steps(teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch,
-                                       pruning: bool) -> None:
+def test_no_sync_between_logging_steps(
+    teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch, pruning: bool
+) -> None:
     recorder = run(teacher, monkeypatch, pruning=pruning)
     # after the first step (which builds the optimizer state and registers the logged keys)
     found = recorder.between_logging_steps(after=1)
@@ -84,7 +99,9 @@ def test_a_batch_without_positions_costs_one_sync_and_an_item_in_the_step_is_cau
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_sync_between_logging_steps_on_cuda(teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_sync_between_logging_steps_on_cuda(
+    teacher: BertForMaskedLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mode = {"quiet": False}
     guard_step = NonFiniteGuard.on_before_optimizer_step
 
@@ -106,8 +123,15 @@ def test_no_sync_between_logging_steps_on_cuda(teacher: BertForMaskedLM, monkeyp
     monkeypatch.setattr(NonFiniteGuard, "on_before_optimizer_step", allowed_guard)
     module = DistillationModule(teacher, {"init": "copy"}, objective=HOMOBERT, task="masked-lm")
     batches = [with_prediction_positions(make_batch(seed=i)) for i in range(STEPS + 1)]
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=STEPS, log_every_n_steps=LOG_EVERY, logger=False,
-                        enable_checkpointing=False, callbacks=[SyncDebug()])
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=STEPS,
+        log_every_n_steps=LOG_EVERY,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[SyncDebug()],
+    )
     try:
         trainer.fit(module, DataLoader(batches, batch_size=None, pin_memory=True))
     finally:

@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd import timing as timing_module
-from lightning_kd.timing import StepTimer
+from lightning_kd.training import timing as timing_module
+from lightning_kd.training.timing import StepTimer
 
 
 class ScriptedClock:
@@ -67,8 +67,16 @@ def test_sections_nest_and_add_up_to_the_step(monkeypatch: pytest.MonkeyPatch) -
         timer.count(batch)
         timer.end_step()
     summary = timer.summary()
-    expected = {"teacher_forward": 20, "student_forward": 30, "filters": 5, "student_backward": 40,
-                "optimizer": 7, "pruning": 3, "step": 115, "other": 10}
+    expected = {
+        "teacher_forward": 20,
+        "student_forward": 30,
+        "filters": 5,
+        "student_backward": 40,
+        "optimizer": 7,
+        "pruning": 3,
+        "step": 115,
+        "other": 10,
+    }
     for name, value in expected.items():
         assert summary[f"time/{name}_ms"] == pytest.approx(value), name
     real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
@@ -99,13 +107,18 @@ def _read_metrics(folder: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_fit_logs_the_split_and_tokens_per_second(teacher: BertForMaskedLM, tmp_path: Path, accumulate: int) -> None:
+def test_fit_logs_the_split_and_tokens_per_second(
+    teacher: BertForMaskedLM, tmp_path: Path, accumulate: int
+) -> None:
     torch.manual_seed(0)
     module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}, {"term": "logits"}])
     trainer = quiet_trainer(
-        max_steps=6, log_every_n_steps=2, logger=CSVLogger(tmp_path), accumulate_grad_batches=accumulate,
+        max_steps=6,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path),
+        accumulate_grad_batches=accumulate,
         callbacks=[PruningCallback({"ffn": 0.5}, interval=2)],
-    )  # fmt: skip
+    )
     data = FixedBatches(num_batches=4)
     trainer.fit(module, data)
     rows = [row for row in _read_metrics(tmp_path) if row.get("time/step_ms")]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
 from lightning_kd import DistillationModule, FineTuningModule
-from lightning_kd.train_mode import modules_in_eval_mode
+from lightning_kd.training.lifecycle import modules_in_eval_mode
 
 
 def classifier_folder(root: Path) -> Path:
@@ -30,9 +30,14 @@ def classifier_folder(root: Path) -> Path:
 
 def batches() -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(5, VOCAB, (4, 8), generator=generator),
-             "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}
-            for _ in range(3)]  # fmt: skip
+    rows = [
+        {
+            "input_ids": torch.randint(5, VOCAB, (4, 8), generator=generator),
+            "attention_mask": torch.ones(4, 8, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 0, 1]),
+        }
+        for _ in range(3)
+    ]
     return DataLoader(rows, batch_size=None)
 
 
@@ -42,7 +47,9 @@ class ModeProbe(L.Callback):
         self.eval_dropouts: list[str] | None = None
         self.teacher_training: bool | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int
+    ) -> None:
         model = self.trained(pl_module)
         dropouts = {name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0}
         assert dropouts, "the probe needs a model with dropout"
@@ -73,8 +80,15 @@ def test_training_runs_with_dropout_on_and_the_teacher_frozen(name: str, tmp_pat
     build, trained = MODULES[name]
     module = build(classifier_folder(tmp_path))
     probe = ModeProbe(trained)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+    )
     trainer.fit(module, train_dataloaders=batches())
     assert probe.eval_dropouts == [], f"dropout modules left in eval mode: {probe.eval_dropouts}"
     if probe.teacher_training is not None:

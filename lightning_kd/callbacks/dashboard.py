@@ -30,19 +30,20 @@ import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ..datamodules.glue import TASKS
-from ..evaluation import TaskMetrics
-from ..timing import METRICS as STEP_METRICS
-from .pruning import PruningCallback
+from lightning_kd.datamodules.glue import TASKS
+from lightning_kd.datamodules.glue_metrics import TaskMetrics
+from lightning_kd.pruning.callback import PruningCallback
+from lightning_kd.training.timing import METRICS as STEP_METRICS
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 # Lightning's WandbLogger adds this to every row it logs and defines it as the x axis of "*".
 STEP_METRIC = "trainer/global_step"
@@ -209,10 +210,16 @@ class RunDashboard(L.Callback):
             rank_zero_warn(f"no summary plot: {metrics_file} does not exist (nothing was logged).")
             return
         teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "student", None)
-        counts = [sum(p.numel() for p in m.parameters()) if isinstance(m, torch.nn.Module) else None
-                  for m in (teacher, student)]  # fmt: skip
-        self.plot_path = save_summary_plot(read_metrics_csv(metrics_file), metrics_file.parent / self.plot, *counts)
-        print(f"summary plot (discrepancy, width, loss, validation against steps) saved to {self.plot_path.resolve()}")
+        counts = [
+            sum(p.numel() for p in m.parameters()) if isinstance(m, torch.nn.Module) else None
+            for m in (teacher, student)
+        ]
+        self.plot_path = save_summary_plot(
+            read_metrics_csv(metrics_file), metrics_file.parent / self.plot, *counts
+        )
+        print(
+            f"summary plot (discrepancy, width, loss, validation against steps) saved to {self.plot_path.resolve()}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the plot
@@ -238,7 +245,11 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[float, flo
 def _is_task_metric(name: str) -> bool:
     """``val/<task>/...`` (the student's official metrics) and ``val/teacher/<task>/...``; not the gap."""
     parts = name.split("/")
-    return len(parts) > 2 and parts[0] == "val" and (parts[1] in TASKS or (parts[1] == "teacher" and parts[2] in TASKS))
+    return (
+        len(parts) > 2
+        and parts[0] == "val"
+        and (parts[1] in TASKS or (parts[1] == "teacher" and parts[2] in TASKS))
+    )
 
 
 def _panel_lines(
@@ -268,8 +279,14 @@ def _panel_lines(
         steps = sorted({step for values in series.values() for step, _ in values})
         if steps:
             ratio = student_params / teacher_params
-            panels["width"].append((f"params / teacher ({teacher_params:,.0f})", [steps[0], steps[-1]],
-                                    [ratio, ratio], {"color": "black"}))  # fmt: skip
+            panels["width"].append(
+                (
+                    f"params / teacher ({teacher_params:,.0f})",
+                    [steps[0], steps[-1]],
+                    [ratio, ratio],
+                    {"color": "black"},
+                )
+            )
     if "train/loss" in series:
         panels["loss"].append(line("train/loss", linewidth=2.0, color="black"))
     for name in names:
@@ -285,12 +302,18 @@ def _panel_lines(
     return {title: lines for title, lines in panels.items() if lines}
 
 
-def summary_figure(series: Series, teacher_params: int | None = None, student_params: int | None = None) -> Figure:
+def summary_figure(
+    series: Series, teacher_params: int | None = None, student_params: int | None = None
+) -> matplotlib.figure.Figure:
     """One panel each for the discrepancy, the width (and parameters, as a share of the teacher's when
     ``teacher_params`` is given, else of the start), the loss (``train/loss``, its terms, ``val/loss``) and the
     validation metrics (the student's solid, the teacher's dashed) against steps; panels with nothing logged are
     left out."""
     panels = _panel_lines(series, teacher_params, student_params)
+    # imported here: matplotlib costs a second at import, and only the end of a run draws
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6.5, 3.0 * max(len(panels), 1)), layout="constrained")
     FigureCanvasAgg(figure)  # render with Agg whatever pyplot's backend is
     axes = figure.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
@@ -310,7 +333,10 @@ def summary_figure(series: Series, teacher_params: int | None = None, student_pa
 
 
 def save_summary_plot(
-    series: Series, path: str | os.PathLike, teacher_params: int | None = None, student_params: int | None = None
+    series: Series,
+    path: str | os.PathLike,
+    teacher_params: int | None = None,
+    student_params: int | None = None,
 ) -> Path:
     """Draw :func:`summary_figure` into a PNG at ``path``."""
     path = Path(path)

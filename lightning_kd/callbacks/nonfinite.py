@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..models import nonfinite_parameters
+from lightning_kd.pruning.export import nonfinite_parameters
 
 POLICIES = ("stop", "skip")
 
@@ -30,8 +30,11 @@ def _newest_checkpoint(trainer: L.Trainer) -> str | None:
     refuses to write the others)."""
     paths = []
     for callback in trainer.checkpoint_callbacks:
-        paths += [getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", ""),
-                  *getattr(callback, "best_k_models", {})]
+        paths += [
+            getattr(callback, "last_model_path", ""),
+            getattr(callback, "best_model_path", ""),
+            *getattr(callback, "best_k_models", {}),
+        ]
     files = [Path(p) for p in paths if p and Path(p).is_file()]
     return str(max(files, key=lambda p: p.stat().st_mtime).resolve()) if files else None
 
@@ -67,11 +70,15 @@ class NonFiniteGuard(L.Callback):
         trainer.callbacks.remove(self)
         trainer.callbacks.insert(0, self)
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         terms = getattr(pl_module, "last_terms", None) or {}
         self._seen.append((loss.detach(), {k: v.detach() for k, v in terms.items()}))
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         seen, self._seen = self._seen, []
         named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
         values = [v.float().reshape(()) for loss, terms in seen for v in (loss, *terms.values())]
@@ -83,24 +90,33 @@ class NonFiniteGuard(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # a GradScaler skips steps with inf gradients by design; only the loss is ours to judge then
         bad_local = not bool(finite[: len(values)].all() if scaler is not None else finite.all())
-        bad = trainer.strategy.reduce_boolean_decision(bad_local, all=False) if trainer.world_size > 1 else bad_local
+        bad = (
+            trainer.strategy.reduce_boolean_decision(bad_local, all=False)
+            if trainer.world_size > 1
+            else bad_local
+        )
         if not bad:
             return
         step = trainer.global_step + 1
-        what = self._describe(seen, named, finite[len(values):]) if bad_local else "on another rank"
+        what = self._describe(seen, named, finite[len(values) :]) if bad_local else "on another rank"
         if self.policy == "skip" and len(self.skipped) < self.max_skips:
             self.skipped.append(step)
             optimizer.zero_grad(set_to_none=True)  # optimizers leave parameters without gradients untouched
-            rank_zero_warn(f"skipped optimizer step {step}: {what} ({len(self.skipped)} of at most "
-                           f"{self.max_skips} skips).")
+            rank_zero_warn(
+                f"skipped optimizer step {step}: {what} ({len(self.skipped)} of at most "
+                f"{self.max_skips} skips)."
+            )
             return
         newest = _newest_checkpoint(trainer)
         skipped = f" after skipping steps {self.skipped}" if self.skipped else ""
         raise NonFiniteError(
             f"training stopped at optimizer step {step}{skipped}: {what}. The weights were not updated with it, "
             "and no checkpoint or export is written from non-finite weights. "
-            + (f"The newest checkpoint, written before, is {newest}." if newest
-               else "No checkpoint was written in this run before it.")
+            + (
+                f"The newest checkpoint, written before, is {newest}."
+                if newest
+                else "No checkpoint was written in this run before it."
+            )
             + f" Usual fixes: a lower learning rate (now {self._learning_rate(trainer)}), gradient clipping "
             "(trainer.gradient_clip_val: 1.0), smaller term weights or a higher temperature; or "
             "NonFiniteGuard(policy='skip', max_skips=N) in the trainer's callbacks to drop rare bad steps."
@@ -109,7 +125,9 @@ class NonFiniteGuard(L.Callback):
     @staticmethod
     def _describe(seen: list, named: list, grad_finite: torch.Tensor) -> str:
         for loss, terms in seen:
-            bad_terms = [f"{name} = {float(value)}" for name, value in terms.items() if not torch.isfinite(value)]
+            bad_terms = [
+                f"{name} = {float(value)}" for name, value in terms.items() if not torch.isfinite(value)
+            ]
             if bad_terms:
                 return "terms not finite: " + ", ".join(bad_terms)
             if not torch.isfinite(loss):

@@ -27,7 +27,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .pruning import PruningCallback
+from lightning_kd.pruning.callback import PruningCallback
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -46,7 +46,9 @@ class PreemptionCheckpoint(L.Callback):
         try:
             self.signum = signal.Signals[signal_name]
         except KeyError:
-            raise ValueError(f"unknown signal {signal_name!r}: use a name such as 'SIGUSR1' or 'SIGTERM'.") from None
+            raise ValueError(
+                f"unknown signal {signal_name!r}: use a name such as 'SIGUSR1' or 'SIGTERM'."
+            ) from None
         if check_every < 1:
             raise ValueError(f"check_every must be at least 1 step, got {check_every}.")
         self.check_every = check_every
@@ -75,7 +77,9 @@ class PreemptionCheckpoint(L.Callback):
         # with the default action for SIGUSR1 would die of it. A worker inherits this handler and only sets a
         # flag in its own copy.
         if threading.current_thread() is not threading.main_thread():
-            rank_zero_warn("PreemptionCheckpoint needs the main thread to install its signal handler; it is off.")
+            rank_zero_warn(
+                "PreemptionCheckpoint needs the main thread to install its signal handler; it is off."
+            )
             return
         self.signalled = False
         if not self._installed:
@@ -89,14 +93,20 @@ class PreemptionCheckpoint(L.Callback):
             self._previous(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not self._installed or trainer.global_step % self.check_every or trainer.fit_loop._should_accumulate():
+        if (
+            not self._installed
+            or trainer.global_step % self.check_every
+            or trainer.fit_loop._should_accumulate()
+        ):
             return
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         path = next_hpc_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # every rank is here, at the same step: the save's collectives line up
         self.saved = path
-        rank_zero_info(f"{self.signum.name} received: checkpoint of step {trainer.global_step} saved to {path}")
+        rank_zero_info(
+            f"{self.signum.name} received: checkpoint of step {trainer.global_step} saved to {path}"
+        )
         if self.requeue and trainer.is_global_zero:
             requeue_slurm_job()
         trainer.should_stop = True
@@ -109,14 +119,19 @@ class PreemptionCheckpoint(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore()
 
 
 def next_hpc_path(folder: str | os.PathLike) -> str:
     """``hpc_ckpt_<n>.ckpt`` in ``folder``, one above the highest there: the name Lightning resumes from."""
-    numbers = [int(m.group(1)) for p in Path(folder).glob("hpc_ckpt_*.ckpt")
-               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    numbers = [
+        int(m.group(1))
+        for p in Path(folder).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
     return str(Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
@@ -130,11 +145,15 @@ def requeue_slurm_job() -> bool:
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:
-        rank_zero_warn(f"could not requeue SLURM job {job}: {error}. Resubmit it; it resumes from the checkpoint.")
+        rank_zero_warn(
+            f"could not requeue SLURM job {job}: {error}. Resubmit it; it resumes from the checkpoint."
+        )
         return False
     if result.returncode:
-        rank_zero_warn(f"`scontrol requeue {job}` failed ({result.stderr.strip()}); submit the job with --requeue, "
-                       "or resubmit it: it resumes from the checkpoint.")
+        rank_zero_warn(
+            f"`scontrol requeue {job}` failed ({result.stderr.strip()}); submit the job with --requeue, "
+            "or resubmit it: it resumes from the checkpoint."
+        )
         return False
     rank_zero_info(f"SLURM job {job} requeued")
     return True

@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..hub import push_folder
-from ..models import check_export_dir
+from lightning_kd.hub import push_folder
+from lightning_kd.pruning.export import check_export_dir
 
 
 def _parameters(model: torch.nn.Module) -> int:
@@ -27,7 +27,9 @@ class DistillationReport(L.Callback):
     when training ends, before fit ends).
     """
 
-    def __init__(self, export_dir: str | None = None, push_to_hub: str | None = None, private: bool = True) -> None:
+    def __init__(
+        self, export_dir: str | None = None, push_to_hub: str | None = None, private: bool = True
+    ) -> None:
         if push_to_hub and not export_dir:
             raise ValueError("push_to_hub uploads the exported folder: set export_dir too")
         self.export_dir = export_dir

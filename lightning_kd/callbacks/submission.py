@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..datamodules.glue import GLUEDataModule, submission_lines
+from lightning_kd.datamodules.glue import GLUEDataModule, submission_lines
 
 
 class GLUESubmissionWriter(L.Callback):
@@ -37,24 +37,35 @@ class GLUESubmissionWriter(L.Callback):
         self.collected = {}
 
     def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not isinstance(outputs, dict) or "idx" not in outputs or "logits" not in outputs:
-            raise TypeError("predict_step must return {'idx': test-set indices, 'logits': outputs} for the writer")
+            raise TypeError(
+                "predict_step must return {'idx': test-set indices, 'logits': outputs} for the writer"
+            )
         self.collected.setdefault(dataloader_idx, []).append(
             (outputs["idx"].detach().cpu(), outputs["logits"].detach().float().cpu())
         )
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: GLUEDataModule = trainer.datamodule
-        parts = {i: (torch.cat([p[0] for p in rows]), torch.cat([p[1] for p in rows]))
-                 for i, rows in self.collected.items()}  # fmt: skip
+        parts = {
+            i: (torch.cat([p[0] for p in rows]), torch.cat([p[1] for p in rows]))
+            for i, rows in self.collected.items()
+        }
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, parts)
-            parts = {i: (torch.cat([g[i][0] for g in gathered]), torch.cat([g[i][1] for g in gathered]))
-                     for i in parts}  # fmt: skip
+            parts = {
+                i: (torch.cat([g[i][0] for g in gathered]), torch.cat([g[i][1] for g in gathered]))
+                for i in parts
+            }
         if not trainer.is_global_zero:
             return
         folder = Path(self.output_dir)
@@ -72,5 +83,7 @@ class GLUESubmissionWriter(L.Callback):
             lines = submission_lines(datamodule.task, indices[keep], outputs[keep])
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
             self.written.append(path)
-        rank_zero_info(f"GLUE submission files written to {folder.resolve()}: "
-                       f"{', '.join(p.name for p in self.written)} (zip them and upload)")  # fmt: skip
+        rank_zero_info(
+            f"GLUE submission files written to {folder.resolve()}: "
+            f"{', '.join(p.name for p in self.written)} (zip them and upload)"
+        )

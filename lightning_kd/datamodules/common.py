@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..hub import load_tokenizer, resolve_pretrained
-from ..objective import PREDICTION_POSITIONS, prediction_positions
+from lightning_kd.hub import load_tokenizer, resolve_pretrained
 
 
 def get_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -29,17 +28,6 @@ def get_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> Pre
             ".save_pretrained(folder)` and pass the folder."
         )
     return loaded
-
-
-def with_prediction_positions(batch: dict[str, Any], labels: torch.Tensor | None = None) -> dict[str, Any]:
-    """``batch`` with ``prediction_positions``: the flat indices of its MLM-labelled tokens (``labels != -100``;
-    ``labels`` defaults to ``batch["labels"]``).
-
-    Collate functions call this on the host, where it is free: the module then runs both models' prediction
-    heads at those positions only, without computing them on the device (which waits for it: a ``nonzero``).
-    """
-    batch[PREDICTION_POSITIONS] = prediction_positions(batch["labels"] if labels is None else labels)
-    return batch
 
 
 def pin_memory_default(trainer: Any) -> bool:
@@ -121,7 +109,7 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, module: nn.Module | Non
         return
     size = len(tokenizer)
     mine = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    fix = ("Use the tokenizer the {name} was trained with (the same hub name or folder as the model)")
+    fix = "Use the tokenizer the {name} was trained with (the same hub name or folder as the model)"
     for name, model in models_of(module).items():
         rows = _embedding_rows(model)
         if rows is not None and size > rows:

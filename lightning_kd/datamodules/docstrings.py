@@ -19,10 +19,30 @@ from pathlib import Path
 # Modules whose import does something (opens a browser, prints, needs a display), is a test suite,
 # or duplicates another module's text.
 _SKIP = {
-    "__hello__", "__phello__", "antigravity", "this", "idlelib", "test", "tkinter", "turtle",
-    "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "venv", "xxsubtype", "xxlimited", "sitecustomize",
-    "usercustomize", "pip", "setuptools", "_distutils_hack", "distutils", "__main__", "site",
-}  # fmt: skip
+    "__hello__",
+    "__phello__",
+    "antigravity",
+    "this",
+    "idlelib",
+    "test",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "venv",
+    "xxsubtype",
+    "xxlimited",
+    "sitecustomize",
+    "usercustomize",
+    "pip",
+    "setuptools",
+    "_distutils_hack",
+    "distutils",
+    "__main__",
+    "site",
+}
 
 _COLLECTOR = r"""
 import importlib, inspect, json, pkgutil, sys, warnings

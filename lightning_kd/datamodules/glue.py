@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .common import check_vocabulary, get_tokenizer, pin_memory_default
-from .docstrings import DOCSTRING_CLASSES, write_docstring_task
-from .sources import DataSourceError, load_hub_dataset
+from lightning_kd.datamodules.common import check_vocabulary, get_tokenizer, pin_memory_default
+from lightning_kd.datamodules.docstrings import DOCSTRING_CLASSES, write_docstring_task
+from lightning_kd.datamodules.sources import DataSourceError, load_hub_dataset
 
 
 @dataclass(frozen=True)
@@ -60,45 +60,120 @@ class GLUETask:
 TASKS: dict[str, GLUETask] = {
     task.name: task
     for task in [
-        GLUETask("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1"), ("matthews_correlation",), has_header=False,
-                 class_names=("unacceptable", "acceptable"), submission_names=("CoLA",), test_tsv_columns=("sentence",)),
-        GLUETask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), ("accuracy",),
-                 class_names=("negative", "positive"), submission_names=("SST-2",)),
         GLUETask(
-            "mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("0", "1"),
-            ("f1", "accuracy"), class_names=("not_equivalent", "equivalent"), submission_names=("MRPC",),
+            "cola",
+            "CoLA",
+            ("sentence",),
+            (3,),
+            1,
+            ("0", "1"),
+            ("matthews_correlation",),
+            has_header=False,
+            class_names=("unacceptable", "acceptable"),
+            submission_names=("CoLA",),
+            test_tsv_columns=("sentence",),
         ),
         GLUETask(
-            "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1"),
-            ("f1", "accuracy"), class_names=("not_duplicate", "duplicate"), submission_names=("QQP",),
+            "sst2",
+            "SST-2",
+            ("sentence",),
+            ("sentence",),
+            "label",
+            ("0", "1"),
+            ("accuracy",),
+            class_names=("negative", "positive"),
+            submission_names=("SST-2",),
         ),
         GLUETask(
-            "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", (),
-            ("pearson", "spearman"), submission_names=("STS-B",),
+            "mrpc",
+            "MRPC",
+            ("sentence1", "sentence2"),
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("0", "1"),
+            ("f1", "accuracy"),
+            class_names=("not_equivalent", "equivalent"),
+            submission_names=("MRPC",),
         ),
         GLUETask(
-            "mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
-            ("entailment", "neutral", "contradiction"), ("accuracy",),
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            ("question1", "question2"),
+            "is_duplicate",
+            ("0", "1"),
+            ("f1", "accuracy"),
+            class_names=("not_duplicate", "duplicate"),
+            submission_names=("QQP",),
+        ),
+        GLUETask(
+            "stsb",
+            "STS-B",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "score",
+            (),
+            ("pearson", "spearman"),
+            submission_names=("STS-B",),
+        ),
+        GLUETask(
+            "mnli",
+            "MNLI",
+            ("premise", "hypothesis"),
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
             validation_files=("dev_matched.tsv", "dev_mismatched.tsv"),
             validation_splits=("validation_matched", "validation_mismatched"),
-            test_files=("test_matched.tsv", "test_mismatched.tsv"), test_splits=("test_matched", "test_mismatched"),
+            test_files=("test_matched.tsv", "test_mismatched.tsv"),
+            test_splits=("test_matched", "test_mismatched"),
             submission_names=("MNLI-m", "MNLI-mm"),
         ),
         GLUETask(
-            "qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-            ("entailment", "not_entailment"), ("accuracy",), submission_names=("QNLI",),
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            ("question", "sentence"),
+            "label",
+            ("entailment", "not_entailment"),
+            ("accuracy",),
+            submission_names=("QNLI",),
         ),
         GLUETask(
-            "rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-            ("entailment", "not_entailment"), ("accuracy",), submission_names=("RTE",),
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "label",
+            ("entailment", "not_entailment"),
+            ("accuracy",),
+            submission_names=("RTE",),
         ),
-        GLUETask("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("0", "1"), ("accuracy",),
-                 class_names=("not_entailment", "entailment"), submission_names=("WNLI",)),
+        GLUETask(
+            "wnli",
+            "WNLI",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "label",
+            ("0", "1"),
+            ("accuracy",),
+            class_names=("not_entailment", "entailment"),
+            submission_names=("WNLI",),
+        ),
         # Not GLUE: an offline stand-in with the same shape (see docstrings.write_docstring_task).
-        GLUETask("docstrings", "docstrings", ("sentence",), ("sentence",), "label", DOCSTRING_CLASSES, ("accuracy",),
-                 submission_names=("docstrings",)),
+        GLUETask(
+            "docstrings",
+            "docstrings",
+            ("sentence",),
+            ("sentence",),
+            "label",
+            DOCSTRING_CLASSES,
+            ("accuracy",),
+            submission_names=("docstrings",),
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def submission_lines(task: GLUETask, indices: torch.Tensor, outputs: torch.Tensor) -> list[str]:
@@ -137,8 +212,10 @@ def read_tsv(path: str | os.PathLike, task: GLUETask, skip_malformed: bool = Fal
     """(texts, label) rows of a GLUE TSV file; a bad row is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataSourceError(f"{path}: no such file; a {task.folder} folder from the GLUE download holds "
-                              f"train.tsv and {', '.join(task.validation_files)}")  # fmt: skip
+        raise DataSourceError(
+            f"{path}: no such file; a {task.folder} folder from the GLUE download holds "
+            f"train.tsv and {', '.join(task.validation_files)}"
+        )
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     if lines and lines[-1] == "":
@@ -185,8 +262,10 @@ def read_test_tsv(path: str | os.PathLike, columns: Sequence[str]) -> list[Examp
     """(texts, index) rows of an unlabeled GLUE test file: a header with ``index`` (QQP: ``id``) and ``columns``."""
     path = Path(path)
     if not path.is_file():
-        raise DataSourceError(f"{path}: no such file; GLUE's download holds the unlabeled test sets as test.tsv "
-                              "(MNLI: test_matched.tsv, test_mismatched.tsv; AX: diagnostic/diagnostic.tsv)")  # fmt: skip
+        raise DataSourceError(
+            f"{path}: no such file; GLUE's download holds the unlabeled test sets as test.tsv "
+            "(MNLI: test_matched.tsv, test_mismatched.tsv; AX: diagnostic/diagnostic.tsv)"
+        )
     lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     header = lines[0].split("\t") if lines else []
     index_column = next((c for c in ("index", "id") if c in header), None)
@@ -203,12 +282,15 @@ def read_test_tsv(path: str | os.PathLike, columns: Sequence[str]) -> list[Examp
             continue
         fields = line.split("\t")
         if len(fields) < len(header):
-            raise DataSourceError(f"{path}, line {number}: expected {len(header)} tab-separated columns, "
-                                  f"found {len(fields)}")  # fmt: skip
+            raise DataSourceError(
+                f"{path}, line {number}: expected {len(header)} tab-separated columns, found {len(fields)}"
+            )
         try:
             index = int(fields[index_at])
         except ValueError:
-            raise DataSourceError(f"{path}, line {number}: the index {fields[index_at]!r} is not a number") from None
+            raise DataSourceError(
+                f"{path}, line {number}: the index {fields[index_at]!r} is not a number"
+            ) from None
         examples.append(([fields[i] for i in text_at], index))
     if not examples:
         raise DataSourceError(f"{path}: no examples in the file")
@@ -331,7 +413,9 @@ class GLUEDataModule(L.LightningDataModule):
     def _ax_file(self) -> Path:
         assert self.data_dir is not None
         folder = task_folder(self.data_dir, self.task)
-        candidates = [base / name for base in (Path(self.data_dir), folder.parent, folder) for name in AX_FILES]
+        candidates = [
+            base / name for base in (Path(self.data_dir), folder.parent, folder) for name in AX_FILES
+        ]
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
@@ -344,7 +428,9 @@ class GLUEDataModule(L.LightningDataModule):
     def read_predict_split(self, split: str) -> list[Example]:
         """Unlabeled (texts, index) examples of one of ``predict_names``."""
         if split not in self.predict_names:
-            raise ValueError(f"unknown test set {split!r} for {self.task.name}: use one of {self.predict_names}")
+            raise ValueError(
+                f"unknown test set {split!r} for {self.task.name}: use one of {self.predict_names}"
+            )
         if self.data_dir is not None or self.task.name == "docstrings":
             if split == AX_SPLIT:
                 return read_test_tsv(self._ax_file(), ("sentence1", "sentence2"))
@@ -353,7 +439,10 @@ class GLUEDataModule(L.LightningDataModule):
         if split == AX_SPLIT:
             dataset, text_columns = load_hub_dataset("nyu-mll/glue", "ax", "test"), AX_HUB_COLUMNS
         else:
-            dataset, text_columns = load_hub_dataset("nyu-mll/glue", self.task.name, split), self.task.text_columns
+            dataset, text_columns = (
+                load_hub_dataset("nyu-mll/glue", self.task.name, split),
+                self.task.text_columns,
+            )
         columns = [dataset[c] for c in text_columns]
         return [(tuple(texts), int(index)) for *texts, index in zip(*columns, dataset["idx"], strict=True)]
 

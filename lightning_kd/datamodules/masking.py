@@ -26,8 +26,6 @@ def unpack(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-
-
 def continuation_table(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """``table[id]`` is True when token ``id`` continues a word (``##ing``; no ``Ġ``/``▁`` prefix)."""
     vocab = tokenizer.get_vocab()

@@ -34,9 +34,15 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
 
-from .common import get_tokenizer, vocabulary_hash, with_prediction_positions
-from .masking import PACKED_KEY, continuation_table, mask_tokens, unpack
-from .sources import DEFAULT_HUB_SOURCES, DataSourceError, parse_source, read_documents
+from lightning_kd.batch import with_prediction_positions
+from lightning_kd.datamodules.common import get_tokenizer, vocabulary_hash
+from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
+from lightning_kd.datamodules.sources import (
+    DEFAULT_HUB_SOURCES,
+    DataSourceError,
+    parse_source,
+    read_documents,
+)
 
 MANIFEST = "manifest.json"
 DONE = "done.json"  # in a source's counts folder once all its pieces are written
@@ -51,7 +57,11 @@ class PreparedDataError(ValueError):
 
 
 def _slug(index: int, source: str | dict[str, Any]) -> str:
-    name = source if isinstance(source, str) else str(source.get("hub") or source.get("path") or source.get("name"))
+    name = (
+        source
+        if isinstance(source, str)
+        else str(source.get("hub") or source.get("path") or source.get("name"))
+    )
     cleaned = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[-40:] or "source"
     return f"{index:02d}-{cleaned}"
 
@@ -62,9 +72,7 @@ def _plan(tokenizer_name: str, vocab: str, max_length: int, sources: list[Any]) 
         "tokenizer": tokenizer_name,
         "vocab_hash": vocab,
         "max_length": max_length,
-        "sources": [
-            {"source": source, "folder": _slug(i, source)} for i, source in enumerate(sources)
-        ],
+        "sources": [{"source": source, "folder": _slug(i, source)} for i, source in enumerate(sources)],
     }
 
 
@@ -222,7 +230,9 @@ def prepare(
         )
     sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
     if not sources:
-        raise ValueError("sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)")
+        raise ValueError(
+            "sources is empty: name at least one ('docstrings', a file, a folder or a hub dataset)"
+        )
     output = Path(output).expanduser().resolve()
     loaded = get_tokenizer(tokenizer)
     if loaded.cls_token_id is None and loaded.bos_token_id is None:
@@ -236,7 +246,9 @@ def prepare(
     for source in sources:  # before anything is written, so that the fix is to edit the source list
         spec = parse_source(source)
         if next(read_documents(spec, 0, 1), None) is None:
-            raise DataSourceError(f"the source {spec.name!r} holds no documents: remove it from sources or fill it")
+            raise DataSourceError(
+                f"the source {spec.name!r} holds no documents: remove it from sources or fill it"
+            )
     output.mkdir(parents=True, exist_ok=True)
     (output / PLAN).write_text(json.dumps(plan, indent=1), encoding="utf-8")
     if not (output / "tokenizer" / "tokenizer.json").exists():
@@ -245,11 +257,16 @@ def prepare(
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, num_workers if num_workers is not None else available)
     for source, entry in zip(sources, plan["sources"], strict=True):
-        _prepare_source(output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks)
+        _prepare_source(
+            output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks
+        )
 
     manifest = dict(plan, sources=[])
     for entry in plan["sources"]:
-        counts = [json.loads(p.read_text()) for p in sorted((output / f"{entry['folder']}.counts").glob("[0-9]*.json"))]
+        counts = [
+            json.loads(p.read_text())
+            for p in sorted((output / f"{entry['folder']}.counts").glob("[0-9]*.json"))
+        ]
         manifest["sources"].append(
             dict(
                 entry,
@@ -282,10 +299,16 @@ def _prepare_source(
     counts.mkdir(parents=True)
     pieces = _pieces(source, workers)
     items = [
-        {"source": source, "tokenizer": tokenizer, "max_length": max_length, "piece": piece, "pieces": pieces,
-         "counts": str(counts)}
+        {
+            "source": source,
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "piece": piece,
+            "pieces": pieces,
+            "counts": str(counts),
+        }
         for piece in range(pieces)
-    ]  # fmt: skip
+    ]
     _no_pypi_lookup()
     with _private_optimizer_cache():
         optimize(
@@ -299,7 +322,9 @@ def _prepare_source(
             start_method="fork",
         )
     if len(list(counts.glob("[0-9]*.json"))) != pieces:
-        raise PreparedDataError(f"preparing {source!r}: some pieces did not finish; run prepare again to redo it")
+        raise PreparedDataError(
+            f"preparing {source!r}: some pieces did not finish; run prepare again to redo it"
+        )
     (counts / DONE).write_text(json.dumps({"pieces": pieces}))
 
 
@@ -354,9 +379,14 @@ class MaskingCollate:
         fingerprint = int(((input_ids + 1) * weights).sum()) & (2**61 - 1)
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, fingerprint)) & (2**62 - 1))
         masked, labels = mask_tokens(
-            input_ids, special, self.mask_token_id, self.vocab_size, self.mlm_probability, generator,
+            input_ids,
+            special,
+            self.mask_token_id,
+            self.vocab_size,
+            self.mlm_probability,
+            generator,
             self.continuation,
-        )  # fmt: skip
+        )
         # One tensor crosses from a worker to the main process instead of four (one shared-memory segment
         # each); the loader unpacks it into views.
         return with_prediction_positions({PACKED_KEY: torch.stack([masked, attention_mask, labels])}, labels)
@@ -389,9 +419,15 @@ class OwnedBlocksDataset(StreamingDataset):
 
 
 def prepared_datasets(
-    folder: str, manifest: dict[str, Any], shares: list[float] | None, shuffle: bool, seed: int,
-    rank: int, world_size: int, num_nodes: int,
-) -> Any:  # fmt: skip
+    folder: str,
+    manifest: dict[str, Any],
+    shares: list[float] | None,
+    shuffle: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_nodes: int,
+) -> Any:
     """LitData datasets over a prepared folder: one per source, mixed by token share when there are several.
 
     Blocks are all ``max_length`` long, so drawing blocks with the token shares as weights mixes by tokens.
@@ -411,7 +447,9 @@ def prepared_datasets(
             seed=seed,
         )
         # The Trainer's placement, not LitData's own detection (which knows nothing before DDP starts).
-        dataset.distributed_env = _DistributedEnv(world_size=world_size, global_rank=rank, num_nodes=num_nodes)
+        dataset.distributed_env = _DistributedEnv(
+            world_size=world_size, global_rank=rank, num_nodes=num_nodes
+        )
         datasets.append(dataset)
     if len(datasets) == 1:
         return datasets[0]
@@ -443,9 +481,10 @@ class PreparedLoader(StreamingDataLoader):
             # elastic sampling; force_override_state_dict repeats and skips blocks). Rather than repeat what
             # this pass already gave, the run goes on with the next pass.
             seen = saved[0] * (
-                state["num_samples_yielded"] if "world_size" in obj["dataset"]
+                state["num_samples_yielded"]
+                if "world_size" in obj["dataset"]
                 else sum(sum(counts) for counts in obj["num_samples_yielded"].values())
-            )  # fmt: skip
+            )
             warnings.warn(
                 f"the checkpoint's data position was saved with {saved[0]} ranks x {saved[1]} dataloader "
                 f"workers and this run has {self._layout()[0]} x {self._layout()[1]}: LitData cannot re-split a "
@@ -459,10 +498,18 @@ class PreparedLoader(StreamingDataLoader):
             # Mixed sources: what each worker took from each source, for OwnedBlocksDataset._resume.
             per_worker = {int(worker): counts for worker, counts in obj["num_samples_yielded"].items()}
             workers = range(max(self.num_workers, 1))
-            obj = dict(obj, dataset={
-                key: dict(state, samples_per_worker={w: int(per_worker[w][int(key)]) if w in per_worker else 0 for w in workers})
-                for key, state in obj["dataset"].items()
-            })  # fmt: skip
+            obj = dict(
+                obj,
+                dataset={
+                    key: dict(
+                        state,
+                        samples_per_worker={
+                            w: int(per_worker[w][int(key)]) if w in per_worker else 0 for w in workers
+                        },
+                    )
+                    for key, state in obj["dataset"].items()
+                },
+            )
         super().load_state_dict(obj)
 
     def _get_iterator(self) -> Any:
@@ -473,18 +520,3 @@ class PreparedLoader(StreamingDataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in super().__iter__():
             yield unpack(batch)
-
-
-def prepare_main(args: list[str]) -> None:
-    """``lightning-kd prepare --output DIR --tokenizer NAME [--sources ...] [--max_length N] [--num_workers N]``."""
-    from jsonargparse import CLI
-
-    try:
-        manifest = CLI(prepare, args=args, as_positional=False, prog="lightning-kd prepare")
-    except ValueError as error:  # PreparedDataError, DataSourceError and bad arguments: the message is the help
-        raise SystemExit(f"lightning-kd prepare: {error}") from None
-    for entry in manifest["sources"]:
-        print(
-            f"{entry['folder']}: {entry['tokens']:,} tokens in {entry['blocks']:,} blocks from "
-            f"{entry['documents']:,} documents ({entry['share']:.1%} of the tokens)"
-        )

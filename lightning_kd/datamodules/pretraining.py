@@ -20,15 +20,21 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from .common import (
+from lightning_kd.batch import with_prediction_positions
+from lightning_kd.datamodules.common import (
     check_vocabulary,
     distributed_position,
     get_tokenizer,
     pin_memory_default,
-    with_prediction_positions,
 )
-from .masking import PACKED_KEY, continuation_table, mask_tokens, unpack
-from .sources import DEFAULT_HUB_SOURCES, DataSourceError, SourceSpec, parse_source, read_documents
+from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
+from lightning_kd.datamodules.sources import (
+    DEFAULT_HUB_SOURCES,
+    DataSourceError,
+    SourceSpec,
+    parse_source,
+    read_documents,
+)
 
 POSITION_KEY = "_stream_position"
 _TOKENIZE_DOCS = 64
@@ -133,9 +139,14 @@ class PackedMLMStream(IterableDataset):
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
         generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
         masked, labels = mask_tokens(
-            input_ids, special, self.tokenizer.mask_token_id, len(self.tokenizer), self.mlm_probability,
-            generator, self.continuation,
-        )  # fmt: skip
+            input_ids,
+            special,
+            self.tokenizer.mask_token_id,
+            len(self.tokenizer),
+            self.mlm_probability,
+            generator,
+            self.continuation,
+        )
         position = dict(position, readers=readers, batches=batch_index)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
@@ -233,12 +244,22 @@ class PackedMLMStream(IterableDataset):
                     alive[choice] = False
                 continue
             ids = ahead[choice].popleft()
-            before = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
+            before = {
+                "read": list(read),
+                "epochs": list(epochs),
+                "alive": list(alive),
+                "tokens": list(tokens),
+            }
             read[choice] += 1
             if ids:
                 # One for the separator, so the shares are of the tokens in the blocks.
                 tokens[choice] += len(ids) + (self.last is not None)
-                after = {"read": list(read), "epochs": list(epochs), "alive": list(alive), "tokens": list(tokens)}
+                after = {
+                    "read": list(read),
+                    "epochs": list(epochs),
+                    "alive": list(alive),
+                    "tokens": list(tokens),
+                }
                 yield ids, before, after
 
 
@@ -342,7 +363,9 @@ class PretrainingDataModule(L.LightningDataModule):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        _check_counts(max_length=max_length, batch_size=batch_size, num_workers=(num_workers, 0), seed=(seed, 0))
+        _check_counts(
+            max_length=max_length, batch_size=batch_size, num_workers=(num_workers, 0), seed=(seed, 0)
+        )
         if isinstance(sources, (str, dict)):
             raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
         if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, (int, float)):
@@ -355,7 +378,9 @@ class PretrainingDataModule(L.LightningDataModule):
             tokenizer = tokenizer if tokenizer is not None else f"{self.prepared.rstrip('/')}/tokenizer"
             sources = [entry["source"] for entry in self.manifest["sources"]]
         if tokenizer is None:
-            raise ValueError("name the tokenizer (the teacher's hub name or folder), or pass a prepared folder")
+            raise ValueError(
+                "name the tokenizer (the teacher's hub name or folder), or pass a prepared folder"
+            )
         self.tokenizer_name = tokenizer
         self.sources = list(sources) if sources is not None else [dict(s) for s in DEFAULT_HUB_SOURCES]
         if not self.sources:
@@ -364,7 +389,9 @@ class PretrainingDataModule(L.LightningDataModule):
             )
         self.probabilities = self._probabilities(self.sources, probabilities)
         self.shares = (
-            self._probabilities(self.sources, probabilities) if probabilities is not None or prepared is None else None
+            self._probabilities(self.sources, probabilities)
+            if probabilities is not None or prepared is None
+            else None
         )
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
@@ -387,7 +414,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def _read_prepared(
         folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None
     ) -> dict[str, Any]:
-        from .prepared import read_manifest, vocabulary_hash
+        from lightning_kd.datamodules.prepared import read_manifest, vocabulary_hash
 
         manifest = read_manifest(folder)
         if manifest["max_length"] != max_length:
@@ -434,7 +461,7 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Collect the docstrings corpus once, on one process per node."""
-        from .docstrings import docstrings_path
+        from lightning_kd.datamodules.docstrings import docstrings_path
 
         if self.prepared is not None:
             return
@@ -443,7 +470,7 @@ class PretrainingDataModule(L.LightningDataModule):
                 docstrings_path(spec.packages, spec.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        from .sources import load_hub_dataset
+        from lightning_kd.datamodules.sources import load_hub_dataset
 
         for spec in self.specs if self.prepared is None else []:
             if spec.kind == "hub":
@@ -478,7 +505,7 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def prepared_loader(self, rank: int = 0, world_size: int = 1, num_nodes: int = 1) -> DataLoader:
         """LitData's loader over the prepared folder, for the reader at ``rank`` of ``world_size``."""
-        from .prepared import MaskingCollate, PreparedLoader, prepared_datasets
+        from lightning_kd.datamodules.prepared import MaskingCollate, PreparedLoader, prepared_datasets
 
         assert self.prepared is not None and self.manifest is not None
         dataset = prepared_datasets(
@@ -486,9 +513,12 @@ class PretrainingDataModule(L.LightningDataModule):
         )
         collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
         return PreparedLoader(
-            dataset, collate, batch_size=self.batch_size, num_workers=self.num_workers,
+            dataset,
+            collate,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
-        )  # fmt: skip
+        )
 
     def _pin_memory(self) -> bool:
         return pin_memory_default(self._trainer_or_none()) if self.pin_memory is None else self.pin_memory
@@ -500,9 +530,16 @@ class PretrainingDataModule(L.LightningDataModule):
             return self.prepared_loader(rank, world_size, int(getattr(trainer, "num_nodes", 1) or 1))
         self.check_not_empty()
         dataset = PackedMLMStream(
-            self.specs, self.probabilities, self.tokenizer, self.max_length, self.batch_size,
-            self.mlm_probability, self.whole_word_masking, self.seed, self.repeat,
-        )  # fmt: skip
+            self.specs,
+            self.probabilities,
+            self.tokenizer,
+            self.max_length,
+            self.batch_size,
+            self.mlm_probability,
+            self.whole_word_masking,
+            self.seed,
+            self.repeat,
+        )
         dataset.rank, dataset.world_size = distributed_position(self._trainer_or_none())
         # Only this rank's readers: the positions of every rank are gathered into one checkpoint.
         workers = max(self.num_workers, 1)

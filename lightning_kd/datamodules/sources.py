@@ -124,7 +124,7 @@ def read_documents(spec: SourceSpec, shard: int, num_shards: int, start: int = 0
 def _local_files(spec: SourceSpec) -> list[tuple[str, str, str]]:
     """(file, kind, text field) per file; the docstrings corpus is one JSON lines file with a ``text`` field."""
     if spec.kind == "docstrings":
-        from .docstrings import docstrings_path
+        from lightning_kd.datamodules.docstrings import docstrings_path
 
         return [(str(docstrings_path(spec.packages, spec.cache_dir)), "jsonl", "text")]
     return [(file, TEXT_SUFFIXES.get(Path(file).suffix, "text"), spec.text_field) for file in spec.files]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import ArchitectureAdapter, HiddenParts, LayerParts
-from .registry import register_adapter
+from lightning_kd.models.adapter import ArchitectureAdapter, HiddenParts, LayerParts
+from lightning_kd.models.registry import register_adapter
 
 
 @register_adapter

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .registry import get_adapter
+from lightning_kd.models.registry import get_adapter
 
 
 @contextmanager

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
-from .registry import register_adapter
+from lightning_kd.models.adapter import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
+from lightning_kd.models.registry import register_adapter
 
 
 @register_adapter

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..objective import ModelInfo
-from .base import MaskedLMParts
-from .layers import is_classifier
-from .registry import get_adapter
+from lightning_kd.models.adapter import MaskedLMParts
+from lightning_kd.models.layers import is_classifier
+from lightning_kd.models.registry import get_adapter
+from lightning_kd.objective.term import ModelInfo
 
 
 def has_adapter(model: nn.Module) -> bool:
@@ -42,7 +42,9 @@ def model_info(model: nn.Module, name: str) -> ModelInfo:
         # an MLM head (output embeddings) or a classifier: either way the model returns logits
         predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
         or is_classifier(model),
-        num_outputs=config.num_labels if is_classifier(model) else config.vocab_size,  # read only when predicts
+        num_outputs=config.num_labels
+        if is_classifier(model)
+        else config.vocab_size,  # read only when predicts
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,

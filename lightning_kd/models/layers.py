@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .registry import get_adapter
+from lightning_kd.models.registry import get_adapter
 
 
 def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:

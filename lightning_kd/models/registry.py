@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter
+from lightning_kd.models.adapter import ArchitectureAdapter
 
 _ADAPTERS: dict[str, ArchitectureAdapter] = {}
 

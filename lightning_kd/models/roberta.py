@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .bert import BertAdapter
-from .registry import register_adapter
+from lightning_kd.models.bert import BertAdapter
+from lightning_kd.models.registry import register_adapter
 
 
 @register_adapter

@@ -18,22 +18,19 @@ masked positions of MLM when it reads predictions). Models with a known masked-L
 positions (``Features.positions``), and the terms read the rows they were given.
 """
 
-from .base import (
-    IGNORE_INDEX,
+from lightning_kd.batch import IGNORE_INDEX, PREDICTION_POSITIONS, prediction_positions
+from lightning_kd.objective.objective import DistillationObjective, build_term
+from lightning_kd.objective.term import (
     LAYER_MAPS,
-    PREDICTION_POSITIONS,
     TERMS,
     Features,
     KnowledgeTerm,
     ModelInfo,
     Needs,
-    prediction_positions,
     register_term,
     resolve_layer_map,
 )
-from .core import DistillationObjective, build_term
-from .ted import FilteredHidden, FilterTaskLoss
-from .terms import (
+from lightning_kd.objective.terms import (
     AttentionMap,
     Embeddings,
     HiddenState,
@@ -54,8 +51,6 @@ __all__ = [
     "DistillationObjective",
     "Embeddings",
     "Features",
-    "FilterTaskLoss",
-    "FilteredHidden",
     "HiddenState",
     "KnowledgeTerm",
     "ModelInfo",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    IGNORE_INDEX,
+from lightning_kd.batch import IGNORE_INDEX
+from lightning_kd.objective.term import (
     Features,
     KnowledgeTerm,
     ModelInfo,
@@ -61,12 +61,17 @@ class PredictionKL(KnowledgeTerm):
 
     def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 < temperature < float("inf"):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 < temperature < float("inf")
+        ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
         if self.loss == "mse" and temperature != 1:
-            raise ValueError(f"the 'logits' term with loss 'mse' compares raw logits and has no temperature, got "
-                             f"temperature={temperature!r}: drop it, or use loss 'kl'.")
+            raise ValueError(
+                f"the 'logits' term with loss 'mse' compares raw logits and has no temperature, got "
+                f"temperature={temperature!r}: drop it, or use loss 'kl'."
+            )
         self.temperature = float(temperature)
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
@@ -77,7 +82,10 @@ class PredictionKL(KnowledgeTerm):
                     "head. Load it with a head (task: masked-lm or sequence-classification), or "
                     "distil hidden states / relations instead."
                 )
-        if None not in (teacher.num_outputs, student.num_outputs) and teacher.num_outputs != student.num_outputs:
+        if (
+            None not in (teacher.num_outputs, student.num_outputs)
+            and teacher.num_outputs != student.num_outputs
+        ):
             raise ValueError(
                 f"the 'logits' term compares predictions row by row, but the teacher predicts {teacher.num_outputs} "
                 f"outputs and the student {student.num_outputs}: give the student the teacher's head (num_labels, "
@@ -111,8 +119,10 @@ def prediction_kl(
     ``positions``: the logits are already gathered there, one row each (see ``Features.positions``).
     """
     if teacher_logits.shape[-1] == 1:
-        raise ValueError("a KL between one-output (regression) predictions is identically 0: compare them with "
-                         "prediction_mse (the logits term's loss: mse).")
+        raise ValueError(
+            "a KL between one-output (regression) predictions is identically 0: compare them with "
+            "prediction_mse (the logits term's loss: mse)."
+        )
     t, weights = _prediction_rows(teacher_logits, batch, positions)
     s, _ = _prediction_rows(student_logits, batch, positions)
     if t.numel() == 0:
@@ -179,8 +189,9 @@ class HiddenState(_LayerTerm):
 
     def __init__(self, projection: bool | None = None, **kwargs: Any) -> None:
         if projection is not None and not isinstance(projection, bool):
-            raise ValueError(f"projection must be true, false or left out (only when widths differ), got "
-                             f"{projection!r}.")
+            raise ValueError(
+                f"projection must be true, false or left out (only when widths differ), got {projection!r}."
+            )
         super().__init__(**kwargs)
         self.projection = projection
         self.teacher_width: int | None = None
@@ -337,10 +348,15 @@ class Relations(_LayerTerm):
             raise ValueError(
                 f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}."
             )
-        if num_relation_heads is not None and (isinstance(num_relation_heads, bool)
-                                               or not isinstance(num_relation_heads, int) or num_relation_heads < 1):
-            raise ValueError(f"num_relation_heads must be a whole number >= 1 (or left out: the teacher's head "
-                             f"count), got {num_relation_heads!r}.")
+        if num_relation_heads is not None and (
+            isinstance(num_relation_heads, bool)
+            or not isinstance(num_relation_heads, int)
+            or num_relation_heads < 1
+        ):
+            raise ValueError(
+                f"num_relation_heads must be a whole number >= 1 (or left out: the teacher's head "
+                f"count), got {num_relation_heads!r}."
+            )
         self.relations = list(relations)
         self.num_relation_heads = num_relation_heads
 

@@ -52,6 +52,12 @@ def normalised(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[str
 def data_trainer(root: Path, max_steps: int, **kwargs: object) -> L.Trainer:
     """A CPU trainer that logs and prints nothing, for runs that only exercise the data."""
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )

@@ -150,6 +150,8 @@ def write_glue_test_files(root: Path, task: str, count: int = 10) -> list[Path]:
     if task == "MNLI":
         (root / "diagnostic").mkdir(exist_ok=True)
         rows = [f"{i}\t{sentence(i)}\t{sentence(i + 2)}" for i in range(count + 3)]
-        (root / "diagnostic" / "diagnostic.tsv").write_text("\n".join(["index\tsentence1\tsentence2", *rows]) + "\n")
+        (root / "diagnostic" / "diagnostic.tsv").write_text(
+            "\n".join(["index\tsentence1\tsentence2", *rows]) + "\n"
+        )
         written.append(root / "diagnostic" / "diagnostic.tsv")
     return written

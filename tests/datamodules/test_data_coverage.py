@@ -31,7 +31,9 @@ def write_corpus(folder: Path, files: int, kind: str) -> list[str]:
     for k in range(files):
         part = texts[bounds[k] : bounds[k + 1]]
         if kind == "hub":
-            pq.write_table(pa.table({"text": part, "id": list(range(len(part)))}), folder / f"train-{k:05d}.parquet")
+            pq.write_table(
+                pa.table({"text": part, "id": list(range(len(part)))}), folder / f"train-{k:05d}.parquet"
+            )
         else:
             (folder / f"part-{k:02d}.txt").write_text("\n".join(part) + "\n", encoding="utf-8")
     return texts
@@ -40,7 +42,9 @@ def write_corpus(folder: Path, files: int, kind: str) -> list[str]:
 def read_all(source: object, ranks: int, workers: int, tokenizer) -> list[str]:
     seen: dict[int, list[str]] = {}
     for rank in range(ranks):
-        dm = PretrainingDataModule(TOKENIZER, [source], max_length=32, batch_size=4, repeat=False, num_workers=workers)
+        dm = PretrainingDataModule(
+            TOKENIZER, [source], max_length=32, batch_size=4, repeat=False, num_workers=workers
+        )
         dm.train_dataloader()
         dataset = dm._dataset
         dataset.rank, dataset.world_size = rank, ranks

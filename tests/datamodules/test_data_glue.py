@@ -11,8 +11,8 @@ from kd_datafiles import GLUE_FOLDERS, TOKENIZER, write_glue_task
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_kd.datamodules import DataSourceError, GLUEDataModule
-from lightning_kd.evaluation import TaskMetrics
-from lightning_kd.finetune import FineTuningModule
+from lightning_kd.datamodules.glue_metrics import TaskMetrics
+from lightning_kd.finetuning.module import FineTuningModule
 
 EXPECTED = {  # task -> (num_labels, validation names, metric keys)
     "cola": (2, ["validation"], ["val/cola/matthews_correlation"]),
@@ -20,12 +20,15 @@ EXPECTED = {  # task -> (num_labels, validation names, metric keys)
     "mrpc": (2, ["validation"], ["val/mrpc/f1", "val/mrpc/accuracy"]),
     "qqp": (2, ["validation"], ["val/qqp/f1", "val/qqp/accuracy"]),
     "stsb": (1, ["validation"], ["val/stsb/pearson", "val/stsb/spearman"]),
-    "mnli": (3, ["validation_matched", "validation_mismatched"],
-             ["val/mnli/validation_matched/accuracy", "val/mnli/validation_mismatched/accuracy"]),
+    "mnli": (
+        3,
+        ["validation_matched", "validation_mismatched"],
+        ["val/mnli/validation_matched/accuracy", "val/mnli/validation_mismatched/accuracy"],
+    ),
     "qnli": (2, ["validation"], ["val/qnli/accuracy"]),
     "rte": (2, ["validation"], ["val/rte/accuracy"]),
     "wnli": (2, ["validation"], ["val/wnli/accuracy"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("task", list(EXPECTED))
@@ -136,14 +139,29 @@ def test_task_metrics_match_hand_computed_values():
 
 def tiny_classifier(num_labels: int, vocab_size: int = 30522) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, num_labels=num_labels)  # fmt: skip
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config)
 
 
 def quiet_trainer(tmp_path, **kwargs: object) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, **kwargs)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("task", ["mrpc", "mnli", "stsb"])

@@ -31,14 +31,29 @@ SUBMISSION = {  # task -> (files, predictions GLUE expects)
 
 def classifier(num_labels: int, layers: int = 1, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, num_labels=num_labels)  # fmt: skip
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config).eval()
 
 
 def quiet_trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, **kwargs)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def read_submission(path: Path) -> list[dict[str, str]]:
@@ -48,7 +63,9 @@ def read_submission(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("task", list(SUBMISSION))
 def test_predict_writes_the_glue_submission_files(task: str, glue_dir: Path, tmp_path: Path) -> None:
-    data = GLUEDataModule(task, TOKENIZER, data_dir=str(glue_dir), max_length=32, batch_size=4, eval_batch_size=3)
+    data = GLUEDataModule(
+        task, TOKENIZER, data_dir=str(glue_dir), max_length=32, batch_size=4, eval_batch_size=3
+    )
     model = classifier(data.num_labels)
     module = FineTuningModule(model, task)
     writer = GLUESubmissionWriter(str(tmp_path / "submission"))
@@ -67,23 +84,33 @@ def test_predict_writes_the_glue_submission_files(task: str, glue_dir: Path, tmp
         # the row of example 2 is what the model says about example 2's text
         example = data.collate([data.datasets[split][2]])
         with torch.no_grad():
-            logits = model(**{k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
-        expected = (f"{float(logits.clamp(0, 5)):.3f}" if labels is None
-                    else data.task.labels[int(logits.argmax())])  # fmt: skip
+            logits = model(
+                **{k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            ).logits
+        expected = (
+            f"{float(logits.clamp(0, 5)):.3f}" if labels is None else data.task.labels[int(logits.argmax())]
+        )
         assert rows[2]["prediction"] == expected
 
 
-def test_distillation_predicts_with_the_student_and_tests_on_the_dev_sets(glue_dir: Path, tmp_path: Path) -> None:
+def test_distillation_predicts_with_the_student_and_tests_on_the_dev_sets(
+    glue_dir: Path, tmp_path: Path
+) -> None:
     data = GLUEDataModule("mnli", TOKENIZER, data_dir=str(glue_dir / "MNLI"), max_length=32, batch_size=8)
-    module = DistillationModule(classifier(3, layers=2), {"init": "layers", "num_layers": 1},
-                                objective=[{"term": "logits"}])
+    module = DistillationModule(
+        classifier(3, layers=2), {"init": "layers", "num_layers": 1}, objective=[{"term": "logits"}]
+    )
     writer = GLUESubmissionWriter(str(tmp_path / "out"))
     trainer = quiet_trainer(tmp_path, callbacks=[writer])
     (results,) = [trainer.test(module, data, verbose=False)]
     keys = {key for result in results for key in result}
     for split in ("validation_matched", "validation_mismatched"):
-        assert {f"test/mnli/{split}/accuracy", f"test/teacher/mnli/{split}/accuracy",
-                f"test/gap/mnli/{split}/accuracy", f"test/loss/{split}"} <= keys  # fmt: skip
+        assert {
+            f"test/mnli/{split}/accuracy",
+            f"test/teacher/mnli/{split}/accuracy",
+            f"test/gap/mnli/{split}/accuracy",
+            f"test/loss/{split}",
+        } <= keys
     predictions = trainer.predict(module, data)
     assert [p.name for p in writer.written] == ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
     ax = read_submission(tmp_path / "out" / "AX.tsv")
@@ -115,16 +142,20 @@ def test_missing_test_files_are_named(glue_dir: Path, tmp_path: Path) -> None:
         GLUEDataModule("sst2", TOKENIZER, data_dir=str(tmp_path / "bad")).setup("predict")
 
 
-def test_hub_test_splits_and_ax_read_from_local_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_test_splits_and_ax_read_from_local_parquet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The hub path, with local parquet files standing in for nyu-mll/glue (its test labels are -1)."""
     import datasets
 
     from lightning_kd.datamodules import glue
 
     files = {}
-    for config, split, columns in [("mnli", "test_matched", ("premise", "hypothesis")),
-                                   ("mnli", "test_mismatched", ("premise", "hypothesis")),
-                                   ("ax", "test", ("premise", "hypothesis"))]:  # fmt: skip
+    for config, split, columns in [
+        ("mnli", "test_matched", ("premise", "hypothesis")),
+        ("mnli", "test_mismatched", ("premise", "hypothesis")),
+        ("ax", "test", ("premise", "hypothesis")),
+    ]:
         n = 5 if config == "mnli" else 7
         table = {c: [f"{config} {split} {c} {i}" for i in range(n)] for c in columns}
         table.update(label=[-1] * n, idx=list(range(100, 100 + n)))
@@ -132,7 +163,9 @@ def test_hub_test_splits_and_ax_read_from_local_parquet(tmp_path: Path, monkeypa
         datasets.Dataset.from_dict(table).to_parquet(str(files[(config, split)]))
     asked = []
 
-    def local_hub(name: str, config: str | None = None, split: str | None = None, streaming: bool = False) -> object:
+    def local_hub(
+        name: str, config: str | None = None, split: str | None = None, streaming: bool = False
+    ) -> object:
         asked.append((name, config, split))
         return datasets.load_dataset("parquet", data_files=str(files[(config, split)]), split="train")
 
@@ -141,8 +174,12 @@ def test_hub_test_splits_and_ax_read_from_local_parquet(tmp_path: Path, monkeypa
     assert data.read_predict_split("ax")[0] == (("ax test premise 0", "ax test hypothesis 0"), 100)
     data.setup("predict")
     assert [len(data.datasets[s]) for s in data.predict_names] == [5, 5, 7]
-    assert asked == [("nyu-mll/glue", "ax", "test"), ("nyu-mll/glue", "mnli", "test_matched"),
-                     ("nyu-mll/glue", "mnli", "test_mismatched"), ("nyu-mll/glue", "ax", "test")]  # fmt: skip
+    assert asked == [
+        ("nyu-mll/glue", "ax", "test"),
+        ("nyu-mll/glue", "mnli", "test_matched"),
+        ("nyu-mll/glue", "mnli", "test_mismatched"),
+        ("nyu-mll/glue", "ax", "test"),
+    ]
     batch = next(iter(data.predict_dataloader()[2]))
     assert batch["idx"].tolist() == list(range(100, 107)) and "labels" not in batch
 
@@ -156,12 +193,26 @@ def test_cli_test_and_predict_on_the_offline_task(tmp_path: Path, monkeypatch: p
     classifier(6).save_pretrained(model)
     recipe = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_kd.FineTuningModule", "init_args": {"model": str(model), "task": "docstrings"}},
-        "data": {"class_path": "lightning_kd.GLUEDataModule",
-                 "init_args": {"task": "docstrings", "tokenizer": TOKENIZER, "max_length": 32, "eval_batch_size": 64}},
-        "trainer": {"accelerator": "cpu", "default_root_dir": str(tmp_path / "run"), "logger": False,
-                    "enable_progress_bar": False},
-    }  # fmt: skip
+        "model": {
+            "class_path": "lightning_kd.FineTuningModule",
+            "init_args": {"model": str(model), "task": "docstrings"},
+        },
+        "data": {
+            "class_path": "lightning_kd.GLUEDataModule",
+            "init_args": {
+                "task": "docstrings",
+                "tokenizer": TOKENIZER,
+                "max_length": 32,
+                "eval_batch_size": 64,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": False,
+            "enable_progress_bar": False,
+        },
+    }
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
     main(["test", "--config", str(config), "--trainer.limit_test_batches=1"])

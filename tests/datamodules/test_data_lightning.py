@@ -61,7 +61,9 @@ def test_resumed_fit_continues_the_stream(tmp_path, num_workers):
     assert state["positions"]["0"]["batches"] == 3
 
     second = Recorder()
-    data_trainer(tmp_path / "c", 8, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
+    data_trainer(tmp_path / "c", 8, enable_checkpointing=False).fit(
+        second, datamodule=data(), ckpt_path=saved
+    )
     assert first.seen == straight.seen[:3]
     assert second.seen == straight.seen[3:], "the resumed run did not continue where the first stopped"
 

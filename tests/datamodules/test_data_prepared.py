@@ -50,7 +50,11 @@ def test_manifest_counts_every_token(tmp_path, tokenizer):
     expected = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)  # + [SEP]
     (entry,) = manifest["sources"]
     assert entry["tokens"] == expected and entry["documents"] == len(texts)
-    assert manifest["max_length"] == 32 and manifest["tokenizer"] == TOKENIZER and len(manifest["vocab_hash"]) == 16
+    assert (
+        manifest["max_length"] == 32
+        and manifest["tokenizer"] == TOKENIZER
+        and len(manifest["vocab_hash"]) == 16
+    )
     assert read_manifest(tmp_path / "out") == manifest
     # Every block is [CLS] ... [SEP]; the text inside, joined, is every document once.
     dm = PretrainingDataModule(prepared=str(tmp_path / "out"), max_length=32, batch_size=8, shuffle=False)
@@ -109,15 +113,30 @@ def _wordlevel_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
-    )  # fmt: skip
+    )
 
 
 def test_cli_prepare(tmp_path, capsys):
     write_corpus(tmp_path / "corpus", 2)
-    args = ["prepare", "--output", str(tmp_path / "out"), "--tokenizer", TOKENIZER, "--sources",
-            json.dumps([str(tmp_path / "corpus")]), "--max_length", "32", "--num_workers", "1"]  # fmt: skip
+    args = [
+        "prepare",
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        TOKENIZER,
+        "--sources",
+        json.dumps([str(tmp_path / "corpus")]),
+        "--max_length",
+        "32",
+        "--num_workers",
+        "1",
+    ]
     cli_main(args)
     assert "blocks from 120 documents" in capsys.readouterr().out
     assert read_manifest(tmp_path / "out")["sources"][0]["documents"] == 120
@@ -129,7 +148,9 @@ def test_cli_prepare(tmp_path, capsys):
 def test_every_block_once_for_any_ranks_and_workers(tmp_path, files):
     write_corpus(tmp_path / "corpus", files, documents=160)
     out = tmp_path / "out"
-    manifest = prepare(out, TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2, chunk_blocks=16)
+    manifest = prepare(
+        out, TOKENIZER, [str(tmp_path / "corpus")], max_length=32, num_workers=2, chunk_blocks=16
+    )
     # LitData hands out chunks: 3 divides none of the 2, 4 and 8 readers, 8 divides them all.
     assert len(list(out.rglob("chunk-*.bin"))) == files
     total = manifest["sources"][0]["blocks"]
@@ -140,7 +161,9 @@ def test_every_block_once_for_any_ranks_and_workers(tmp_path, files):
         for workers in (0, 1, 2, 4):
             seen = []
             for rank in range(ranks):
-                dm = PretrainingDataModule(prepared=str(out), max_length=32, batch_size=batch, num_workers=workers)
+                dm = PretrainingDataModule(
+                    prepared=str(out), max_length=32, batch_size=batch, num_workers=workers
+                )
                 seen += blocks_of(list(dm.prepared_loader(rank=rank, world_size=ranks)))
             counts = Counter(seen)
             if reference is None:
@@ -163,9 +186,13 @@ def test_sources_mix_by_token_share(tmp_path):
     )
     write_lines(tmp_path / "short" / "short.txt", 12_000, first=20_000)
     out = tmp_path / "out"
-    manifest = prepare(out, TOKENIZER, [str(tmp_path / "long"), str(tmp_path / "short")], max_length=16, num_workers=2)
+    manifest = prepare(
+        out, TOKENIZER, [str(tmp_path / "long"), str(tmp_path / "short")], max_length=16, num_workers=2
+    )
     for declared in (None, [0.3, 0.7]):
-        dm = PretrainingDataModule(prepared=str(out), max_length=16, batch_size=64, probabilities=declared, num_workers=1)
+        dm = PretrainingDataModule(
+            prepared=str(out), max_length=16, batch_size=64, probabilities=declared, num_workers=1
+        )
         loader = dm.train_dataloader()
         for taken, _ in enumerate(loader, start=1):
             if taken == 200:  # 12,800 blocks, well inside the epoch
@@ -195,11 +222,15 @@ class Recorder(L.LightningModule):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepared, num_workers):
     def data() -> PretrainingDataModule:
-        return PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=num_workers)
+        return PretrainingDataModule(
+            prepared=str(prepared), max_length=32, batch_size=4, num_workers=num_workers
+        )
 
     straight = Recorder()
     data_trainer(tmp_path / "a", 9, enable_checkpointing=False).fit(straight, datamodule=data())
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1
+    )
     first = Recorder()
     data_trainer(tmp_path / "b", 4, callbacks=[checkpoint]).fit(first, datamodule=data())
     (saved,) = list((tmp_path / "ckpt").glob("*.ckpt"))
@@ -207,9 +238,13 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepa
     # The position of the last batch the loop took, not of the one Lightning's fetcher had already fetched.
     assert state["num_samples_yielded"] == 4 * 4
     second = Recorder()
-    data_trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(second, datamodule=data(), ckpt_path=saved)
+    data_trainer(tmp_path / "c", 9, enable_checkpointing=False).fit(
+        second, datamodule=data(), ckpt_path=saved
+    )
     assert first.seen == straight.seen[:4]
-    assert second.seen == straight.seen[4:], "the resumed run did not see the batches of the uninterrupted one"
+    assert second.seen == straight.seen[4:], (
+        "the resumed run did not see the batches of the uninterrupted one"
+    )
 
 
 def test_resume_on_another_layout_goes_on_with_the_next_pass(prepared):
@@ -251,7 +286,9 @@ def test_prepare_reads_a_hub_dataset_through_datasets(tmp_path, tokenizer):
     (tmp_path / "hub").mkdir()
     for k in range(3):  # a hub dataset's parquet files, read by `datasets` as the hub copy would be
         pq.write_table(pa.table({"text": texts[k::3]}), tmp_path / "hub" / f"train-{k:05d}-of-00003.parquet")
-    manifest = prepare(tmp_path / "out", TOKENIZER, [{"hub": str(tmp_path / "hub")}], max_length=32, num_workers=2)
+    manifest = prepare(
+        tmp_path / "out", TOKENIZER, [{"hub": str(tmp_path / "hub")}], max_length=32, num_workers=2
+    )
     (entry,) = manifest["sources"]
     assert entry["documents"] == 90
     assert entry["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
@@ -280,7 +317,13 @@ def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
         port = str(probe.getsockname()[1])
     torch.multiprocessing.spawn(_rank_main, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
     ranks = [[tuple(b) for b in json.loads((tmp_path / f"rank{r}.json").read_text())] for r in range(2)]
-    everything = set(blocks_of(list(PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4).train_dataloader())))
+    everything = set(
+        blocks_of(
+            list(
+                PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4).train_dataloader()
+            )
+        )
+    )
     assert ranks[0] and ranks[1] and len(ranks[0]) == len(ranks[1]), "DDP ranks must take as many batches"
     assert not set(ranks[0]) & set(ranks[1]), "two ranks read the same block"
     assert set(ranks[0]) | set(ranks[1]) <= everything
@@ -290,10 +333,15 @@ def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
 def test_resume_with_mixed_sources(tmp_path):
     write_lines(tmp_path / "a" / "a.txt", 300, first=0)
     write_lines(tmp_path / "b" / "b.txt", 300, first=1000)
-    prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "a"), str(tmp_path / "b")], max_length=32, num_workers=2)
+    prepare(
+        tmp_path / "out", TOKENIZER, [str(tmp_path / "a"), str(tmp_path / "b")], max_length=32, num_workers=2
+    )
     for workers in (0, 2):
+
         def loader(workers: int = workers):
-            dm = PretrainingDataModule(prepared=str(tmp_path / "out"), max_length=32, batch_size=4, num_workers=workers)
+            dm = PretrainingDataModule(
+                prepared=str(tmp_path / "out"), max_length=32, batch_size=4, num_workers=workers
+            )
             return dm.train_dataloader()
 
         reference = [b["input_ids"] for b in loader()]
@@ -312,7 +360,12 @@ def test_prepare_refuses_an_empty_source(tmp_path):
     write_corpus(tmp_path / "corpus", 1, documents=10)
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataSourceError, match=r"'.*empty\.txt' holds no documents"):
-        prepare(tmp_path / "out", TOKENIZER, [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")], max_length=32)
+        prepare(
+            tmp_path / "out",
+            TOKENIZER,
+            [str(tmp_path / "corpus"), str(tmp_path / "empty.txt")],
+            max_length=32,
+        )
     assert not (tmp_path / "out").exists(), "nothing is written before the sources are checked"
 
 
@@ -323,13 +376,27 @@ def test_two_prepares_on_one_machine_do_not_delete_each_others_chunks(tmp_path):
 
     for name in ("a", "b"):
         write_corpus(tmp_path / f"corpus_{name}", 3, first=1000 if name == "b" else 0)
-    script = ("import sys; from lightning_kd.datamodules.prepared import prepare; "
-              "prepare(sys.argv[1], sys.argv[2], [sys.argv[3]], max_length=32, num_workers=2, chunk_blocks=5)")
-    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"out_{n}"), TOKENIZER,
-                              str(tmp_path / f"corpus_{n}")]) for n in ("a", "b")]
+    script = (
+        "import sys; from lightning_kd.datamodules.prepared import prepare; "
+        "prepare(sys.argv[1], sys.argv[2], [sys.argv[3]], max_length=32, num_workers=2, chunk_blocks=5)"
+    )
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(tmp_path / f"out_{n}"),
+                TOKENIZER,
+                str(tmp_path / f"corpus_{n}"),
+            ]
+        )
+        for n in ("a", "b")
+    ]
     assert [run.wait(timeout=600) for run in runs] == [0, 0]
     for name in ("a", "b"):
         manifest = read_manifest(tmp_path / f"out_{name}")
-        dm = PretrainingDataModule(prepared=str(tmp_path / f"out_{name}"), max_length=32, batch_size=8,
-                                   shuffle=False)
+        dm = PretrainingDataModule(
+            prepared=str(tmp_path / f"out_{name}"), max_length=32, batch_size=8, shuffle=False
+        )
         assert len(blocks_of(list(dm.train_dataloader()))) == manifest["sources"][0]["blocks"]

@@ -36,10 +36,18 @@ def test_batches_are_full_blocks_with_mlm_labels(corpus, tokenizer):
     batches = list(module([str(path)]).train_dataloader())
     assert len(batches) > 3
     for batch in batches:
-        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "prediction_positions"}
+        assert set(batch) == {
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+            "labels",
+            "prediction_positions",
+        }
         assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape[1] == 32
         # the positions the MLM losses read, computed by the collate function so the device never has to
-        assert torch.equal(batch["prediction_positions"], (batch["labels"].reshape(-1) != -100).nonzero().flatten())
+        assert torch.equal(
+            batch["prediction_positions"], (batch["labels"].reshape(-1) != -100).nonzero().flatten()
+        )
     # Packing leaves no padding except in the stream's very last block.
     masks = torch.cat([b["attention_mask"] for b in batches])
     assert masks[:-1].all()
@@ -92,9 +100,13 @@ def test_token_ids_above_65535_survive(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     wide = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
-    )  # fmt: skip
+    )
     folder = tmp_path / "wide"
     wide.save_pretrained(folder)
     text = tmp_path / "wide.txt"
@@ -178,7 +190,9 @@ def test_sources_mix_by_token_share(tmp_path, tokenizer):
     tokens = {"a": 0, "b": 0}
     for doc in docs:
         if doc.startswith("document"):
-            tokens["a" if int(doc.split()[1]) < 1000 else "b"] += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+            tokens["a" if int(doc.split()[1]) < 1000 else "b"] += (
+                len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+            )
     share_a = tokens["a"] / (tokens["a"] + tokens["b"])
     assert abs(share_a - 0.75) < 0.01, share_a
 

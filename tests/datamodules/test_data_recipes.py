@@ -15,7 +15,7 @@ from lightning_kd.datamodules.docstrings import DOCSTRING_CLASSES, write_docstri
 RECIPES = Path(__file__).resolve().parents[2] / "experiments" / "glue"
 # Recipes name the top-level exports; these are the classes behind them.
 DEFINED_IN = {
-    "lightning_kd.FineTuningModule": "lightning_kd.finetune.FineTuningModule",
+    "lightning_kd.FineTuningModule": "lightning_kd.finetuning.module.FineTuningModule",
     "lightning_kd.GLUEDataModule": "lightning_kd.datamodules.GLUEDataModule",
 }
 
@@ -53,10 +53,21 @@ def test_offline_recipe_fits_and_validates(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(
-        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=["fit", "--config", str(path), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-              "--trainer.limit_val_batches=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.enable_progress_bar=false"],
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=[
+            "fit",
+            "--config",
+            str(path),
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ],
         save_config_kwargs={"overwrite": True},
-    )  # fmt: skip
+    )
     assert "val/docstrings/accuracy" in cli.trainer.callback_metrics

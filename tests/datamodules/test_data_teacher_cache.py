@@ -12,25 +12,46 @@ from kd_datafiles import TOKENIZER
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from lightning_kd import DistillationModule, GLUEDataModule
-from lightning_kd.teacher_cache import TeacherCache
+from lightning_kd.distillation.teacher_cache import TeacherCache
 
 
 def teacher_model(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, num_labels=2)  # fmt: skip
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
-def distil(teacher: BertForSequenceClassification, data: GLUEDataModule, epochs: int = 2, **kwargs: object) -> DistillationModule:
+def distil(
+    teacher: BertForSequenceClassification, data: GLUEDataModule, epochs: int = 2, **kwargs: object
+) -> DistillationModule:
     torch.manual_seed(1)
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": 1},
-                                objective=[{"term": "task"}, {"term": "logits", "temperature": 2.0}], **kwargs)
+    module = DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": 1},
+        objective=[{"term": "task"}, {"term": "logits", "temperature": 2.0}],
+        **kwargs,
+    )
     calls = []
     forward = teacher.forward
     teacher.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
-    L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1000).fit(module, data)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1000,
+    ).fit(module, data)
     module.teacher_calls = len(calls)
     teacher.forward = forward
     return module
@@ -50,12 +71,16 @@ def test_cached_distillation_runs_the_teacher_once_per_example_and_matches_uncac
     assert plain.teacher_calls == 3 * batches
     assert cached.teacher_calls == batches  # the first epoch only
     assert len(cached.teacher_cache.entries) == 40
-    for (name, a), b in zip(plain.student.state_dict().items(), cached.student.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        plain.student.state_dict().items(), cached.student.state_dict().values(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-5), name
     assert "teacher cache: logits of 40 examples, about 0.0 MiB, kept in memory" in caplog.text
 
 
-def test_disk_cache_is_reused_across_runs_and_keyed_by_teacher_and_data(glue_dir: Path, tmp_path: Path) -> None:
+def test_disk_cache_is_reused_across_runs_and_keyed_by_teacher_and_data(
+    glue_dir: Path, tmp_path: Path
+) -> None:
     store = str(tmp_path / "cache")
     first = distil(teacher_model(), sst2(glue_dir), epochs=1, teacher_cache=store)
     assert first.teacher_calls == 5 and len(list(Path(store).glob("teacher-*.pt"))) == 1
@@ -72,11 +97,14 @@ def test_disk_cache_is_reused_across_runs_and_keyed_by_teacher_and_data(glue_dir
     assert other_data.teacher_calls == 5  # every example changed: other keys, computed afresh
 
 
-def test_hidden_states_cache_serves_what_the_teacher_computes(glue_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_hidden_states_cache_serves_what_the_teacher_computes(
+    glue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("INFO")
     teacher = teacher_model()
-    module = DistillationModule(teacher, {"init": "layers", "num_layers": 1},
-                                objective=[{"term": "hidden", "layers": "uniform"}])
+    module = DistillationModule(
+        teacher, {"init": "layers", "num_layers": 1}, objective=[{"term": "hidden", "layers": "uniform"}]
+    )
     cache = TeacherCache(hidden_states=True)
     cache.bind(teacher, module.objective.needs())
     data = sst2(glue_dir)
@@ -95,14 +123,18 @@ def test_hidden_states_cache_serves_what_the_teacher_computes(glue_dir: Path, ca
 
 def test_caching_is_refused_where_it_would_be_wrong(glue_dir: Path) -> None:
     teacher = teacher_model()
-    hidden = DistillationModule(teacher, {"init": "layers", "num_layers": 1},
-                                objective=[{"term": "hidden", "layers": "uniform"}])
+    hidden = DistillationModule(
+        teacher, {"init": "layers", "num_layers": 1}, objective=[{"term": "hidden", "layers": "uniform"}]
+    )
     with pytest.raises(ValueError, match="reads the teacher's hidden states.*'hidden_states': true"):
         TeacherCache().bind(teacher, hidden.objective.needs())
     with pytest.raises(ValueError, match="dropout-free teacher"):
         TeacherCache().bind(teacher_model().train(), hidden.objective.needs())
-    mlm = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32)).eval()  # fmt: skip
+    mlm = BertForMaskedLM(
+        BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    ).eval()
     with pytest.raises(ValueError, match="sequence-classification teacher"):
         TeacherCache().bind(mlm, hidden.objective.needs())
     with pytest.raises(ValueError, match="unknown teacher_cache options"):

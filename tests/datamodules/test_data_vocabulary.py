@@ -18,8 +18,14 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 class Holder(nn.Module):
@@ -28,10 +34,17 @@ class Holder(nn.Module):
         self.model = model
 
 
-def saved_model(folder: Path, tokenizer: PreTrainedTokenizerFast | None, vocab_size: int = 64, pad: int = 0
-                ) -> BertModel:
-    config = BertConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=8, pad_token_id=pad)
+def saved_model(
+    folder: Path, tokenizer: PreTrainedTokenizerFast | None, vocab_size: int = 64, pad: int = 0
+) -> BertModel:
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        pad_token_id=pad,
+    )
     BertModel(config).save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -43,7 +56,9 @@ def test_another_tokenizer_than_the_models_own_is_refused_naming_both(tmp_path: 
     model = saved_model(tmp_path / "model", own)
     check_vocabulary(load_tokenizer(tmp_path / "model"), Holder(model))  # its own: accepted
     other = word_tokenizer(["dog", "cat", "fish"])  # same size and specials, other ids
-    with pytest.raises(ValueError, match=f"not the model's own \\('{tmp_path / 'model'}'.*another token -> id"):
+    with pytest.raises(
+        ValueError, match=f"not the model's own \\('{tmp_path / 'model'}'.*another token -> id"
+    ):
         check_vocabulary(other, Holder(model))
 
 
@@ -53,7 +68,9 @@ def test_padding_id_of_another_vocabulary_is_refused(tmp_path: Path) -> None:
         check_vocabulary(word_tokenizer(["cat"]), Holder(model))
 
 
-def test_a_tokenizer_far_smaller_than_the_table_is_refused_when_the_models_own_is_unknown(tmp_path: Path) -> None:
+def test_a_tokenizer_far_smaller_than_the_table_is_refused_when_the_models_own_is_unknown(
+    tmp_path: Path,
+) -> None:
     bert = load_tokenizer(TOKENIZER)  # 30522 tokens
     deberta_sized = saved_model(tmp_path / "large", None, vocab_size=128100)
     with pytest.raises(ValueError, match="has 30522 tokens but the model's embedding table has 128100 rows"):

@@ -48,20 +48,39 @@ class RankBatches(L.LightningDataModule):
 
 def main(out: Path, policy: str) -> None:
     torch.manual_seed(0)
-    module = DistillationModule(BertForMaskedLM(tiny_bert_config()), {"init": "layers", "num_layers": 2},
-                                objective=[{"term": "hidden"}, {"term": "logits"}, NaNOnRankOne()], learning_rate=1e-3)
+    module = DistillationModule(
+        BertForMaskedLM(tiny_bert_config()),
+        {"init": "layers", "num_layers": 2},
+        objective=[{"term": "hidden"}, {"term": "logits"}, NaNOnRankOne()],
+        learning_rate=1e-3,
+    )
     guard = NonFiniteGuard(policy=policy)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[guard])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[guard],
+    )
     try:
         trainer.fit(module, RankBatches())
         stopped = ""
     except NonFiniteError as error:
         stopped = str(error)
-    torch.save({"stopped": stopped, "skipped": guard.skipped, "step": trainer.global_step,
-                "student": {k: v.clone() for k, v in module.student.state_dict().items()}},
-               out / f"rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "stopped": stopped,
+            "skipped": guard.skipped,
+            "step": trainer.global_step,
+            "student": {k: v.clone() for k, v in module.student.state_dict().items()},
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_kd.checkpointing import AtomicCheckpointIO
+from lightning_kd.training.checkpoints import AtomicCheckpointIO
 
 SIZE = 4_000_000  # 16 MB: long enough to be caught half-written, short enough to write often
 

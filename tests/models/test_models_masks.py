@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_factory import make_batch, make_model
 
-from lightning_kd.models import (
+from lightning_kd.pruning import (
     apply_masks,
     full_masks,
     masked,
@@ -162,7 +162,7 @@ def test_pruning_a_pruned_model_again(arch):
 
 
 def test_pruned_parameter_count_matches_the_pruned_model(arch):
-    from lightning_kd.models import pruned_parameter_count
+    from lightning_kd.pruning import pruned_parameter_count
 
     model = make_model(arch)
     masks = full_masks(model)

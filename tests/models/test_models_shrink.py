@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_factory import make_batch, make_model
 
-from lightning_kd.models import (
+from lightning_kd.pruning import (
     PlatonImportance,
     apply_masks,
     full_masks,
@@ -15,8 +15,8 @@ from lightning_kd.models import (
     unit_counts,
     zero_masked_,
 )
-from lightning_kd.models.prune import prune_model_
-from lightning_kd.models.shrink import (
+from lightning_kd.pruning.prune import prune_model_
+from lightning_kd.pruning.shrink import (
     expand_scores,
     rebuild_shape_,
     reindex_optimizer_,
@@ -59,7 +59,10 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_shrunk_model_and_optimizer_continue_like_the_masked_ones(arch: str, optimizer: str) -> None:
     masked_model, shrunk = make_model(arch).train(), make_model(arch).train()
-    masked_opt, shrunk_opt = OPTIMIZERS[optimizer](masked_model.parameters()), OPTIMIZERS[optimizer](shrunk.parameters())
+    masked_opt, shrunk_opt = (
+        OPTIMIZERS[optimizer](masked_model.parameters()),
+        OPTIMIZERS[optimizer](shrunk.parameters()),
+    )
     batch = make_batch(masked_model)
     handle, slices, old = None, [], full_masks(shrunk)
     for masks in _events(shrunk):
@@ -84,7 +87,9 @@ def test_shrunk_model_and_optimizer_continue_like_the_masked_ones(arch: str, opt
         _step(masked_model, masked_opt, batch, slices)
         _step(shrunk, shrunk_opt, batch, [])
 
-    assert {id(p) for g in shrunk_opt.param_groups for p in g["params"]} == {id(p) for p in shrunk.parameters()}
+    assert {id(p) for g in shrunk_opt.param_groups for p in g["params"]} == {
+        id(p) for p in shrunk.parameters()
+    }
     assert all(float(state["step"]) == 6 for state in shrunk_opt.state.values())
     expected = prune_model(masked_model, masks)
     handle.remove()
@@ -111,7 +116,9 @@ def test_statistics_follow_the_kept_units() -> None:
     after = scorer.scores()
     for kind, mask in masks.items():
         # in the shrunk model's layout, and back at the full positions they came from
-        assert after[kind].shape[-1] == (max(unit_counts(model)[kind]) if kind != "hidden" else int(mask.sum()))
+        assert after[kind].shape[-1] == (
+            max(unit_counts(model)[kind]) if kind != "hidden" else int(mask.sum())
+        )
         full = expand_scores(after[kind], mask)
         assert torch.equal(full[mask], before[kind][mask])
         assert torch.isinf(full[~mask]).all()

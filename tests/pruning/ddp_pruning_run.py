@@ -43,24 +43,39 @@ class BothRanks(L.LightningDataModule):
     """Rank 0's batch, then rank 1's, for each step."""
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader([make_batch(seed=100 * rank + i) for i in range(4) for rank in (0, 1)], batch_size=None)
+        return DataLoader(
+            [make_batch(seed=100 * rank + i) for i in range(4) for rank in (0, 1)], batch_size=None
+        )
 
 
 def build(out: Path) -> tuple[DistillationModule, PruningCallback]:
     torch.manual_seed(0)
     teacher = BertForMaskedLM(tiny_bert_config())
-    module = DistillationModule(teacher, {"init": "copy"}, learning_rate=1e-3,
-                                objective=[{"term": "logits"}, {"term": "hidden"}, {"term": "task"}])
-    pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2,
-                              export_dir=str(out / "student"))
+    module = DistillationModule(
+        teacher,
+        {"init": "copy"},
+        learning_rate=1e-3,
+        objective=[{"term": "logits"}, {"term": "hidden"}, {"term": "task"}],
+    )
+    pruning = PruningCallback(
+        {"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2, export_dir=str(out / "student")
+    )
     return module, pruning
 
 
 def single_process(out: Path) -> DistillationModule:
     module, pruning = build(out)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, accumulate_grad_batches=2,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruning])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        logger=False,
+        accumulate_grad_batches=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning],
+    )
     trainer.fit(module, BothRanks())
     return module
 
@@ -68,13 +83,27 @@ def single_process(out: Path) -> DistillationModule:
 def main(out: Path) -> None:
     module, pruning = build(out)
     history = MaskHistory(pruning)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[pruning, history])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[pruning, history],
+    )
     trainer.fit(module, RankBatches())
-    torch.save({"history": history.history, "events": pruning.events,
-                "student": {k: v.clone() for k, v in module.student.state_dict().items()}},
-               out / f"rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "history": history.history,
+            "events": pruning.events,
+            "student": {k: v.clone() for k, v in module.student.state_dict().items()},
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd.models import importance
-from lightning_kd.models.importance import PlatonImportance
+from lightning_kd.pruning import importance
+from lightning_kd.pruning.importance import PlatonImportance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_nonfinite import Poison  # noqa: E402
@@ -22,8 +22,11 @@ from test_nonfinite import Poison  # noqa: E402
 
 def scripted(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
     steps = iter(values)
-    monkeypatch.setattr(importance, "_sensitivity_on_device",
-                        lambda model, kinds=None: {"ffn": torch.full((1, 2), next(steps))})
+    monkeypatch.setattr(
+        importance,
+        "_sensitivity_on_device",
+        lambda model, kinds=None: {"ffn": torch.full((1, 2), next(steps))},
+    )
 
 
 def test_platon_window_averages_delta_t_steps_before_the_emas(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,8 +50,9 @@ def test_platon_window_averages_delta_t_steps_before_the_emas(monkeypatch: pytes
 def test_a_skipped_fp16_step_does_not_poison_the_importance(teacher: BertForMaskedLM) -> None:
     torch.manual_seed(0)
     # step 3's gradients overflow (inf) while its loss stays finite: 16-mixed's GradScaler skips that step
-    module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"},
-                                                                         Poison(bad=(2,), bad_gradient=True)])
+    module = DistillationModule(
+        teacher, {"init": "copy"}, objective=[{"term": "hidden"}, Poison(bad=(2,), bad_gradient=True)]
+    )
     pruning = PruningCallback({"ffn": 0.5, "heads": 0.5}, interval=2, end_step=6, physical=False)
     # Lightning turns 16-mixed into bf16-mixed on a CPU; this keeps fp16 and its GradScaler, as on a GPU
     fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
@@ -59,13 +63,16 @@ def test_a_skipped_fp16_step_does_not_poison_the_importance(teacher: BertForMask
     assert torch.isfinite(scores).all() and scores.std() > 0  # ranked by importance, not by index
 
 
-def test_first_event_before_the_first_window_is_refused_and_the_callback_pickles(teacher: BertForMaskedLM
-                                                                                ) -> None:
+def test_first_event_before_the_first_window_is_refused_and_the_callback_pickles(
+    teacher: BertForMaskedLM,
+) -> None:
     module = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden"}])
-    with pytest.raises(ValueError, match="first pruning event \\(step 2\\) comes before PLATON's first window of "
-                                         "delta_t=10"):
+    with pytest.raises(
+        ValueError, match="first pruning event \\(step 2\\) comes before PLATON's first window of delta_t=10"
+    ):
         quiet_trainer(max_steps=6, callbacks=[PruningCallback({"ffn": 0.5}, interval=2, delta_t=10)]).fit(
-            module, FixedBatches())
+            module, FixedBatches()
+        )
     # ddp_spawn pickles the callback into every process
     restored = pickle.loads(pickle.dumps(PruningCallback({"ffn": 0.5}, schedule="cubic")))
     assert restored.schedule(0.5) == pytest.approx(0.875)

@@ -12,8 +12,12 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 from lightning_kd import DistillationModule, PruningCallback
 
 TARGET = {"heads": 0.5, "ffn": 0.25, "hidden": 0.5}
-OBJECTIVE = [{"term": "logits", "temperature": 2.0}, {"term": "hidden", "layers": "uniform"},
-             {"term": "relations", "weight": 0.5}, {"term": "task", "weight": 0.5}]
+OBJECTIVE = [
+    {"term": "logits", "temperature": 2.0},
+    {"term": "hidden", "layers": "uniform"},
+    {"term": "relations", "weight": 0.5},
+    {"term": "task", "weight": 0.5},
+]
 
 
 def homodistil(teacher: BertForMaskedLM) -> DistillationModule:
@@ -23,7 +27,9 @@ def homodistil(teacher: BertForMaskedLM) -> DistillationModule:
 
 def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     module = homodistil(teacher)
-    pruning = PruningCallback(TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False, physical=False)
+    pruning = PruningCallback(
+        TARGET, start_step=0, end_step=8, interval=2, prune_at_end=False, physical=False
+    )
     trainer = quiet_trainer(max_steps=10, callbacks=[pruning])
     trainer.fit(module, FixedBatches())
     full = {"heads": 4, "ffn": 32, "hidden": 16}
@@ -54,7 +60,11 @@ def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path:
     masked_terms = module.objective(module.teacher_features(batch), module.student_features(batch), batch)[1]
     pruned = pruning.prune_student(module)
     pruned.eval()
-    assert (pruned.config.hidden_size, pruned.config.num_attention_heads, pruned.config.intermediate_size) == (8, 2, 8)
+    assert (
+        pruned.config.hidden_size,
+        pruned.config.num_attention_heads,
+        pruned.config.intermediate_size,
+    ) == (8, 2, 8)
     assert torch.allclose(pruned(**inputs).logits, masked_logits, atol=1e-5)
     pruned_terms = module.objective(module.teacher_features(batch), module.student_features(batch), batch)[1]
     for name in ("logits_kl", "hidden_mse", "task"):
@@ -63,7 +73,9 @@ def test_schedule_masks_and_physical_removal(teacher: BertForMaskedLM, tmp_path:
 
 
 def test_resumed_run_ends_with_the_same_student(teacher: BertForMaskedLM, tmp_path: Path) -> None:
-    def run(stop_at: int | None = None, ckpt: str | None = None) -> tuple[DistillationModule, PruningCallback]:
+    def run(
+        stop_at: int | None = None, ckpt: str | None = None
+    ) -> tuple[DistillationModule, PruningCallback]:
         module = homodistil(teacher)
         pruning = PruningCallback(TARGET, start_step=1, end_step=9, interval=2)
         callbacks = [pruning] + ([StopAt(stop_at)] if stop_at else [])
@@ -111,19 +123,24 @@ def test_bad_input_is_refused_before_training(teacher: BertForMaskedLM, tmp_path
     with pytest.raises(ValueError, match="prunes heads, ffn, hidden"):
         PruningCallback({"layers": 0.5})
     with pytest.raises(ValueError, match="between 1 and 4"):
-        quiet_trainer(max_steps=4, callbacks=[PruningCallback({"heads": 0})]).fit(homodistil(teacher), FixedBatches())
+        quiet_trainer(max_steps=4, callbacks=[PruningCallback({"heads": 0})]).fit(
+            homodistil(teacher), FixedBatches()
+        )
     with pytest.raises(ValueError, match="after the run's last step 4"):
-        quiet_trainer(max_steps=4, callbacks=[PruningCallback(TARGET, end_step=6)]).fit(homodistil(teacher),
-                                                                                       FixedBatches())
+        quiet_trainer(max_steps=4, callbacks=[PruningCallback(TARGET, end_step=6)]).fit(
+            homodistil(teacher), FixedBatches()
+        )
     # BERT derives the head size from hidden / heads: 4 heads of 4 cannot be saved in 8 dimensions
     with pytest.raises(ValueError, match="at most 2 heads"):
-        quiet_trainer(max_steps=4, callbacks=[PruningCallback({"hidden": 8})]).fit(homodistil(teacher),
-                                                                                  FixedBatches())
+        quiet_trainer(max_steps=4, callbacks=[PruningCallback({"hidden": 8})]).fit(
+            homodistil(teacher), FixedBatches()
+        )
     small = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
     other = BertForMaskedLM(tiny_bert_config(hidden_size=8, num_attention_heads=2))
     with pytest.raises(ValueError, match="Use student=\\{'init': 'copy'\\}"):
         quiet_trainer(max_steps=4, callbacks=[PruningCallback(TARGET)]).fit(
-            DistillationModule(teacher, other), FixedBatches())
+            DistillationModule(teacher, other), FixedBatches()
+        )
     with pytest.raises(ValueError, match="is not the teacher's"):
         quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(small, FixedBatches())
     shallow = PruningCallback({"heads": 0.5}, end_step=2, interval=1, expect_copy=False)
@@ -131,31 +148,36 @@ def test_bad_input_is_refused_before_training(teacher: BertForMaskedLM, tmp_path
     assert small.student.config.num_attention_heads == 2
 
     module = homodistil(teacher)
-    trainer = quiet_trainer(max_steps=4, callbacks=[PruningCallback(TARGET, end_step=4, interval=2,
-                                                                    prune_at_end=False)],
-                            default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_steps=4,
+        callbacks=[PruningCallback(TARGET, end_step=4, interval=2, prune_at_end=False)],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, FixedBatches())
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     other_target = PruningCallback({**TARGET, "hidden": 0.75}, end_step=4)
     with pytest.raises(ValueError, match="pruned towards target"):
-        quiet_trainer(max_steps=6, callbacks=[other_target]).fit(homodistil(teacher), FixedBatches(),
-                                                                 ckpt_path=str(tmp_path / "run.ckpt"))
+        quiet_trainer(max_steps=6, callbacks=[other_target]).fit(
+            homodistil(teacher), FixedBatches(), ckpt_path=str(tmp_path / "run.ckpt")
+        )
 
 
 def test_terms_that_read_heads_are_checked_against_the_pruned_width(teacher: BertForMaskedLM) -> None:
     attention = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "attention"}])
     with pytest.raises(ValueError, match="use the 'relations' term"):
         quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(attention, FixedBatches())
-    relations = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "relations",
-                                                                          "num_relation_heads": 16}])
+    relations = DistillationModule(
+        teacher, {"init": "copy"}, objective=[{"term": "relations", "num_relation_heads": 16}]
+    )
     with pytest.raises(ValueError, match="do not divide the 8 dimensions"):
         quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 0.5})]).fit(relations, FixedBatches())
 
 
 def test_relation_heads_must_divide_every_width_the_schedule_passes_through(teacher: BertForMaskedLM) -> None:
     # 4 heads of 4 dimensions go to 2 through 3: 8 relation heads divide the final 8 dimensions but not 12
-    relations = DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "relations",
-                                                                          "num_relation_heads": 8}])
+    relations = DistillationModule(
+        teacher, {"init": "copy"}, objective=[{"term": "relations", "num_relation_heads": 8}]
+    )
     pruning = PruningCallback({"heads": 0.5}, interval=1, end_step=4, schedule="linear")
     with pytest.raises(ValueError, match="do not divide the 12 dimensions .*widths \\[8, 12, 16\\].* e.g. 4"):
         quiet_trainer(max_steps=6, callbacks=[pruning]).fit(relations, FixedBatches())

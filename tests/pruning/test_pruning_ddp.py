@@ -20,8 +20,14 @@ from ddp_pruning_run import single_process  # noqa: E402
 @pytest.mark.slow
 def test_two_ranks_prune_identically(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert [e["step"] for e in rank0["events"]] == [2, 4, 6]
@@ -39,7 +45,9 @@ def test_two_ranks_prune_identically(tmp_path: Path) -> None:
 
     # the students really shrank during the run, and gradient sync kept working after every re-wrap:
     # one process that averages the same two batches per step ends with the same student
-    assert [e["params"] for e in rank0["events"]] == sorted((e["params"] for e in rank0["events"]), reverse=True)
+    assert [e["params"] for e in rank0["events"]] == sorted(
+        (e["params"] for e in rank0["events"]), reverse=True
+    )
     alone = single_process(tmp_path / "single").student.state_dict()
     assert alone.keys() == rank0["student"].keys()
     for name, value in alone.items():

@@ -13,12 +13,16 @@ from kd_helpers import FixedBatches, quiet_trainer, tiny_bert_config
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
-from lightning_kd.models import get_adapter, unit_counts
+from lightning_kd.models import get_adapter
+from lightning_kd.pruning import unit_counts
 
 TARGET = {"heads": 0.5, "ffn": 0.25, "hidden": 0.5}
 # a real MLM objective: prediction KL, hidden states, and the student's own masked-token loss
-OBJECTIVE = [{"term": "logits", "temperature": 2.0}, {"term": "hidden", "layers": "uniform"},
-             {"term": "task", "weight": 0.5}]
+OBJECTIVE = [
+    {"term": "logits", "temperature": 2.0},
+    {"term": "hidden", "layers": "uniform"},
+    {"term": "task", "weight": 0.5},
+]
 
 
 @pytest.fixture
@@ -40,26 +44,43 @@ class ShapeLog(L.Callback):
             return
         student = pl_module.student
         # transformers installs output-capturing hooks of its own; count the library's (the masks)
-        hooks = sum(getattr(hook, "__module__", "").startswith("lightning_kd") for m in student.modules()
-                    for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+        hooks = sum(
+            getattr(hook, "__module__", "").startswith("lightning_kd")
+            for m in student.modules()
+            for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        )
         optimizer = trainer.optimizers[0]
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
-        state_ok = all(value.shape == p.shape for p, state in optimizer.state.items()
-                       for value in state.values() if value.ndim > 0)
-        self.rows.append({"params": sum(p.numel() for p in student.parameters()), "hooks": hooks,
-                          "counts": unit_counts(student), "optimized_is_trainable": optimized == trainable,
-                          "state_shaped": state_ok, "state_step": [float(s["step"]) for s in optimizer.state.values()]})
+        state_ok = all(
+            value.shape == p.shape
+            for p, state in optimizer.state.items()
+            for value in state.values()
+            if value.ndim > 0
+        )
+        self.rows.append(
+            {
+                "params": sum(p.numel() for p in student.parameters()),
+                "hooks": hooks,
+                "counts": unit_counts(student),
+                "optimized_is_trainable": optimized == trainable,
+                "state_shaped": state_ok,
+                "state_step": [float(s["step"]) for s in optimizer.state.values()],
+            }
+        )
 
 
 def _log(trainer: L.Trainer) -> list[dict]:
     return next(c for c in trainer.callbacks if isinstance(c, ShapeLog)).rows
 
 
-def distil(teacher: BertForMaskedLM, pruning: PruningCallback, steps: int = 10, **module_kwargs: Any
-           ) -> tuple[DistillationModule, L.Trainer]:
+def distil(
+    teacher: BertForMaskedLM, pruning: PruningCallback, steps: int = 10, **module_kwargs: Any
+) -> tuple[DistillationModule, L.Trainer]:
     L.seed_everything(5)
-    module = DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=1e-3, **module_kwargs)
+    module = DistillationModule(
+        teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=1e-3, **module_kwargs
+    )
     trainer = quiet_trainer(max_steps=steps, callbacks=[pruning, ShapeLog(pruning)])
     trainer.fit(module, FixedBatches())
     return module, trainer
@@ -80,7 +101,9 @@ def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path
     assert [row["params"] for row in log] == [e["params"] for e in shrink.events]
     assert all(row["hooks"] == 0 and row["optimized_is_trainable"] and row["state_shaped"] for row in log)
     assert [row["counts"]["hidden"] for row in log] == [e["hidden"] for e in shrink.events]
-    assert all(set(row["state_step"]) == {float(e["step"])} for row, e in zip(log, shrink.events, strict=True))
+    assert all(
+        set(row["state_step"]) == {float(e["step"])} for row, e in zip(log, shrink.events, strict=True)
+    )
     assert shrunk.student.config.hidden_size == 8 and shrunk.student.config.intermediate_size == 8
 
     # checkpoints: the shrunk run's is smaller, and loads back into its shapes
@@ -106,10 +129,13 @@ def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path
         assert torch.allclose(value, actual[name], atol=2e-6), (name, (value - actual[name]).abs().max())
 
 
-@pytest.mark.parametrize("options", [
-    {"target": {"heads": 0.5, "ffn": 0.25}, "same_per_layer": False, "importance": "sensitivity"},
-    {"target": {"hidden": 0.5, "heads": 0.5}, "schedule": "linear", "start_step": 1},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"target": {"heads": 0.5, "ffn": 0.25}, "same_per_layer": False, "importance": "sensitivity"},
+        {"target": {"hidden": 0.5, "heads": 0.5}, "schedule": "linear", "start_step": 1},
+    ],
+)
 def test_shrinking_equals_masking_across_settings(dropout_teacher: BertForMaskedLM, options: dict) -> None:
     """Ragged layers (units compete across layers), the other scorer, another schedule and start."""
     results = []
@@ -164,9 +190,13 @@ def test_masks_with_compile_are_refused(teacher: BertForMaskedLM) -> None:
 
 
 def test_a_checkpoint_resumes_only_into_its_own_mode(teacher: BertForMaskedLM, tmp_path: Path) -> None:
-    module, trainer = distil(teacher, PruningCallback(TARGET, end_step=4, interval=2, prune_at_end=False), steps=4)
+    module, trainer = distil(
+        teacher, PruningCallback(TARGET, end_step=4, interval=2, prune_at_end=False), steps=4
+    )
     trainer.save_checkpoint(tmp_path / "shrunk.ckpt")
     other = PruningCallback(TARGET, end_step=4, interval=2, physical=False)
     fresh = DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, learning_rate=1e-3)
     with pytest.raises(ValueError, match="physical=True"):
-        quiet_trainer(max_steps=6, callbacks=[other]).fit(fresh, FixedBatches(), ckpt_path=tmp_path / "shrunk.ckpt")
+        quiet_trainer(max_steps=6, callbacks=[other]).fit(
+            fresh, FixedBatches(), ckpt_path=tmp_path / "shrunk.ckpt"
+        )

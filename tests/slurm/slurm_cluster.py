@@ -32,12 +32,23 @@ TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "ip", "n
 PACKAGES = ("slurm-wlm", "munge", "iproute2", "util-linux")
 INTERFACE = "kdnet0"
 SUBNET = "10.77.0"
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in TOOLS if shutil.which(tool, path=f"{os.environ.get('PATH', '')}:{SBIN_PATH}") is None]
+    return [
+        tool for tool in TOOLS if shutil.which(tool, path=f"{os.environ.get('PATH', '')}:{SBIN_PATH}") is None
+    ]
 
 
 def install_slurm() -> None:
@@ -90,20 +101,33 @@ class SlurmCluster:
     @property
     def env(self) -> dict[str, str]:
         """The environment SLURM's client commands need: this cluster's slurm.conf and the daemons' PATH."""
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": f"{os.environ.get('PATH', '')}:{SBIN_PATH}"}
+        return {
+            **os.environ,
+            "SLURM_CONF": str(self.conf),
+            "PATH": f"{os.environ.get('PATH', '')}:{SBIN_PATH}",
+        }
 
-    def run(self, *command: str, node: int = 0, check: bool = True, timeout: float = 60,
-            env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *command: str,
+        node: int = 0,
+        check: bool = True,
+        timeout: float = 60,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """Runs ``command`` inside a node's namespace (the first by default, where slurmctld listens)."""
         full = ["nsenter", f"--net=/run/netns/{self.nodes[node].namespace}", *command]
-        result = subprocess.run(full, env=dict(env or self.env), cwd=cwd, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            full, env=dict(env or self.env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def sbatch(self, script: Path, *options: str, args: tuple[str, ...] = (), env: Mapping[str, str],
-               cwd: Path) -> int:
+    def sbatch(
+        self, script: Path, *options: str, args: tuple[str, ...] = (), env: Mapping[str, str], cwd: Path
+    ) -> int:
         out = self.run("sbatch", "--parsable", *options, str(script), *args, env=env, cwd=cwd).stdout
         return int(out.strip().split(";")[0])
 
@@ -112,11 +136,19 @@ class SlurmCluster:
         if result.returncode != 0 or not result.stdout.strip():
             return None
         fields = dict(re.findall(r"(\w+)=(\S*)", result.stdout))
-        return Job(job_id, fields.get("JobState", "?"), fields.get("Reason", ""), int(fields.get("Restarts", 0)),
-                   fields.get("ExitCode", ""), fields.get("StartTime", ""), fields)
+        return Job(
+            job_id,
+            fields.get("JobState", "?"),
+            fields.get("Reason", ""),
+            int(fields.get("Restarts", 0)),
+            fields.get("ExitCode", ""),
+            fields.get("StartTime", ""),
+            fields,
+        )
 
-    def wait(self, job_id: int, until: Callable[[Job], bool], timeout: float, what: str,
-             log: Path | None = None) -> Job:
+    def wait(
+        self, job_id: int, until: Callable[[Job], bool], timeout: float, what: str, log: Path | None = None
+    ) -> Job:
         """Polls the job until ``until(job)``; a requeued job waiting for its begin time is released at once.
 
         SLURM holds a requeued job back until ``now + cred_expire + 1`` (121 s by default) before it may
@@ -155,7 +187,9 @@ class SlurmCluster:
         self._write_config()
         first = self.nodes[0]
         self._daemon("slurmctld", first, ["slurmctld", "-D", "-f", str(self.conf)])
-        self._wait_for(lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30, "slurmctld answers")
+        self._wait_for(
+            lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30, "slurmctld answers"
+        )
         for node in self.nodes:
             self._daemon(f"slurmd-{node.name}", node, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
         self._wait_for(self._all_idle, 60, "every node idle in sinfo")
@@ -164,11 +198,15 @@ class SlurmCluster:
         a, b = self.nodes
         for node in self.nodes:
             _ip("netns", "add", node.namespace)
-            self._undo.append((f"namespace {node.namespace}", lambda ns=node.namespace: self._remove_namespace(ns)))
+            self._undo.append(
+                (f"namespace {node.namespace}", lambda ns=node.namespace: self._remove_namespace(ns))
+            )
         # One veth pair is the only link between the two nodes; each end moves into its node's namespace.
         _ip("link", "add", a.veth, "type", "veth", "peer", "name", b.veth)
         # only needed if a move below fails: a pair still in the root namespace would outlive the test
-        self._undo.append((f"veth {a.veth}", lambda: subprocess.run(["ip", "link", "del", a.veth], capture_output=True)))
+        self._undo.append(
+            (f"veth {a.veth}", lambda: subprocess.run(["ip", "link", "del", a.veth], capture_output=True))
+        )
         for node in self.nodes:
             _ip("link", "set", node.veth, "netns", node.namespace)
             # the same name on both nodes, so one GLOO_SOCKET_IFNAME serves every rank
@@ -187,9 +225,15 @@ class SlurmCluster:
         key.chmod(0o400)
         # munged also refuses a key that others may read
         folder.chmod(0o755)
-        command = ["munged", "--foreground", f"--socket={socket_path}", f"--key-file={key}",
-                   f"--pid-file={folder / 'munged.pid'}", f"--seed-file={folder / 'munged.seed'}",
-                   f"--log-file={folder / 'munged.log'}"]
+        command = [
+            "munged",
+            "--foreground",
+            f"--socket={socket_path}",
+            f"--key-file={key}",
+            f"--pid-file={folder / 'munged.pid'}",
+            f"--seed-file={folder / 'munged.seed'}",
+            f"--log-file={folder / 'munged.log'}",
+        ]
         self._daemon("munged", None, command)
         self._wait_for(socket_path.exists, 15, "munged's socket")
 
@@ -230,8 +274,10 @@ class SlurmCluster:
             # keep finished jobs visible to `scontrol show job` for the whole test session
             "MinJobAge=3600",
             "InactiveLimit=0",
-            *(f"NodeName={n.name} NodeAddr={n.address} CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
-              for n in self.nodes),
+            *(
+                f"NodeName={n.name} NodeAddr={n.address} CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
+                for n in self.nodes
+            ),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
@@ -243,8 +289,9 @@ class SlurmCluster:
             # nsenter execs the daemon, so the pid we hold is the daemon's own
             command = ["nsenter", f"--net=/run/netns/{node.namespace}", *command]
         out = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         out.close()
         self._daemons.append((name, process))
         self._undo.append((name, lambda: _stop(process)))

@@ -37,9 +37,15 @@ def write_tokenizer(folder: Path) -> Path:
 def write_teacher(folder: Path, vocab_size: int) -> Path:
     # dropout 0: a resumed run then needs no RNG state to match one that never stopped
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(folder)
     return folder
@@ -65,8 +71,13 @@ def write_assets(root: Path) -> dict[str, Path]:
     }
 
 
-def recipe(assets: dict[str, Path], out: Path, hold_at: list[int] | None = None, num_workers: int = 0,
-           pace: float = 0.0) -> dict[str, Any]:
+def recipe(
+    assets: dict[str, Path],
+    out: Path,
+    hold_at: list[int] | None = None,
+    num_workers: int = 0,
+    pace: float = 0.0,
+) -> dict[str, Any]:
     """HomoDistil on the tiny teacher, DDP over gloo on CPU. ``out`` receives the export and the rank records.
 
     ``hold_at[n]`` is the step where attempt ``n`` of the job holds (see ``slurm_probe.HoldAt``); ``pace``
@@ -74,15 +85,23 @@ def recipe(assets: dict[str, Path], out: Path, hold_at: list[int] | None = None,
     ``trainer.devices``/``num_nodes`` are left for the sbatch script to set from SLURM's variables.
     """
     callbacks: list[dict[str, Any]] = [
-        {"class_path": "lightning_kd.PruningCallback",
-         "init_args": {"target": TARGET, "end_step": PRUNE_END, "interval": PRUNE_INTERVAL,
-                       "export_dir": str(out / "student")}},
+        {
+            "class_path": "lightning_kd.PruningCallback",
+            "init_args": {
+                "target": TARGET,
+                "end_step": PRUNE_END,
+                "interval": PRUNE_INTERVAL,
+                "export_dir": str(out / "student"),
+            },
+        },
         {"class_path": "slurm_probe.RankRecord", "init_args": {"out_dir": str(out)}},
-    ]  # fmt: skip
+    ]
     if pace:
         callbacks.append({"class_path": "slurm_probe.Pace", "init_args": {"seconds": pace}})
     if hold_at is not None:
-        callbacks.append({"class_path": "slurm_probe.HoldAt", "init_args": {"steps": hold_at, "out_dir": str(out)}})
+        callbacks.append(
+            {"class_path": "slurm_probe.HoldAt", "init_args": {"steps": hold_at, "out_dir": str(out)}}
+        )
     return {
         "seed_everything": 0,
         "trainer": {

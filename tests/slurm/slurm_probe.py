@@ -65,7 +65,9 @@ class RankRecord(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start = {"step": trainer.global_step, **self._where(trainer)}
-        (self.out_dir / f"start-rank{trainer.global_rank}-attempt{_attempt()}.json").write_text(json.dumps(start))
+        (self.out_dir / f"start-rank{trainer.global_rank}-attempt{_attempt()}.json").write_text(
+            json.dumps(start)
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,9 @@ class RankRecord(L.Callback):
             "global_step": trainer.global_step,
             "events": list(pruning.events),
             "masks": {kind: mask.clone() for kind, mask in pruning.masks.items()},
-            "student": {name: value.detach().clone() for name, value in pl_module.student.state_dict().items()},
+            "student": {
+                name: value.detach().clone() for name, value in pl_module.student.state_dict().items()
+            },
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(record, self.out_dir / f"rank{trainer.global_rank}-attempt{_attempt()}.pt")
@@ -114,7 +118,9 @@ class HoldAt(L.Callback):
         if attempt >= len(self.steps) or trainer.global_step != self.steps[attempt]:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"held-rank{trainer.global_rank}-attempt{attempt}").write_text(str(trainer.global_step))
+        (self.out_dir / f"held-rank{trainer.global_rank}-attempt{attempt}").write_text(
+            str(trainer.global_step)
+        )
         deadline = time.monotonic() + self.seconds
         # Sleeping in Python lets signal handlers run at once; SLURM's SIGKILL ends the hold.
         while time.monotonic() < deadline:

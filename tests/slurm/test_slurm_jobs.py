@@ -52,8 +52,11 @@ def job_env(cluster: SlurmCluster, **settings: str) -> dict[str, str]:
     """The environment sbatch hands on to the job: this venv's `lightning-kd`, the probes, nothing online."""
     # nothing of an allocation or launcher the tests themselves may run under
     launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
-    env = {k: v for k, v in cluster.env.items()
-           if not k.startswith(("SLURM_", "WANDB_", "PYTEST_")) and k not in launcher}
+    env = {
+        k: v
+        for k, v in cluster.env.items()
+        if not k.startswith(("SLURM_", "WANDB_", "PYTEST_")) and k not in launcher
+    }
     env.update(
         SLURM_CONF=str(cluster.conf),
         PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
@@ -71,19 +74,36 @@ def job_env(cluster: SlurmCluster, **settings: str) -> dict[str, str]:
     return env
 
 
-def sbatch(cluster: SlurmCluster, script: str, log: Path, env: dict[str, str], nodes: int, tasks_per_node: int,
-           *options: str, args: tuple[str, ...] = ()) -> int:
+def sbatch(
+    cluster: SlurmCluster,
+    script: str,
+    log: Path,
+    env: dict[str, str],
+    nodes: int,
+    tasks_per_node: int,
+    *options: str,
+    args: tuple[str, ...] = (),
+) -> int:
     return cluster.sbatch(
         SCRIPTS / script,
         # the scripts ask for 8 GPUs and 8 CPUs per task; this cluster has CPUs only
-        f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0", "--cpus-per-task=1",
-        "--time=10", "--job-name=lkd-test", f"--output={log}", *options,
-        args=args, env=env, cwd=REPO,
-    )  # fmt: skip
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks_per_node}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10",
+        "--job-name=lkd-test",
+        f"--output={log}",
+        *options,
+        args=args,
+        env=env,
+        cwd=REPO,
+    )
 
 
-def submit(cluster: SlurmCluster, script: str, out: Path, config: dict[str, Any], nodes: int,
-           tasks_per_node: int) -> tuple[int, Path]:
+def submit(
+    cluster: SlurmCluster, script: str, out: Path, config: dict[str, Any], nodes: int, tasks_per_node: int
+) -> tuple[int, Path]:
     """Submits ``config`` as the job's recipe; the job writes its run folder and records under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     path = write_recipe(out / "recipe.yaml", config)
@@ -92,8 +112,9 @@ def submit(cluster: SlurmCluster, script: str, out: Path, config: dict[str, Any]
     return sbatch(cluster, script, log, env, nodes, tasks_per_node), log
 
 
-def run_to_end(cluster: SlurmCluster, script: str, out: Path, config: dict[str, Any], nodes: int,
-               tasks_per_node: int) -> Run:
+def run_to_end(
+    cluster: SlurmCluster, script: str, out: Path, config: dict[str, Any], nodes: int, tasks_per_node: int
+) -> Run:
     started = time.monotonic()
     job_id, log = submit(cluster, script, out, config, nodes, tasks_per_node)
     try:
@@ -130,11 +151,14 @@ def assert_exported(folder: Path, reference: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_node_run(slurm_cluster: SlurmCluster, job_assets: dict[str, Path],
-                    tmp_path_factory: pytest.TempPathFactory) -> Run:
+def single_node_run(
+    slurm_cluster: SlurmCluster, job_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Run:
     """The uninterrupted reference: one node, two tasks, DDP over gloo."""
     out = tmp_path_factory.mktemp("single_node")
-    return run_to_end(slurm_cluster, "single_node.sbatch", out, recipe(job_assets, out), nodes=1, tasks_per_node=2)
+    return run_to_end(
+        slurm_cluster, "single_node.sbatch", out, recipe(job_assets, out), nodes=1, tasks_per_node=2
+    )
 
 
 def test_single_node_job_distils_and_prunes_with_ddp(single_node_run: Run) -> None:
@@ -144,7 +168,9 @@ def test_single_node_job_distils_and_prunes_with_ddp(single_node_run: Run) -> No
         assert record["cluster_environment"] == "SLURMEnvironment"
         assert record["global_step"] == MAX_STEPS and record["attempt"] == 0
     assert rank0["node"] == rank1["node"]
-    assert [event["step"] for event in rank0["events"]] == list(range(PRUNE_INTERVAL, PRUNE_END + 1, PRUNE_INTERVAL))
+    assert [event["step"] for event in rank0["events"]] == list(
+        range(PRUNE_INTERVAL, PRUNE_END + 1, PRUNE_INTERVAL)
+    )
     assert_same_student([rank1], rank0)
     assert_exported(single_node_run.out / "student", rank0)
     assert resumed_from(single_node_run.log_text()) == {0: "nothing"}
@@ -152,11 +178,13 @@ def test_single_node_job_distils_and_prunes_with_ddp(single_node_run: Run) -> No
     print(f"single-node job: {single_node_run.seconds:.0f} s")
 
 
-def test_two_node_job_matches_the_single_node_job(slurm_cluster: SlurmCluster, job_assets: dict[str, Path],
-                                                  single_node_run: Run, tmp_path: Path) -> None:
+def test_two_node_job_matches_the_single_node_job(
+    slurm_cluster: SlurmCluster, job_assets: dict[str, Path], single_node_run: Run, tmp_path: Path
+) -> None:
     """One task on each node: the DDP rendezvous and every all-reduce cross the veth link."""
-    run = run_to_end(slurm_cluster, "multi_node.sbatch", tmp_path, recipe(job_assets, tmp_path), nodes=2,
-                     tasks_per_node=1)
+    run = run_to_end(
+        slurm_cluster, "multi_node.sbatch", tmp_path, recipe(job_assets, tmp_path), nodes=2, tasks_per_node=1
+    )
     rank0, rank1 = run.records()
     n1, n2 = slurm_cluster.nodes
     assert (rank0["node"], rank1["node"]) == (n1.name, n2.name)
@@ -199,8 +227,9 @@ def test_preempted_then_killed_job_resumes_to_the_same_student(
         signalled_at = progress()
         # what `#SBATCH --signal=USR1@90` does before the time limit: SIGUSR1 to the tasks, not the batch shell
         cluster.run("scancel", "--signal=USR1", str(job_id))
-        cluster.wait(job_id, lambda job: job.restarts == 1 and held(1), JOB_TIMEOUT,
-                     "attempt 1 at step 14", log)
+        cluster.wait(
+            job_id, lambda job: job.restarts == 1 and held(1), JOB_TIMEOUT, "attempt 1 at step 14", log
+        )
         hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
         assert hpc.exists()
         assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] == 10
@@ -214,9 +243,15 @@ def test_preempted_then_killed_job_resumes_to_the_same_student(
     assert job.restarts == 2
     assert signalled_at < 10
     assert "SIGUSR1 received: checkpoint of step 10" in text
-    assert "Handling auto-requeue signal" not in text  # Lightning's own handler, which can deadlock, stayed off
+    assert (
+        "Handling auto-requeue signal" not in text
+    )  # Lightning's own handler, which can deadlock, stayed off
     # the sbatch script's choice at every start: the newest checkpoint of the run
-    assert resumed_from(text) == {0: "nothing", 1: str(hpc), 2: str(tmp_path / "run" / "checkpoints" / "last.ckpt")}
+    assert resumed_from(text) == {
+        0: "nothing",
+        1: str(hpc),
+        2: str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+    }
     # attempt 1 went on from the signal's checkpoint, attempt 2 from the last periodic checkpoint before the kill
     assert start_steps(tmp_path, rank=0) == start_steps(tmp_path, rank=1) == {0: 0, 1: 10, 2: 12}
 
@@ -231,7 +266,7 @@ def test_preempted_then_killed_job_resumes_to_the_same_student(
 def printed_config(stdout: Path) -> dict[str, Any]:
     """The recipe as `lightning-kd fit ... --print_config` printed it inside the job (after the script's line)."""
     text = stdout.read_text()
-    return yaml.safe_load(text[text.index("# lightning.pytorch=="):])
+    return yaml.safe_load(text[text.index("# lightning.pytorch==") :])
 
 
 def test_paper_recipes_take_the_scripts_arguments(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -242,12 +277,24 @@ def test_paper_recipes_take_the_scripts_arguments(slurm_cluster: SlurmCluster, t
     for script, recipe_name in cases.items():
         out = tmp_path / script
         out.mkdir()
-        env = job_env(slurm_cluster, RUN_DIR=str(out / "run"), **({"RECIPE": recipe_name} if recipe_name else {}))
-        jobs[script] = sbatch(slurm_cluster, script, out / "job.out", env, 1, 1, f"--error={out / 'job.err'}",
-                              args=("--print_config",))
+        env = job_env(
+            slurm_cluster, RUN_DIR=str(out / "run"), **({"RECIPE": recipe_name} if recipe_name else {})
+        )
+        jobs[script] = sbatch(
+            slurm_cluster,
+            script,
+            out / "job.out",
+            env,
+            1,
+            1,
+            f"--error={out / 'job.err'}",
+            args=("--print_config",),
+        )
     try:
-        done = {script: slurm_cluster.wait_done(job_id, JOB_TIMEOUT, tmp_path / script / "job.err")
-                for script, job_id in jobs.items()}
+        done = {
+            script: slurm_cluster.wait_done(job_id, JOB_TIMEOUT, tmp_path / script / "job.err")
+            for script, job_id in jobs.items()
+        }
     finally:
         for job_id in jobs.values():
             slurm_cluster.cancel(job_id)
@@ -257,10 +304,17 @@ def test_paper_recipes_take_the_scripts_arguments(slurm_cluster: SlurmCluster, t
         config = printed_config(out / "job.out")
         trainer = config["trainer"]
         # devices stays the string "1" (its type allows str); Lightning reads it as one device per node
-        assert (trainer["num_nodes"], str(trainer["devices"]), trainer["default_root_dir"]) == (1, "1", str(out / "run"))
+        assert (trainer["num_nodes"], str(trainer["devices"]), trainer["default_root_dir"]) == (
+            1,
+            "1",
+            str(out / "run"),
+        )
         ours = trainer["callbacks"][-1]
         assert ours["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint", script
-        assert ours["init_args"]["dirpath"] == str(out / "run" / "checkpoints") and ours["init_args"]["save_last"]
+        assert (
+            ours["init_args"]["dirpath"] == str(out / "run" / "checkpoints")
+            and ours["init_args"]["save_last"]
+        )
         assert ours["init_args"]["train_time_interval"] == "0:30:00"
         if recipe_name is None:
             assert config["model"]["init_args"]["teacher"] == "bert-base-uncased"  # homobert_small.yaml

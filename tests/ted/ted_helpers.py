@@ -24,21 +24,35 @@ def tiny_classifier(
     arch: str = "bert", layers: int = 4, hidden: int = 16, num_labels: int = 3, seed: int = 0
 ) -> torch.nn.Module:
     common = dict(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=num_labels,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     if arch == "bert":
         return BertForSequenceClassification(BertConfig(**common)).eval()
     if arch == "roberta":
         return RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1)).eval()
-    config = DebertaV2Config(**common, relative_attention=True, pos_att_type=["p2c", "c2p"], pooler_hidden_size=hidden,
-                             pooler_dropout=0.0, type_vocab_size=0)  # fmt: skip
+    config = DebertaV2Config(
+        **common,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        pooler_hidden_size=hidden,
+        pooler_dropout=0.0,
+        type_vocab_size=0,
+    )
     return DebertaV2ForSequenceClassification(config).eval()
 
 
-def labelled_batch(num_labels: int, batch_size: int = 4, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+def labelled_batch(
+    num_labels: int, batch_size: int = 4, seq: int = 10, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random tokens with padding on every other row; labels follow the first real token, so there is a task."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB, (batch_size, seq), generator=generator)
@@ -69,9 +83,14 @@ class LabelledBatches(L.LightningDataModule):
 
 def quiet_trainer(**kwargs: object) -> L.Trainer:
     settings = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     settings.update(kwargs)
     return L.Trainer(**settings)
 

@@ -7,16 +7,20 @@ import torch
 from ted_helpers import ARCHITECTURES, LabelledBatches, labelled_batch, quiet_trainer, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.ted import TEDFilterCallback
 from lightning_kd.models.info import model_info
-from lightning_kd.objective import FilteredHidden
-from lightning_kd.ted_filters import LayerFilters, filter_layer_pairs, save_filters
+from lightning_kd.ted import FilteredHidden
+from lightning_kd.ted.callback import TEDFilterCallback
+from lightning_kd.ted.filters import LayerFilters, filter_layer_pairs, save_filters
 
 
-def _module(arch: str = "bert", student_layers: int = 2, student_hidden: int = 8, **kwargs) -> DistillationModule:
+def _module(
+    arch: str = "bert", student_layers: int = 2, student_hidden: int = 8, **kwargs
+) -> DistillationModule:
     teacher = tiny_classifier(arch, layers=4, hidden=16)
     student = tiny_classifier(arch, layers=student_layers, hidden=student_hidden, seed=1).train()
-    return DistillationModule(teacher, student, objective=[{"term": "task"}], task="sequence-classification", **kwargs)
+    return DistillationModule(
+        teacher, student, objective=[{"term": "task"}], task="sequence-classification", **kwargs
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -24,10 +28,16 @@ def test_filters_sit_on_every_kth_layer_of_each_architecture(arch: str) -> None:
     module = _module(arch)
     callback = TEDFilterCallback(stage="filters", interval=2)
     callback.setup(quiet_trainer(), module, "fit")
-    teacher_term, student_term = module.objective.terms["ted_task_teacher"], module.objective.terms["ted_task_student"]
+    teacher_term, student_term = (
+        module.objective.terms["ted_task_teacher"],
+        module.objective.terms["ted_task_student"],
+    )
     assert teacher_term.filters.layers == [2, 4] and student_term.filters.layers == [1, 2]
     assert (teacher_term.filters.in_width, teacher_term.filters.out_width) == (16, 16)
-    assert (student_term.filters.in_width, student_term.filters.out_width) == (8, 16)  # into the teacher's width
+    assert (student_term.filters.in_width, student_term.filters.out_width) == (
+        8,
+        16,
+    )  # into the teacher's width
     # the filter reads the block's output: hidden state i is block i (0 = embeddings)
     batch = labelled_batch(3)
     hidden = module.student_features(batch).hidden_states
@@ -40,7 +50,9 @@ def test_filters_sit_on_every_kth_layer_of_each_architecture(arch: str) -> None:
 def test_pairs_and_bad_intervals() -> None:
     assert filter_layer_pairs(12, 6, interval=2) == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)]
     assert filter_layer_pairs(12, 12, interval=3) == [(3, 3), (6, 6), (9, 9), (12, 12)]
-    with pytest.raises(ValueError, match=r"interval 5 does not divide the teacher's 12 layers.*\[1, 2, 3, 4, 6, 12\]"):
+    with pytest.raises(
+        ValueError, match=r"interval 5 does not divide the teacher's 12 layers.*\[1, 2, 3, 4, 6, 12\]"
+    ):
         filter_layer_pairs(12, 6, interval=5)
     with pytest.raises(ValueError, match="cannot be spread evenly over the student's 3 layers"):
         filter_layer_pairs(4, 3, interval=1)
@@ -68,7 +80,9 @@ def test_stage_two_needs_stage_one_filters(tmp_path) -> None:
     save_filters(tmp_path / "teacher.pt", LayerFilters([2, 4], 16, 16))
     save_filters(tmp_path / "student.pt", LayerFilters([1, 2], 8, 32))
     with pytest.raises(ValueError, match="stage-I student filters .* do not fit"):
-        TEDFilterCallback(stage="distill", filters=str(tmp_path), interval=2).setup(quiet_trainer(), _module(), "fit")
+        TEDFilterCallback(stage="distill", filters=str(tmp_path), interval=2).setup(
+            quiet_trainer(), _module(), "fit"
+        )
 
 
 def test_heads_must_fit_the_task() -> None:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from ted_helpers import quiet_trainer, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.ted import TEDFilterCallback
-from lightning_kd.objective import FilteredHidden
-from lightning_kd.objective.base import Features, ModelInfo
-from lightning_kd.ted_filters import LayerFilters, save_filters
+from lightning_kd.objective.term import Features, ModelInfo
+from lightning_kd.ted import FilteredHidden
+from lightning_kd.ted.callback import TEDFilterCallback
+from lightning_kd.ted.filters import LayerFilters, save_filters
 
 WIDTH = 2
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # 6 real tokens, 2 padding positions
@@ -56,10 +56,14 @@ def test_authors_is_the_published_average_over_layers() -> None:
     generator = torch.Generator().manual_seed(0)
     states_t = tuple(torch.randn(2, 4, WIDTH, generator=generator) for _ in range(3))
     states_s = tuple(torch.randn(2, 4, WIDTH, generator=generator) for _ in range(3))
-    value = _term("authors")(Features(hidden_states=states_t), Features(hidden_states=states_s), {"attention_mask": MASK})
+    value = _term("authors")(
+        Features(hidden_states=states_t), Features(hidden_states=states_s), {"attention_mask": MASK}
+    )
     published = sum(F.mse_loss(states_s[i], states_t[i], reduction="mean") for i in (1, 2)) / 2
     assert value.item() == pytest.approx(published.item(), rel=1e-6)
-    tokens = _term("tokens")(Features(hidden_states=states_t), Features(hidden_states=states_s), {"attention_mask": MASK})
+    tokens = _term("tokens")(
+        Features(hidden_states=states_t), Features(hidden_states=states_s), {"attention_mask": MASK}
+    )
     assert tokens.item() != pytest.approx(value.item())  # the padding of this batch moves the average
 
 
@@ -71,8 +75,12 @@ def test_the_callback_passes_normalize_and_refuses_unknown_values(tmp_path) -> N
     save_filters(tmp_path / "teacher.pt", LayerFilters([2, 4], 16, 16))
     save_filters(tmp_path / "student.pt", LayerFilters([1, 2], 8, 16))
     teacher, student = tiny_classifier(layers=4, hidden=16), tiny_classifier(layers=2, hidden=8, seed=1)
-    module = DistillationModule(teacher, student, objective=[{"term": "task"}], task="sequence-classification")
-    callback = TEDFilterCallback(stage="distill", filters=str(tmp_path), interval=2, normalize="authors", num_labels=3)
+    module = DistillationModule(
+        teacher, student, objective=[{"term": "task"}], task="sequence-classification"
+    )
+    callback = TEDFilterCallback(
+        stage="distill", filters=str(tmp_path), interval=2, normalize="authors", num_labels=3
+    )
     callback.setup(quiet_trainer(), module, "fit")
     assert module.objective.terms["ted"].normalize == "authors"
     assert callback.state_dict()["normalize"] == "authors"

@@ -6,15 +6,21 @@ import torch
 from ted_helpers import LabelledBatches, changed, quiet_trainer, snapshot, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.ted import TEDFilterCallback
-from lightning_kd.ted_filters import load_filters
+from lightning_kd.ted.callback import TEDFilterCallback
+from lightning_kd.ted.filters import load_filters
 
 
 def _module(learning_rate: float) -> DistillationModule:
     teacher = tiny_classifier(layers=4, hidden=16)
     student = tiny_classifier(layers=2, hidden=8, seed=1).train()
-    return DistillationModule(teacher, student, objective=[{"term": "task"}], task="sequence-classification",
-                              learning_rate=learning_rate, schedule="constant")  # fmt: skip
+    return DistillationModule(
+        teacher,
+        student,
+        objective=[{"term": "task"}],
+        task="sequence-classification",
+        learning_rate=learning_rate,
+        schedule="constant",
+    )
 
 
 def _stage_one_side(side: str, learning_rate: float, folder) -> DistillationModule:

@@ -6,14 +6,19 @@ import torch
 from ted_helpers import LabelledBatches, labelled_batch, quiet_trainer, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.pruning import PruningCallback
-from lightning_kd.callbacks.ted import TEDFilterCallback
+from lightning_kd.pruning.callback import PruningCallback
+from lightning_kd.ted.callback import TEDFilterCallback
 
 
 def _module() -> DistillationModule:
     objective = [{"term": "task"}, {"term": "logits", "temperature": 2.0}]
-    return DistillationModule(tiny_classifier("bert", layers=4, hidden=16), {"init": "copy"}, objective=objective,
-                              task="sequence-classification", learning_rate=1e-2)  # fmt: skip
+    return DistillationModule(
+        tiny_classifier("bert", layers=4, hidden=16),
+        {"init": "copy"},
+        objective=objective,
+        task="sequence-classification",
+        learning_rate=1e-2,
+    )
 
 
 def test_ted_filters_follow_a_student_being_pruned(tmp_path) -> None:
@@ -22,7 +27,9 @@ def test_ted_filters_follow_a_student_being_pruned(tmp_path) -> None:
 
     module = _module()
     ted = TEDFilterCallback(stage="distill", filters=str(tmp_path), interval=2, weight=2.0)
-    pruning = PruningCallback(target={"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, start_step=0, end_step=4, interval=1)
+    pruning = PruningCallback(
+        target={"hidden": 0.5, "heads": 0.5, "ffn": 0.5}, start_step=0, end_step=4, interval=1
+    )
     quiet_trainer(max_steps=6, callbacks=[ted, pruning]).fit(module, LabelledBatches())
 
     term = module.objective.terms["ted"]

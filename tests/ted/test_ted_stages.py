@@ -7,8 +7,8 @@ import torch
 from ted_helpers import LabelledBatches, changed, labelled_batch, quiet_trainer, snapshot, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.ted import TEDFilterCallback
-from lightning_kd.ted_filters import load_filters
+from lightning_kd.ted.callback import TEDFilterCallback
+from lightning_kd.ted.filters import load_filters
 
 
 def _module(num_labels: int = 3, arch: str = "bert") -> DistillationModule:
@@ -16,10 +16,19 @@ def _module(num_labels: int = 3, arch: str = "bert") -> DistillationModule:
     teacher = tiny_classifier(arch, layers=4, hidden=16, num_labels=num_labels)
     student = tiny_classifier(arch, layers=2, hidden=8, num_labels=num_labels, seed=1).train()
     prediction = {"loss": "mse"} if num_labels == 1 else {"temperature": 2.0}  # a one-output KL is refused
-    objective = [{"term": "task"}, {"term": "logits", "weight": 5.0, **prediction},
-                 {"term": "hidden", "layers": [[1, 2]], "weight": 1.0}]  # fmt: skip
-    return DistillationModule(teacher, student, objective=objective, task="sequence-classification",
-                              learning_rate=1e-2, schedule="constant")  # fmt: skip
+    objective = [
+        {"term": "task"},
+        {"term": "logits", "weight": 5.0, **prediction},
+        {"term": "hidden", "layers": [[1, 2]], "weight": 1.0},
+    ]
+    return DistillationModule(
+        teacher,
+        student,
+        objective=objective,
+        task="sequence-classification",
+        learning_rate=1e-2,
+        schedule="constant",
+    )
 
 
 def _stage_one(tmp_path, num_labels: int = 3, steps: int = 4) -> DistillationModule:
@@ -39,8 +48,10 @@ def test_stage_one_trains_only_the_filters_and_their_heads(tmp_path) -> None:
     before = snapshot(module)
     trainer.fit(module, LabelledBatches())
     moved = changed(before, module)
-    assert moved and all(name.startswith(("objective.terms.ted_task_teacher.", "objective.terms.ted_task_student."))
-                         for name in moved), moved  # fmt: skip
+    assert moved and all(
+        name.startswith(("objective.terms.ted_task_teacher.", "objective.terms.ted_task_student."))
+        for name in moved
+    ), moved
     assert {n.split(".")[2] for n in moved} == {"ted_task_teacher", "ted_task_student"}
     assert any(".heads." in n for n in moved) and any(".filters." in n for n in moved)
     # saved, loadable, and equal to what trained
@@ -53,7 +64,9 @@ def test_stage_one_trains_only_the_filters_and_their_heads(tmp_path) -> None:
     assert loaded.layers == [1, 2] and loaded.in_width == 8 and loaded.out_width == 16
 
 
-def _stage_two(tmp_path, num_labels: int = 3, **trainer_kwargs) -> tuple[DistillationModule, TEDFilterCallback]:
+def _stage_two(
+    tmp_path, num_labels: int = 3, **trainer_kwargs
+) -> tuple[DistillationModule, TEDFilterCallback]:
     module = _module(num_labels)
     callback = TEDFilterCallback(stage="distill", filters=str(tmp_path / "filters"), interval=2, weight=3.0)
     quiet_trainer(callbacks=[callback], **trainer_kwargs).fit(module, LabelledBatches(num_labels))
@@ -110,7 +123,9 @@ def test_filter_state_survives_checkpoint_and_resume(tmp_path) -> None:
         path.unlink()
     resumed = _module()
     callback = TEDFilterCallback(stage="distill", filters=str(tmp_path / "filters"), interval=2, weight=3.0)
-    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(resumed, LabelledBatches(), ckpt_path=tmp_path / "half.ckpt")
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(
+        resumed, LabelledBatches(), ckpt_path=tmp_path / "half.ckpt"
+    )
     term, reference = resumed.objective.terms["ted"], straight.objective.terms["ted"]
     assert bool(term.from_stage_one)
     for (name, a), b in zip(term.state_dict().items(), reference.state_dict().values(), strict=True):
@@ -122,9 +137,9 @@ def test_filter_state_survives_checkpoint_and_resume(tmp_path) -> None:
 @pytest.mark.parametrize("arch", ["deberta-v2"])
 def test_deberta_student_distils_through_filters(tmp_path, arch: str) -> None:
     module = _module(arch=arch)
-    quiet_trainer(max_steps=1, callbacks=[TEDFilterCallback(stage="filters", interval=2, save_dir=str(tmp_path))]).fit(
-        module, LabelledBatches()
-    )
+    quiet_trainer(
+        max_steps=1, callbacks=[TEDFilterCallback(stage="filters", interval=2, save_dir=str(tmp_path))]
+    ).fit(module, LabelledBatches())
     module = _module(arch=arch)
     callback = TEDFilterCallback(stage="distill", filters=str(tmp_path), interval=2)
     quiet_trainer(max_steps=1, callbacks=[callback]).fit(module, LabelledBatches())

@@ -1,0 +1,141 @@
+"""DistillationCLI: LightningCLI over any lightning-kd module and DataModule, completed with the run's logging,
+atomic checkpoints and preemption handling."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_kd.callbacks.dashboard import RunDashboard
+from lightning_kd.callbacks.preemption import PreemptionCheckpoint
+from lightning_kd.callbacks.submission import GLUESubmissionWriter
+from lightning_kd.cli.recipe import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
+from lightning_kd.datamodules.glue import GLUEDataModule
+from lightning_kd.training.checkpoints import check_readable, install_atomic_checkpoints
+
+WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
+CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
+
+
+class DistillationCLI(LightningCLI):
+    """LightningCLI with the model and data chosen by ``class_path`` in the recipe.
+
+    Before fit it makes checkpoint writes atomic (:class:`~lightning_kd.training.checkpoints.AtomicCheckpointIO`, unless
+    the recipe chose a checkpoint plugin), completes the recipe's logging (a CSVLogger when the recipe logs but
+    not to CSV, a WandbLogger when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` with W&B panels
+    and summaries, the pruning events table and a summary PNG next to ``metrics.csv``), and under SLURM adds a
+    :class:`~lightning_kd.PreemptionCheckpoint`; each unless the recipe has its own.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RecipeConfigCallback)
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            **kwargs,
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the recipe and the command line as written when resuming.
+
+        LightningCLI lays the checkpoint's hyper-parameters over them, so ``--ckpt_path ... --model.init_args.
+        learning_rate 1e-5`` would silently run with the checkpoint's rate. Here the module is built as the user
+        wrote it and compares itself with the checkpoint when it loads (:func:`check_resume`: differences are
+        refused unless ``allow_changes`` names them), the policy a Python user gets too. A checkpoint that cannot
+        be read is reported by its path before anything is built.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in CKPT_PATH_WORDS and not str(ckpt_path).startswith("registry"):
+            check_readable(ckpt_path)
+
+    def before_fit(self) -> None:
+        install_atomic_checkpoints(self.trainer)
+        add_csv_when_missing(self.trainer)
+        add_wandb_when_configured(self.trainer)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name_wandb_runs(self.trainer, [str(f) for f in config.get("config") or [] if f])
+        add_dashboard_when_missing(self.trainer)
+        add_preemption_checkpoint_under_slurm(self.trainer)
+
+    def after_fit(self) -> None:
+        finish_wandb_runs(self.trainer)
+
+    def before_predict(self) -> None:
+        add_submission_writer_for_glue(self.trainer, self.datamodule)
+
+
+def add_csv_when_missing(trainer: L.Trainer) -> None:
+    """Keep the metrics in a CSV file too, so every run has them on disk and RunDashboard can draw them.
+
+    ``trainer.logger: false`` (no loggers at all) is left alone: that recipe asked for no files. The CSV goes to
+    ``<default_root_dir>/csv``, after the recipe's loggers, so checkpoints keep the folder of the first logger.
+    """
+    if not trainer.loggers or any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
+        return
+    trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=trainer.default_root_dir, name="csv")]
+
+
+def add_dashboard_when_missing(trainer: L.Trainer) -> None:
+    """Add a RunDashboard unless the recipe configured one; without a CSVLogger (``logger: false``) it draws no
+    summary plot.
+
+    It goes after the recipe's other callbacks, so it sees what they log in the same hook, and before the
+    checkpoint callbacks, which Lightning keeps last.
+    """
+    if any(isinstance(callback, RunDashboard) for callback in trainer.callbacks):
+        return
+    has_csv = any(isinstance(logger, CSVLogger) for logger in trainer.loggers)
+    _insert_before_checkpoints(trainer, RunDashboard() if has_csv else RunDashboard(plot=None))
+
+
+def _insert_before_checkpoints(trainer: L.Trainer, callback: L.Callback) -> None:
+    # after the recipe's callbacks, so it sees what they did in the same hook; Lightning keeps checkpoints last
+    callbacks = trainer.callbacks
+    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+    callbacks.insert(first_checkpoint, callback)
+
+
+def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
+    """Under SLURM, checkpoint and requeue on the job's warning signal (see :class:`PreemptionCheckpoint`),
+    unless the recipe has one. It goes after every other callback but the checkpoint ones, so its checkpoint
+    holds what they did at the same step (a pruning event)."""
+    if not SLURMEnvironment.detect() or any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+        return
+    environment = trainer._accelerator_connector.cluster_environment
+    name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
+    _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
+
+
+def add_submission_writer_for_glue(trainer: L.Trainer, datamodule: object) -> None:
+    """``lightning-kd predict`` on a GLUE task writes the submission folder to ``<default_root_dir>/glue_submission``
+    (see :class:`~lightning_kd.GLUESubmissionWriter`), unless the recipe has a writer of its own."""
+    if not isinstance(datamodule, GLUEDataModule) or any(
+        isinstance(c, GLUESubmissionWriter) for c in trainer.callbacks
+    ):
+        return
+    trainer.callbacks.append(GLUESubmissionWriter(os.path.join(trainer.default_root_dir, "glue_submission")))
+
+
+def add_wandb_when_configured(trainer: L.Trainer) -> None:
+    """Log to W&B as well when the environment asks for it, so recipes need not name a W&B logger.
+
+    ``WANDB_MODE=offline`` writes a run folder with no network; ``wandb sync`` uploads it later;
+    ``WANDB_MODE=disabled`` adds nothing.
+    """
+    if not any(os.environ.get(name) for name in WANDB_SETTINGS) or os.environ.get("WANDB_MODE") == "disabled":
+        return
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        return
+    wandb = WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", "lightning-kd"), save_dir=trainer.default_root_dir
+    )
+    trainer.loggers = [*trainer.loggers, wandb]

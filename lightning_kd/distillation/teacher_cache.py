@@ -1,0 +1,201 @@
+"""Teacher-output caching for task-specific distillation: the frozen teacher's outputs on a fixed task set are
+computed once per training example and reused in every later epoch.
+
+An example is recognised by its tokens (a hash of its unpadded ``input_ids`` and ``token_type_ids``), so a cache
+can never serve one example's outputs for another: changing the data or the tokenizer changes the keys. The
+teacher is recognised by a fingerprint of its weights, config and dtype; a cache on disk lives in a file named by
+it, so another teacher never reads it. Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
+function of the tokens alone.
+
+Cached: the logits (``[num_labels]`` per example) and, only if asked, the hidden states (``[layers + 1, length,
+hidden]`` per example, which is far larger: the size is estimated and printed before the first epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_kd.models.layers import is_classifier
+from lightning_kd.objective.term import Features
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """A hash of the teacher's weights, config and dtype: a cache made with another teacher is never read."""
+    digest = hashlib.sha1()
+    config = getattr(teacher, "config", None)
+    digest.update(config.to_json_string().encode() if hasattr(config, "to_json_string") else b"")
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class TeacherCache:
+    """Per-example teacher outputs, in memory (``store="memory"``) or also on disk (``store=<folder>``: loaded at
+    the start of fit, saved at the end of every epoch, in ``<folder>/teacher-<fingerprint>.pt``).
+
+    Args:
+        store: ``"memory"`` or a folder.
+        hidden_states: cache the hidden states as well (for terms that read them, at a much larger size).
+    """
+
+    def __init__(self, store: str = "memory", hidden_states: bool = False) -> None:
+        self.store = store
+        self.hidden_states = hidden_states
+        self.entries: dict[bytes, dict[str, Any]] = {}
+        self.fingerprint = ""
+        self.hits = self.misses = 0
+        self.rank = 0  # under DDP each rank keeps (and saves) the examples it is given
+        self._dirty = False
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    @classmethod
+    def from_spec(cls, spec: str | Mapping[str, Any] | None) -> TeacherCache | None:
+        if spec is None or spec is False:
+            return None
+        if isinstance(spec, str):
+            return cls(spec)
+        unknown = set(spec) - {"store", "hidden_states"}
+        if unknown:
+            raise ValueError(
+                f"unknown teacher_cache options {sorted(unknown)}: use store ('memory' or a folder) "
+                "and hidden_states (true or false)"
+            )
+        return cls(**spec)
+
+    @property
+    def path(self) -> Path | None:
+        if self.store == "memory":
+            return None
+        return Path(self.store) / f"teacher-{self.fingerprint}{f'-rank{self.rank}' if self.rank else ''}.pt"
+
+    def bind(self, teacher: nn.Module, needs: Any) -> None:
+        """Check that caching is sound for this teacher and objective, and load a saved cache of this teacher."""
+        if teacher.training:
+            raise ValueError(
+                "teacher_cache needs a dropout-free teacher (eval mode): a teacher in train mode gives "
+                "different outputs each epoch, which a cache would freeze"
+            )
+        if not is_classifier(teacher):
+            raise ValueError(
+                "teacher_cache is for task-specific distillation (a sequence-classification teacher): "
+                "per-position outputs of a masked-LM teacher are too large to keep"
+            )
+        reads = [
+            name
+            for name, asked in (("attentions", needs.attentions), ("q/k/v", bool(needs.teacher_qkv_layers)))
+            if asked
+        ]
+        if needs.hidden_states and not self.hidden_states:
+            reads.insert(0, "hidden states")
+        if reads:
+            hint = (
+                " pass teacher_cache={'store': ..., 'hidden_states': true},"
+                if reads == ["hidden states"]
+                else ""
+            )
+            raise ValueError(
+                f"the objective reads the teacher's {', '.join(reads)}, which the cache does not keep:"
+                f"{hint} or distil without teacher_cache"
+            )
+        fingerprint = teacher_fingerprint(teacher)
+        if fingerprint != self.fingerprint:
+            self.entries, self.fingerprint = {}, fingerprint
+        if self.path is not None and self.path.is_file() and not self.entries:
+            self.entries = torch.load(self.path, weights_only=True)
+            rank_zero_info(f"teacher cache: {len(self.entries)} examples loaded from {self.path}")
+
+    def estimate_bytes(self, examples: int, mean_length: float, teacher: nn.Module) -> int:
+        config = teacher.config
+        per_example = config.num_labels
+        if self.hidden_states:
+            per_example += (config.num_hidden_layers + 1) * mean_length * config.hidden_size
+        return int(examples * per_example * 4)
+
+    def announce(self, examples: int, mean_length: float, teacher: nn.Module) -> None:
+        """Print how large the cache will be, before the first epoch fills it."""
+        size = self.estimate_bytes(examples, mean_length, teacher)
+        what = "logits and hidden states" if self.hidden_states else "logits"
+        where = "in memory" if self.path is None else f"in memory and in {self.path}"
+        rank_zero_info(
+            f"teacher cache: {what} of {examples} examples, about {size / 2**20:.1f} MiB, kept {where}"
+        )
+
+    # ------------------------------------------------------------------------------------------ use
+
+    @staticmethod
+    def keys(batch: Mapping[str, Tensor]) -> list[bytes]:
+        ids = batch["input_ids"].detach().cpu()
+        lengths = (
+            batch["attention_mask"].sum(1).tolist()
+            if "attention_mask" in batch
+            else [ids.shape[1]] * len(ids)
+        )
+        types = batch.get("token_type_ids")
+        types = types.detach().cpu() if types is not None else None
+        keys = []
+        for row, n in enumerate(lengths):
+            digest = hashlib.blake2b(ids[row, :n].numpy().tobytes(), digest_size=16)
+            if types is not None:
+                digest.update(types[row, :n].numpy().tobytes())
+            keys.append(digest.digest())
+        return keys
+
+    def features(self, batch: Mapping[str, Tensor], compute: Callable[[], Features]) -> Features:
+        """The teacher's features for ``batch``: from the cache when every row is in it, else computed (and the
+        rows stored)."""
+        keys = self.keys(batch)
+        found = [self.entries.get(key) for key in keys]
+        if all(entry is not None for entry in found):
+            self.hits += len(keys)
+            return self._assemble(found, batch)
+        self.misses += len(keys)
+        features = compute()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for row, key in enumerate(keys):
+            entry: dict[str, Any] = {"logits": features.logits[row].detach().float().cpu().clone()}
+            if self.hidden_states:
+                entry["hidden"] = (
+                    torch.stack([h[row, : lengths[row]] for h in features.hidden_states]).float().cpu()
+                )
+            self.entries[key] = entry
+        self._dirty = True
+        return features
+
+    def _assemble(self, entries: list[dict[str, Any]], batch: Mapping[str, Tensor]) -> Features:
+        device = batch["input_ids"].device
+        logits = torch.stack([e["logits"] for e in entries]).to(device)
+        hidden = None
+        if self.hidden_states:
+            width = batch["input_ids"].shape[1]
+            first = entries[0]["hidden"]
+            padded = first.new_zeros(len(entries), first.shape[0], width, first.shape[2])
+            for row, entry in enumerate(entries):
+                padded[row, :, : entry["hidden"].shape[1]] = entry["hidden"]
+            hidden = tuple(padded.to(device).unbind(1))
+        return Features(logits=logits, hidden_states=hidden)
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        torch.save(self.entries, tmp)
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        rate = self.hits / total if total else 0.0
+        self.hits = self.misses = 0
+        return rate

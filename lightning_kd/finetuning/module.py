@@ -1,0 +1,207 @@
+"""Fine-tuning and evaluating any sequence classifier on a GLUE task, with the task's official metrics."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from lightning_kd.datamodules.glue import get_task
+from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
+from lightning_kd.hub import load_model, push_folder
+from lightning_kd.pruning.export import check_export_dir, check_export_written, parameter_count, save_standard
+from lightning_kd.training.card import auto_class_name, write_model_card
+from lightning_kd.training.checkpoints import check_resume, resuming_fit
+from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
+from lightning_kd.training.optimizer import adamw_with_warmup
+
+
+def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's ``[B, num_labels]`` logits, passing only the inputs its forward accepts.
+
+    DistilBERT-style models take no ``token_type_ids``; a plain module may return a tensor, not an output.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    inputs = {
+        key: batch[key]
+        for key in ("input_ids", "attention_mask", "token_type_ids")
+        if key in batch and (takes_any or key in parameters)
+    }
+    output = model(**inputs)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0]
+    return logits
+
+
+class FineTuningModule(L.LightningModule):
+    """Fine-tunes a model on a GLUE task (AdamW, linear warmup then decay) and validates with TaskMetrics.
+
+    Args:
+        model: a hub name or folder (loaded with ``AutoModelForSequenceClassification`` and the task's
+            ``num_labels``), or a module mapping a batch to ``[B, num_labels]`` logits.
+        task: the GLUE task; it fixes ``num_labels``, the loss (MSE for STS-B) and the metrics.
+        warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
+        export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
+            tokenizer, the task's label names and a model card (a fine-tuned teacher for task-specific
+            distillation or TED, for instance).
+        push_to_hub: a hub repo id (``me/minilm-sst2``) to upload the exported folder to; ``private`` repo by
+            default.
+        allow_changes: hyper-parameters that may differ from the checkpoint this run resumes (see
+            :func:`lightning_kd.training.checkpoints.check_resume`).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        task: str,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        adam_epsilon: float = 1e-8,
+        model_kwargs: dict[str, Any] | None = None,
+        export_dir: str | None = None,
+        push_to_hub: str | None = None,
+        private: bool = True,
+        allow_changes: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.task = get_task(task)
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            self.model = load_model(
+                model,
+                AutoModelForSequenceClassification,
+                num_labels=self.task.num_labels,
+                **(model_kwargs or {}),
+            )
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.adam_epsilon = adam_epsilon
+        if push_to_hub and not export_dir:
+            raise ValueError("push_to_hub uploads the exported folder: set export_dir too")
+        self.export_dir = export_dir
+        self.push_to_hub, self.private = push_to_hub, private
+        self.last_metrics: dict[str, float] = {}
+        self.metrics = TaskMetrics.for_task(self.task.name)
+        self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logits(self.model, batch)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.reshape(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._evaluate(batch, dataloader_idx, "val", self.metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+
+    def _evaluate(
+        self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str, metrics: TaskMetrics
+    ) -> None:
+        logits = self(batch)
+        metrics.update(logits, batch["labels"], dataloader_idx)
+        self.log(
+            loss_key(self.trainer, stage, "loss", dataloader_idx),
+            self.loss(logits, batch["labels"]),
+            batch_size=batch["labels"].shape[0],
+            add_dataloader_idx=False,
+            sync_dist=True,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
+        self.last_metrics = self.metrics.compute()
+        self.log_dict(self.last_metrics, prog_bar=True)
+        self.metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """The logits of a test-set batch with its GLUE indices, as :class:`~lightning_kd.GLUESubmissionWriter`
+        reads them."""
+        return {"idx": batch["idx"], "logits": self(batch)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if resuming_fit(self):
+            check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
+
+    def on_fit_start(self) -> None:
+        train_mode_for_fit(self)
+        if self.export_dir is not None:
+            check_export_dir(self.export_dir)
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        if self.export_dir is None:
+            return
+        datamodule = self.trainer.datamodule
+        label_names = getattr(datamodule, "label_names", None) or list(
+            self.task.class_names or self.task.labels
+        )
+        if isinstance(self.model, PreTrainedModel):
+            parameters, plain = save_standard(self.model, self.export_dir, label_names or None)
+        else:
+            self.model.save_pretrained(self.export_dir)
+            parameters = plain = parameter_count(self.model)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.export_dir)
+        check_export_written(self.export_dir)
+        source = self.hparams.get("model") or getattr(
+            getattr(self.model, "config", None), "_name_or_path", ""
+        )
+        write_model_card(
+            self.export_dir,
+            teacher=str(source),
+            method=f"fine-tuned on {self.task.name}",
+            recipe=getattr(self, "recipe", None),
+            model_class=auto_class_name(self.model),
+            parameters=parameters,
+            plain_parameters=plain,
+            metrics=self.last_metrics,
+            label_names=label_names or None,
+        )
+        if self.push_to_hub:
+            print(
+                f"fine-tuned model pushed to {push_folder(self.export_dir, self.push_to_hub, self.private)}"
+            )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
+
+    def configure_optimizers(self) -> Any:
+        return adamw_with_warmup(
+            self.model.parameters(),
+            self.trainer.estimated_stepping_batches,
+            self.learning_rate,
+            self.weight_decay,
+            eps=self.adam_epsilon,
+            warmup_steps=float(self.warmup_ratio),
+        )

@@ -1,0 +1,254 @@
+"""What every architecture adapter answers: where a transformer keeps its parts.
+
+The rest of the library asks an adapter instead of reaching into ``model.encoder.layer[i]``, so adding an
+architecture means writing one small subclass and registering it (see ``bert.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The linear maps and norms of one transformer block, named by role rather than by attribute."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attention_output: nn.Linear
+    attention_norm: nn.LayerNorm
+    ffn_input: nn.Linear
+    ffn_output: nn.Linear
+    ffn_norm: nn.LayerNorm
+    # DeBERTa's separate projections of the relative-position embeddings (absent when share_att_key)
+    positional_query: nn.Linear | None = None
+    positional_key: nn.Linear | None = None
+
+    @property
+    def head_projections(self) -> tuple[nn.Linear, ...]:
+        """Every map whose outputs are laid out as ``heads x head_size``."""
+        extra = tuple(p for p in (self.positional_query, self.positional_key) if p is not None)
+        return (self.query, self.key, self.value, *extra)
+
+    @property
+    def query_projections(self) -> tuple[nn.Linear, ...]:
+        """The maps on the query side of a score: scaling them changes the softmax temperature."""
+        return tuple(p for p in (self.query, self.positional_query) if p is not None)
+
+
+@dataclass
+class HiddenParts:
+    """Everything outside the blocks that touches the hidden (residual) dimension, grouped by how.
+
+    ``embeddings``: weight columns are hidden dims. ``readers``: Linear input features are hidden dims.
+    ``writers``: Linear output features are hidden dims. ``norms``: LayerNorms over the hidden dims.
+    ``convs``: Conv1d with hidden channels in and out. A Linear that is hidden x hidden (a pooler) is both a
+    reader and a writer.
+    """
+
+    embeddings: list[nn.Embedding] = field(default_factory=list)
+    readers: list[nn.Linear] = field(default_factory=list)
+    writers: list[nn.Linear] = field(default_factory=list)
+    norms: list[nn.LayerNorm] = field(default_factory=list)
+    convs: list[nn.Conv1d] = field(default_factory=list)
+
+    def add(self, module: nn.Module | None, roles: str) -> None:
+        """Add ``module`` under each role letter in ``roles`` (e: embedding, r, w, n, c); skip None."""
+        if module is None:
+            return
+        lists = {"e": self.embeddings, "r": self.readers, "w": self.writers, "n": self.norms, "c": self.convs}
+        for role in roles:
+            lists[role].append(module)
+
+
+@dataclass(frozen=True)
+class MaskedLMParts:
+    """A masked-LM model split where its prediction head starts: ``model(**inputs).logits`` equals
+    ``predict(encoder(**inputs).last_hidden_state)``, and ``predict`` works row by row, so it can be applied to
+    only the positions a loss reads (its cost is vocabulary x hidden per row: a fifth of BERT-base's FLOPs when
+    applied everywhere, far more for 50k-128k vocabularies)."""
+
+    encoder: nn.Module  # the bare encoder, returning hidden states
+    head: nn.Module  # the prediction head (what to compile beside the encoder)
+    head_args: tuple[
+        nn.Module, ...
+    ] = ()  # extra modules the head's forward takes (DeBERTa's word embeddings)
+
+    def predict(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden, *self.head_args)
+
+
+def find_module(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.a.b.c`` for ``path="a.b.c"``, or None when any step is missing."""
+    module: nn.Module | None = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+class ArchitectureAdapter:
+    """Knows one family of Hugging Face encoders. Subclasses set ``model_types`` and the accessors."""
+
+    model_types: tuple[str, ...] = ()
+    # Whether the config stores the head size (DeBERTa) or derives it as hidden_size / num_attention_heads
+    # (BERT). Exports of models whose head size does not match that ratio must pad when it is not free.
+    free_head_size: bool = False
+    # Modules outside the encoder (task heads, pooler) and how they touch the hidden dimension,
+    # as {attribute path: role letters for HiddenParts.add}; missing paths are skipped.
+    head_modules: dict[str, str] = {}
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The bare encoder (``BertModel`` inside ``BertForMaskedLM``, or the model itself)."""
+        if isinstance(model, PreTrainedModel):
+            return model.base_model
+        return model
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return self.base_model(model).embeddings
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        return self.base_model(model).encoder
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.encoder(model).layer
+
+    def layer_parts(self, layer: nn.Module) -> LayerParts:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The module that holds the per-layer head count and head size attributes."""
+        return layer.attention.self
+
+    def hidden_parts(self, model: nn.Module) -> HiddenParts:
+        """Embeddings, norms and heads outside the blocks that carry the hidden dimension."""
+        raise NotImplementedError
+
+    def prediction_heads(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The task heads and pooler present on this model, by attribute path."""
+        found = {path: find_module(model, path) for path in self.head_modules}
+        return {path: module for path, module in found.items() if module is not None}
+
+    # {class name of a masked-LM model: attribute path of its prediction head, called on the last hidden state}
+    masked_lm_heads: dict[str, str] = {}
+
+    def masked_lm_parts(self, model: nn.Module) -> MaskedLMParts | None:
+        """The encoder and prediction head of a masked-LM model (None for any other model), so that callers can
+        project to the vocabulary only where a loss reads."""
+        path = self.masked_lm_heads.get(type(model).__name__)
+        head = find_module(model, path) if path else None
+        if head is None:
+            return None
+        return MaskedLMParts(self.base_model(model), head)
+
+    def attention_mask_input(self, model: nn.Module, attention_mask: Tensor) -> Tensor:
+        """The padding mask (batch, sequence) in the form to hand this model's forward."""
+        return attention_mask
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layers(model))
+
+    @staticmethod
+    def config(model: nn.Module) -> PretrainedConfig:
+        return model.config
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return self.config(model).hidden_size
+
+    def residual_width(self, model: nn.Module) -> int:
+        """The hidden size read from the weights, right even while the config is being rewritten."""
+        return self.layer_parts(self.layers(model)[0]).attention_output.out_features
+
+    def num_heads(self, model: nn.Module, layer: int | None = None) -> int:
+        """Heads in a layer. Pruned models may differ per layer, so the query width decides."""
+        if layer is None:
+            return self.config(model).num_attention_heads
+        query = self.layer_parts(self.layers(model)[layer]).query
+        return query.out_features // self.head_size(model)
+
+    def intermediate_size(self, model: nn.Module, layer: int) -> int:
+        return self.layer_parts(self.layers(model)[layer]).ffn_input.out_features
+
+    def head_size(self, model: nn.Module) -> int:
+        config = self.config(model)
+        return (
+            getattr(config, "attention_head_size", None) or config.hidden_size // config.num_attention_heads
+        )
+
+    def set_attention_shape(self, layer: nn.Module, num_heads: int, head_size: int) -> None:
+        """Tell a block's attention module its new head count and head size after surgery."""
+        attention = self.attention(layer)
+        attention.num_attention_heads = num_heads
+        attention.attention_head_size = head_size
+        attention.all_head_size = num_heads * head_size
+        if hasattr(attention, "scaling"):
+            attention.scaling = head_size**-0.5
+
+    def update_config(
+        self,
+        config: PretrainedConfig,
+        *,
+        hidden: int,
+        heads: int,
+        head_size: int,
+        intermediate: int,
+        layers: int,
+    ) -> None:
+        """Write the new sizes into ``config`` (in place). Only the head size needs per-family care."""
+        old_hidden = config.hidden_size
+        config.hidden_size = hidden
+        config.num_attention_heads = heads
+        config.intermediate_size = intermediate
+        config.num_hidden_layers = layers
+        if hidden == heads * head_size:
+            if hasattr(config, "attention_head_size"):
+                del config.attention_head_size
+        else:
+            # BERT ignores this (export.py pads such models); DeBERTa builds its attention from it
+            config.attention_head_size = head_size
+        if getattr(config, "pooler_hidden_size", None) == old_hidden:
+            config.pooler_hidden_size = hidden
+        if getattr(config, "embedding_size", None) == old_hidden:
+            config.embedding_size = hidden
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest input the position embeddings cover (None: no absolute limit)."""
+        return getattr(self.config(model), "max_position_embeddings", None)
+
+    def supports_attention_maps(self, model: nn.Module) -> bool:
+        """Whether ``output_attentions=True`` returns probabilities (eager attention does; sdpa does not)."""
+        return getattr(self.config(model), "_attn_implementation", "eager") == "eager"
+
+    def attention_dropout(self, layer: nn.Module) -> nn.Dropout:
+        """The dropout applied to a block's attention probabilities."""
+        return layer.attention.self.dropout
+
+    def enable_attention_maps(self, model: nn.Module) -> None:
+        """Make the forward pass return attention probabilities that can be distilled.
+
+        Eager attention is the implementation that returns them, and it returns them *after* dropout: a KL
+        against maps with dropped (zero) entries diverges, so attention-probability dropout is switched off.
+        """
+        for layer in self.layers(model):
+            self.attention_dropout(layer).p = 0.0
+        if self.supports_attention_maps(model):
+            return
+        setter = getattr(model, "set_attn_implementation", None)
+        if setter is None:
+            raise ValueError(
+                f"{type(model).__name__} cannot return attention maps with attention implementation "
+                f"{self.config(model)._attn_implementation!r}. Load it with attn_implementation='eager', "
+                "or use the 'relations' term, which reads queries, keys and values instead."
+            )
+        setter("eager")
+
+
+def query_rescale(old_head_size: int, new_head_size: int) -> float:
+    """Factor for query weights that keeps ``q.k / sqrt(head_size)`` unchanged when the head size changes."""
+    return math.sqrt(new_head_size / old_head_size)

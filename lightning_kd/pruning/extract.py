@@ -1,0 +1,131 @@
+"""ETD, Extract Then Distill (Chen et al., 2021): a thin, shallow student cut out of the teacher's weights.
+
+Layers are taken uniformly (``uniform_layer_choice``); within them the student keeps attention heads,
+head dimensions (chosen per head), FFN neurons and hidden dimensions either at random (ETD-Rand) or by
+importance (ETD-Impt), where importance is the sensitivity ``|theta * grad|`` of the teacher's own loss on a
+sample of the training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_kd.models.layers import uniform_layer_choice
+from lightning_kd.models.registry import get_adapter
+from lightning_kd.pruning.importance import LossFn, score_units, top_units
+from lightning_kd.pruning.prune import prune_model
+from lightning_kd.pruning.units import full_masks, unit_counts
+
+STRATEGIES = ("rand", "impt")
+
+
+def _nearest_multiples(value: int, step: int, limit: int) -> list[int]:
+    below = (value // step) * step
+    candidates = {c for c in (below, below + step) if 0 < c <= limit}
+    return sorted(candidates)
+
+
+def _divisors(value: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(value, limit) + 1) if value % d == 0]
+
+
+def _check_sizes(teacher: nn.Module, sizes: dict[str, int]) -> None:
+    """Errors that name the size, the limit and the nearest valid choices."""
+    adapter = get_adapter(teacher)
+    counts = unit_counts(teacher)
+    limits = {
+        "num_layers": counts["layers"],
+        "hidden_size": counts["hidden"],
+        "num_attention_heads": min(counts["heads"]),
+        "intermediate_size": min(counts["ffn"]),
+    }
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if value > limits[name]:
+            raise ValueError(
+                f"{name}={value} is larger than the teacher's {limits[name]}: extraction only removes units. "
+                f"Choose {name} <= {limits[name]}."
+            )
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(
+            f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}. Nearest valid hidden sizes: "
+            f"{_nearest_multiples(hidden, heads, limits['hidden_size'])}; or head counts that divide {hidden}: "
+            f"{_divisors(hidden, limits['num_attention_heads'])}."
+        )
+    head_size = adapter.head_size(teacher)
+    if hidden // heads > head_size:
+        fewest = -(-hidden // head_size)
+        raise ValueError(
+            f"hidden_size={hidden} with num_attention_heads={heads} means heads of size {hidden // heads}, wider "
+            f"than the teacher's {head_size}. Use at least {fewest} heads, or hidden_size <= {heads * head_size}."
+        )
+
+
+def extract(
+    teacher: nn.Module,
+    num_layers: int | None = None,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+    strategy: str = "rand",
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = 32,
+    seed: int = 0,
+) -> nn.Module:
+    """A student of the teacher's class with the requested sizes, initialised from the teacher's weights.
+
+    Sizes left as None keep the teacher's. ``strategy="impt"`` needs ``data``: batches the teacher accepts
+    as ``teacher(**batch)`` with labels (or pass ``loss_fn(model, batch) -> loss``); at most ``max_batches``
+    are used. The student's head size is ``hidden_size / num_attention_heads``; when it is smaller than the
+    teacher's, every head keeps its most important (or random) dimensions and the queries are rescaled so
+    that attention scores keep the teacher's temperature. The teacher is not modified.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown extraction strategy {strategy!r}; choose 'rand' or 'impt'.")
+    counts = unit_counts(teacher)
+    sizes = {
+        "num_layers": counts["layers"] if num_layers is None else num_layers,
+        "hidden_size": counts["hidden"] if hidden_size is None else hidden_size,
+        "num_attention_heads": max(counts["heads"]) if num_attention_heads is None else num_attention_heads,
+        "intermediate_size": max(counts["ffn"]) if intermediate_size is None else intermediate_size,
+    }
+    _check_sizes(teacher, sizes)
+    if strategy == "impt":
+        if data is None:
+            raise ValueError(
+                "strategy='impt' scores units with the teacher's own loss and needs data: pass data= an "
+                "iterable of training batches (a DataLoader), or use strategy='rand'."
+            )
+        scores = score_units(teacher, data, method="sensitivity", loss_fn=loss_fn, max_batches=max_batches)
+    else:
+        scores = score_units(teacher, method="random", seed=seed)
+
+    exists = full_masks(teacher)
+    head_size = sizes["hidden_size"] // sizes["num_attention_heads"]
+    layers = torch.zeros(counts["layers"], dtype=torch.bool)
+    layers[uniform_layer_choice(counts["layers"], sizes["num_layers"])] = True
+
+    def best(kind: str, keep: int) -> torch.Tensor:
+        # units that a pruned teacher no longer has must never be chosen
+        ranked = scores[kind].masked_fill(~exists[kind], float("-inf")) if kind in exists else scores[kind]
+        return top_units(ranked, keep)
+
+    masks = {
+        "layers": layers,
+        "heads": best("heads", sizes["num_attention_heads"]),
+        "ffn": best("ffn", sizes["intermediate_size"]),
+        "hidden": best("hidden", sizes["hidden_size"]),
+    }
+    if head_size < counts["head_size"]:
+        masks["head_dims"] = best("head_dims", head_size)
+    student = prune_model(teacher, masks)
+    student.requires_grad_(True)
+    student.train(teacher.training)
+    return student

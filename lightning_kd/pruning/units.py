@@ -1,0 +1,372 @@
+"""Structural units (heads, FFN neurons, hidden dimensions, layers), their masks, and masking a live model.
+
+A mask set is a plain dict of bool tensors, easy to all-reduce under DDP and to put in a checkpoint:
+
+    {"heads": [layers, heads], "ffn": [layers, intermediate], "hidden": [hidden], "layers": [layers]}
+
+``True`` keeps a unit. Any key may be missing (nothing of that kind is masked). In a model whose layers were
+already pruned to different widths the per-layer rows are padded: unit ``j`` of layer ``i`` exists only
+when ``j < unit_counts(model)[kind][i]``, and mask entries past it are ignored. ``"head_dims"``
+([layers, heads, head_size]: which dimensions each head keeps; a [layers, head_size] mask is shared by the
+heads of a layer) narrows the heads and is used by ``extract``; it is not a maskable unit. Every kept head keeps
+the same number of dimensions, since a config has one head size.
+
+Masking semantics (``apply_masks``): a masked model computes exactly what ``prune_model`` computes.
+Heads and FFN neurons are silenced by zeroing their contribution to the output projection, which is what
+removing them does. Hidden dimensions are harder, because a LayerNorm's mean and variance run over all
+dimensions: a masked model therefore *is the pruned model embedded in the full width*. Every map that reads
+the residual stream sees masked dimensions as zero, every map that writes it outputs zero there, and every
+LayerNorm on the residual stream normalises over the kept dimensions only. Masked layers pass their input
+through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kd.models.adapter import ArchitectureAdapter
+from lightning_kd.models.registry import get_adapter
+
+UNIT_KINDS: tuple[str, ...] = ("heads", "ffn", "hidden", "layers")
+MASK_KINDS: tuple[str, ...] = (*UNIT_KINDS, "head_dims")
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of one parameter that is laid out by units of ``kind`` (in ``layer``, unless hidden)."""
+
+    name: str
+    parameter: nn.Parameter
+    dim: int
+    kind: str  # "heads" (heads x head_size), "ffn" or "hidden"
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class ParameterSlice:
+    """The entries ``index`` along ``dim`` of the parameter ``name`` belong to removed units."""
+
+    name: str
+    parameter: nn.Parameter
+    dim: int
+    index: torch.Tensor
+
+
+def _linear_axes(linear: nn.Linear, dim: int, kind: str, layer: int | None) -> list[tuple]:
+    """A Linear's weight along ``dim``, plus its bias when the axis is the output one."""
+    found = [(linear.weight, dim, kind, layer)]
+    if dim == 0 and linear.bias is not None:
+        found.append((linear.bias, 0, kind, layer))
+    return found
+
+
+def axes(model: nn.Module) -> list[Axis]:
+    """Every (parameter, dimension) that some unit owns, each once even where weights are tied."""
+    adapter = get_adapter(model)
+    raw: list[tuple] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        parts = adapter.layer_parts(layer)
+        for projection in parts.head_projections:
+            raw += _linear_axes(projection, 0, "heads", i) + _linear_axes(projection, 1, "hidden", None)
+        raw += _linear_axes(parts.attention_output, 1, "heads", i)
+        raw += _linear_axes(parts.attention_output, 0, "hidden", None)
+        raw += _linear_axes(parts.ffn_input, 0, "ffn", i) + _linear_axes(parts.ffn_input, 1, "hidden", None)
+        raw += _linear_axes(parts.ffn_output, 1, "ffn", i) + _linear_axes(parts.ffn_output, 0, "hidden", None)
+        for norm in (parts.attention_norm, parts.ffn_norm):
+            raw += _norm_axes(norm)
+    hidden = adapter.hidden_parts(model)
+    raw += [(e.weight, 1, "hidden", None) for e in hidden.embeddings]
+    for reader in hidden.readers:
+        raw += _linear_axes(reader, 1, "hidden", None)
+    for writer in hidden.writers:
+        raw += _linear_axes(writer, 0, "hidden", None)
+    for norm in hidden.norms:
+        raw += _norm_axes(norm)
+    for conv in hidden.convs:
+        raw += [(conv.weight, 0, "hidden", None), (conv.weight, 1, "hidden", None)]
+        if conv.bias is not None:
+            raw.append((conv.bias, 0, "hidden", None))
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[tuple[int, int]] = set()
+    result = []
+    for parameter, dim, kind, layer in raw:
+        key = (id(parameter), dim)
+        if key in seen or id(parameter) not in names:
+            continue
+        seen.add(key)
+        result.append(Axis(names[id(parameter)], parameter, dim, kind, layer))
+    return result
+
+
+def _norm_axes(norm: nn.LayerNorm) -> list[tuple]:
+    return [(p, 0, "hidden", None) for p in (norm.weight, norm.bias) if p is not None]
+
+
+def layer_parameters(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The named parameters of each block, in layer order."""
+    adapter = get_adapter(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[(names[id(p)], p) for p in layer.parameters()] for layer in adapter.layers(model)]
+
+
+def unit_counts(model: nn.Module) -> dict[str, list[int] | int]:
+    """How many units of each kind exist: per layer for heads and FFN neurons, global otherwise."""
+    adapter = get_adapter(model)
+    layers = range(adapter.num_layers(model))
+    return {
+        "heads": [adapter.num_heads(model, i) for i in layers],
+        "ffn": [adapter.intermediate_size(model, i) for i in layers],
+        "hidden": adapter.hidden_size(model),
+        "layers": adapter.num_layers(model),
+        "head_size": adapter.head_size(model),
+    }
+
+
+def _ragged(counts: list[int]) -> torch.Tensor:
+    exists = torch.zeros(len(counts), max(counts), dtype=torch.bool)
+    for i, count in enumerate(counts):
+        exists[i, :count] = True
+    return exists
+
+
+def full_masks(model: nn.Module) -> Masks:
+    """Masks that keep every existing unit (rows padded with False where a pruned layer is narrower)."""
+    counts = unit_counts(model)
+    return {
+        "heads": _ragged(counts["heads"]),
+        "ffn": _ragged(counts["ffn"]),
+        "hidden": torch.ones(counts["hidden"], dtype=torch.bool),
+        "layers": torch.ones(counts["layers"], dtype=torch.bool),
+    }
+
+
+def validate_masks(model: nn.Module, masks: Masks) -> Masks:
+    """Check kinds, shapes and that something sensible survives; return the masks as CPU bool tensors."""
+    unknown = set(masks) - set(MASK_KINDS)
+    if unknown:
+        raise ValueError(f"unknown mask kinds {sorted(unknown)}; known kinds: {', '.join(MASK_KINDS)}.")
+    adapter = get_adapter(model)
+    counts = unit_counts(model)
+    full = full_masks(model)
+    full["head_dims"] = torch.ones(
+        counts["layers"], max(counts["heads"]), counts["head_size"], dtype=torch.bool
+    )
+    clean: Masks = {}
+    for kind, mask in masks.items():
+        mask = torch.as_tensor(mask).detach().to("cpu")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"masks[{kind!r}] must be a bool tensor (True keeps a unit), got {mask.dtype}.")
+        if kind == "head_dims" and mask.dim() == 2:  # one choice for every head of a layer
+            mask = mask[:, None, :].expand(-1, full[kind].shape[1], -1)
+        if mask.shape != full[kind].shape:
+            raise ValueError(
+                f"masks[{kind!r}] has shape {tuple(mask.shape)}, but this model needs {tuple(full[kind].shape)}."
+            )
+        clean[kind] = mask & full[kind]
+    layers = clean.get("layers", full["layers"])
+    if not layers.any():
+        raise ValueError("the masks remove every layer; keep at least one (masks['layers']).")
+    if "hidden" in clean and not clean["hidden"].any():
+        raise ValueError("the masks remove every hidden dimension; keep at least one.")
+    for kind, what in (("heads", "attention head"), ("ffn", "FFN neuron"), ("head_dims", "head dimension")):
+        if kind not in clean:
+            continue
+        empty = [i for i in range(counts["layers"]) if layers[i] and not clean[kind][i].any()]
+        if empty:
+            raise ValueError(
+                f"the masks remove every {what} of layer(s) {empty}. A block cannot run without them: "
+                f"remove those layers instead (masks['layers'][i] = False) or keep at least one {what}."
+            )
+    if "head_dims" in clean:
+        kept_heads = clean.get("heads", full["heads"])
+        widths = {
+            int(clean["head_dims"][i, h].sum())
+            for i in range(counts["layers"])
+            if layers[i]
+            for h in range(counts["heads"][i])
+            if kept_heads[i, h]
+        }
+        if len(widths) > 1:
+            raise ValueError(
+                f"every kept head must keep the same number of dimensions (one head size), got "
+                f"{sorted(widths)}."
+            )
+    encoder = adapter.encoder(model)
+    if getattr(encoder, "conv", None) is not None and not layers[0]:
+        raise ValueError(
+            "this DeBERTa model applies its convolution after the first layer; removing layer 0 would move it. "
+            "Keep layer 0 (masks['layers'][0] = True)."
+        )
+    return clean
+
+
+def kept_index(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None:
+    """Indices along ``axis`` that survive ``masks``, or None when the axis is untouched."""
+    if axis.kind == "hidden":
+        return masks["hidden"].nonzero().flatten() if "hidden" in masks else None
+    if axis.kind == "ffn":
+        if "ffn" not in masks:
+            return None
+        return masks["ffn"][axis.layer, : counts["ffn"][axis.layer]].nonzero().flatten()
+    if "heads" not in masks and "head_dims" not in masks:
+        return None
+    head_size = counts["head_size"]
+    heads = counts["heads"][axis.layer]
+    keep_heads = (
+        masks["heads"][axis.layer, :heads] if "heads" in masks else torch.ones(heads, dtype=torch.bool)
+    )
+    keep_dims = (
+        masks["head_dims"][axis.layer, :heads]
+        if "head_dims" in masks
+        else torch.ones(heads, head_size, dtype=torch.bool)
+    )
+    grid = keep_heads[:, None] & keep_dims
+    return grid.flatten().nonzero().flatten()
+
+
+def removed_index(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None:
+    kept = kept_index(axis, masks, counts)
+    if kept is None:
+        return None
+    removed = torch.ones(axis.parameter.shape[axis.dim], dtype=torch.bool)
+    removed[kept] = False
+    return removed.nonzero().flatten()
+
+
+def masked_parameter_slices(model: nn.Module, masks: Masks) -> list[ParameterSlice]:
+    """Where the weights of removed units live, so gradients and optimizer state can be zeroed the same way.
+
+    Entries for a removed layer cover the whole parameter (``dim=0``, every index).
+    """
+    masks = validate_masks(model, masks)
+    counts = unit_counts(model)
+    slices = []
+    for axis in axes(model):
+        index = removed_index(axis, masks, counts)
+        if index is not None and index.numel():
+            slices.append(ParameterSlice(axis.name, axis.parameter, axis.dim, index))
+    if "layers" in masks:
+        for i, named in enumerate(layer_parameters(model)):
+            if not masks["layers"][i]:
+                for name, parameter in named:
+                    slices.append(ParameterSlice(name, parameter, 0, torch.arange(parameter.shape[0])))
+    return slices
+
+
+@torch.no_grad()
+def zero_masked_(model: nn.Module, masks: Masks) -> None:
+    """Set the weights of every removed unit to zero, in place."""
+    for piece in masked_parameter_slices(model, masks):
+        piece.parameter.index_fill_(piece.dim, piece.index.to(piece.parameter.device), 0.0)
+
+
+class MaskHandle:
+    """Hooks that make a model behave as if pruned; ``remove()`` (or leaving the ``with`` block) undoes it."""
+
+    def __init__(self, handles: list) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
+
+
+def _scale_input(scale: torch.Tensor):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * scale.to(args[0]), *args[1:])
+
+    return hook
+
+
+def _scale_output(scale: torch.Tensor):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * scale.to(output)
+
+    return hook
+
+
+def _norm_over(kept: torch.Tensor):
+    def hook(module: nn.LayerNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        index = kept.to(output.device)
+        weight = module.weight[index] if module.weight is not None else None
+        bias = module.bias[index] if module.bias is not None else None
+        normed = F.layer_norm(args[0].index_select(-1, index), (len(index),), weight, bias, module.eps)
+        return torch.zeros_like(output).index_copy(-1, index, normed.to(output.dtype))
+
+    return hook
+
+
+def _skip_layer(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
+
+
+def _hidden_modules(adapter: ArchitectureAdapter, model: nn.Module) -> tuple[list, list, list, list]:
+    parts = adapter.hidden_parts(model)
+    readers, writers, norms = list(parts.readers), list(parts.writers), list(parts.norms)
+    for layer in adapter.layers(model):
+        p = adapter.layer_parts(layer)
+        readers += [*p.head_projections, p.ffn_input]
+        writers += [p.attention_output, p.ffn_output]
+        norms += [p.attention_norm, p.ffn_norm]
+    return readers, writers, norms, parts.convs
+
+
+def apply_masks(model: nn.Module, masks: Masks) -> MaskHandle:
+    """Make ``model`` compute what ``prune_model(model, masks)`` computes, through removable hooks."""
+    masks = validate_masks(model, masks)
+    if "head_dims" in masks:
+        raise ValueError("head_dims narrows heads and changes their temperature; use prune_model for it.")
+    adapter = get_adapter(model)
+    counts = unit_counts(model)
+    handles = []
+    layers = adapter.layers(model)
+    # the hooks run on every forward: put the masks where the weights are once, not at every call
+    device = next(model.parameters()).device
+    masks = {kind: mask.to(device) for kind, mask in masks.items()}
+    for i, layer in enumerate(layers):
+        parts = adapter.layer_parts(layer)
+        if "heads" in masks:
+            keep = masks["heads"][i, : counts["heads"][i]].float().repeat_interleave(counts["head_size"])
+            handles.append(parts.attention_output.register_forward_pre_hook(_scale_input(keep)))
+        if "ffn" in masks:
+            keep = masks["ffn"][i, : counts["ffn"][i]].float()
+            handles.append(parts.ffn_output.register_forward_pre_hook(_scale_input(keep)))
+        if "layers" in masks and not masks["layers"][i]:
+            handles.append(layer.register_forward_hook(_skip_layer, with_kwargs=True))
+    if "hidden" in masks and not masks["hidden"].all():
+        keep = masks["hidden"].float()
+        readers, writers, norms, convs = _hidden_modules(adapter, model)
+        handles += [m.register_forward_pre_hook(_scale_input(keep)) for m in readers]
+        handles += [m.register_forward_hook(_scale_output(keep)) for m in writers]
+        handles += [m.register_forward_hook(_norm_over(masks["hidden"].nonzero().flatten())) for m in norms]
+        channel = keep[:, None]  # Conv1d sees (batch, hidden, sequence)
+        handles += [m.register_forward_pre_hook(_scale_input(channel)) for m in convs]
+        handles += [m.register_forward_hook(_scale_output(channel)) for m in convs]
+    return MaskHandle(handles)
+
+
+@contextmanager
+def masked(model: nn.Module, masks: Masks) -> Iterator[nn.Module]:
+    """``with masked(model, masks): model(...)`` runs the model as if pruned."""
+    handle = apply_masks(model, masks)
+    try:
+        yield model
+    finally:
+        handle.remove()

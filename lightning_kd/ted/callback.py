@@ -1,0 +1,258 @@
+"""TEDFilterCallback: task-aware layer-wise distillation (TED, Liang et al., ICML 2023) in two stages.
+
+Stage I (``stage="filters"``, or ``"teacher"`` / ``"student"`` for one side): both models frozen, a filter on
+every k-th layer of each, each filter with its own task head, trained on the task loss; the filters are saved
+to ``save_dir`` (``teacher.pt``, ``student.pt``) when fit ends.
+
+Stage II (``stage="distill"``): the stage-I filters are loaded from ``filters``; the teacher's are frozen,
+the student's train with the student, and the objective gains ``weight`` x mean over filtered layers of
+MSE(f_s(H_s), f_t(H_t)) (the ``ted`` term). The rest of the objective is the recipe's: TED's is
+``task`` + ``logits`` (kl_alpha, T = 2) + ``ted`` (mse_alpha).
+
+Both stages run inside :class:`~lightning_kd.DistillationModule`: the callback adds its terms to the objective in
+``setup``, before the optimizer is built, so the filters are parameters of the module, in its checkpoints and,
+for the student's, in its optimizer. The teacher's filters are in the checkpoint too (they are the stage-I
+result, not the teacher) but never in the optimizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from lightning_kd.models.info import model_info
+from lightning_kd.models.layers import is_classifier
+from lightning_kd.ted.filters import filter_layer_pairs, load_filters, save_filters
+from lightning_kd.ted.terms import NORMALIZATIONS, FilteredHidden, FilterTaskLoss
+
+STAGES = {"filters": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",), "distill": ()}
+
+
+class TEDFilterCallback(L.Callback):
+    """Drives TED's two stages on a :class:`~lightning_kd.DistillationModule` with ``task="sequence-classification"``.
+
+    Args:
+        stage: ``filters`` (stage I for teacher and student in one run), ``teacher`` or ``student`` (stage I
+            for one side), or ``distill`` (stage II).
+        filters: stage II: the folder stage I saved the filters to.
+        save_dir: stage I: where to save them (default ``<trainer.default_root_dir>/ted_filters``).
+        interval: a filter on every ``interval``-th teacher block (it must divide the teacher's layer count).
+        student_interval: the student's; by default the one giving the student as many filters as the teacher.
+        filter: ``linear`` (the paper's) or ``mlp`` (linear, GELU, linear).
+        filter_width: the filters' output width, shared by both sides (default: the teacher's hidden size).
+        weight: stage II: the weight of the filtered-hidden term (the paper's mse_alpha).
+        normalize: stage II: how the filtered MSE averages over positions: ``tokens`` (real tokens only) or
+            ``authors`` (padding included, as the published code does; the paper's mse_alpha values were tuned
+            with it, so the paper recipes set it).
+        num_labels: the task's label count (1 for regression); by default the DataModule's task's.
+    """
+
+    def __init__(
+        self,
+        stage: str = "filters",
+        filters: str | None = None,
+        save_dir: str | None = None,
+        interval: int = 1,
+        student_interval: int | None = None,
+        filter: str = "linear",  # noqa: A002 - the YAML key users write
+        filter_width: int | None = None,
+        weight: float = 1.0,
+        normalize: str = "tokens",
+        num_labels: int | None = None,
+    ) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown TED stage {stage!r}: use one of {', '.join(STAGES)}.")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown TED normalize {normalize!r}: use 'tokens' (the filtered MSE over real tokens only) or "
+                "'authors' (over every padded position, as the paper's code and its mse_alpha values)."
+            )
+        if stage == "distill" and filters is None:
+            raise ValueError(
+                "TED stage II (stage='distill') matches the student to the teacher through the filters learned "
+                "in stage I, but `filters` is not set: run stage='filters' first and pass its save_dir."
+            )
+        self.stage, self.filters, self.save_dir = stage, filters, save_dir
+        self.options = {
+            "interval": int(interval),
+            "student_interval": student_interval,
+            "filter": filter,
+            "filter_width": filter_width,
+        }
+        self.weight, self.num_labels, self.normalize = float(weight), num_labels, normalize
+        self.saved: dict[str, str] = {}
+        self._missing: FileNotFoundError | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"TEDFilterCallback[stage={self.stage}]"
+
+    @property
+    def term_names(self) -> list[str]:
+        return [f"ted_task_{side}" for side in STAGES[self.stage]] if self.stage != "distill" else ["ted"]
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for needed in ("objective", "teacher", "student"):
+            if not hasattr(pl_module, needed):
+                raise TypeError(
+                    f"TEDFilterCallback drives a DistillationModule (it needs `{needed}`), not "
+                    f"{type(pl_module).__name__}."
+                )
+        terms = pl_module.objective.terms
+        if all(name in terms for name in self.term_names):
+            return  # a second fit / validate with the same module: the terms are already there
+        clash = [name for name, term in terms.items() if term.kind in ("ted", "ted_task")]
+        if clash:
+            raise ValueError(
+                f"the objective already holds TED terms {clash}; TEDFilterCallback adds its own, so remove them "
+                "from the recipe's objective."
+            )
+        teacher, student = model_info(pl_module.teacher, "teacher"), model_info(pl_module.student, "student")
+        # Checked here, before any term is built, so a bad interval names itself rather than a term.
+        filter_layer_pairs(
+            teacher.num_layers, student.num_layers, self.options["interval"], self.options["student_interval"]
+        )
+        num_labels = self._check_labels(trainer, pl_module)
+        if self.stage == "distill":
+            self._add_distill_term(pl_module, teacher, student)
+        else:
+            self._prepare_stage_one(pl_module, teacher, student, num_labels)
+        rank_zero_info(f"TED stage {self.stage!r}: terms {self.term_names} added to the objective.")
+        self._time_filters(pl_module)
+
+    def _time_filters(self, pl_module: L.LightningModule) -> None:
+        """Count the TED terms' time (filters, their heads and losses) as the step's ``filters`` share."""
+        timer = getattr(pl_module, "step_timer", None)
+        if timer is None:
+            return
+        for name in self.term_names:
+            term = pl_module.objective.terms[name]
+            term.register_forward_pre_hook(
+                lambda module, args: timer.start("filters") if module.training else None
+            )
+            term.register_forward_hook(lambda module, args, out: timer.stop("filters"))
+
+    def _check_labels(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """The task's label count, after checking that every head in play fits it."""
+        task = getattr(getattr(trainer, "datamodule", None), "task", None)
+        counts = {"the DataModule's task": getattr(task, "num_labels", None), "num_labels": self.num_labels}
+        for side in ("teacher", "student"):
+            model = getattr(pl_module, side)
+            if is_classifier(model):
+                counts[f"the {side}'s classifier"] = model.config.num_labels
+        known = {where: n for where, n in counts.items() if n is not None}
+        if not known:
+            raise ValueError(
+                "TED trains task heads but cannot tell the task's number of labels: use a GLUEDataModule, "
+                "a sequence-classification teacher, or set num_labels (1 for regression)."
+            )
+        if len(set(known.values())) > 1:
+            found = ", ".join(f"{where}: {n}" for where, n in known.items())
+            raise ValueError(
+                f"the heads do not fit the task's number of labels ({found}). Fine-tune the teacher on this "
+                "task, and build the student from it (init: copy / layers / extract) or name a pre-trained "
+                "student, which lightning-kd loads with a fresh head of the teacher's label count."
+            )
+        return next(iter(known.values()))
+
+    def _prepare_stage_one(
+        self, pl_module: L.LightningModule, teacher: Any, student: Any, num_labels: int
+    ) -> None:
+        # The models are frozen, and so is whatever the recipe's own terms learn (projections): stage I trains
+        # the filters and their heads and nothing else. The recipe's terms stay, weight 0, still logged.
+        pl_module.student.requires_grad_(False)
+        for term in pl_module.objective.terms.values():
+            term.requires_grad_(False)
+            term.weight = 0.0
+        for side in STAGES[self.stage]:
+            term = FilterTaskLoss(side=side, num_labels=num_labels, **self.options)
+            term.bind(teacher, student)
+            pl_module.objective.terms[term.name] = term
+
+    def _add_distill_term(self, pl_module: L.LightningModule, teacher: Any, student: Any) -> None:
+        term = FilteredHidden(weight=self.weight, normalize=self.normalize, **self.options)
+        term.bind(teacher, student)
+        folder = Path(self.filters)
+        files = {side: folder / f"{side}.pt" for side in ("teacher", "student")}
+        try:
+            term.use_stage_one_filters(
+                load_filters(files["teacher"], "teacher"), load_filters(files["student"], "student")
+            )
+        except FileNotFoundError as error:
+            # A resumed run finds its filters in the checkpoint, which Lightning restores only after setup;
+            # on_fit_start checks that one of the two supplied them, before the first step.
+            self._missing = error
+        pl_module.objective.terms[term.name] = term
+
+    def _check_filters_arrived(self, pl_module: L.LightningModule) -> None:
+        terms = pl_module.objective.terms
+        if self.stage == "distill" and "ted" in terms and not bool(terms["ted"].from_stage_one):
+            raise self._missing or RuntimeError("the 'ted' term has no stage-I filters.")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_filters_arrived(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_filters_arrived(pl_module)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.stage != "distill" and pl_module.student.training:
+            # frozen means frozen: no dropout in the states the student's filters learn from
+            pl_module.student.eval()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stage != "distill":
+            self._save(trainer, pl_module)
+
+    @rank_zero_only
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = Path(self.save_dir or Path(trainer.default_root_dir) / "ted_filters")
+        for side in STAGES[self.stage]:
+            term = pl_module.objective.terms[f"ted_task_{side}"]
+            model = getattr(pl_module, side)
+            self.saved[side] = save_filters(
+                folder / f"{side}.pt",
+                term.filters,
+                model=getattr(model.config, "_name_or_path", ""),
+                model_type=model.config.model_type,
+                num_labels=term.num_labels,
+                interval=self.options["interval"],
+                student_interval=self.options["student_interval"],
+                steps=trainer.global_step,
+            )
+        rank_zero_info(f"TED stage I filters saved: {self.saved}")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        # The filters themselves are module parameters (objective terms), so they are in the checkpoint's
+        # state_dict; this records what produced them.
+        return {"stage": self.stage, **self.options, "filters": self.filters, "normalize": self.normalize}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = {
+            k: (v, self.options[k])
+            for k, v in state_dict.items()
+            if k in self.options and self.options[k] != v
+        }
+        if changed:
+            rank_zero_warn(
+                f"this checkpoint's TED filters were built with other options {changed} (saved, now); the "
+                "module's state will not fit them."
+            )
+        saved = state_dict.get(
+            "normalize", "tokens"
+        )  # checkpoints from before the option averaged over tokens
+        if self.stage == "distill" and saved != self.normalize:
+            rank_zero_warn(
+                f"this checkpoint's TED run averaged the filtered MSE with normalize={saved!r}, this run with "
+                f"{self.normalize!r}: the 'ted' term changes scale from here on. Set normalize={saved!r} to "
+                "resume the same run."
+            )

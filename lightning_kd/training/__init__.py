@@ -1,0 +1,10 @@
+"""What a Lightning run needs around the models: optimizer and schedule, checkpoints and resume, distributed
+strategies, step timing, the train-mode lifecycle, exported folders and their model cards, and the one module
+that touches Lightning's private API (``lightning_internals.py``)."""
+
+from lightning_kd.training.checkpoints import AtomicCheckpointIO, check_resume
+from lightning_kd.training.distributed import compressed_ddp
+from lightning_kd.training.optimizer import adamw_with_warmup
+from lightning_kd.training.timing import StepTimer, timed
+
+__all__ = ["AtomicCheckpointIO", "StepTimer", "adamw_with_warmup", "check_resume", "compressed_ddp", "timed"]
