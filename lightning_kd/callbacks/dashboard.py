@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning_kd.datamodules.glue import TASKS
 from lightning_kd.datamodules.glue_metrics import TaskMetrics
 from lightning_kd.pruning.callback import PruningCallback
+from lightning_kd.training.lightning_internals import logs_this_step
 from lightning_kd.training.timing import METRICS as STEP_METRICS
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class RunDashboard(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # Names only reach W&B on logging steps, and reading callback_metrics turns progress-bar values into
         # Python numbers (a device sync), which Lightning does on exactly those steps anyway.
-        if trainer._logger_connector.should_update_logs:
+        if logs_this_step(trainer):
             self._define_new_metrics(trainer)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

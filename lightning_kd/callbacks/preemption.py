@@ -28,6 +28,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_kd.pruning.callback import PruningCallback
+from lightning_kd.training.lightning_internals import accumulating, cluster_environment
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -66,7 +67,7 @@ class PreemptionCheckpoint(L.Callback):
                 "miss a pruning event of the same step and the resumed run would skip it. List it after the "
                 "PruningCallback (lightning-kd fit places it last)."
             )
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             # One handler for the signal, and the one that does not deadlock: Lightning's registers at fit start
             # only when this is on.
@@ -93,11 +94,7 @@ class PreemptionCheckpoint(L.Callback):
             self._previous(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if (
-            not self._installed
-            or trainer.global_step % self.check_every
-            or trainer.fit_loop._should_accumulate()
-        ):
+        if not self._installed or trainer.global_step % self.check_every or accumulating(trainer):
             return
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return

@@ -19,6 +19,8 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_kd.training.lightning_internals import wandb_init_kwargs, wandb_run_started
+
 
 def recipe_run_name(config_files: Sequence[str | os.PathLike]) -> str | None:
     """``<folder>-<stem>`` of the last recipe file (``experiments/ted/tiny_stage2.yaml`` -> ``ted-tiny_stage2``);
@@ -49,9 +51,10 @@ def name_wandb_runs(trainer: L.Trainer, config_files: Sequence[str | os.PathLike
     runs when setup starts, and a run's name is chosen when it is created."""
     name = recipe_run_name(config_files)
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and name and getattr(logger, "_experiment", None) is None:
-            if not logger._wandb_init.get("name"):
-                logger._wandb_init["name"] = name
+        if isinstance(logger, WandbLogger) and name and not wandb_run_started(logger):
+            settings = wandb_init_kwargs(logger)
+            if not settings.get("name"):
+                settings["name"] = name
 
 
 def finish_wandb_runs(trainer: L.Trainer) -> None:
@@ -59,7 +62,7 @@ def finish_wandb_runs(trainer: L.Trainer) -> None:
     ``files/wandb-summary.json`` as an online run's has them (wandb's offline mode keeps both only inside its
     binary ``.wandb`` file), so tools that read run folders find them."""
     for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger) or getattr(logger, "_experiment", None) is None:
+        if not isinstance(logger, WandbLogger) or not wandb_run_started(logger):
             continue
         run = logger.experiment
         if (

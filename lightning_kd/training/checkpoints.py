@@ -34,6 +34,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_kd.training.lightning_internals import attached_trainer
+
 PARTIAL = ".partial"
 
 
@@ -158,7 +160,7 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
 def resuming_fit(module: Any) -> bool:
     """Whether ``module`` is loading a checkpoint to go on training (``trainer.fit(ckpt_path=...)``), where the
     resume policy applies; ``load_from_checkpoint(path, **overrides)`` and evaluation take what they are given."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     return trainer is not None and trainer.state.fn == "fit"
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.ddp import _register_ddp_comm_hook
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from lightning_kd.training.lightning_internals import ddp_comm_hook, register_ddp_comm_hook
 
 COMPRESSIONS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
 
@@ -22,14 +23,9 @@ class CompressedDDPStrategy(DDPStrategy):
     (NCCL once was the only backend that took hooks); gloo takes them too, so CPU runs test the same path."""
 
     def _register_ddp_hooks(self) -> None:
-        if self.root_device.type == "cuda" or self._ddp_comm_hook is None:
+        if self.root_device.type == "cuda" or ddp_comm_hook(self) is None:
             return super()._register_ddp_hooks()
-        _register_ddp_comm_hook(
-            model=self.model,
-            ddp_comm_state=self._ddp_comm_state,
-            ddp_comm_hook=self._ddp_comm_hook,
-            ddp_comm_wrapper=self._ddp_comm_wrapper,
-        )
+        register_ddp_comm_hook(self)
         return None
 
 

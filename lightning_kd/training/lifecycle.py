@@ -14,6 +14,8 @@ from __future__ import annotations
 import lightning as L
 from torch import nn
 
+from lightning_kd.training.lightning_internals import attached_trainer
+
 
 def train_mode_for_fit(module: nn.Module) -> None:
     module.train()
@@ -29,7 +31,7 @@ def default_callbacks(module: L.LightningModule) -> list[L.Callback]:
     the ``stop`` policy, unless the Trainer already has one (Lightning would replace it by the module's)."""
     from lightning_kd.callbacks.nonfinite import NonFiniteGuard  # callbacks import the modules' helpers
 
-    trainer = module._trainer
+    trainer = attached_trainer(module)
     if trainer is not None and any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
         return []
     return [NonFiniteGuard()]

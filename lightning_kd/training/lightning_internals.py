@@ -1,0 +1,93 @@
+"""Every use of Lightning's (and torch's) private API in lightning-kd, in one place.
+
+Lightning has no public way to ask some things a distillation run needs every step: whether this step's metrics
+reach the loggers (so the discrepancy is computed only then), whether a batch is a micro-batch of gradient
+accumulation, which cluster environment the Trainer detected, the trainer a module is attached to without the
+error ``module.trainer`` raises when it is not. Each answer below reads a private attribute; nothing else in the
+library does. ``tests/training/test_lightning_internals.py`` checks each one against the installed Lightning on
+a real Trainer, so an upgrade that moves one fails there, by name, instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import ClusterEnvironment
+
+# (object, attribute path) pairs this module relies on, for the test and for the error below
+RELIED_ON = (
+    ("Trainer", "_logger_connector.should_update_logs"),
+    ("Trainer", "fit_loop._should_accumulate"),
+    ("Trainer", "_accelerator_connector.cluster_environment"),
+    ("LightningModule", "_trainer"),
+    ("WandbLogger", "_wandb_init"),
+    ("WandbLogger", "_experiment"),
+    ("DDPStrategy", "_register_ddp_hooks"),
+    ("GradScaler", "_found_inf_per_device"),
+)
+
+
+def _read(owner: Any, path: str) -> Any:
+    value = owner
+    for name in path.split("."):
+        try:
+            value = getattr(value, name)
+        except AttributeError as error:
+            raise RuntimeError(
+                f"lightning-kd reads {type(owner).__name__}.{path}, which this version of Lightning or torch does not "
+                "have; install the versions in setup.cfg, or report it with `pip show lightning torch`."
+            ) from error
+    return value
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer ``module`` is attached to, or None (``module.trainer`` raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the metrics logged in this training step reach the loggers (``log_every_n_steps``)."""
+    return bool(_read(trainer, "_logger_connector.should_update_logs"))
+
+
+def accumulating(trainer: L.Trainer) -> bool:
+    """Whether the current batch is a micro-batch whose optimizer step has not happened yet."""
+    return bool(_read(trainer, "fit_loop._should_accumulate")())
+
+
+def cluster_environment(trainer: L.Trainer) -> ClusterEnvironment:
+    """The cluster environment the Trainer detected (SLURM, torchelastic, a plain machine)."""
+    return _read(trainer, "_accelerator_connector.cluster_environment")
+
+
+def wandb_run_started(logger: Any) -> bool:
+    """Whether a WandbLogger has created its run yet (its name can only be chosen before)."""
+    return getattr(logger, "_experiment", None) is not None
+
+
+def wandb_init_kwargs(logger: Any) -> dict[str, Any]:
+    """The keyword arguments a WandbLogger will pass to ``wandb.init`` (mutable until the run starts)."""
+    return _read(logger, "_wandb_init")
+
+
+def register_ddp_comm_hook(strategy: Any) -> None:
+    """Install a DDPStrategy's communication hook on any device (Lightning installs it on CUDA only)."""
+    from lightning.pytorch.strategies.ddp import _register_ddp_comm_hook
+
+    _register_ddp_comm_hook(
+        model=strategy.model,
+        ddp_comm_state=strategy._ddp_comm_state,
+        ddp_comm_hook=strategy._ddp_comm_hook,
+        ddp_comm_wrapper=strategy._ddp_comm_wrapper,
+    )
+
+
+def ddp_comm_hook(strategy: Any) -> Any:
+    """The communication hook a DDPStrategy was given, or None."""
+    return getattr(strategy, "_ddp_comm_hook", None)
+
+
+def overflowed_per_device(scaler: Any, optimizer: Any) -> dict[Any, Any]:
+    """A GradScaler's found-inf flags for ``optimizer`` (filled by ``unscale_``), device -> tensor."""
+    return _read(scaler, "_found_inf_per_device")(optimizer)
