@@ -20,11 +20,34 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted (a test's capture, a notebook's cell)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+# What the library tells a user (sizes, where a student was saved, the end-of-fit report) goes through the
+# "lightning_kd" logger at INFO. As Lightning does for its own logger: shown on stdout unless the application
+# configured logging itself, in which case its handlers decide.
+_log = logging.getLogger(__name__)
+_log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers() and not _log.handlers:
+    _log.addHandler(_StdoutHandler())
+    _log.propagate = False
 
 # public name -> the module that defines it
 _PUBLIC = {

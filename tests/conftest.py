@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 from kd_helpers import tiny_bert_config
 from transformers import BertForMaskedLM
+
+import lightning_kd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,3 +24,17 @@ torch.set_num_threads(2)
 def teacher() -> BertForMaskedLM:
     torch.manual_seed(0)
     return BertForMaskedLM(tiny_bert_config()).eval()
+
+
+@pytest.fixture(autouse=True)
+def library_messages_on_stdout() -> Iterator[None]:
+    """What a user sees at a terminal: the lightning_kd logger's messages on stdout. (Under pytest the root
+    logger has pytest's handlers, so the library would leave its messages to them, as it does in an application
+    that configured logging.)"""
+    logger = logging.getLogger("lightning_kd")
+    handler = lightning_kd._StdoutHandler()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    yield
+    logger.removeHandler(handler)
+    logger.propagate = propagate

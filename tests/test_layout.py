@@ -67,8 +67,10 @@ def test_an_old_class_path_as_a_recipe_names_it() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, lightning_kd; heavy = [m for m in ('torch', 'lightning', 'transformers', 'matplotlib', "
-            "'wandb') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, lightning_kd; heavy = [m for m in ('torch', 'lightning', 'transformers', 'matplotlib', "
+        "'wandb') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -79,6 +81,18 @@ def test_no_loose_modules_at_the_root() -> None:
 
 
 def test_no_library_file_over_450_lines() -> None:
-    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "lightning_kd").rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 450}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "lightning_kd").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 450
+    }
     assert not long, long
+
+
+def test_library_messages_reach_a_terminal_on_stdout() -> None:
+    code = "import logging, lightning_kd; logging.getLogger('lightning_kd.x').info('student saved')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "student saved\n"
+    configured = "import logging; logging.basicConfig(level=logging.WARNING); " + code
+    done = subprocess.run([sys.executable, "-c", configured], capture_output=True, text=True, check=True)
+    assert done.stdout == "" and done.stderr == "", "an application's logging configuration decides"

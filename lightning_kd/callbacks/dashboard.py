@@ -24,6 +24,7 @@ of their summary.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import struct
@@ -45,6 +46,8 @@ from lightning_kd.training.timing import METRICS as STEP_METRICS
 
 if TYPE_CHECKING:
     import matplotlib.figure
+
+log = logging.getLogger(__name__)
 
 # Lightning's WandbLogger adds this to every row it logs and defines it as the x axis of "*".
 STEP_METRIC = "trainer/global_step"
@@ -218,7 +221,7 @@ class RunDashboard(L.Callback):
         self.plot_path = save_summary_plot(
             read_metrics_csv(metrics_file), metrics_file.parent / self.plot, *counts
         )
-        print(
+        log.info(
             f"summary plot (discrepancy, width, loss, validation against steps) saved to {self.plot_path.resolve()}"
         )
 

@@ -82,7 +82,11 @@ def test_no_other_library_file_reads_lightning_private_attributes() -> None:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             name = node.attr if isinstance(node, ast.Attribute) else None
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                "getattr",
+                "hasattr",
+                "setattr",
+            ):
                 name = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), None)
             if isinstance(node, ast.ImportFrom):
                 name = next((a.name for a in node.names if a.name in PRIVATE), None)
