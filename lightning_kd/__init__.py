@@ -44,8 +44,8 @@ class _StdoutHandler(logging.StreamHandler):
 # "lightning_kd" logger at INFO. As Lightning does for its own logger: shown on stdout unless the application
 # configured logging itself, in which case its handlers decide.
 _log = logging.getLogger(__name__)
-_log.setLevel(logging.INFO)
 if not logging.getLogger().hasHandlers() and not _log.handlers:
+    _log.setLevel(logging.INFO)
     _log.addHandler(_StdoutHandler())
     _log.propagate = False
 

@@ -35,6 +35,9 @@ def library_messages_on_stdout() -> Iterator[None]:
     handler = lightning_kd._StdoutHandler()
     logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
+    level = logger.level
+    logger.setLevel(logging.INFO)
     yield
     logger.removeHandler(handler)
     logger.propagate = propagate
+    logger.setLevel(level)
