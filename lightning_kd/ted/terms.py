@@ -1,6 +1,6 @@
 """TED's terms (task-aware layer-wise distillation, Liang et al., ICML 2023).
 
-The filters themselves are in ``lightning_kd/ted/filters.py``; ``TEDFilterCallback`` (callbacks/ted.py) adds
+The filters themselves are in ``lightning_kd/ted/filters.py``; ``TEDFilterCallback`` (``lightning_kd/ted/callback.py``) adds
 these terms to the objective and moves the filters between the two stages.
 """
 
