@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning_kd.models import bert, deberta_v2, roberta  # noqa: F401  (registers the adapters)
 from lightning_kd.models.adapter import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
+from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.models.capture import capture_qkv
 from lightning_kd.models.info import has_adapter, masked_lm_parts, model_info
 from lightning_kd.models.layers import (
@@ -27,9 +28,11 @@ from lightning_kd.models.registry import get_adapter, register_adapter, supporte
 
 __all__ = [
     "ArchitectureAdapter",
+    "BoundModel",
     "HiddenParts",
     "LayerParts",
     "MaskedLMParts",
+    "bind",
     "capture_qkv",
     "freeze_unused_pooler",
     "get_adapter",

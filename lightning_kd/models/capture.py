@@ -8,18 +8,20 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind
 
 
 @contextmanager
-def capture_qkv(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+def capture_qkv(
+    model: nn.Module | BoundModel, layers: Iterable[int]
+) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
     """Yield a dict that the forward pass fills with ``{layer: {"query": q, "key": k, "value": v}}``.
 
     The tensors are the projections' outputs, shape ``(batch, seq, heads * head_size)``, so they exist
     for any attention implementation (eager, sdpa, flash).
     """
-    adapter = get_adapter(model)
-    all_layers = adapter.layers(model)
+    bound = bind(model)
+    all_layers = bound.layers()
     store: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
 
@@ -31,7 +33,7 @@ def capture_qkv(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, d
 
     try:
         for index in layers:
-            parts = adapter.layer_parts(all_layers[index])
+            parts = bound.layer_parts(all_layers[index])
             for role in ("query", "key", "value"):
                 handles.append(getattr(parts, role).register_forward_hook(keep(index, role)))
         yield store

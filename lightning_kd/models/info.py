@@ -6,31 +6,29 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_kd.models.adapter import MaskedLMParts
+from lightning_kd.models.bound import BoundModel, try_bind, unbind
 from lightning_kd.models.layers import is_classifier
-from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.term import ModelInfo
 
 
-def has_adapter(model: nn.Module) -> bool:
+def has_adapter(model: nn.Module | BoundModel) -> bool:
     """Whether lightning-kd knows ``model``'s architecture (pruning, q/k/v capture, gathered heads)."""
-    try:
-        get_adapter(model)
-    except ValueError:
-        return False
-    return True
+    return try_bind(model) is not None
 
 
-def masked_lm_parts(model: nn.Module) -> MaskedLMParts | None:
+def masked_lm_parts(model: nn.Module | BoundModel) -> MaskedLMParts | None:
     """The encoder and prediction head of a masked LM of a known architecture, else None."""
-    return get_adapter(model).masked_lm_parts(model) if has_adapter(model) else None
+    bound = try_bind(model)
+    return bound.masked_lm_parts() if bound is not None else None
 
 
-def model_info(model: nn.Module, name: str) -> ModelInfo:
+def model_info(model: nn.Module | BoundModel, name: str) -> ModelInfo:
+    bound = try_bind(model)
+    model = unbind(model)
     config = model.config
-    known = has_adapter(model)
+    known = bound is not None
     if known:
-        adapter = get_adapter(model)
-        layers, heads = adapter.num_layers(model), adapter.num_heads(model)
+        layers, heads = bound.num_layers(), bound.num_heads()
     else:
         layers, heads = config.num_hidden_layers, config.num_attention_heads
     eager = getattr(config, "_attn_implementation", "eager") == "eager"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind, try_bind, unbind
 
 
 def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:
@@ -22,43 +22,43 @@ def uniform_layer_choice(num_layers: int, keep: int) -> list[int]:
     return [round(step * (i + 1)) - 1 for i in range(keep)]
 
 
-def max_sequence_length(model: nn.Module) -> int | None:
+def max_sequence_length(model: nn.Module | BoundModel) -> int | None:
     """The longest input ``model``'s position embeddings cover, or None when it has no absolute limit."""
-    try:
-        return get_adapter(model).max_positions(model)
-    except ValueError:  # an architecture without an adapter: its config says
-        return getattr(model.config, "max_position_embeddings", None)
+    bound = try_bind(model)
+    if bound is None:  # an architecture without an adapter: its config says
+        return getattr(unbind(model).config, "max_position_embeddings", None)
+    return bound.max_positions()
 
 
-def keep_layers_(model: nn.Module, indices: Sequence[int]) -> nn.Module:
-    """Keep only the blocks at ``indices`` (in that order), in place; returns ``model``."""
-    adapter = get_adapter(model)
-    total = adapter.num_layers(model)
+def keep_layers_(model: nn.Module | BoundModel, indices: Sequence[int]) -> nn.Module:
+    """Keep only the blocks at ``indices`` (in that order), in place; returns the (plain) model."""
+    bound = bind(model)
+    total = bound.num_layers()
     bad = [i for i in indices if not 0 <= i < total]
     if bad or not indices:
         raise ValueError(
             f"layer indices {list(indices)} are invalid for a model with {total} layers "
             f"(valid: 0..{total - 1}, at least one)."
         )
-    layers = adapter.layers(model)
+    layers = bound.layers()
     kept = nn.ModuleList([layers[i] for i in indices])
-    adapter.encoder(model).layer = kept
-    model.config.num_hidden_layers = len(kept)
+    bound.encoder().layer = kept
+    bound.config().num_hidden_layers = len(kept)
     for position, layer in enumerate(kept):
         # some implementations read the layer index (caching, logging); keep it consistent with the new depth
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
-    return model
+    return bound.model
 
 
-def select_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+def select_layers(model: nn.Module | BoundModel, indices: Sequence[int]) -> nn.Module:
     """A copy of ``model`` that keeps only the transformer blocks at ``indices`` (in that order)."""
-    get_adapter(model)  # fail on an unsupported architecture before copying a large model
-    total = len(get_adapter(model).layers(model))
+    bound = bind(model)  # fails on an unsupported architecture before copying a large model
+    total = bound.num_layers()
     if not indices or any(not 0 <= i < total for i in indices):
-        keep_layers_(model, indices)  # raises the descriptive error without touching the model
-    return keep_layers_(copy.deepcopy(model), indices)
+        keep_layers_(bound, indices)  # raises the descriptive error without touching the model
+    return keep_layers_(bound.on(copy.deepcopy(bound.model)), indices)
 
 
 def is_classifier(model: nn.Module) -> bool:

@@ -30,9 +30,8 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from lightning_kd.models.adapter import ArchitectureAdapter, query_rescale
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind, try_bind, unbind
 from lightning_kd.pruning.prune import _refresh_shape, prune_model
-from lightning_kd.pruning.units import unit_counts
 
 RECORD_KEY = "lightning_kd"
 
@@ -77,16 +76,17 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def to_standard(model: nn.Module) -> nn.Module:
+def to_standard(model: nn.Module | BoundModel) -> nn.Module:
     """A copy of ``model`` whose every layer matches one standard config (zero-padded where needed)."""
-    adapter = get_adapter(model)
-    counts = unit_counts(model)
+    bound = bind(model)
+    adapter = bound.adapter
+    counts = bound.unit_counts()
     hidden, head_size = counts["hidden"], counts["head_size"]
     heads, ffn = counts["heads"], counts["ffn"]
     num_heads, new_head_size = _config_head_layout(adapter, hidden, max(heads), head_size)
     width = max(ffn)
-    padded = copy.deepcopy(model)
-    for i, layer in enumerate(adapter.layers(padded)):
+    padded = bound.on(copy.deepcopy(bound.model))
+    for i, layer in enumerate(padded.layers()):
         parts = adapter.layer_parts(layer)
         shape = (heads[i], head_size, num_heads, new_head_size)
         if shape[:2] != shape[2:]:
@@ -108,7 +108,7 @@ def to_standard(model: nn.Module) -> nn.Module:
         for module in layer.modules():
             _refresh_shape(module)
         adapter.set_attention_shape(layer, num_heads, new_head_size)
-    config = adapter.config(padded)
+    config = padded.config()
     adapter.update_config(
         config, hidden=hidden, heads=num_heads, head_size=new_head_size, intermediate=width, layers=len(heads)
     )
@@ -117,14 +117,14 @@ def to_standard(model: nn.Module) -> nn.Module:
         setattr(config, RECORD_KEY, {"heads": list(heads), "intermediate": list(ffn), "head_size": head_size})
     elif hasattr(config, RECORD_KEY):
         delattr(config, RECORD_KEY)
-    return padded
+    return padded.model
 
 
-def check_exportable(model: nn.Module, hidden: int, heads: int) -> None:
+def check_exportable(model: nn.Module | BoundModel, hidden: int, heads: int) -> None:
     """Raise now, with the export's own message, if ``model`` pruned to ``hidden`` dimensions and ``heads``
     heads per layer could not be saved with a standard config (so a long run does not fail at its end)."""
-    adapter = get_adapter(model)
-    _config_head_layout(adapter, hidden, heads, adapter.head_size(model))
+    bound = bind(model)
+    _config_head_layout(bound.adapter, hidden, heads, bound.head_size())
 
 
 def check_export_dir(path: str | os.PathLike) -> Path:
@@ -182,7 +182,10 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def export_pretrained(
-    model: nn.Module, path: str | os.PathLike, label_names: Sequence[str] | None = None, **save_kwargs: Any
+    model: nn.Module | BoundModel,
+    path: str | os.PathLike,
+    label_names: Sequence[str] | None = None,
+    **save_kwargs: Any,
 ) -> Path:
     """``save_pretrained`` for a pruned model; the folder loads with plain ``AutoModel.from_pretrained``.
 
@@ -195,29 +198,30 @@ def export_pretrained(
 
 
 def save_standard(
-    model: nn.Module, path: str | os.PathLike, label_names: Sequence[str] | None = None, **save_kwargs: Any
+    model: nn.Module | BoundModel,
+    path: str | os.PathLike,
+    label_names: Sequence[str] | None = None,
+    **save_kwargs: Any,
 ) -> tuple[int, int]:
     """:func:`export_pretrained`, returning (parameters of ``model``, parameters plain transformers loads).
 
     The two differ when layers were pruned to different widths: plain transformers has one width for every
     layer, so the narrower ones are zero-padded to the widest (:func:`load_pruned` removes the padding).
     """
-    if not isinstance(model, PreTrainedModel):
+    module = unbind(model)
+    if not isinstance(module, PreTrainedModel):
         raise TypeError(
-            f"export_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
+            f"export_pretrained needs a transformers PreTrainedModel, got {type(module).__name__}."
         )
-    bad = nonfinite_parameters(model)
+    bad = nonfinite_parameters(module)
     if bad:
         raise ValueError(
             f"not exporting to {path}: {len(bad)} parameters are not finite (first "
             f"{', '.join(bad[:3])}); the run that trained this model diverged."
         )
-    try:
-        get_adapter(model)
-    except ValueError:  # an architecture lightning-kd cannot prune is never padded: saved as it is
-        standard = copy.deepcopy(model)
-    else:
-        standard = to_standard(model)
+    bound = try_bind(model)
+    # an architecture lightning-kd cannot prune is never padded: saved as it is
+    standard = copy.deepcopy(module) if bound is None else to_standard(bound)
     if label_names:
         num_labels = getattr(standard.config, "num_labels", None)
         if num_labels != len(label_names):
@@ -228,7 +232,7 @@ def save_standard(
         standard.config.id2label = dict(enumerate(label_names))
         standard.config.label2id = {name: i for i, name in enumerate(label_names)}
     standard.save_pretrained(path, **save_kwargs)
-    return parameter_count(model), parameter_count(standard)
+    return parameter_count(module), parameter_count(standard)
 
 
 def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs: Any) -> nn.Module:
@@ -244,7 +248,8 @@ def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs:
     record = getattr(model.config, RECORD_KEY, None)
     if not record:
         return model
-    counts = unit_counts(model)
+    bound = bind(model)
+    counts = bound.unit_counts()
     layers = counts["layers"]
     heads = torch.zeros(layers, max(counts["heads"]), dtype=torch.bool)
     ffn = torch.zeros(layers, max(counts["ffn"]), dtype=torch.bool)
@@ -253,6 +258,6 @@ def load_pruned(path: str | os.PathLike, model_class: Any = AutoModel, **kwargs:
         ffn[i, : record["intermediate"][i]] = True
     head_dims = torch.zeros(layers, counts["head_size"], dtype=torch.bool)
     head_dims[:, : record["head_size"]] = True
-    small = prune_model(model, {"heads": heads, "ffn": ffn, "head_dims": head_dims})
+    small = prune_model(bound, {"heads": heads, "ffn": ffn, "head_dims": head_dims})
     delattr(small.config, RECORD_KEY)
     return small

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.models.layers import uniform_layer_choice
-from lightning_kd.models.registry import get_adapter
 from lightning_kd.pruning.importance import LossFn, score_units, top_units
 from lightning_kd.pruning.prune import prune_model
-from lightning_kd.pruning.units import full_masks, unit_counts
+from lightning_kd.pruning.units import full_masks
 
 STRATEGIES = ("rand", "impt")
 
@@ -33,10 +33,9 @@ def _divisors(value: int, limit: int) -> list[int]:
     return [d for d in range(1, min(value, limit) + 1) if value % d == 0]
 
 
-def _check_sizes(teacher: nn.Module, sizes: dict[str, int]) -> None:
+def _check_sizes(teacher: BoundModel, sizes: dict[str, int]) -> None:
     """Errors that name the size, the limit and the nearest valid choices."""
-    adapter = get_adapter(teacher)
-    counts = unit_counts(teacher)
+    counts = teacher.unit_counts()
     limits = {
         "num_layers": counts["layers"],
         "hidden_size": counts["hidden"],
@@ -58,7 +57,7 @@ def _check_sizes(teacher: nn.Module, sizes: dict[str, int]) -> None:
             f"{_nearest_multiples(hidden, heads, limits['hidden_size'])}; or head counts that divide {hidden}: "
             f"{_divisors(hidden, limits['num_attention_heads'])}."
         )
-    head_size = adapter.head_size(teacher)
+    head_size = teacher.head_size()
     if hidden // heads > head_size:
         fewest = -(-hidden // head_size)
         raise ValueError(
@@ -68,7 +67,7 @@ def _check_sizes(teacher: nn.Module, sizes: dict[str, int]) -> None:
 
 
 def extract(
-    teacher: nn.Module,
+    teacher: nn.Module | BoundModel,
     num_layers: int | None = None,
     hidden_size: int | None = None,
     num_attention_heads: int | None = None,
@@ -89,25 +88,26 @@ def extract(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown extraction strategy {strategy!r}; choose 'rand' or 'impt'.")
-    counts = unit_counts(teacher)
+    bound = bind(teacher)
+    counts = bound.unit_counts()
     sizes = {
         "num_layers": counts["layers"] if num_layers is None else num_layers,
         "hidden_size": counts["hidden"] if hidden_size is None else hidden_size,
         "num_attention_heads": max(counts["heads"]) if num_attention_heads is None else num_attention_heads,
         "intermediate_size": max(counts["ffn"]) if intermediate_size is None else intermediate_size,
     }
-    _check_sizes(teacher, sizes)
+    _check_sizes(bound, sizes)
     if strategy == "impt":
         if data is None:
             raise ValueError(
                 "strategy='impt' scores units with the teacher's own loss and needs data: pass data= an "
                 "iterable of training batches (a DataLoader), or use strategy='rand'."
             )
-        scores = score_units(teacher, data, method="sensitivity", loss_fn=loss_fn, max_batches=max_batches)
+        scores = score_units(bound, data, method="sensitivity", loss_fn=loss_fn, max_batches=max_batches)
     else:
-        scores = score_units(teacher, method="random", seed=seed)
+        scores = score_units(bound, method="random", seed=seed)
 
-    exists = full_masks(teacher)
+    exists = full_masks(bound)
     head_size = sizes["hidden_size"] // sizes["num_attention_heads"]
     layers = torch.zeros(counts["layers"], dtype=torch.bool)
     layers[uniform_layer_choice(counts["layers"], sizes["num_layers"])] = True
@@ -125,7 +125,7 @@ def extract(
     }
     if head_size < counts["head_size"]:
         masks["head_dims"] = best("head_dims", head_size)
-    student = prune_model(teacher, masks)
+    student = prune_model(bound, masks)
     student.requires_grad_(True)
-    student.train(teacher.training)
+    student.train(bound.model.training)
     return student

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.pruning.units import axes, layer_parameters, unit_counts
 
 Scores = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def _empty_scores(model: nn.Module) -> Scores:
+def _empty_scores(model: nn.Module | BoundModel) -> Scores:
     counts = unit_counts(model)
     layers = counts["layers"]
     return {
@@ -36,7 +36,7 @@ def _empty_scores(model: nn.Module) -> Scores:
 
 
 @torch.no_grad()
-def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
+def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] | None = None) -> Scores:
     """``|theta * grad|`` summed over each unit's weights, from the gradients currently in ``model``.
 
     A weight shared by two units (a query row is in a head and reads a hidden dimension) counts for both.
@@ -49,9 +49,10 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
     wanted = asked | (
         {"heads", "head_dims"} if asked & {"heads", "head_dims"} else set()
     )  # one reduction, both
-    counts = unit_counts(model)
-    device = next(model.parameters()).device
-    scores = {kind: value.to(device) for kind, value in _empty_scores(model).items()}
+    bound = bind(model)
+    counts = bound.unit_counts()
+    device = next(bound.model.parameters()).device
+    scores = {kind: value.to(device) for kind, value in _empty_scores(bound).items()}
     products: dict[int, torch.Tensor] = {}
 
     def product(parameter: nn.Parameter) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
             products[id(parameter)] = (parameter * parameter.grad).abs_().float()
         return products[id(parameter)]
 
-    for axis in axes(model):
+    for axis in axes(bound):
         if axis.parameter.grad is None or axis.kind not in wanted:
             continue
         per_entry = product(axis.parameter).movedim(axis.dim, 0)
@@ -73,7 +74,7 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
         else:
             scores["hidden"] += per_entry.reshape(size, -1).sum(1)
     if "layers" in wanted:
-        for i, named in enumerate(layer_parameters(model)):
+        for i, named in enumerate(layer_parameters(bound)):
             for _, parameter in named:
                 if parameter.grad is not None:
                     scores["layers"][i] += product(parameter).sum()
@@ -81,7 +82,7 @@ def _sensitivity_on_device(model: nn.Module, kinds: Iterable[str] | None = None)
     return {kind: value for kind, value in scores.items() if kind in asked}
 
 
-def unit_sensitivity(model: nn.Module, kinds: Iterable[str] | None = None) -> Scores:
+def unit_sensitivity(model: nn.Module | BoundModel, kinds: Iterable[str] | None = None) -> Scores:
     """``|theta * grad|`` summed over each unit's weights, as CPU tensors (see :func:`_sensitivity_on_device`)."""
     return {kind: value.cpu() for kind, value in _sensitivity_on_device(model, kinds).items()}
 
@@ -104,7 +105,7 @@ class UnitImportance:
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
 
-    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+    def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def scores(self) -> Scores:
@@ -159,7 +160,7 @@ class Sensitivity(UnitImportance):
         super().__init__()
         self.kinds = list(kinds) if kinds is not None else None
 
-    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+    def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
         step = _sensitivity_on_device(model, self.kinds)
         ok = _usable(step, taken)
         for kind, value in step.items():
@@ -201,7 +202,7 @@ class PlatonImportance(UnitImportance):
         self._calls = int(state.pop("window.calls", 0))
         super().load_state_dict(state)
 
-    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+    def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
         step = _sensitivity_on_device(model, self.kinds)
         ok = _usable(step, taken)
         for kind, value in step.items():
@@ -247,7 +248,7 @@ class ActivationImportance(UnitImportance):
     constructor does it when given a model) and ``detach()`` after; ``update`` only counts steps.
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | BoundModel | None = None) -> None:
         super().__init__()
         self._handles: list = []
         if model is not None:
@@ -261,11 +262,11 @@ class ActivationImportance(UnitImportance):
         else:
             total[row, : value.shape[0]] += value
 
-    def attach(self, model: nn.Module) -> None:
-        adapter = get_adapter(model)
-        counts = unit_counts(model)
+    def attach(self, model: nn.Module | BoundModel) -> None:
+        bound = bind(model)
+        counts = bound.unit_counts()
         if not self.state:
-            self.state = _empty_scores(model)
+            self.state = _empty_scores(bound)
             self.state["batches"] = torch.zeros(())
         head_size = counts["head_size"]
 
@@ -293,8 +294,8 @@ class ActivationImportance(UnitImportance):
 
             return hook
 
-        for i, layer in enumerate(adapter.layers(model)):
-            parts = adapter.layer_parts(layer)
+        for i, layer in enumerate(bound.layers()):
+            parts = bound.layer_parts(layer)
             self._handles += [
                 parts.attention_output.register_forward_pre_hook(on_context(i)),
                 parts.ffn_output.register_forward_pre_hook(on_neurons(i)),
@@ -306,7 +307,7 @@ class ActivationImportance(UnitImportance):
             handle.remove()
         self._handles = []
 
-    def update(self, model: nn.Module | None = None) -> None:
+    def update(self, model: nn.Module | BoundModel | None = None) -> None:
         self._ready()
         self.state["batches"] += 1
 
@@ -319,14 +320,14 @@ class ActivationImportance(UnitImportance):
 class RandomImportance(UnitImportance):
     """Uniform random scores, reproducible from ``seed`` (the ``rand`` baseline of ETD)."""
 
-    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module | BoundModel, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.state = {
             kind: torch.rand(value.shape, generator=generator) for kind, value in _empty_scores(model).items()
         }
 
-    def update(self, model: nn.Module | None = None) -> None:
+    def update(self, model: nn.Module | BoundModel | None = None) -> None:
         pass
 
     def scores(self) -> Scores:
@@ -358,7 +359,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def score_units(
-    model: nn.Module,
+    model: nn.Module | BoundModel,
     data: Iterable[Any] | None = None,
     method: str = "sensitivity",
     loss_fn: LossFn | None = None,
@@ -372,9 +373,10 @@ def score_units(
     """
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; choose one of {', '.join(METHODS)}.")
-    get_adapter(model)
+    bound = bind(model)
+    model = bound.model  # forward, backward and the saved flags need the module itself
     if method == "random":
-        return RandomImportance(model, seed=seed).scores()
+        return RandomImportance(bound, seed=seed).scores()
     if data is None:
         raise ValueError(f"importance method {method!r} needs data: pass an iterable of batches.")
     loss_fn = loss_fn or default_loss
@@ -383,7 +385,7 @@ def score_units(
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     model.eval()  # dropout off: scores should reflect the weights, not the noise
     if method == "activation":
-        scorer: UnitImportance = ActivationImportance(model)
+        scorer: UnitImportance = ActivationImportance(bound)
     else:
         scorer = PlatonImportance(**scorer_kwargs) if method == "platon" else Sensitivity()
         for parameter, _, _ in saved:
@@ -400,7 +402,7 @@ def score_units(
             else:
                 model.zero_grad(set_to_none=True)
                 loss_fn(model, batch).backward()
-            scorer.update(model)
+            scorer.update(bound)
             seen += 1
     finally:
         if isinstance(scorer, ActivationImportance):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.pruning.prune import Resize, prune_model_
 from lightning_kd.pruning.units import Masks, _ragged, unit_counts
 
@@ -56,7 +56,7 @@ def expand_scores(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def shape_masks(model: nn.Module, counts: Mapping[str, Iterable[int] | int]) -> Masks:
+def shape_masks(model: nn.Module | BoundModel, counts: Mapping[str, Iterable[int] | int]) -> Masks:
     """Masks that keep the first units of each kind, as many as ``counts`` gives (per layer for heads/FFN).
 
     A checkpoint of a shrunk model holds its shapes, not which of the current units are which: pruning to
@@ -83,7 +83,7 @@ def shape_masks(model: nn.Module, counts: Mapping[str, Iterable[int] | int]) -> 
     return masks
 
 
-def student_shape(model: nn.Module) -> dict[str, list[int] | int]:
+def student_shape(model: nn.Module | BoundModel) -> dict[str, list[int] | int]:
     """What ``shape_masks`` needs to rebuild this model's shapes: heads and FFN neurons per layer, width."""
     counts = unit_counts(model)
     return {"heads": list(counts["heads"]), "ffn": list(counts["ffn"]), "hidden": int(counts["hidden"])}
@@ -186,45 +186,48 @@ class WideDropout(nn.Module):
         return f"p={self.p}, kept={self.kept.numel()} of {self.full_width}"
 
 
-def _stream_dropouts(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Every dropout of ``model`` except attention-probability ones, as (parent, attribute, module)."""
-    adapter = get_adapter(model)
-    attention = {id(adapter.attention_dropout(layer)) for layer in adapter.layers(model)}
+def _stream_dropouts(bound: BoundModel) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every dropout of the model except attention-probability ones, as (parent, attribute, module)."""
+    attention = {id(bound.adapter.attention_dropout(layer)) for layer in bound.layers()}
     found = []
-    for parent in model.modules():
+    for parent in bound.model.modules():
         for name, child in parent.named_children():
             if isinstance(child, (nn.Dropout, WideDropout)) and id(child) not in attention:
                 found.append((parent, name, child))
     return found
 
 
-def widen_dropout_(model: nn.Module, full_width: int, kept: torch.Tensor) -> None:
+def widen_dropout_(model: nn.Module | BoundModel, full_width: int, kept: torch.Tensor) -> None:
     """Make the residual-stream dropouts of ``model`` draw at ``full_width`` and keep the columns ``kept``."""
-    device = next(model.parameters()).device
-    for parent, name, child in _stream_dropouts(model):
+    bound = bind(model)
+    device = next(bound.model.parameters()).device
+    for parent, name, child in _stream_dropouts(bound):
         wide = WideDropout(child.p, full_width, kept.to(device))
         wide.train(child.training)
         setattr(parent, name, wide)
 
 
-def plain_dropout_(model: nn.Module) -> None:
+def plain_dropout_(model: nn.Module | BoundModel) -> None:
     """Put ordinary ``nn.Dropout`` back, so the finished model is plain transformers throughout."""
-    for parent, name, child in _stream_dropouts(model):
+    for parent, name, child in _stream_dropouts(bind(model)):
         if isinstance(child, WideDropout):
             plain = nn.Dropout(child.p)
             plain.train(child.training)
             setattr(parent, name, plain)
 
 
-def rebuild_shape_(model: nn.Module, shape: Mapping[str, Iterable[int] | int]) -> torch.Tensor | None:
+def rebuild_shape_(
+    model: nn.Module | BoundModel, shape: Mapping[str, Iterable[int] | int]
+) -> torch.Tensor | None:
     """Shrink ``model`` in place to ``shape`` (``student_shape`` of a shrunk model) before its weights load.
 
     Returns the hidden dimensions kept (the first ones) when the width changed, so modules that read the
     width can follow, else None. A model already of that shape is left alone.
     """
-    if student_shape(model) == {k: (list(v) if k != "hidden" else int(v)) for k, v in shape.items()}:
+    bound = bind(model)
+    if student_shape(bound) == {k: (list(v) if k != "hidden" else int(v)) for k, v in shape.items()}:
         return None
-    masks = shape_masks(model, shape)
-    prune_model_(model, masks)
+    masks = shape_masks(bound, shape)
+    prune_model_(bound, masks)
     hidden = masks["hidden"]
     return hidden.nonzero().flatten() if not hidden.all() else None

@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.models.adapter import ArchitectureAdapter
-from lightning_kd.models.registry import get_adapter
+from lightning_kd.models.bound import BoundModel, bind
 
 UNIT_KINDS: tuple[str, ...] = ("heads", "ffn", "hidden", "layers")
 MASK_KINDS: tuple[str, ...] = (*UNIT_KINDS, "head_dims")
@@ -67,12 +66,12 @@ def _linear_axes(linear: nn.Linear, dim: int, kind: str, layer: int | None) -> l
     return found
 
 
-def axes(model: nn.Module) -> list[Axis]:
+def axes(model: nn.Module | BoundModel) -> list[Axis]:
     """Every (parameter, dimension) that some unit owns, each once even where weights are tied."""
-    adapter = get_adapter(model)
+    bound = bind(model)
     raw: list[tuple] = []
-    for i, layer in enumerate(adapter.layers(model)):
-        parts = adapter.layer_parts(layer)
+    for i, layer in enumerate(bound.layers()):
+        parts = bound.layer_parts(layer)
         for projection in parts.head_projections:
             raw += _linear_axes(projection, 0, "heads", i) + _linear_axes(projection, 1, "hidden", None)
         raw += _linear_axes(parts.attention_output, 1, "heads", i)
@@ -81,7 +80,7 @@ def axes(model: nn.Module) -> list[Axis]:
         raw += _linear_axes(parts.ffn_output, 1, "ffn", i) + _linear_axes(parts.ffn_output, 0, "hidden", None)
         for norm in (parts.attention_norm, parts.ffn_norm):
             raw += _norm_axes(norm)
-    hidden = adapter.hidden_parts(model)
+    hidden = bound.hidden_parts()
     raw += [(e.weight, 1, "hidden", None) for e in hidden.embeddings]
     for reader in hidden.readers:
         raw += _linear_axes(reader, 1, "hidden", None)
@@ -93,7 +92,7 @@ def axes(model: nn.Module) -> list[Axis]:
         raw += [(conv.weight, 0, "hidden", None), (conv.weight, 1, "hidden", None)]
         if conv.bias is not None:
             raw.append((conv.bias, 0, "hidden", None))
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in bound.model.named_parameters()}
     seen: set[tuple[int, int]] = set()
     result = []
     for parameter, dim, kind, layer in raw:
@@ -109,24 +108,16 @@ def _norm_axes(norm: nn.LayerNorm) -> list[tuple]:
     return [(p, 0, "hidden", None) for p in (norm.weight, norm.bias) if p is not None]
 
 
-def layer_parameters(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+def layer_parameters(model: nn.Module | BoundModel) -> list[list[tuple[str, nn.Parameter]]]:
     """The named parameters of each block, in layer order."""
-    adapter = get_adapter(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[(names[id(p)], p) for p in layer.parameters()] for layer in adapter.layers(model)]
+    bound = bind(model)
+    names = {id(p): n for n, p in bound.model.named_parameters()}
+    return [[(names[id(p)], p) for p in layer.parameters()] for layer in bound.layers()]
 
 
-def unit_counts(model: nn.Module) -> dict[str, list[int] | int]:
+def unit_counts(model: nn.Module | BoundModel) -> dict[str, list[int] | int]:
     """How many units of each kind exist: per layer for heads and FFN neurons, global otherwise."""
-    adapter = get_adapter(model)
-    layers = range(adapter.num_layers(model))
-    return {
-        "heads": [adapter.num_heads(model, i) for i in layers],
-        "ffn": [adapter.intermediate_size(model, i) for i in layers],
-        "hidden": adapter.hidden_size(model),
-        "layers": adapter.num_layers(model),
-        "head_size": adapter.head_size(model),
-    }
+    return bind(model).unit_counts()
 
 
 def _ragged(counts: list[int]) -> torch.Tensor:
@@ -136,9 +127,12 @@ def _ragged(counts: list[int]) -> torch.Tensor:
     return exists
 
 
-def full_masks(model: nn.Module) -> Masks:
+def full_masks(model: nn.Module | BoundModel) -> Masks:
     """Masks that keep every existing unit (rows padded with False where a pruned layer is narrower)."""
-    counts = unit_counts(model)
+    return _full_masks(unit_counts(model))
+
+
+def _full_masks(counts: dict) -> Masks:
     return {
         "heads": _ragged(counts["heads"]),
         "ffn": _ragged(counts["ffn"]),
@@ -147,14 +141,18 @@ def full_masks(model: nn.Module) -> Masks:
     }
 
 
-def validate_masks(model: nn.Module, masks: Masks) -> Masks:
-    """Check kinds, shapes and that something sensible survives; return the masks as CPU bool tensors."""
+def _check_kinds(masks: Masks) -> None:
     unknown = set(masks) - set(MASK_KINDS)
     if unknown:
         raise ValueError(f"unknown mask kinds {sorted(unknown)}; known kinds: {', '.join(MASK_KINDS)}.")
-    adapter = get_adapter(model)
-    counts = unit_counts(model)
-    full = full_masks(model)
+
+
+def validate_masks(model: nn.Module | BoundModel, masks: Masks) -> Masks:
+    """Check kinds, shapes and that something sensible survives; return the masks as CPU bool tensors."""
+    _check_kinds(masks)
+    bound = bind(model)
+    counts = bound.unit_counts()
+    full = _full_masks(counts)
     full["head_dims"] = torch.ones(
         counts["layers"], max(counts["heads"]), counts["head_size"], dtype=torch.bool
     )
@@ -198,7 +196,7 @@ def validate_masks(model: nn.Module, masks: Masks) -> Masks:
                 f"every kept head must keep the same number of dimensions (one head size), got "
                 f"{sorted(widths)}."
             )
-    encoder = adapter.encoder(model)
+    encoder = bound.encoder()
     if getattr(encoder, "conv", None) is not None and not layers[0]:
         raise ValueError(
             "this DeBERTa model applies its convolution after the first layer; removing layer 0 would move it. "
@@ -240,20 +238,21 @@ def removed_index(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None
     return removed.nonzero().flatten()
 
 
-def masked_parameter_slices(model: nn.Module, masks: Masks) -> list[ParameterSlice]:
+def masked_parameter_slices(model: nn.Module | BoundModel, masks: Masks) -> list[ParameterSlice]:
     """Where the weights of removed units live, so gradients and optimizer state can be zeroed the same way.
 
     Entries for a removed layer cover the whole parameter (``dim=0``, every index).
     """
-    masks = validate_masks(model, masks)
-    counts = unit_counts(model)
+    bound = bind(model)
+    masks = validate_masks(bound, masks)
+    counts = bound.unit_counts()
     slices = []
-    for axis in axes(model):
+    for axis in axes(bound):
         index = removed_index(axis, masks, counts)
         if index is not None and index.numel():
             slices.append(ParameterSlice(axis.name, axis.parameter, axis.dim, index))
     if "layers" in masks:
-        for i, named in enumerate(layer_parameters(model)):
+        for i, named in enumerate(layer_parameters(bound)):
             if not masks["layers"][i]:
                 for name, parameter in named:
                     slices.append(ParameterSlice(name, parameter, 0, torch.arange(parameter.shape[0])))
@@ -261,7 +260,7 @@ def masked_parameter_slices(model: nn.Module, masks: Masks) -> list[ParameterSli
 
 
 @torch.no_grad()
-def zero_masked_(model: nn.Module, masks: Masks) -> None:
+def zero_masked_(model: nn.Module | BoundModel, masks: Masks) -> None:
     """Set the weights of every removed unit to zero, in place."""
     for piece in masked_parameter_slices(model, masks):
         piece.parameter.index_fill_(piece.dim, piece.index.to(piece.parameter.device), 0.0)
@@ -317,31 +316,31 @@ def _skip_layer(module: nn.Module, args: tuple, kwargs: dict, output: object) ->
     return hidden
 
 
-def _hidden_modules(adapter: ArchitectureAdapter, model: nn.Module) -> tuple[list, list, list, list]:
-    parts = adapter.hidden_parts(model)
+def _hidden_modules(bound: BoundModel) -> tuple[list, list, list, list]:
+    parts = bound.hidden_parts()
     readers, writers, norms = list(parts.readers), list(parts.writers), list(parts.norms)
-    for layer in adapter.layers(model):
-        p = adapter.layer_parts(layer)
+    for layer in bound.layers():
+        p = bound.layer_parts(layer)
         readers += [*p.head_projections, p.ffn_input]
         writers += [p.attention_output, p.ffn_output]
         norms += [p.attention_norm, p.ffn_norm]
     return readers, writers, norms, parts.convs
 
 
-def apply_masks(model: nn.Module, masks: Masks) -> MaskHandle:
+def apply_masks(model: nn.Module | BoundModel, masks: Masks) -> MaskHandle:
     """Make ``model`` compute what ``prune_model(model, masks)`` computes, through removable hooks."""
-    masks = validate_masks(model, masks)
+    bound = bind(model)
+    masks = validate_masks(bound, masks)
     if "head_dims" in masks:
         raise ValueError("head_dims narrows heads and changes their temperature; use prune_model for it.")
-    adapter = get_adapter(model)
-    counts = unit_counts(model)
+    counts = bound.unit_counts()
     handles = []
-    layers = adapter.layers(model)
+    layers = bound.layers()
     # the hooks run on every forward: put the masks where the weights are once, not at every call
-    device = next(model.parameters()).device
+    device = next(bound.model.parameters()).device
     masks = {kind: mask.to(device) for kind, mask in masks.items()}
     for i, layer in enumerate(layers):
-        parts = adapter.layer_parts(layer)
+        parts = bound.layer_parts(layer)
         if "heads" in masks:
             keep = masks["heads"][i, : counts["heads"][i]].float().repeat_interleave(counts["head_size"])
             handles.append(parts.attention_output.register_forward_pre_hook(_scale_input(keep)))
@@ -352,7 +351,7 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHandle:
             handles.append(layer.register_forward_hook(_skip_layer, with_kwargs=True))
     if "hidden" in masks and not masks["hidden"].all():
         keep = masks["hidden"].float()
-        readers, writers, norms, convs = _hidden_modules(adapter, model)
+        readers, writers, norms, convs = _hidden_modules(bound)
         handles += [m.register_forward_pre_hook(_scale_input(keep)) for m in readers]
         handles += [m.register_forward_hook(_scale_output(keep)) for m in writers]
         handles += [m.register_forward_hook(_norm_over(masks["hidden"].nonzero().flatten())) for m in norms]
@@ -363,10 +362,11 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHandle:
 
 
 @contextmanager
-def masked(model: nn.Module, masks: Masks) -> Iterator[nn.Module]:
+def masked(model: nn.Module | BoundModel, masks: Masks) -> Iterator[nn.Module]:
     """``with masked(model, masks): model(...)`` runs the model as if pruned."""
-    handle = apply_masks(model, masks)
+    bound = bind(model)
+    handle = apply_masks(bound, masks)
     try:
-        yield model
+        yield bound.model
     finally:
         handle.remove()
