@@ -6,10 +6,8 @@ import dataclasses
 import inspect
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,24 +26,20 @@ from lightning_kd.batch import PREDICTION_POSITIONS, complete_batch, prediction_
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
 from lightning_kd.distillation.data_checks import check_models_fit_data, check_task_fits_data
 from lightning_kd.distillation.discrepancy import measure_discrepancy
+from lightning_kd.distillation.evaluation import TeacherComparison, evaluation_key
+from lightning_kd.distillation.features import MODEL_INPUTS, model_features
 from lightning_kd.distillation.students import StudentSpec, build_student
 from lightning_kd.distillation.teacher_cache import TeacherCache
-from lightning_kd.models.capture import capture_qkv
 from lightning_kd.models.info import has_adapter, masked_lm_parts, model_info
 from lightning_kd.models.layers import is_classifier
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.objective import DistillationObjective
 from lightning_kd.objective.term import Features, KnowledgeTerm
-from lightning_kd.pruning.export import check_export_written, parameter_count, save_standard
+from lightning_kd.pruning.export import parameter_count
 from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
-from lightning_kd.training.card import (
-    auto_class_name,
-    describe_device,
-    export_sizes_line,
-    forward_ms,
-    write_model_card,
-)
+from lightning_kd.training.card import describe_device, forward_ms
 from lightning_kd.training.checkpoints import check_resume, resuming_fit
+from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
 from lightning_kd.training.timing import StepTimer
@@ -55,7 +49,6 @@ MODEL_CLASSES = {
     "masked-lm": AutoModelForMaskedLM,
     "sequence-classification": AutoModelForSequenceClassification,
 }
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -177,13 +170,7 @@ class DistillationModule(L.LightningModule):
             teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         self.task_metrics: TaskMetrics | None = None
         self.test_metrics: TaskMetrics | None = None
-        self.teacher_metrics = nn.ModuleDict()  # registered, so it moves to the device with the module
-        self.teacher_results: dict[
-            tuple, dict[str, float]
-        ] = {}  # per evaluation set: the frozen teacher's metrics
-        self.last_evaluation: dict[str, dict[str, float]] = {}
-        self._teacher_key: tuple = ()
-        self._teacher_known = False
+        self.teacher_comparison = TeacherComparison()
         self._check_vocabularies()
 
         self.objective = DistillationObjective(objective or self._default_objective())
@@ -230,46 +217,6 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _features(
-        self, model: nn.Module, batch: Mapping[str, Tensor], qkv_layers: frozenset[int]
-    ) -> Features:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        if has_adapter(model):
-            inputs["attention_mask"] = get_adapter(model).attention_mask_input(
-                model, inputs["attention_mask"]
-            )
-        capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
-        parts = masked_lm_parts(model)
-        positions = batch.get(PREDICTION_POSITIONS) if self.needs.logits else None
-        logits = None
-        with capture as qkv:
-            # A masked LM runs its encoder, then its prediction head only at the positions a loss reads.
-            out = (parts.encoder if parts is not None else model)(
-                **inputs,
-                output_hidden_states=self.needs.hidden_states,
-                output_attentions=self.needs.attentions,
-                return_dict=True,
-            )
-        if parts is not None and self.needs.logits:
-            hidden = out.last_hidden_state
-            if positions is not None:
-                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-            logits = parts.predict(hidden)
-        elif self.needs.logits:
-            logits = getattr(out, "logits", None)
-            if positions is not None and logits is not None and logits.dim() == 3:
-                # a model whose head lightning-kd cannot split: gathered after the fact, so both sides match
-                logits = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
-            elif logits is None or logits.dim() != 3:
-                positions = None
-        return Features(
-            logits=logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            qkv={i + 1: v for i, v in qkv.items()},
-            positions=positions,
-        )
-
     def prepare_batch(self, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """The batch with an attention mask, and with the positions MLM losses read when it lacks them.
 
@@ -290,11 +237,11 @@ class DistillationModule(L.LightningModule):
 
     def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
         with torch.no_grad():
-            return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
+            return model_features(self.teacher, batch, self.needs, self.needs.teacher_qkv_layers)
 
     def student_features(self, batch: Mapping[str, Tensor]) -> Features:
         with self._dropout_stream() if self.student.training else nullcontext():
-            return self._features(self.student, batch, self.needs.student_qkv_layers)
+            return model_features(self.student, batch, self.needs, self.needs.student_qkv_layers)
 
     @contextmanager
     def _dropout_stream(self) -> Iterator[None]:
@@ -435,7 +382,7 @@ class DistillationModule(L.LightningModule):
             options = {} if options is True else dict(options)
             names = _compiled_models(options.pop("models", ("student", "teacher")))
             # In place, so parameter names, state_dict keys and the pruning hooks stay as they are; a masked LM
-            # is called as encoder and head (see _features), so those are what gets compiled.
+            # is called as encoder and head (see model_features), so those are what gets compiled.
             for model in (getattr(self, name) for name in names):
                 parts = masked_lm_parts(model)
                 for part in (parts.encoder, parts.head) if parts is not None else (model,):
@@ -466,24 +413,10 @@ class DistillationModule(L.LightningModule):
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
             self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
-            for evaluation in ("val", "test"):
-                self.teacher_metrics[evaluation] = TaskMetrics.for_task(
-                    task.name, prefix=f"{evaluation}/teacher"
-                ).to(self.device)
-
-    def _evaluation_key(self, stage: str) -> tuple:
-        # The evaluation sets as the loop will read them: which sets, and how many batches of each
-        datamodule = getattr(self.trainer, "datamodule", None)
-        trainer = self.trainer
-        if trainer.sanity_checking:
-            stage, counts = "sanity", trainer.num_sanity_val_batches
-        else:
-            counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
-        return (stage, tuple(getattr(datamodule, "validation_names", ())), tuple(counts))
+            self.teacher_comparison.add_task(task.name, self.device)
 
     def _start_evaluation(self, stage: str) -> None:
-        self._teacher_key = self._evaluation_key(stage)
-        self._teacher_known = self._teacher_key in self.teacher_results
+        self.teacher_comparison.start(evaluation_key(self.trainer, stage))
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation("val")
@@ -511,8 +444,8 @@ class DistillationModule(L.LightningModule):
         metrics = self.task_metrics if stage == "val" else self.test_metrics
         if metrics is not None and student.logits is not None:
             metrics.update(student.logits, batch["labels"], dataloader_idx)
-            if not self._teacher_known and teacher.logits is not None:
-                self.teacher_metrics[stage].update(teacher.logits, batch["labels"], dataloader_idx)
+            if teacher.logits is not None:
+                self.teacher_comparison.update(stage, teacher.logits, batch["labels"], dataloader_idx)
         return loss
 
     def _end_evaluation(self, stage: str) -> None:
@@ -521,20 +454,9 @@ class DistillationModule(L.LightningModule):
             return
         student = metrics.compute()
         metrics.reset()
-        if not self._teacher_known:
-            # The teacher is frozen, so its metrics on the same sets never change: computed once, then reused
-            self.teacher_results[self._teacher_key] = self.teacher_metrics[stage].compute()
-            self.teacher_metrics[stage].reset()
-        teacher = self.teacher_results.get(self._teacher_key, {})
-        gap = {
-            key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value
-            - student[key.replace("/teacher", "", 1)]
-            for key, value in teacher.items()
-            if key.replace("/teacher", "", 1) in student
-        }
+        compared = self.teacher_comparison.end(stage, student)
         self.log_dict(student, prog_bar=True)
-        self.log_dict({**teacher, **gap})
-        self.last_evaluation = {"student": student, "teacher": teacher, "gap": gap}
+        self.log_dict(compared)
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
@@ -556,17 +478,22 @@ class DistillationModule(L.LightningModule):
 
     def evaluation_summary(self) -> list[str]:
         """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""
-        last = self.last_evaluation
-        lines = []
-        for key, value in sorted(last.get("teacher", {}).items()):
-            stage = key.split("/", 1)[0]
-            plain = key.replace("/teacher", "", 1)
-            if plain in last["student"]:
-                lines.append(
-                    f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
-                    f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})"
-                )
-        return lines
+        return self.teacher_comparison.summary()
+
+    @property
+    def teacher_metrics(self) -> nn.ModuleDict:
+        """The teacher's task metrics, by stage (see :class:`TeacherComparison`)."""
+        return self.teacher_comparison.metrics
+
+    @property
+    def teacher_results(self) -> dict[tuple, dict[str, float]]:
+        """The teacher's metrics, per evaluation key, computed once each."""
+        return self.teacher_comparison.results
+
+    @property
+    def last_evaluation(self) -> dict[str, dict[str, float]]:
+        """The last evaluation's ``student``, ``teacher`` and ``gap`` metrics."""
+        return self.teacher_comparison.last
 
     @torch.no_grad()
     def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
@@ -660,45 +587,39 @@ class DistillationModule(L.LightningModule):
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
         label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
-        try:
-            parameters, plain = _write_student(self.student, path, tokenizer, label_names)
-        except OSError as error:
-            # The run's work is in memory only: keep it where it can be written, then fail loudly.
-            root = Path(
-                self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir()
+        root = self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir()
+
+        def card() -> CardFacts:
+            speed = None
+            if probe is not None:
+                batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
+                ms = forward_ms({"teacher": self.teacher, "student": self.student}, batch)
+                speed = {
+                    "teacher_ms": ms["teacher"],
+                    "student_ms": ms["student"],
+                    "batch": "x".join(str(n) for n in batch["input_ids"].shape),
+                    "device": describe_device(self.device),
+                }
+            return CardFacts(
+                teacher=self.teacher_source,
+                method=self.method_description(),
+                recipe=getattr(self, "recipe", None),
+                teacher_parameters=parameter_count(self.teacher),
+                speed=speed,
+                discrepancy=discrepancy,
+                metrics=self.teacher_comparison.card_metrics(),
             )
-            rescue = root / f"student-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
-            _write_student(self.student, rescue, tokenizer, label_names)
-            raise OSError(
-                f"could not save the student to {path} ({error}); it was saved to {rescue.resolve()} instead."
-            ) from error
-        speed = None
-        if probe is not None:
-            batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
-            ms = forward_ms({"teacher": self.teacher, "student": self.student}, batch)
-            shape = "x".join(str(n) for n in batch["input_ids"].shape)
-            speed = {
-                "teacher_ms": ms["teacher"],
-                "student_ms": ms["student"],
-                "batch": shape,
-                "device": describe_device(self.device),
-            }
-        last = self.last_evaluation
-        write_model_card(
+
+        export_model(
+            self.student,
             path,
-            teacher=self.teacher_source,
-            method=self.method_description(),
-            recipe=getattr(self, "recipe", None),
-            model_class=auto_class_name(self.student),
-            parameters=parameters,
-            plain_parameters=plain,
-            teacher_parameters=parameter_count(self.teacher),
-            speed=speed,
-            discrepancy=discrepancy,
-            metrics={**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})},
-            label_names=list(label_names) if label_names else None,
+            tokenizer,
+            label_names,
+            card=card,
+            rescue_root=root,
+            print_sizes=True,
+            name="student",
         )
-        print(export_sizes_line(parameters, plain))
         return str(path)
 
     def method_description(self) -> str:
@@ -726,14 +647,3 @@ class DistillationModule(L.LightningModule):
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:
         return self.objective.terms
-
-
-def _write_student(
-    student: nn.Module, path: str | os.PathLike, tokenizer: Any, label_names: Sequence[str] | None = None
-) -> tuple[int, int]:
-    """Save the student (and tokenizer) to ``path``; (its parameters, those plain transformers loads)."""
-    sizes = save_standard(student, path, label_names or None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    check_export_written(path)
-    return sizes
