@@ -8,13 +8,33 @@ from contextlib import nullcontext
 
 from torch import Tensor, nn
 
-from lightning_kd.batch import PREDICTION_POSITIONS
+from lightning_kd.batch import PREDICTION_POSITIONS, complete_batch, prediction_positions
 from lightning_kd.models.capture import capture_qkv
 from lightning_kd.models.info import has_adapter, masked_lm_parts
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.term import Features, Needs
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def prepare_batch(batch: Mapping[str, Tensor], needs: Needs) -> Mapping[str, Tensor]:
+    """The batch with an attention mask, and with the positions MLM losses read when ``needs`` asks for
+    logits and the batch lacks them.
+
+    A collate function that adds ``prediction_positions`` (see
+    :func:`lightning_kd.datamodules.with_prediction_positions`) computes them on the host for free; computed
+    here, from labels on a GPU, they cost one wait for the device per step.
+    """
+    batch = complete_batch(batch)
+    labels = batch.get("labels")
+    if (
+        PREDICTION_POSITIONS in batch
+        or not needs.logits
+        or labels is None
+        or labels.shape != batch["input_ids"].shape
+    ):
+        return batch
+    return {**batch, PREDICTION_POSITIONS: prediction_positions(labels)}
 
 
 def model_features(
