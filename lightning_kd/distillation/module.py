@@ -3,73 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import (
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 
 from lightning_kd import hub
-from lightning_kd.batch import PREDICTION_POSITIONS, complete_batch, prediction_positions
+from lightning_kd.batch import complete_batch
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
+from lightning_kd.distillation.construction import (
+    MODEL_CLASSES,
+    TEACHER_DTYPES,
+    check_arguments,
+    check_vocabularies,
+    compile_models,
+    default_objective,
+    load_teacher,
+    warn_if_true_half_precision,
+)
 from lightning_kd.distillation.data_checks import check_models_fit_data, check_task_fits_data
 from lightning_kd.distillation.discrepancy import measure_discrepancy
+from lightning_kd.distillation.dropout import random_stream
+from lightning_kd.distillation.evaluation import TeacherComparison, evaluation_key
+from lightning_kd.distillation.features import model_features, prepare_batch
+from lightning_kd.distillation.resume import check_distillation_resume
+from lightning_kd.distillation.step_accounting import StepAccounting
+from lightning_kd.distillation.student_card import describe_method, forward_speed
 from lightning_kd.distillation.students import StudentSpec, build_student
 from lightning_kd.distillation.teacher_cache import TeacherCache
-from lightning_kd.models.capture import capture_qkv
-from lightning_kd.models.info import has_adapter, masked_lm_parts, model_info
+from lightning_kd.models.info import has_adapter, model_info
 from lightning_kd.models.layers import is_classifier
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.objective import DistillationObjective
 from lightning_kd.objective.term import Features, KnowledgeTerm
-from lightning_kd.pruning.export import check_export_written, parameter_count, save_standard
+from lightning_kd.pruning.export import parameter_count
 from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
-from lightning_kd.training.card import (
-    auto_class_name,
-    describe_device,
-    export_sizes_line,
-    forward_ms,
-    write_model_card,
-)
-from lightning_kd.training.checkpoints import check_resume, resuming_fit
+from lightning_kd.training.checkpoints import resuming_fit
+from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
 from lightning_kd.training.timing import StepTimer
 
-MODEL_CLASSES = {
-    "base": AutoModel,
-    "masked-lm": AutoModelForMaskedLM,
-    "sequence-classification": AutoModelForSequenceClassification,
-}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def _compiled_models(names: Sequence[str]) -> Sequence[str]:
-    unknown = sorted(set(names) - {"student", "teacher"})
-    if unknown or isinstance(names, str):
-        raise ValueError(
-            f"compile's models {unknown or names!r} are unknown: name 'student' and/or 'teacher' "
-            "in a list, e.g. compile: {models: [teacher]}."
-        )
-    return names
-
-
-class DistillationModule(L.LightningModule):
+class DistillationModule(StepAccounting):
     """Distils ``teacher`` into ``student`` with a weighted sum of knowledge terms.
 
     Args:
@@ -123,71 +105,27 @@ class DistillationModule(L.LightningModule):
         teacher_cache: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if task not in MODEL_CLASSES:
-            raise ValueError(f"unknown task {task!r}: use one of {', '.join(MODEL_CLASSES)}.")
+        check_arguments(type(self), task, compile, allow_changes, teacher, num_labels)
         check_schedule(schedule)
         check_optimizer_settings(learning_rate, weight_decay, betas, eps, warmup_steps)
-        if not isinstance(compile, (bool, Mapping)):
-            raise ValueError(
-                f"compile must be true, false or a dict of torch.compile options, got {compile!r}."
-            )
-        if isinstance(compile, Mapping):
-            _compiled_models(compile.get("models", ("student", "teacher")))
-        known = set(inspect.signature(type(self).__init__).parameters) - {"self", "allow_changes"}
-        unknown = sorted(set(allow_changes) - known)
-        if unknown:
-            raise ValueError(
-                f"allow_changes names {unknown}, which are not arguments of {type(self).__name__}: "
-                f"choose among {', '.join(sorted(known))}."
-            )
-        if (
-            isinstance(teacher, nn.Module)
-            and num_labels is not None
-            and is_classifier(teacher)
-            and teacher.config.num_labels != num_labels
-        ):
-            raise ValueError(
-                f"num_labels={num_labels}, but the teacher given predicts {teacher.config.num_labels} "
-                "labels; drop num_labels (it only applies to a teacher loaded by name)."
-            )
         self.save_hyperparameters(
             ignore=[n for n, v in (("teacher", teacher), ("student", student)) if isinstance(v, nn.Module)]
         )
-        model_class = MODEL_CLASSES[task]
-        if isinstance(teacher, nn.Module):
-            teacher_model = teacher
-        else:
-            kwargs = {"num_labels": num_labels} if num_labels and task == "sequence-classification" else {}
-            teacher_model = hub.load_model(teacher, model_class, **kwargs)
-        self.teacher_source = (
-            teacher if isinstance(teacher, str) else getattr(teacher.config, "_name_or_path", "")
-        )
-        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(
-                f"unknown teacher_dtype {teacher_dtype!r}: use one of {', '.join(TEACHER_DTYPES)}."
-            )
-        teacher_model.eval().requires_grad_(False)
+        teacher_model, self.teacher_source = load_teacher(teacher, task, num_labels, teacher_dtype)
         # Stored outside the module tree: not a parameter (optimizer, DDP), not in state_dict (checkpoints),
         # and not switched to train mode by Lightning. `_apply` below still moves it with the module.
         self.__dict__["teacher"] = teacher_model
         # The student is built before the teacher changes precision: students copied from the teacher's weights
         # (copy, layers, extract) would otherwise inherit its half precision, and so would their AdamW moments.
-        self.student = build_student(student, teacher_model, model_class)
+        self.student = build_student(student, teacher_model, MODEL_CLASSES[task])
         if teacher_dtype is not None:
             teacher_model.to(TEACHER_DTYPES[teacher_dtype])
         self.task_metrics: TaskMetrics | None = None
         self.test_metrics: TaskMetrics | None = None
-        self.teacher_metrics = nn.ModuleDict()  # registered, so it moves to the device with the module
-        self.teacher_results: dict[
-            tuple, dict[str, float]
-        ] = {}  # per evaluation set: the frozen teacher's metrics
-        self.last_evaluation: dict[str, dict[str, float]] = {}
-        self._teacher_key: tuple = ()
-        self._teacher_known = False
-        self._check_vocabularies()
-
-        self.objective = DistillationObjective(objective or self._default_objective())
+        self.teacher_comparison = TeacherComparison()
+        check_vocabularies(self.teacher, self.student)
         teacher_info, student_info = model_info(self.teacher, "teacher"), model_info(self.student, "student")
+        self.objective = DistillationObjective(objective or default_objective(teacher_info, student_info))
         self.objective.bind(teacher_info, student_info)
         needs = self.objective.needs()
         # Hidden states always (the discrepancy reads them); logits whenever both models predict.
@@ -206,23 +144,6 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ set-up
 
-    def _default_objective(self) -> list[dict[str, Any]]:
-        teacher, student = model_info(self.teacher, "teacher"), model_info(self.student, "student")
-        if teacher.predicts and student.predicts:
-            if 1 in (teacher.num_outputs, student.num_outputs):
-                return [{"term": "logits", "loss": "mse"}]
-            return [{"term": "logits", "temperature": 1.0}]
-        return [{"term": "hidden", "loss": "mse", "layers": "uniform"}]
-
-    def _check_vocabularies(self) -> None:
-        t, s = self.teacher.config.vocab_size, self.student.config.vocab_size
-        if t != s:
-            raise ValueError(
-                f"teacher and student vocabularies differ ({t} vs {s} tokens), so the same token ids would mean "
-                "different words. Build the student from the teacher (init: copy, layers or config) or pick a "
-                "student that was trained with the teacher's tokenizer."
-            )
-
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
@@ -230,92 +151,25 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _features(
-        self, model: nn.Module, batch: Mapping[str, Tensor], qkv_layers: frozenset[int]
-    ) -> Features:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        if has_adapter(model):
-            inputs["attention_mask"] = get_adapter(model).attention_mask_input(
-                model, inputs["attention_mask"]
-            )
-        capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
-        parts = masked_lm_parts(model)
-        positions = batch.get(PREDICTION_POSITIONS) if self.needs.logits else None
-        logits = None
-        with capture as qkv:
-            # A masked LM runs its encoder, then its prediction head only at the positions a loss reads.
-            out = (parts.encoder if parts is not None else model)(
-                **inputs,
-                output_hidden_states=self.needs.hidden_states,
-                output_attentions=self.needs.attentions,
-                return_dict=True,
-            )
-        if parts is not None and self.needs.logits:
-            hidden = out.last_hidden_state
-            if positions is not None:
-                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-            logits = parts.predict(hidden)
-        elif self.needs.logits:
-            logits = getattr(out, "logits", None)
-            if positions is not None and logits is not None and logits.dim() == 3:
-                # a model whose head lightning-kd cannot split: gathered after the fact, so both sides match
-                logits = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
-            elif logits is None or logits.dim() != 3:
-                positions = None
-        return Features(
-            logits=logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            qkv={i + 1: v for i, v in qkv.items()},
-            positions=positions,
-        )
-
     def prepare_batch(self, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """The batch with an attention mask, and with the positions MLM losses read when it lacks them.
-
-        A collate function that adds ``prediction_positions`` (see
-        :func:`lightning_kd.datamodules.with_prediction_positions`) computes them on the host for free; computed
-        here, from labels on a GPU, they cost one wait for the device per step.
-        """
-        batch = complete_batch(batch)
-        labels = batch.get("labels")
-        if (
-            PREDICTION_POSITIONS in batch
-            or not self.needs.logits
-            or labels is None
-            or labels.shape != batch["input_ids"].shape
-        ):
-            return batch
-        return {**batch, PREDICTION_POSITIONS: prediction_positions(labels)}
+        """The batch with an attention mask, and the positions MLM losses read (see
+        :func:`lightning_kd.distillation.features.prepare_batch`)."""
+        return prepare_batch(batch, self.needs)
 
     def teacher_features(self, batch: Mapping[str, Tensor]) -> Features:
         with torch.no_grad():
-            return self._features(self.teacher, batch, self.needs.teacher_qkv_layers)
+            return model_features(self.teacher, batch, self.needs, self.needs.teacher_qkv_layers)
 
     def student_features(self, batch: Mapping[str, Tensor]) -> Features:
         with self._dropout_stream() if self.student.training else nullcontext():
-            return self._features(self.student, batch, self.needs.student_qkv_layers)
+            return model_features(self.student, batch, self.needs, self.needs.student_qkv_layers)
 
     @contextmanager
     def _dropout_stream(self) -> Iterator[None]:
-        """Run the student's dropout on a random stream of its own, saved in checkpoints.
-
-        Lightning does not checkpoint the global random state, and DataLoaders draw seeds from it whenever an
-        epoch's iterator is built, at points a resumed run does not reproduce. A stream that only the student's
-        forward passes advance makes a resumed run draw exactly the masks of one that never stopped. It starts
-        from the global state (so ``seed_everything`` fixes it), the same on every rank.
-        """
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            if self._dropout_rng is not None:
-                torch.set_rng_state(self._dropout_rng["cpu"])
-                if devices:
-                    torch.cuda.set_rng_state(self._dropout_rng["cuda"], self.device)
+        # a stream of its own, saved in checkpoints, so a resumed run draws the masks of one that never stopped
+        with random_stream(self._dropout_rng, self.device) as state:
             yield
-            self._dropout_rng = {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if devices else None,
-            }
+        self._dropout_rng = state
 
     def _float32(self) -> Any:
         # Under bf16/16-mixed autocast would run the losses' own matmuls (q·k relations, CKA) in half precision,
@@ -363,56 +217,11 @@ class DistillationModule(L.LightningModule):
             self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)
         return loss
 
-    # ------------------------------------------------------------------------------------------ step accounting
-
-    def on_before_backward(self, loss: Tensor) -> None:
-        if self.step_timer:
-            self.step_timer.start("student_backward")
-
-    def on_after_backward(self) -> None:
-        if self.step_timer:
-            self.step_timer.stop("student_backward")
-
-    def optimizer_step(
-        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
-    ) -> None:
-        timer = self.step_timer
-        if timer is None or optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-
-        # The closure is the forward and backward pass; what follows it inside `step` (gradient clipping, the
-        # callbacks' on_before_optimizer_step, the update itself) is the optimizer's share.
-        def closure() -> Any:
-            result = optimizer_closure()
-            timer.start("optimizer")
-            return result
-
-        try:
-            optimizer.step(closure=closure)
-        finally:
-            timer.stop("optimizer")
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer._logger_connector.should_update_logs and isinstance(outputs, Mapping):
-            # Lightning turns every progress-bar value into a Python number at every step (a wait for the GPU),
-            # so the loss is not logged with prog_bar=True: the bar shows it as of the last logging step.
-            self.trainer.progress_bar_metrics["loss"] = float(outputs["loss"])
-        timer = self.step_timer
-        if timer is None:
-            return
-        if self.trainer.fit_loop._should_accumulate():
-            return  # a micro-batch: the optimizer step it belongs to has not finished
-        timer.end_step()
-        if self.trainer._logger_connector.should_update_logs:
-            values = timer.summary()
-            throughput = {k: v for k, v in values.items() if k.startswith("throughput/")}
-            self.log_dict({k: v for k, v in values.items() if k not in throughput}, batch_size=1)
-            # every rank processes its own share: the run's throughput is their sum
-            self.log_dict(throughput, batch_size=1, sync_dist=True, reduce_fx="sum")
+    # ------------------------------------------------------------------------------------------ fit hooks
+    # (the step accounting hooks are StepAccounting's)
 
     def on_train_start(self) -> None:
-        if self.step_timer:
-            self.step_timer.to(self.device).reset()
+        super().on_train_start()
         if self.teacher_cache is not None:
             self.teacher_cache.rank = self.global_rank
             self.teacher_cache.bind(self.teacher, self.objective.needs())
@@ -432,64 +241,27 @@ class DistillationModule(L.LightningModule):
         train_mode_for_fit(self)
         options = self.hparams.get("compile", False)
         if options:
-            options = {} if options is True else dict(options)
-            names = _compiled_models(options.pop("models", ("student", "teacher")))
-            # In place, so parameter names, state_dict keys and the pruning hooks stay as they are; a masked LM
-            # is called as encoder and head (see _features), so those are what gets compiled.
-            for model in (getattr(self, name) for name in names):
-                parts = masked_lm_parts(model)
-                for part in (parts.encoder, parts.head) if parts is not None else (model,):
-                    part.compile(**options)
-
-    def on_validation_start(self) -> None:
-        if self.step_timer:
-            self.step_timer.pause()
-
-    def on_validation_end(self) -> None:
-        if self.step_timer:
-            self.step_timer.resume()
+            compile_models({"student": self.student, "teacher": self.teacher}, options)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
         check_task_fits_data(self.hparams.task, datamodule)
-        precision = str(getattr(self._trainer, "precision", ""))
-        if stage == "fit" and precision.endswith("-true") and precision != "32-true":
-            rank_zero_warn(
-                f"precision={precision!r} trains the student's weights and its AdamW state in "
-                f"{precision.split('-')[0]} and exports it so; use '{precision.split('-')[0]}-mixed' to "
-                "keep float32 weights with half-precision arithmetic."
-            )
+        if stage == "fit":
+            warn_if_true_half_precision(str(getattr(self._trainer, "precision", "")))
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
         # student and, as the bar it is measured against, for the teacher.
         task = getattr(datamodule, "task", None)
         if task is not None and self.task_metrics is None:
             self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
             self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
-            for evaluation in ("val", "test"):
-                self.teacher_metrics[evaluation] = TaskMetrics.for_task(
-                    task.name, prefix=f"{evaluation}/teacher"
-                ).to(self.device)
-
-    def _evaluation_key(self, stage: str) -> tuple:
-        # The evaluation sets as the loop will read them: which sets, and how many batches of each
-        datamodule = getattr(self.trainer, "datamodule", None)
-        trainer = self.trainer
-        if trainer.sanity_checking:
-            stage, counts = "sanity", trainer.num_sanity_val_batches
-        else:
-            counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
-        return (stage, tuple(getattr(datamodule, "validation_names", ())), tuple(counts))
-
-    def _start_evaluation(self, stage: str) -> None:
-        self._teacher_key = self._evaluation_key(stage)
-        self._teacher_known = self._teacher_key in self.teacher_results
+            self.teacher_comparison.add_task(task.name, self.device)
 
     def on_validation_epoch_start(self) -> None:
-        self._start_evaluation("val")
+        self.teacher_comparison.start(evaluation_key(self.trainer, "val"))
 
     def on_test_epoch_start(self) -> None:
-        self._start_evaluation("test")
+        self.teacher_comparison.start(evaluation_key(self.trainer, "test"))
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._evaluate(batch, dataloader_idx, "val")
@@ -511,8 +283,8 @@ class DistillationModule(L.LightningModule):
         metrics = self.task_metrics if stage == "val" else self.test_metrics
         if metrics is not None and student.logits is not None:
             metrics.update(student.logits, batch["labels"], dataloader_idx)
-            if not self._teacher_known and teacher.logits is not None:
-                self.teacher_metrics[stage].update(teacher.logits, batch["labels"], dataloader_idx)
+            if teacher.logits is not None:
+                self.teacher_comparison.update(stage, teacher.logits, batch["labels"], dataloader_idx)
         return loss
 
     def _end_evaluation(self, stage: str) -> None:
@@ -521,20 +293,9 @@ class DistillationModule(L.LightningModule):
             return
         student = metrics.compute()
         metrics.reset()
-        if not self._teacher_known:
-            # The teacher is frozen, so its metrics on the same sets never change: computed once, then reused
-            self.teacher_results[self._teacher_key] = self.teacher_metrics[stage].compute()
-            self.teacher_metrics[stage].reset()
-        teacher = self.teacher_results.get(self._teacher_key, {})
-        gap = {
-            key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value
-            - student[key.replace("/teacher", "", 1)]
-            for key, value in teacher.items()
-            if key.replace("/teacher", "", 1) in student
-        }
+        compared = self.teacher_comparison.end(stage, student)
         self.log_dict(student, prog_bar=True)
-        self.log_dict({**teacher, **gap})
-        self.last_evaluation = {"student": student, "teacher": teacher, "gap": gap}
+        self.log_dict(compared)
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
@@ -556,17 +317,22 @@ class DistillationModule(L.LightningModule):
 
     def evaluation_summary(self) -> list[str]:
         """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""
-        last = self.last_evaluation
-        lines = []
-        for key, value in sorted(last.get("teacher", {}).items()):
-            stage = key.split("/", 1)[0]
-            plain = key.replace("/teacher", "", 1)
-            if plain in last["student"]:
-                lines.append(
-                    f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
-                    f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})"
-                )
-        return lines
+        return self.teacher_comparison.summary()
+
+    @property
+    def teacher_metrics(self) -> nn.ModuleDict:
+        """The teacher's task metrics, by stage (see :class:`TeacherComparison`)."""
+        return self.teacher_comparison.metrics
+
+    @property
+    def teacher_results(self) -> dict[tuple, dict[str, float]]:
+        """The teacher's metrics, per evaluation key, computed once each."""
+        return self.teacher_comparison.results
+
+    @property
+    def last_evaluation(self) -> dict[str, dict[str, float]]:
+        """The last evaluation's ``student``, ``teacher`` and ``gap`` metrics."""
+        return self.teacher_comparison.last
 
     @torch.no_grad()
     def discrepancy(self, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
@@ -627,21 +393,7 @@ class DistillationModule(L.LightningModule):
                 self.objective.to(next(self.student.parameters()))
 
     def _check_resume(self, checkpoint: dict[str, Any]) -> None:
-        allowed = list(self.hparams.get("allow_changes", ()))
-        check_resume(checkpoint, self.hparams, allowed)
-        # a teacher passed as a model object is not a hyper-parameter, but its source is recorded
-        recorded = checkpoint.get("lightning_kd", {}).get("teacher_source")
-        if recorded and recorded != self.teacher_source:
-            message = (
-                f"this checkpoint was distilled from teacher {recorded!r}, but the module now holds "
-                f"{self.teacher_source!r}"
-            )
-            if "teacher" not in allowed:
-                raise ValueError(
-                    f"{message}. Resume with the checkpoint's teacher, or pass "
-                    "allow_changes=[teacher] to continue against the new one on purpose."
-                )
-            rank_zero_warn(f"{message}; resuming continues against the new teacher (allow_changes).")
+        check_distillation_resume(checkpoint, self.hparams, self.teacher_source)
 
     def save_student(
         self,
@@ -660,80 +412,37 @@ class DistillationModule(L.LightningModule):
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
         label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
-        try:
-            parameters, plain = _write_student(self.student, path, tokenizer, label_names)
-        except OSError as error:
-            # The run's work is in memory only: keep it where it can be written, then fail loudly.
-            root = Path(
-                self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir()
+        root = self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir()
+
+        def card() -> CardFacts:
+            speed = None if probe is None else forward_speed(self.teacher, self.student, probe, self.device)
+            return CardFacts(
+                teacher=self.teacher_source,
+                method=self.method_description(),
+                recipe=getattr(self, "recipe", None),
+                teacher_parameters=parameter_count(self.teacher),
+                speed=speed,
+                discrepancy=discrepancy,
+                metrics=self.teacher_comparison.card_metrics(),
             )
-            rescue = root / f"student-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
-            _write_student(self.student, rescue, tokenizer, label_names)
-            raise OSError(
-                f"could not save the student to {path} ({error}); it was saved to {rescue.resolve()} instead."
-            ) from error
-        speed = None
-        if probe is not None:
-            batch = {k: v for k, v in probe.items() if k in MODEL_INPUTS}
-            ms = forward_ms({"teacher": self.teacher, "student": self.student}, batch)
-            shape = "x".join(str(n) for n in batch["input_ids"].shape)
-            speed = {
-                "teacher_ms": ms["teacher"],
-                "student_ms": ms["student"],
-                "batch": shape,
-                "device": describe_device(self.device),
-            }
-        last = self.last_evaluation
-        write_model_card(
+
+        export_model(
+            self.student,
             path,
-            teacher=self.teacher_source,
-            method=self.method_description(),
-            recipe=getattr(self, "recipe", None),
-            model_class=auto_class_name(self.student),
-            parameters=parameters,
-            plain_parameters=plain,
-            teacher_parameters=parameter_count(self.teacher),
-            speed=speed,
-            discrepancy=discrepancy,
-            metrics={**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})},
-            label_names=list(label_names) if label_names else None,
+            tokenizer,
+            label_names,
+            card=card,
+            rescue_root=root,
+            print_sizes=True,
+            name="student",
         )
-        print(export_sizes_line(parameters, plain))
         return str(path)
 
     def method_description(self) -> str:
         """What made this student, in one line for its model card: initialisation, objective, callbacks."""
-        spec = self.hparams.get("student")
-        init = (
-            spec.get("init")
-            if isinstance(spec, Mapping)
-            else spec
-            if isinstance(spec, str)
-            else "a given model"
-        )
-        if init == "extract":
-            init = f"extract (ETD, {spec.get('strategy', 'rand')})"
-        terms = ", ".join(t.name for t in self.terms.values())
-        parts = [f"student from {init}", f"objective: {terms}"]
-        names = {"PruningCallback": "HomoDistil pruning", "TEDFilterCallback": "TED filters"}
-        callbacks = [
-            names[type(c).__name__]
-            for c in getattr(self._trainer, "callbacks", [])
-            if type(c).__name__ in names
-        ]
-        return "; ".join(parts + callbacks)
+        callbacks = getattr(self._trainer, "callbacks", [])
+        return describe_method(self.hparams.get("student"), (t.name for t in self.terms.values()), callbacks)
 
     @property
     def terms(self) -> Mapping[str, KnowledgeTerm]:
         return self.objective.terms
-
-
-def _write_student(
-    student: nn.Module, path: str | os.PathLike, tokenizer: Any, label_names: Sequence[str] | None = None
-) -> tuple[int, int]:
-    """Save the student (and tokenizer) to ``path``; (its parameters, those plain transformers loads)."""
-    sizes = save_standard(student, path, label_names or None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    check_export_written(path)
-    return sizes

@@ -11,14 +11,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification
 
 from lightning_kd.datamodules.glue import get_task
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
-from lightning_kd.hub import load_model, push_folder
-from lightning_kd.pruning.export import check_export_dir, check_export_written, parameter_count, save_standard
-from lightning_kd.training.card import auto_class_name, write_model_card
+from lightning_kd.hub import load_model
+from lightning_kd.pruning.export import check_export_dir
 from lightning_kd.training.checkpoints import check_resume, resuming_fit
+from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.optimizer import adamw_with_warmup
 
@@ -165,33 +165,25 @@ class FineTuningModule(L.LightningModule):
         label_names = getattr(datamodule, "label_names", None) or list(
             self.task.class_names or self.task.labels
         )
-        if isinstance(self.model, PreTrainedModel):
-            parameters, plain = save_standard(self.model, self.export_dir, label_names or None)
-        else:
-            self.model.save_pretrained(self.export_dir)
-            parameters = plain = parameter_count(self.model)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.export_dir)
-        check_export_written(self.export_dir)
         source = self.hparams.get("model") or getattr(
             getattr(self.model, "config", None), "_name_or_path", ""
         )
-        write_model_card(
-            self.export_dir,
+        card = CardFacts(
             teacher=str(source),
             method=f"fine-tuned on {self.task.name}",
             recipe=getattr(self, "recipe", None),
-            model_class=auto_class_name(self.model),
-            parameters=parameters,
-            plain_parameters=plain,
             metrics=self.last_metrics,
-            label_names=label_names or None,
         )
-        if self.push_to_hub:
-            print(
-                f"fine-tuned model pushed to {push_folder(self.export_dir, self.push_to_hub, self.private)}"
-            )
+        export_model(
+            self.model,
+            self.export_dir,
+            getattr(datamodule, "tokenizer", None),
+            label_names,
+            card=card,
+            push_to_hub=self.push_to_hub,
+            private=self.private,
+            name="fine-tuned model",
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)

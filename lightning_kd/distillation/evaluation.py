@@ -1,0 +1,89 @@
+"""The frozen teacher as the bar a distilled student is measured against: its task metrics on the evaluation
+sets, computed once per set, and the student's gap to them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kd.datamodules.glue_metrics import TaskMetrics
+
+STAGES = ("val", "test")
+
+
+def evaluation_key(trainer: Any, stage: str) -> tuple:
+    """The evaluation sets as the loop will read them: the stage, which sets, and how many batches of each."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if trainer.sanity_checking:
+        stage, counts = "sanity", trainer.num_sanity_val_batches
+    else:
+        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+    return (stage, tuple(getattr(datamodule, "validation_names", ())), tuple(counts))
+
+
+class TeacherComparison(nn.Module):
+    """The teacher's task metrics (logged as ``<stage>/teacher/...``) and the gap, teacher minus student
+    (``<stage>/gap/...``), for each evaluation.
+
+    The teacher is frozen, so its metrics on the same evaluation sets never change: they are computed at the
+    first evaluation of a set (see :func:`evaluation_key`) and reused at every later one. An ``nn.Module``, so
+    that its metrics move to the device with the module that owns it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = nn.ModuleDict()
+        self.results: dict[tuple, dict[str, float]] = {}  # per evaluation key: the teacher's metrics
+        self.last: dict[str, dict[str, float]] = {}  # "student", "teacher", "gap" of the last evaluation
+        self._key: tuple = ()
+        self._known = False
+
+    def add_task(self, task: str, device: torch.device | str) -> None:
+        """Measure the teacher with the GLUE ``task``'s metrics."""
+        for stage in STAGES:
+            self.metrics[stage] = TaskMetrics.for_task(task, prefix=f"{stage}/teacher").to(device)
+
+    def start(self, key: tuple) -> None:
+        """An evaluation of the sets ``key`` names begins."""
+        self._key = key
+        self._known = key in self.results
+
+    def update(self, stage: str, logits: Tensor, labels: Tensor, dataloader_idx: int) -> None:
+        if not self._known:
+            self.metrics[stage].update(logits, labels, dataloader_idx)
+
+    def end(self, stage: str, student: dict[str, float]) -> dict[str, float]:
+        """The teacher's metrics and the gap for the evaluation that ends, given the student's."""
+        if not self._known:
+            self.results[self._key] = self.metrics[stage].compute()
+            self.metrics[stage].reset()
+        teacher = self.results.get(self._key, {})
+        gap = {
+            key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value
+            - student[key.replace("/teacher", "", 1)]
+            for key, value in teacher.items()
+            if key.replace("/teacher", "", 1) in student
+        }
+        self.last = {"student": student, "teacher": teacher, "gap": gap}
+        return {**teacher, **gap}
+
+    def summary(self) -> list[str]:
+        """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""
+        last = self.last
+        lines = []
+        for key, value in sorted(last.get("teacher", {}).items()):
+            stage = key.split("/", 1)[0]
+            plain = key.replace("/teacher", "", 1)
+            if plain in last["student"]:
+                lines.append(
+                    f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
+                    f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})"
+                )
+        return lines
+
+    def card_metrics(self) -> dict[str, float]:
+        """The last evaluation's student, teacher and gap metrics, in one mapping (the model card's)."""
+        last = self.last
+        return {**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})}
