@@ -47,6 +47,7 @@ from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
 from lightning_kd.training.checkpoints import resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
+from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
 from lightning_kd.training.timing import StepTimer
 
@@ -208,7 +209,7 @@ class DistillationModule(StepAccounting):
         self.last_terms = terms  # what NonFiniteGuard names when the loss is not finite
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, batch_size=batch_size)
-        logging = self.trainer._logger_connector.should_update_logs
+        logging = logs_this_step(self.trainer)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
         if logging:
@@ -244,11 +245,11 @@ class DistillationModule(StepAccounting):
             compile_models({"student": self.student, "teacher": self.teacher}, options)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None)
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
         check_task_fits_data(self.hparams.task, datamodule)
         if stage == "fit":
-            warn_if_true_half_precision(str(getattr(self._trainer, "precision", "")))
+            warn_if_true_half_precision(str(getattr(attached_trainer(self), "precision", "")))
         # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
         # student and, as the bar it is measured against, for the teacher.
         task = getattr(datamodule, "task", None)
@@ -406,13 +407,14 @@ class DistillationModule(StepAccounting):
         tokenizer (by default the DataModule's), the task's label names and a model card (``README.md``), so the
         folder is all a user needs. ``probe``, a batch, times both models' forward pass for the card;
         ``discrepancy`` goes into it as ``{name: (start, end)}``."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         if tokenizer is None:
             tokenizer = getattr(datamodule, "tokenizer", None)
         if isinstance(tokenizer, str):
             tokenizer = hub.load_tokenizer(tokenizer)
         label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
-        root = self._trainer.default_root_dir if self._trainer is not None else tempfile.gettempdir()
+        trainer = attached_trainer(self)
+        root = trainer.default_root_dir if trainer is not None else tempfile.gettempdir()
 
         def card() -> CardFacts:
             speed = None if probe is None else forward_speed(self.teacher, self.student, probe, self.device)
@@ -440,7 +442,7 @@ class DistillationModule(StepAccounting):
 
     def method_description(self) -> str:
         """What made this student, in one line for its model card: initialisation, objective, callbacks."""
-        callbacks = getattr(self._trainer, "callbacks", [])
+        callbacks = getattr(attached_trainer(self), "callbacks", [])
         return describe_method(self.hparams.get("student"), (t.name for t in self.terms.values()), callbacks)
 
     @property

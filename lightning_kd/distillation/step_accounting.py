@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from torch import Tensor
 
+from lightning_kd.training.lightning_internals import accumulating, logs_this_step
 from lightning_kd.training.timing import StepTimer
 
 
@@ -47,17 +48,17 @@ class StepAccounting(L.LightningModule):
             timer.stop("optimizer")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer._logger_connector.should_update_logs and isinstance(outputs, Mapping):
+        if logs_this_step(self.trainer) and isinstance(outputs, Mapping):
             # Lightning turns every progress-bar value into a Python number at every step (a wait for the GPU),
             # so the loss is not logged with prog_bar=True: the bar shows it as of the last logging step.
             self.trainer.progress_bar_metrics["loss"] = float(outputs["loss"])
         timer = self.step_timer
         if timer is None:
             return
-        if self.trainer.fit_loop._should_accumulate():
+        if accumulating(self.trainer):
             return  # a micro-batch: the optimizer step it belongs to has not finished
         timer.end_step()
-        if self.trainer._logger_connector.should_update_logs:
+        if logs_this_step(self.trainer):
             values = timer.summary()
             throughput = {k: v for k, v in values.items() if k.startswith("throughput/")}
             self.log_dict({k: v for k, v in values.items() if k not in throughput}, batch_size=1)

@@ -4,6 +4,7 @@ model card, and, when asked, the hub upload. One sequence for the distilled stud
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,8 @@ from transformers import PreTrainedModel
 from lightning_kd.hub import push_folder
 from lightning_kd.pruning.export import check_export_written, parameter_count, save_standard
 from lightning_kd.training.card import auto_class_name, export_sizes_line, write_model_card
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ def export_model(
         label_names=list(label_names) if label_names else None,
     )
     if print_sizes:
-        print(export_sizes_line(parameters, plain))
+        log.info(export_sizes_line(parameters, plain))
     if push_to_hub:
-        print(f"{name} pushed to {push_folder(path, push_to_hub, private)}")
+        log.info(f"{name} pushed to {push_folder(path, push_to_hub, private)}")
     return parameters, plain
