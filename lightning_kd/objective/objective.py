@@ -60,6 +60,12 @@ class DistillationObjective(nn.Module):
             if narrow is not None:
                 narrow(kept)
 
+    def follow_student_width(self, kept: Tensor, like: nn.Module) -> None:
+        """The student now keeps only the residual dimensions ``kept``: narrow the terms that read them, and put
+        what they rebuilt where the student ``like`` lives (its device and dtype)."""
+        self.narrow_student_width(kept)
+        self.to(next(like.parameters()))
+
     def forward(
         self, teacher: Features, student: Features, batch: Mapping[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -2,6 +2,8 @@
 
 - ``callback.py``: :class:`PruningCallback`, HomoDistil (Liang et al., ICLR 2023): the student starts as the teacher
   and loses heads, FFN neurons and hidden dimensions step by step while it distils.
+- ``schedule.py``: :class:`PruningSchedule`, when HomoDistil's events fall and how many units each keeps;
+  ``strategies.py``: :class:`ShrinkStrategy` and :class:`MaskStrategy`, what an event does to the student.
 - ``extract.py``: :func:`extract`, ETD (Chen et al., ICANN 2021): a thin, shallow student taken from the teacher.
 - ``units.py`` (what a unit is, masks), ``importance.py`` (PLATON, sensitivity, activations), ``prune.py`` and
   ``shrink.py`` (removing units physically, with optimizer state), ``export.py`` (plain transformers folders).
@@ -21,6 +23,8 @@ from lightning_kd.pruning.importance import (
     unit_sensitivity,
 )
 from lightning_kd.pruning.prune import prune_model, pruned_parameter_count
+from lightning_kd.pruning.schedule import PruningSchedule
+from lightning_kd.pruning.strategies import MaskStrategy, PruningStrategy, ShrinkStrategy
 from lightning_kd.pruning.units import (
     UNIT_KINDS,
     MaskHandle,
@@ -39,12 +43,16 @@ __all__ = [
     "UNIT_KINDS",
     "ActivationImportance",
     "MaskHandle",
+    "MaskStrategy",
     "Masks",
     "ParameterSlice",
     "PlatonImportance",
     "PruningCallback",
+    "PruningSchedule",
+    "PruningStrategy",
     "RandomImportance",
     "Sensitivity",
+    "ShrinkStrategy",
     "UnitImportance",
     "apply_masks",
     "export_pretrained",

@@ -5,11 +5,14 @@ steps the least important heads, FFN neurons and hidden dimensions are masked, a
 schedule, so the discrepancy stays small while the student shrinks. Importance is PLATON's (EMA of |θ·∇θ|
 times EMA of its uncertainty) read from the student's own gradients before every optimizer step.
 
-By default (``physical=True``) every event removes the units for real, on every rank: the student is rebuilt in
-place with only the kept units (same class, config updated), and the optimizer's moments, the importance
-statistics, the objective's projections and DDP follow the new shapes, so the run gets cheaper as it prunes
-(see ``lightning_kd/pruning/shrink.py``). With ``physical=False`` the units are masked by hooks and removed at
-the end of fit: fixed shapes, for research that needs them. Either way the student computes the same thing.
+This file decides which units go: when (a :class:`~lightning_kd.pruning.schedule.PruningSchedule`), which (the
+importance and the masks), and the same on every rank. Carrying the decision out is a strategy's
+(``lightning_kd/pruning/strategies.py``). By default (``physical=True``) every event removes the units for real,
+on every rank: the student is rebuilt in place with only the kept units (same class, config updated), and the
+optimizer's moments, the importance statistics, the objective's projections and DDP follow the new shapes, so the
+run gets cheaper as it prunes (see ``lightning_kd/pruning/shrink.py``). With ``physical=False`` the units are
+masked by hooks and removed at the end of fit: fixed shapes, for research that needs them. Either way the student
+computes the same thing.
 
 Everything the callback decides is in its ``state_dict`` (target, masks, importance statistics, schedule
 position), so a run resumed from a checkpoint ends with the same student as one that never stopped. Under
@@ -30,42 +33,13 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_kd.pruning.export import check_export_dir, check_exportable
 from lightning_kd.pruning.importance import PlatonImportance, Sensitivity, UnitImportance, top_units
-from lightning_kd.pruning.prune import prune_model, prune_model_, pruned_parameter_count
-from lightning_kd.pruning.shrink import (
-    expand_scores,
-    follow_width,
-    plain_dropout_,
-    reindex_optimizer_,
-    relative_masks,
-    widen_dropout_,
-)
-from lightning_kd.pruning.units import (
-    Masks,
-    apply_masks,
-    full_masks,
-    masked_parameter_slices,
-    unit_counts,
-    zero_masked_,
-)
+from lightning_kd.pruning.schedule import PRUNABLE, SCHEDULES, PruningSchedule
+from lightning_kd.pruning.strategies import MaskStrategy, PruningStrategy, ShrinkStrategy
+from lightning_kd.pruning.units import Masks, full_masks, unit_counts
 from lightning_kd.training.timing import timed
 
-PRUNABLE = ("heads", "ffn", "hidden")
+__all__ = ["IMPORTANCE", "PRUNABLE", "SCHEDULES", "PruningCallback"]
 
-
-def cubic(progress: float) -> float:
-    return 1.0 - (1.0 - progress) ** 3  # Zhu & Gupta (2017), HomoDistil's choice
-
-
-def linear(progress: float) -> float:
-    return progress
-
-
-def one_shot(progress: float) -> float:
-    return 1.0 if progress > 0 else 0.0  # prune once, at the first event
-
-
-# functions, not lambdas: the callback is pickled into every process under ddp_spawn
-SCHEDULES: dict[str, Callable[[float], float]] = {"cubic": cubic, "linear": linear, "one-shot": one_shot}
 IMPORTANCE = ("platon", "sensitivity")
 
 
@@ -128,48 +102,43 @@ class PruningCallback(L.Callback):
                     f"target {kind}={value!r} must be a number: a fraction (0.5) or a count (6), "
                     "written without quotes."
                 )
-        if isinstance(schedule, str) and schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)} or a callable."
-            )
+        # the schedule is a callable too: schedule(p) is the share of the way to the target pruned at progress p
+        self.schedule = PruningSchedule(start_step, end_step, interval, schedule, granularity)
         if importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {importance!r}: use one of {', '.join(IMPORTANCE)}.")
-        if interval < 1 or start_step < 0:
-            raise ValueError(f"interval must be >= 1 and start_step >= 0, got {interval} and {start_step}.")
-        granularity = dict(granularity or {})
-        bad = {k: v for k, v in granularity.items() if k not in PRUNABLE or not isinstance(v, int) or v < 1}
-        if bad:
-            raise ValueError(
-                f"granularity {bad} is invalid: give whole numbers >= 1 for kinds among "
-                f"{', '.join(PRUNABLE)}, e.g. granularity={{'hidden': 64, 'ffn': 64}}."
-            )
         self.target = dict(target)
-        self.physical, self.granularity = physical, granularity
-        self.start_step, self.end_step, self.interval = start_step, end_step, interval
-        self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+        self.physical = physical
         kinds = list(self.target)
         self.scorer: UnitImportance = (
             PlatonImportance(beta1, beta2, kinds, delta_t) if importance == "platon" else Sensitivity(kinds)
         )
+        self.strategy: PruningStrategy = ShrinkStrategy(self.scorer) if physical else MaskStrategy()
         self.same_per_layer = same_per_layer
         self.export_dir, self.prune_at_end, self.expect_copy = export_dir, prune_at_end, expect_copy
         self.masks: Masks | None = None
         self.last_event = -1
         self.events: list[dict[str, Any]] = []  # one row per event: step, kept units, parameters
-        self.full: dict[str, int] = {}
-        self.goal: dict[str, int] = {}
-        self._handle: Any = None
-        self._slices: list = []
         self._parameters = 0
         self._widths: dict[str, float] = {}
+
+    @property
+    def end_step(self) -> int | float | None:
+        """The schedule's last step: as given until fit starts, then the step itself."""
+        return self.schedule.end_step
+
+    @property
+    def _slices(self) -> list[tuple[torch.nn.Parameter, int, torch.Tensor]]:
+        """The parameter slices the masks keep at zero (none while shrinking: those are gone)."""
+        return getattr(self.strategy, "slices", [])
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        schedule = self.schedule
         window = getattr(self.scorer, "delta_t", 1)
-        if self.start_step + self.interval < window:
+        if schedule.start_step + schedule.interval < window:
             raise ValueError(
-                f"the first pruning event (step {self.start_step + self.interval}) comes before PLATON's "
+                f"the first pruning event (step {schedule.start_step + schedule.interval}) comes before PLATON's "
                 f"first window of delta_t={window} steps closes; raise start_step or interval, or "
                 "lower delta_t."
             )
@@ -187,84 +156,31 @@ class PruningCallback(L.Callback):
                     f"{teacher_counts['hidden']}). Use student={{'init': 'copy'}}, or expect_copy=False to prune "
                     "another student."
                 )
-        self.full = {"heads": max(counts["heads"]), "ffn": max(counts["ffn"]), "hidden": counts["hidden"]}
+        full = {"heads": max(counts["heads"]), "ffn": max(counts["ffn"]), "hidden": counts["hidden"]}
         if self.masks is not None:  # resumed: a shrunk student is smaller than where the run started
-            self.full.update({kind: mask.shape[-1] for kind, mask in self.masks.items()})
-        self._check_compile(pl_module)
-        self.goal = {kind: self._resolve(kind, value) for kind, value in self.target.items()}
+            full.update({kind: mask.shape[-1] for kind, mask in self.masks.items()})
+        self.strategy.check(pl_module)
+        schedule.set_counts(full, self.target)
         self._check_exportable(student, counts["layers"])
         if self.export_dir:
             check_export_dir(self.export_dir)
-        last = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
-        if self.end_step is None:
-            self.end_step = last
-        elif isinstance(self.end_step, float) and 0.0 < self.end_step < 1.0:
-            self.end_step = max(self.start_step + 1, round(self.end_step * last))
-        if self.end_step > last:
-            raise ValueError(
-                f"the pruning schedule ends at step {self.end_step}, after the run's last step "
-                f"{last}: the student would never reach its target. Set end_step <= {last} or "
-                "raise trainer.max_steps."
-            )
-        if self.end_step <= self.start_step:
-            raise ValueError(f"end_step ({self.end_step}) must come after start_step ({self.start_step}).")
-        if "heads" in self.goal:
+        schedule.resolve_end(
+            trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        )
+        if "heads" in schedule.goal:
             self._check_head_terms(pl_module, counts["head_size"])
         if self.masks is None:
-            self.masks = {kind: full_masks(student)[kind] for kind in self.goal}
-        if self.physical:
-            self._check_shape(student)
-            self._follow_shape(pl_module)
-        else:
-            self._apply(pl_module)
-
-    def _check_compile(self, pl_module: L.LightningModule) -> None:
-        compiled = bool(getattr(pl_module, "hparams", {}).get("compile", False)) or (
-            getattr(pl_module.student, "_compiled_call_impl", None) is not None
-        )
-        if compiled and not self.physical:
-            # dynamo skips module hook guards by default: a compiled student would keep computing with old masks
-            raise ValueError(
-                "PruningCallback(physical=False) masks the student with forward hooks, which a "
-                "torch.compile'd student does not re-read when the masks change. Use physical=True "
-                "(the default: the student really shrinks and recompiles once per shape), or "
-                "compile=False."
-            )
-
-    def _check_shape(self, student: torch.nn.Module) -> None:
-        """A resumed shrinking run: the student (rebuilt from the checkpoint) must hold exactly the kept units."""
-        counts = unit_counts(student)
-        for kind, mask in self.masks.items():
-            want = [int(k) for k in mask.sum(-1)] if kind != "hidden" else int(mask.sum())
-            have = counts[kind] if kind != "hidden" else counts["hidden"]
-            if want != have:
-                raise ValueError(
-                    f"the student holds {kind} {have}, but the pruning state keeps {want}: this callback's state "
-                    "and the student come from different runs. Resume the module and the callback from the same "
-                    "checkpoint (Trainer.fit(..., ckpt_path=...))."
-                )
-
-    def _follow_shape(self, pl_module: L.LightningModule) -> None:
-        """After the student's shape is final for now: dropout at full width, widths for the logs."""
-        student = pl_module.student
-        if "hidden" in self.masks and not self.masks["hidden"].all():
-            widen_dropout_(student, self.masks["hidden"].numel(), self.masks["hidden"].nonzero().flatten())
-        self._parameters = sum(p.numel() for p in student.parameters())
-        self._widths = {
-            f"width/{kind}": float(mask.sum()) / mask.numel() for kind, mask in self.masks.items()
-        }
-        self._widths["params"] = float(self._parameters)
+            self.masks = {kind: full_masks(student)[kind] for kind in schedule.goal}
+        self._record(self.strategy.begin(pl_module, self.masks))
 
     def _check_exportable(self, student: torch.nn.Module, layers: int) -> None:
-        hidden, heads = (
-            self.goal.get("hidden", self.full["hidden"]),
-            self.goal.get("heads", self.full["heads"]),
-        )
-        if self.same_per_layer or "heads" not in self.goal:
+        full, goal = self.schedule.full, self.schedule.goal
+        hidden, heads = goal.get("hidden", full["hidden"]), goal.get("heads", full["heads"])
+        if self.same_per_layer or "heads" not in goal:
             check_exportable(student, hidden, heads)
             return
         # units compete across layers: one layer may end with every head the others gave up
-        widest = min(self.full["heads"], heads * layers - (layers - 1))
+        widest = min(full["heads"], heads * layers - (layers - 1))
         try:
             check_exportable(student, hidden, widest)
         except ValueError as error:
@@ -276,12 +192,13 @@ class PruningCallback(L.Callback):
     def _check_head_terms(self, pl_module: L.LightningModule, head_size: int) -> None:
         """Terms that read heads must make sense at every width the schedule passes through, not only the last
         (a relation split that fails at an intermediate width would crash the run there)."""
-        events = range(self.start_step + self.interval, self.end_step, self.interval)
-        counts = {self.full["heads"], self.goal["heads"], *(self.keep_counts(s)["heads"] for s in events)}
         # units competing across layers can leave a layer any number of heads
-        widths = sorted(
-            c * head_size for c in (counts if self.same_per_layer else range(1, self.full["heads"] + 1))
+        counts = (
+            self.schedule.counts_passed("heads")
+            if self.same_per_layer
+            else range(1, self.schedule.full["heads"] + 1)
         )
+        widths = sorted(c * head_size for c in counts)
         for name, term in pl_module.objective.terms.items():
             if term.kind == "attention":
                 raise ValueError(
@@ -299,38 +216,13 @@ class PruningCallback(L.Callback):
                     f"num_relation_heads to a divisor of every width, e.g. {fits[-1]}."
                 )
 
-    def _resolve(self, kind: str, value: float | int) -> int:
-        full = self.full[kind]
-        keep = round(value * full) if isinstance(value, float) else int(value)
-        if not 1 <= keep <= full:
-            raise ValueError(
-                f"target {kind}={value!r} keeps {keep} of {full} {kind} units; the student can keep "
-                f"between 1 and {full} (a float is a fraction, an int a count)."
-            )
-        return keep
-
-    def _apply(self, pl_module: L.LightningModule) -> None:
-        """(Re-)install the mask hooks and zero what they remove, weights and their optimizer state alike."""
-        student = pl_module.student
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = apply_masks(student, self.masks)
-        self._slices = [
-            (piece.parameter, piece.dim, piece.index.to(piece.parameter.device))
-            for piece in masked_parameter_slices(student, self.masks)
-        ]
-        zero_masked_(student, self.masks)
-        trainer = pl_module._trainer
-        for optimizer in trainer.optimizers if trainer is not None else []:
-            for parameter, dim, index in self._slices:
-                for value in optimizer.state.get(parameter, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
-                        value.index_fill_(dim, index, 0.0)
-        self._parameters = pruned_parameter_count(student, self.masks)
+    def _record(self, parameters: int) -> None:
+        """The pruned student's size and widths, as the logs show them until the next event."""
+        self._parameters = parameters
         self._widths = {
             f"width/{kind}": float(mask.sum()) / mask.numel() for kind, mask in self.masks.items()
         }
-        self._widths["params"] = float(self._parameters)
+        self._widths["params"] = float(parameters)
 
     # ------------------------------------------------------------------------------------------ every step
 
@@ -339,22 +231,15 @@ class PruningCallback(L.Callback):
     ) -> None:
         with timed(pl_module, "pruning"):
             # Here the gradients are final: unscaled (16-mixed), accumulated over micro-batches, averaged by DDP.
-            if trainer.global_step < self.end_step and any(
+            if trainer.global_step < self.schedule.end_step and any(
                 p.grad is not None for p in pl_module.student.parameters()
             ):  # no gradients: a skipped step
                 self.scorer.update(pl_module.student, _step_taken(trainer, optimizer))
-            # Terms that read pruned units directly (q/k/v relations) would otherwise revive them.
-            with torch.no_grad():
-                for parameter, dim, index in self._slices:
-                    if parameter.grad is not None:
-                        parameter.grad.index_fill_(dim, index, 0.0)
+            self.strategy.before_optimizer_step()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        due = step > self.start_step and (
-            (step - self.start_step) % self.interval == 0 or step == self.end_step
-        )
-        if due and step <= self.end_step and step != self.last_event:
+        if self.schedule.is_due(step) and step != self.last_event:
             with timed(pl_module, "pruning"):
                 self._prune_event(trainer, pl_module, step)
         # Python floats become device tensors when logged (a blocking copy on a GPU): only where a logger reads.
@@ -367,22 +252,10 @@ class PruningCallback(L.Callback):
 
     def keep_counts(self, step: int) -> dict[str, int]:
         """How many units of each kind the schedule keeps after ``step`` (per layer for heads and FFN)."""
-        span = max(self.end_step - self.start_step, 1)
-        progress = min(max((step - self.start_step) / span, 0.0), 1.0)
-        share = self.schedule(progress)
-        keep = {}
-        for kind, goal in self.goal.items():
-            count = round(self.full[kind] - (self.full[kind] - goal) * share)
-            multiple = self.granularity.get(kind, 1)
-            if count > goal and multiple > 1:  # never below the target, which the last event reaches exactly
-                count = min(self.full[kind], math.ceil(count / multiple) * multiple)
-            keep[kind] = max(goal, count)
-        return keep
+        return self.schedule.keep_counts(step)
 
     def _prune_event(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        scores = self.scorer.scores()
-        if self.physical:  # the statistics cover the units the shrunk student still has
-            scores = {kind: expand_scores(scores[kind], self.masks[kind]) for kind in self.goal}
+        scores = self.strategy.scores(self.scorer.scores(), self.masks)
         masks = {}
         for kind, keep in self.keep_counts(step).items():
             # units already pruned stay pruned: their weights are zero and they rank below everything
@@ -395,57 +268,24 @@ class PruningCallback(L.Callback):
         masks = trainer.strategy.broadcast(masks, src=0)
         old, self.masks = self.masks, {kind: mask.cpu() for kind, mask in masks.items()}
         self.last_event = step
-        if self.physical:
-            if any(
-                not torch.equal(self.masks[kind], old[kind]) for kind in old
-            ):  # a rounded schedule may wait
-                self._shrink(trainer, pl_module, relative_masks(self.masks, old))
-        else:
-            self._apply(pl_module)
+        self._record(self.strategy.apply(trainer, pl_module, old, self.masks))
         self.events.append(
             {"step": step, **{k: int(v.sum()) for k, v in self.masks.items()}, "params": self._parameters}
         )
-
-    def _shrink(self, trainer: L.Trainer, pl_module: L.LightningModule, relative: dict) -> None:
-        """Remove the units ``relative`` (masks over the current student) drops, and carry everything along."""
-        student = pl_module.student
-        resizes = prune_model_(student, relative)
-        if "hidden" in relative and not relative["hidden"].all():
-            kept = relative["hidden"].nonzero().flatten()
-            before = dict(pl_module.objective.named_parameters())
-            pl_module.objective.narrow_student_width(kept)
-            pl_module.objective.to(next(student.parameters()))  # maps it built sit with the student
-            resizes += follow_width(before, dict(pl_module.objective.named_parameters()), kept)
-        for optimizer in trainer.optimizers:
-            reindex_optimizer_(optimizer, resizes)
-        self.scorer.keep_units(relative)
-        self._follow_shape(pl_module)
-        _rewrap_ddp(trainer)
 
     # ------------------------------------------------------------------------------------------ the end
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run stopped before its schedule ended (preempted, early-stopped) stays masked, so that its
         # checkpoint resumes; `prune_student` still prunes it on demand.
-        if self.prune_at_end and trainer.global_step >= self.end_step:
+        if self.prune_at_end and trainer.global_step >= self.schedule.end_step:
             self.prune_student(pl_module)
             if self.export_dir:
                 self._export(pl_module)
 
     def prune_student(self, pl_module: L.LightningModule) -> torch.nn.Module:
         """Replace the masked student by the physically pruned one (what it computes stays the same)."""
-        if self.physical:  # already pruned; only the dropout goes back to plain transformers
-            plain_dropout_(pl_module.student)
-            return pl_module.student
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        pl_module.student = prune_model(pl_module.student, self.masks)
-        self._slices = []
-        if "hidden" in self.masks and not self.masks["hidden"].all():
-            pl_module.objective.narrow_student_width(self.masks["hidden"].nonzero().flatten())
-            pl_module.objective.to(next(pl_module.student.parameters()))  # maps it built sit with the student
-        return pl_module.student
+        return self.strategy.finish(pl_module, self.masks)
 
     @rank_zero_only
     def _export(self, pl_module: L.LightningModule) -> None:
@@ -461,7 +301,7 @@ class PruningCallback(L.Callback):
             "importance": self.scorer.state_dict(),
             "last_event": self.last_event,
             "events": self.events,
-            "end_step": self.end_step,
+            "end_step": self.schedule.end_step,
             "physical": self.physical,
         }
 
@@ -482,20 +322,8 @@ class PruningCallback(L.Callback):
         self.masks = state_dict["masks"]
         self.scorer.load_state_dict(state_dict["importance"])
         self.last_event, self.events = state_dict["last_event"], list(state_dict["events"])
-        if self.end_step is None:
-            self.end_step = state_dict["end_step"]
-
-
-def _rewrap_ddp(trainer: L.Trainer) -> None:
-    """DDP registered the old parameters with its reducer: wrap the module again, on every rank at once.
-
-    Every rank shrank at the same step to the same shapes (rank 0's decision was broadcast), so the new
-    wrappers agree, and from here on only the kept parameters are all-reduced.
-    """
-    strategy = trainer.strategy
-    if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()
+        if self.schedule.end_step is None:
+            self.schedule.end_step = state_dict["end_step"]
 
 
 def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:
