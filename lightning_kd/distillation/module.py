@@ -390,8 +390,7 @@ class DistillationModule(StepAccounting):
         if shape is not None:
             kept = rebuild_shape_(self.student, shape)
             if kept is not None:
-                self.objective.narrow_student_width(kept)
-                self.objective.to(next(self.student.parameters()))
+                self.objective.follow_student_width(kept, self.student)
 
     def _check_resume(self, checkpoint: dict[str, Any]) -> None:
         check_distillation_resume(checkpoint, self.hparams, self.teacher_source)

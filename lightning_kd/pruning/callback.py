@@ -22,6 +22,7 @@ takes the same decision.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,12 +32,16 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_kd.distillation.contract import require_run
 from lightning_kd.pruning.export import check_export_dir, check_exportable
 from lightning_kd.pruning.importance import PlatonImportance, Sensitivity, UnitImportance, top_units
 from lightning_kd.pruning.schedule import PRUNABLE, SCHEDULES, PruningSchedule
 from lightning_kd.pruning.strategies import MaskStrategy, PruningStrategy, ShrinkStrategy
 from lightning_kd.pruning.units import Masks, full_masks, unit_counts
+from lightning_kd.training.lightning_internals import logs_this_step, overflowed_per_device
 from lightning_kd.training.timing import timed
+
+log = logging.getLogger(__name__)
 
 __all__ = ["IMPORTANCE", "PRUNABLE", "SCHEDULES", "PruningCallback"]
 
@@ -134,6 +139,7 @@ class PruningCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        require_run(pl_module, "PruningCallback")
         schedule = self.schedule
         window = getattr(self.scorer, "delta_t", 1)
         if schedule.start_step + schedule.interval < window:
@@ -243,7 +249,7 @@ class PruningCallback(L.Callback):
             with timed(pl_module, "pruning"):
                 self._prune_event(trainer, pl_module, step)
         # Python floats become device tensors when logged (a blocking copy on a GPU): only where a logger reads.
-        if trainer._logger_connector.should_update_logs:
+        if logs_this_step(trainer):
             pl_module.log_dict(self.widths(), batch_size=1)
 
     def widths(self) -> dict[str, float]:
@@ -290,7 +296,7 @@ class PruningCallback(L.Callback):
     @rank_zero_only
     def _export(self, pl_module: L.LightningModule) -> None:
         path = pl_module.save_student(Path(self.export_dir))
-        print(f"pruned student ({self._parameters / 1e6:.2f}M parameters) saved to {Path(path).resolve()}")
+        log.info(f"pruned student ({self._parameters / 1e6:.2f}M parameters) saved to {Path(path).resolve()}")
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -331,7 +337,7 @@ def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None:
         return None
-    found = scaler._found_inf_per_device(optimizer)  # filled by unscale_, which ran before this hook
+    found = overflowed_per_device(scaler, optimizer)  # filled by unscale_, which ran before this hook
     return ~torch.stack([v.reshape(()) for v in found.values()]).any().bool() if found else None
 
 

@@ -25,6 +25,7 @@ from lightning_kd.pruning.shrink import (
     widen_dropout_,
 )
 from lightning_kd.pruning.units import Masks, apply_masks, masked_parameter_slices, unit_counts, zero_masked_
+from lightning_kd.training.lightning_internals import attached_trainer
 
 
 class PruningStrategy:
@@ -142,7 +143,7 @@ class MaskStrategy(PruningStrategy):
             for piece in masked_parameter_slices(student, masks)
         ]
         zero_masked_(student, masks)
-        trainer = pl_module._trainer
+        trainer = attached_trainer(pl_module)
         for optimizer in trainer.optimizers if trainer is not None else []:
             for parameter, dim, index in self.slices:
                 for value in optimizer.state.get(parameter, {}).values():

@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lightning_kd.distillation.contract import require_run
 from lightning_kd.models.info import model_info
 from lightning_kd.models.layers import is_classifier
 from lightning_kd.ted.filters import filter_layer_pairs, load_filters, save_filters
@@ -97,12 +98,7 @@ class TEDFilterCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for needed in ("objective", "teacher", "student"):
-            if not hasattr(pl_module, needed):
-                raise TypeError(
-                    f"TEDFilterCallback drives a DistillationModule (it needs `{needed}`), not "
-                    f"{type(pl_module).__name__}."
-                )
+        require_run(pl_module, "TEDFilterCallback")
         terms = pl_module.objective.terms
         if all(name in terms for name in self.term_names):
             return  # a second fit / validate with the same module: the terms are already there
