@@ -7,6 +7,7 @@ import importlib.util
 import os
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,33 +33,47 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
 
 
 PROXY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class HubReach:
+    """The answer of :func:`hub_reachable`: true when the hub can be reached, else ``reason`` says why not."""
+
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is None
 
 
 @functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> HubReach:
     """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
 
-    Without this, an offline machine spends 20-50 s in the hub client's retries before every model or tokenizer
-    load fails. Behind a proxy a direct connection proves nothing, so the hub counts as reachable there.
+    Without this, an offline machine spends 20-50 s in the hub client's retries before every model, tokenizer
+    or dataset load fails. Behind a proxy a direct connection proves nothing, so the hub counts as reachable
+    there. Models and hub datasets both ask here, so they agree; the answer is kept for the process
+    (``hub_reachable.cache_clear()`` asks again).
     """
     if any(os.environ.get(name) for name in PROXY_SETTINGS):
-        return True
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        return HubReach()
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT))
+    host = endpoint.hostname or urlparse(DEFAULT_ENDPOINT).hostname
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    opened: list[bool] = []
+    outcome: list[str | None] = []
 
     def connect() -> None:
         try:
-            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-            opened.append(True)
-        except OSError:
-            opened.append(False)
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"no connection to {host}:{port}: {error}")
 
     # in a thread, because a hanging name lookup ignores the socket's timeout
     probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(timeout)
-    return bool(opened and opened[0])
+    return HubReach(outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:g} s")
 
 
 def _offline() -> bool:
@@ -71,9 +86,7 @@ def _load(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any
     if not Path(source).is_dir() and not _offline() and not hub_reachable():
         # the local cache may still hold it; only the network round trips are skipped
         kwargs = {**kwargs, "local_files_only": True}
-        unreachable = (
-            f"The hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be reached. "
-        )
+        unreachable = f"The hub ({os.environ.get('HF_ENDPOINT', DEFAULT_ENDPOINT)}) cannot be reached. "
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as error:

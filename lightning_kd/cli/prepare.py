@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_kd.datamodules.prepared import prepare
+from lightning_kd.datamodules.prepare import prepare
 
 
 def prepare_main(args: list[str]) -> None:

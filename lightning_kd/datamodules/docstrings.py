@@ -16,6 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from lightning_kd.files import atomic_write
+
 # Modules whose import does something (opens a browser, prints, needs a display), is a test suite,
 # or duplicates another module's text.
 _SKIP = {
@@ -137,11 +139,9 @@ def docstrings_path(
     if not records:
         raise RuntimeError(f"no docstrings were found in {roots}; is Python running with -OO?")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_write(path, "w") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -224,7 +224,6 @@ def write_docstring_task(folder: str | os.PathLike | None = None, dev_share: int
     headers = {"train.tsv": "sentence\tlabel", "dev.tsv": "sentence\tlabel", "test.tsv": "index\tsentence"}
     rows["test.tsv"] = [f"{i}\t{line.rsplit(chr(9), 1)[0]}" for i, line in enumerate(rows["dev.tsv"])]
     for name, lines in rows.items():
-        tmp = target / f"{name}.{os.getpid()}.tmp"
-        tmp.write_text(headers[name] + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, target / name)
+        with atomic_write(target / name, "w") as handle:
+            handle.write(headers[name] + "\n" + "\n".join(lines) + "\n")
     return target

@@ -1,33 +1,27 @@
 """Packed, masked text for distillation pre-training: from prepared LitData shards, or streamed from text.
 
-Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`). Without them, each reader (one
-per rank and dataloader worker) mixes its share of every source by tokens, tokenises documents in batches
-with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks them for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper
-takes the position off before the batch reaches the model and keeps the position of the last batch the
-training loop actually took, which is what the checkpoint stores.
+Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`); without them the text streams
+from its sources (see :mod:`.stream`). Either way the stream resumes from a checkpoint where it stopped.
 """
 
 from __future__ import annotations
 
-import collections
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kd.batch import with_prediction_positions
+from lightning_kd.checks import check_number
 from lightning_kd.datamodules.common import (
     check_vocabulary,
     distributed_position,
     get_tokenizer,
     pin_memory_default,
+    vocabulary_hash,
 )
-from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
 from lightning_kd.datamodules.sources import (
     DEFAULT_HUB_SOURCES,
     DataSourceError,
@@ -35,289 +29,14 @@ from lightning_kd.datamodules.sources import (
     parse_source,
     read_documents,
 )
+from lightning_kd.datamodules.stream import (
+    POSITION_KEY,
+    PackedMLMStream,
+    PositionTracker,
+    PositionTrackingLoader,
+)
 
-POSITION_KEY = "_stream_position"
-_TOKENIZE_DOCS = 64
-
-
-class PackedMLMStream(IterableDataset):
-    """Interleaved sources -> tokens -> full blocks -> masked batches, resumable per reader."""
-
-    def __init__(
-        self,
-        sources: list[SourceSpec],
-        probabilities: list[float],
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-        batch_size: int,
-        mlm_probability: float,
-        whole_word_masking: bool,
-        seed: int,
-        repeat: bool,
-    ) -> None:
-        if tokenizer.mask_token_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no mask token, so it cannot make MLM batches")
-        self.sources = sources
-        self.probabilities = np.asarray(probabilities, dtype=np.float64)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.mlm_probability = mlm_probability
-        self.seed = seed
-        self.repeat = repeat
-        self.rank, self.world_size = 0, 1
-        self.start_positions: dict[int, dict[str, Any]] = {}
-        self.first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self.last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        self.content = max_length - (self.first is not None) - (self.last is not None)
-        if self.content < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        # The Rust tokenizer itself, without the Python wrapper's per-document conversions: tokenising is most
-        # of this stream's cost. A copy, so that truncation or padding set elsewhere cannot leak in.
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = type(backend).from_str(backend.to_str()) if backend is not None else None
-        if self._backend is not None:
-            self._backend.no_truncation()
-            self._backend.no_padding()
-        self.continuation = continuation_table(tokenizer) if whole_word_masking else None
-
-    def reader(self) -> tuple[int, int]:
-        """(this reader's index, number of readers) over all ranks and dataloader workers."""
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, readers = self.reader()
-        start = self.start_positions.get(reader)
-        if start is not None and "tokens" not in start:
-            warnings.warn(
-                "the checkpoint's stream position comes from an older version that mixed sources by document; "
-                "the stream starts from the beginning",
-                stacklevel=2,
-            )
-            start = None
-        if start is not None and start.get("readers") != readers:
-            warnings.warn(
-                f"the checkpoint's stream position was saved with {start.get('readers')} readers "
-                f"(ranks x workers) and this run has {readers}; the stream starts from the beginning",
-                stacklevel=2,
-            )
-            start = None
-        yield from self._batches(reader, readers, start)
-
-    def _batches(self, reader: int, readers: int, start: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-        blocks: list[list[int]] = []
-        batch_index = start["batches"] if start else 0
-        for block, position in self._blocks(reader, readers, start):
-            blocks.append(block)
-            if len(blocks) == self.batch_size:
-                batch_index += 1
-                yield self._collate(blocks, reader, readers, batch_index, position)
-                blocks = []
-        if blocks:
-            batch_index += 1
-            yield self._collate(blocks, reader, readers, batch_index, position)
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if self._backend is None:
-            return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
-
-    def _collate(
-        self, blocks: list[list[int]], reader: int, readers: int, batch_index: int, position: dict[str, Any]
-    ) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id or 0
-        lengths = torch.tensor([len(block) for block in blocks])
-        rows = np.full((len(blocks), self.max_length), pad, dtype=np.int64)
-        for row, block in zip(rows, blocks, strict=True):
-            row[: len(block)] = block
-        input_ids = torch.from_numpy(rows)
-        attention_mask = (torch.arange(self.max_length) < lengths[:, None]).long()
-        special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
-        # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
-        generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
-        masked, labels = mask_tokens(
-            input_ids,
-            special,
-            self.tokenizer.mask_token_id,
-            len(self.tokenizer),
-            self.mlm_probability,
-            generator,
-            self.continuation,
-        )
-        position = dict(position, readers=readers, batches=batch_index)
-        # One tensor crosses from a worker to the main process instead of three: each costs a
-        # shared-memory segment, which with one worker was a quarter of the time per batch.
-        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
-        return with_prediction_positions(packed, labels)
-
-    def _blocks(
-        self, reader: int, readers: int, start: dict[str, Any] | None
-    ) -> Iterator[tuple[list[int], dict[str, Any]]]:
-        """Full blocks and, with each, the position of the first token not yet in a block."""
-        # Entries are [tokens, offset of the first token not yet in a block, position before the document].
-        pending: collections.deque[list[Any]] = collections.deque()
-        available = 0  # tokens in pending not yet in a block
-        documents = self._documents(reader, readers, start)
-        skip = start["offset"] if start else 0
-        after_last: dict[str, Any] = dict(start) if start else {}
-        exhausted = False
-        while True:
-            if available < self.content and not exhausted:
-                for ids, before, after in documents:
-                    ids = list(ids)
-                    if self.last is not None:
-                        ids.append(self.last)
-                    pending.append([ids, skip, before])
-                    available += len(ids) - skip
-                    skip = 0
-                    after_last = after
-                    if available >= self.content:
-                        break
-                else:
-                    exhausted = True
-                continue
-            if not pending:
-                return
-            # The refill above leaves a short block only at the very end of a stream that does not repeat.
-            block: list[int] = [] if self.first is None else [self.first]
-            need = self.content
-            while pending and need:
-                entry = pending[0]
-                tokens, offset = entry[0], entry[1]
-                take = min(need, len(tokens) - offset)
-                block.extend(tokens[offset : offset + take])
-                entry[1] += take
-                need -= take
-                available -= take
-                if entry[1] >= len(tokens):
-                    pending.popleft()
-            position = dict(pending[0][2], offset=pending[0][1]) if pending else dict(after_last, offset=0)
-            if self.last is not None:
-                block.append(self.last)
-            yield block, position
-
-    def _documents(
-        self, reader: int, readers: int, start: dict[str, Any] | None
-    ) -> Iterator[tuple[list[int], dict[str, Any], dict[str, Any]]]:
-        """(token ids, position before, position after) of this reader's documents, mixed by token share.
-
-        The next document comes from the source furthest below its share of the tokens taken so far
-        (``tokens[i] / share[i]`` smallest), so a source of short documents (BookCorpus's sentences) gets
-        its share of the tokens, not of the documents. The choice is a function of the position alone, so a
-        resumed reader chooses alike.
-        """
-        count = len(self.sources)
-        read = list(start["read"]) if start else [0] * count
-        epochs = list(start["epochs"]) if start else [0] * count
-        alive = list(start["alive"]) if start else [True] * count
-        tokens = list(start["tokens"]) if start else [0] * count
-        streams: list[Iterator[str] | None] = [None] * count
-        # Documents read and tokenised ahead, per source; ``read`` counts only those handed on.
-        ahead: list[collections.deque[list[int]]] = [collections.deque() for _ in range(count)]
-        share = self.probabilities
-        while True:
-            candidates = [i for i in range(count) if alive[i] and share[i] > 0]
-            if not candidates:
-                return
-            choice = min(candidates, key=lambda i: tokens[i] / share[i])
-            if not ahead[choice]:
-                if streams[choice] is None:
-                    streams[choice] = read_documents(self.sources[choice], reader, readers, read[choice])
-                texts = [text for _, text in zip(range(_TOKENIZE_DOCS), streams[choice], strict=False)]
-                if texts:
-                    ahead[choice].extend(self._encode(texts))
-                    continue
-                streams[choice] = None
-                if self.repeat and read[choice] > 0:
-                    epochs[choice] += 1
-                    read[choice] = 0
-                elif self.repeat:
-                    raise DataSourceError(
-                        f"source {self.sources[choice].name!r} has no documents for reader {reader} of {readers} "
-                        "(ranks x dataloader workers): it is smaller than the number of readers; use fewer "
-                        "dataloader workers or ranks, or more data"
-                    )
-                else:
-                    alive[choice] = False
-                continue
-            ids = ahead[choice].popleft()
-            before = {
-                "read": list(read),
-                "epochs": list(epochs),
-                "alive": list(alive),
-                "tokens": list(tokens),
-            }
-            read[choice] += 1
-            if ids:
-                # One for the separator, so the shares are of the tokens in the blocks.
-                tokens[choice] += len(ids) + (self.last is not None)
-                after = {
-                    "read": list(read),
-                    "epochs": list(epochs),
-                    "alive": list(alive),
-                    "tokens": list(tokens),
-                }
-                yield ids, before, after
-
-
-class _PositionTrackingLoader(DataLoader):
-    """A DataLoader that strips the stream position off each batch and records it in the DataModule."""
-
-    def __init__(self, dataset: PackedMLMStream, datamodule: PretrainingDataModule, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._datamodule = datamodule
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        tracker = self._datamodule._tracker
-        tracker.begin(self._datamodule._batches_taken())
-        for batch in super().__iter__():
-            tracker.record(batch.pop(POSITION_KEY))
-            batch = unpack(batch)
-            # The resume position is used once; later epochs start from the top of the stream.
-            self.dataset.start_positions = {}
-            self._datamodule._resume = {}
-            yield batch
-
-
-class _Tracker:
-    """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
-
-    def __init__(self) -> None:
-        self.positions: dict[int, dict[str, Any]] = {}
-        self.history: collections.deque[tuple[int, dict[int, dict[str, Any]]]] = collections.deque(maxlen=64)
-        self.taken_at_start: int | None = None
-        self.yielded = 0
-
-    def begin(self, taken: int | None) -> None:
-        self.taken_at_start, self.yielded = taken, 0
-        self.history.clear()
-        self.history.append((0, dict(self.positions)))
-
-    def record(self, position: dict[int, dict[str, Any]]) -> None:
-        self.positions.update(position)
-        self.yielded += 1
-        self.history.append((self.yielded, dict(self.positions)))
-
-    def consumed(self, taken: int | None) -> dict[int, dict[str, Any]]:
-        if taken is None or self.taken_at_start is None:
-            return dict(self.positions)
-        count = taken - self.taken_at_start
-        for yielded, positions in reversed(self.history):
-            if yielded <= count:
-                return dict(positions)
-        return dict(self.history[0][1]) if self.history else dict(self.positions)
-
-
-def _check_counts(**counts: int | tuple[int, int]) -> None:
-    """Whole numbers of at least 1 (or of the minimum given as ``(value, minimum)``): a batch size of 0 would
-    otherwise spin forever without yielding a batch."""
-    for name, given in counts.items():
-        value, low = given if isinstance(given, tuple) else (given, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}.")
+__all__ = ["POSITION_KEY", "PackedMLMStream", "PretrainingDataModule"]
 
 
 class PretrainingDataModule(L.LightningDataModule):
@@ -363,13 +82,17 @@ class PretrainingDataModule(L.LightningDataModule):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        _check_counts(
-            max_length=max_length, batch_size=batch_size, num_workers=(num_workers, 0), seed=(seed, 0)
-        )
+        # A batch size of 0 would spin forever without yielding a batch.
+        for name, value, low in (
+            ("max_length", max_length, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
+        ):
+            check_number(name, value, low=low, integer=True)
         if isinstance(sources, (str, dict)):
             raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
-        if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, (int, float)):
-            raise ValueError(f"mlm_probability must be a number in (0, 1), got {mlm_probability!r}.")
+        check_number("mlm_probability", mlm_probability, low=0, high=1, low_open=True, high_open=True)
         self.prepared = str(prepared) if prepared is not None else None
         self.shuffle = shuffle
         self.manifest: dict[str, Any] | None = None
@@ -393,8 +116,6 @@ class PretrainingDataModule(L.LightningDataModule):
             if probabilities is not None or prepared is None
             else None
         )
-        if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.max_length = max_length
         self.batch_size = batch_size
         self.mlm_probability = mlm_probability
@@ -407,14 +128,14 @@ class PretrainingDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._specs: list[SourceSpec] | None = None
         self._dataset: PackedMLMStream | None = None
-        self._tracker = _Tracker()
+        self._tracker = PositionTracker()
         self._resume: dict[int, dict[str, Any]] = {}
 
     @staticmethod
     def _read_prepared(
         folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None
     ) -> dict[str, Any]:
-        from lightning_kd.datamodules.prepared import read_manifest, vocabulary_hash
+        from lightning_kd.datamodules.prepare import read_manifest
 
         manifest = read_manifest(folder)
         if manifest["max_length"] != max_length:
@@ -547,7 +268,7 @@ class PretrainingDataModule(L.LightningDataModule):
         dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
         self._tracker.positions = dict(dataset.start_positions)
         self._dataset = dataset
-        return _PositionTrackingLoader(
+        return PositionTrackingLoader(
             dataset,
             self,
             num_workers=self.num_workers,

@@ -189,23 +189,15 @@ def hub_offline_error(name: str, cause: BaseException | str) -> DataSourceError:
     )
 
 
-def hub_reachable(timeout: float = 2.0) -> str | None:
-    """``None`` when the hub answers, else why not; fast, so an offline run fails at once."""
+def hub_unreachable_reason() -> str | None:
+    """``None`` when hub datasets can be fetched, else why not; fast, so an offline run fails at once."""
     if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in {"1", "true", "yes"} or os.environ.get(
         "HF_HUB_OFFLINE", "0"
     ).lower() in {"1", "true", "yes"}:
         return "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set"
-    import socket
-    from urllib.parse import urlparse
+    from lightning_kd.hub import hub_reachable
 
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection(
-            (endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout
-        ):
-            return None
-    except OSError as error:
-        return f"no connection to {endpoint.hostname}: {error}"
+    return hub_reachable().reason
 
 
 def load_hub_dataset(
@@ -214,7 +206,7 @@ def load_hub_dataset(
     """``datasets.load_dataset`` that fails at once, with the way out, when the hub cannot be reached."""
     import datasets
 
-    reason = hub_reachable()
+    reason = hub_unreachable_reason()
     if reason is not None:
         # A dataset already in the local cache still loads without the network.
         try:

@@ -14,7 +14,6 @@ hidden]`` per example, which is far larger: the size is estimated and printed be
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_kd.files import atomic_write
 from lightning_kd.models.layers import is_classifier
 from lightning_kd.objective.term import Features
 
@@ -189,9 +189,8 @@ class TeacherCache:
         if self.path is None or not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        torch.save(self.entries, tmp)
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as handle:
+            torch.save(self.entries, handle)
         self._dirty = False
 
     def hit_rate(self) -> float:

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from lightning_kd.checks import is_number
+
 
 @dataclass
 class ModelInfo:
@@ -127,7 +129,7 @@ def resolve_layer_map(
             isinstance(pair, str)
             or not isinstance(pair, Sequence)
             or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+            or not all(is_number(x, integer=True) for x in pair)
         ):
             raise ValueError(
                 f"layer map entry {pair!r} of {list(spec)!r} must be a [student_layer, teacher_layer] pair of "

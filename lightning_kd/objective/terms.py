@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.batch import IGNORE_INDEX
+from lightning_kd.checks import check_number
 from lightning_kd.objective.term import (
     Features,
     KnowledgeTerm,
@@ -61,12 +62,7 @@ class PredictionKL(KnowledgeTerm):
 
     def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not 0 < temperature < float("inf")
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        check_number("temperature", temperature, low=0, low_open=True, finite=True)
         if self.loss == "mse" and temperature != 1:
             raise ValueError(
                 f"the 'logits' term with loss 'mse' compares raw logits and has no temperature, got "
@@ -348,14 +344,13 @@ class Relations(_LayerTerm):
             raise ValueError(
                 f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}."
             )
-        if num_relation_heads is not None and (
-            isinstance(num_relation_heads, bool)
-            or not isinstance(num_relation_heads, int)
-            or num_relation_heads < 1
-        ):
-            raise ValueError(
-                f"num_relation_heads must be a whole number >= 1 (or left out: the teacher's head "
-                f"count), got {num_relation_heads!r}."
+        if num_relation_heads is not None:
+            check_number(
+                "num_relation_heads",
+                num_relation_heads,
+                low=1,
+                integer=True,
+                what="a whole number >= 1 (or left out: the teacher's head count)",
             )
         self.relations = list(relations)
         self.num_relation_heads = num_relation_heads

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kd.checks import check_number
 from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.models.layers import uniform_layer_choice
 from lightning_kd.pruning.importance import LossFn, score_units, top_units
@@ -43,8 +44,7 @@ def _check_sizes(teacher: BoundModel, sizes: dict[str, int]) -> None:
         "intermediate_size": min(counts["ffn"]),
     }
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_number(name, value, low=0, low_open=True, integer=True, what="a positive integer")
         if value > limits[name]:
             raise ValueError(
                 f"{name}={value} is larger than the teacher's {limits[name]}: extraction only removes units. "

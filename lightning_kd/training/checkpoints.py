@@ -22,7 +22,6 @@ otherwise overwrite) with a warning naming each.
 from __future__ import annotations
 
 import glob
-import os
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_kd.files import atomic_write, staging_path
 from lightning_kd.training.lightning_internals import attached_trainer
 
 PARTIAL = ".partial"
@@ -41,8 +41,7 @@ PARTIAL = ".partial"
 
 def partial_path(path: _PATH) -> Path:
     """Where ``path`` is written before it is renamed into place: hidden, and not ending in ``.ckpt``."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}")
+    return staging_path(path, PARTIAL)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,18 +59,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = partial_path(target)
-        try:
-            with open(staging, "wb") as handle:
-                # Straight to the file: no second in-memory copy of a multi-GB checkpoint.
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(staging, target)
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
-        _fsync_directory(target.parent)
+        with atomic_write(target, "wb", suffix=PARTIAL) as handle:
+            # Straight to the file: no second in-memory copy of a multi-GB checkpoint.
+            torch.save(checkpoint, handle)
         # What writers killed earlier left for this target is never a complete checkpoint, only wasted disk.
         for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL}"):
             stale.unlink(missing_ok=True)
@@ -102,20 +92,6 @@ def check_readable(path: _PATH) -> None:
 
 def _is_local(path: _PATH) -> bool:
     return type(get_filesystem(path)).__name__ == "LocalFileSystem"
-
-
-def _fsync_directory(folder: Path) -> None:
-    # The rename itself lives in the directory entry; without this a power loss can forget it.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def install_atomic_checkpoints(trainer: Any) -> None:

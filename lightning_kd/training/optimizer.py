@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_kd.checks import check_number
+
 SCHEDULES = ("linear", "constant")
 
 
@@ -24,13 +26,11 @@ def check_optimizer_settings(
     """Refuse, when the module is built, AdamW settings that would fail (or silently misbehave) at fit start."""
 
     def number(name: str, value: Any, low: float, low_included: bool = True) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(
-                f"{name} must be a finite number, got {value!r} ({type(value).__name__}); write it "
-                "without quotes, e.g. 1.0e-4."
-            )
-        if value < low or (value == low and not low_included):
-            raise ValueError(f"{name} must be {'>=' if low_included else '>'} {low}, got {value}.")
+        hint = f" ({type(value).__name__}); write it without quotes, e.g. 1.0e-4"
+        check_number(name, value, finite=True, hint=hint)
+        check_number(
+            name, value, low=low, low_open=not low_included, what=f"{'>=' if low_included else '>'} {low}"
+        )
 
     number("learning_rate", learning_rate, 0.0, low_included=False)
     number("weight_decay", weight_decay, 0.0)
