@@ -38,8 +38,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_kd.datamodules.glue import TASKS
 from lightning_kd.datamodules.glue_metrics import TaskMetrics
+from lightning_kd.datamodules.glue_tasks import TASKS
 from lightning_kd.pruning.callback import PruningCallback
 from lightning_kd.training.lightning_internals import logs_this_step
 from lightning_kd.training.timing import METRICS as STEP_METRICS

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_kd.datamodules.glue import GLUEDataModule, submission_lines
+from lightning_kd.datamodules.glue import GLUEDataModule
+from lightning_kd.datamodules.glue_tasks import submission_lines
 
 
 class GLUESubmissionWriter(L.Callback):

@@ -12,7 +12,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from lightning_kd.datamodules.glue import get_task
+from lightning_kd.datamodules.glue_tasks import get_task
 
 # Official metric name -> how to build it for a task with ``num_labels`` classes.
 _BUILDERS = {

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lightning_kd import hub
+from lightning_kd.checks import check_number
 from lightning_kd.models.layers import (
     freeze_unused_pooler,
     is_classifier,
@@ -131,10 +132,10 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any 
         )
     for key in COUNTS:
         value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(
-                f"student init {init!r}: {key} must be a whole number, got {value!r} "
-                f"({type(value).__name__}); write it without quotes."
+        if value is not None:
+            hint = f" ({type(value).__name__}); write it without quotes"
+            check_number(
+                f"student init {init!r}: {key}", value, integer=True, what="a whole number", hint=hint
             )
     layers = options.get("layers")
     if layers is not None and (isinstance(layers, str) or not all(isinstance(i, int) for i in layers)):

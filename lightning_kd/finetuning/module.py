@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
-from lightning_kd.datamodules.glue import get_task
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
+from lightning_kd.datamodules.glue_tasks import get_task
 from lightning_kd.hub import load_model
 from lightning_kd.pruning.export import check_export_dir
 from lightning_kd.training.checkpoints import check_resume, resuming_fit

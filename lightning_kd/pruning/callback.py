@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_kd.checks import is_number
 from lightning_kd.distillation.contract import require_run
 from lightning_kd.pruning.export import check_export_dir, check_exportable
 from lightning_kd.pruning.importance import PlatonImportance, Sensitivity, UnitImportance, top_units
@@ -102,7 +103,7 @@ class PruningCallback(L.Callback):
                 f"{', '.join(PRUNABLE)}, e.g. target={{'hidden': 0.5, 'heads': 0.5, 'ffn': 0.5}}."
             )
         for kind, value in target.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 raise ValueError(
                     f"target {kind}={value!r} must be a number: a fraction (0.5) or a count (6), "
                     "written without quotes."

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kd.checks import check_number
 from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.pruning.units import axes, layer_parameters, unit_counts
 
@@ -189,8 +190,7 @@ class PlatonImportance(UnitImportance):
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}.")
-        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
-            raise ValueError(f"delta_t must be a whole number of steps >= 1, got {delta_t!r}.")
+        check_number("delta_t", delta_t, integer=True, low=1, what="a whole number of steps >= 1")
         self.beta1, self.beta2, self.delta_t = beta1, beta2, delta_t
         self._calls = 0  # updates so far; a plain int, so closing a window never reads a tensor
 
