@@ -44,6 +44,12 @@ class DistillationCLI(LightningCLI):
     not to CSV, a WandbLogger when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` with W&B panels
     and summaries, the pruning events table and a summary PNG next to ``metrics.csv``), and under SLURM adds a
     :class:`~lightning_kd.PreemptionCheckpoint`; each unless the recipe has its own.
+
+    What it prints is for the person who ran it: the sizes (:class:`~lightning_kd.DistillationReport`'s lines,
+    or a :class:`~lightning_kd.callbacks.report.ModelSize` line) instead of Lightning's model summary, whose
+    FLOPs read 0 (a recipe may still ask for it, ``enable_model_summary: true``), a progress bar that counts steps
+    when ``max_steps`` bounds the run, and none of Lightning's warnings that misread lightning-kd's own parts or
+    its advertisements (``💡 Tip``).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -52,7 +58,7 @@ class DistillationCLI(LightningCLI):
         # Lightning's summary table has a FLOPs column that reads 0 unless the module has an example input;
         # the sizes come from DistillationReport or ModelSize instead (see before_fit).
         kwargs["trainer_defaults"] = {"enable_model_summary": False, **(kwargs.get("trainer_defaults") or {})}
-        if kwargs.get("args") is not None and list(kwargs["args"]) == sys.argv[1:]:
+        if isinstance(kwargs.get("args"), (list, tuple)) and list(kwargs["args"]) == sys.argv[1:]:
             # `lightning-kd fit ...` hands over its own command line: reading it from sys.argv is the same,
             # without Lightning's warning about arguments given twice.
             kwargs["args"] = None
