@@ -174,3 +174,48 @@ def test_runs_record_the_resolved_recipe_and_its_name(
     (run_file,) = run_dir.glob("*.wandb")
     names = {record.run.display_name for record in read_run_records(run_file) if record.HasField("run")}
     assert names == {"glue-tiny_named"}
+
+
+def test_the_demo_prints_only_what_a_user_needs(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """The README's first command as a newcomer types it (the command line in sys.argv), on a tiny teacher: no
+    FLOPs column of zeros, no warning about a validation_step the user never wrote, no "Epoch 0/-2", no
+    Lightning advertisements; the sizes, a step count and the report instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "experiments" / "demo.yaml"),
+        "--model.init_args.teacher",
+        str(tiny_teacher_dir),
+        "--trainer.max_steps",
+        "3",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.max_length",
+        "32",
+    ]
+    monkeypatch.setattr("sys.argv", ["lightning-kd", *args])
+    main()
+    captured = capfd.readouterr()
+    warned = "\n".join(str(w.message) for w in recwarn)
+    output = "\n".join([captured.out, captured.err, caplog.text, warned])
+    assert "FLOPs" not in output
+    assert "validation_step` but have no" not in output
+    assert "Epoch 0/-" not in output
+    assert "💡 Tip" not in output
+    assert "args parameter is intended" not in output
+    assert "teacher: BertModel" in captured.out and "Training steps" in captured.out
+    report = captured.out[captured.out.index("teacher-student discrepancy") :].splitlines()[1:4]
+    assert [line.split()[0] for line in report] == [
+        "discrepancy/hidden",
+        "discrepancy/hidden/layer_1",
+        "discrepancy/hidden/layer_2",
+    ]

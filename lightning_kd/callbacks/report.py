@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,56 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_kd.hub import push_folder
 from lightning_kd.pruning.export import check_export_dir
 
+# Half the last printed digit of ``:.4f``: a value this close to 0 prints as 0.0000, never as -0.0000.
+PRINTED_ZERO = 5e-5
+
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that orders the numbers inside a name by value: ``layer_2`` before ``layer_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def format_discrepancy(value: float) -> str:
+    """``value`` to four decimals. Every discrepancy metric is non-negative (a KL, an MSE, 1 - CKA); a copied
+    layer measures 0 up to float rounding, which can fall just below 0 and would print as -0.0000. Values that
+    print as zero print as 0.0000; anything else, a clearly negative one included, prints as it is."""
+    return f"{0.0 if abs(value) < PRINTED_ZERO else value:.4f}"
+
+
+def discrepancy_lines(start: dict[str, float], end: dict[str, float]) -> list[str]:
+    """One line per metric, the mean before its layers and the layers by number, start and end side by side."""
+    return [
+        f"  {key:34s} start {format_discrepancy(start.get(key, float('nan')))}   "
+        f"end {format_discrepancy(end[key])}"
+        for key in sorted(end, key=natural_key)
+    ]
+
+
+def size_lines(pl_module: L.LightningModule) -> list[str]:
+    """The teacher's and the student's sizes for a distillation module, the model's size for any other."""
+    teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "student", None)
+    if isinstance(teacher, torch.nn.Module) and isinstance(student, torch.nn.Module):
+        t, s = _parameters(teacher), _parameters(student)
+        return [
+            f"teacher: {type(teacher).__name__}, {t / 1e6:.2f}M parameters",
+            f"student: {type(student).__name__}, {s / 1e6:.2f}M parameters ({s / t:.0%} of the teacher)",
+        ]
+    model = getattr(pl_module, "model", None)
+    model = model if isinstance(model, torch.nn.Module) else pl_module
+    return [f"model: {type(model).__name__}, {_parameters(model) / 1e6:.2f}M parameters"]
+
+
+class ModelSize(L.Callback):
+    """Prints the model's size when fit starts, in :func:`size_lines`' words: what ``lightning-kd fit`` shows
+    instead of Lightning's model summary table when the recipe has no :class:`DistillationReport`."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(*size_lines(pl_module), sep="\n")
 
 
 class DistillationReport(L.Callback):
@@ -48,12 +96,7 @@ class DistillationReport(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        teacher, student = _parameters(pl_module.teacher), _parameters(pl_module.student)
-        print(f"teacher: {type(pl_module.teacher).__name__}, {teacher / 1e6:.2f}M parameters")
-        print(
-            f"student: {type(pl_module.student).__name__}, {student / 1e6:.2f}M parameters "
-            f"({student / teacher:.0%} of the teacher)"
-        )
+        print(*size_lines(pl_module), sep="\n")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -73,8 +116,7 @@ class DistillationReport(L.Callback):
     @rank_zero_only
     def _print_and_export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         print("teacher-student discrepancy on the first batch (lower is closer):")
-        for key in sorted(self.end):
-            print(f"  {key:34s} start {self.start.get(key, float('nan')):.4f}   end {self.end[key]:.4f}")
+        print(*discrepancy_lines(self.start, self.end), sep="\n")
         gap = pl_module.evaluation_summary() if hasattr(pl_module, "evaluation_summary") else []
         if gap:
             print("task metrics at the last evaluation (gap = teacher - student):", *gap, sep="\n")

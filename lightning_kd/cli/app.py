@@ -3,16 +3,26 @@ atomic checkpoints and preemption handling."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
+import warnings
+from collections.abc import Iterable
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelSummary
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_kd.callbacks.dashboard import RunDashboard
 from lightning_kd.callbacks.preemption import PreemptionCheckpoint
+from lightning_kd.callbacks.progress import step_progress_bar
+from lightning_kd.callbacks.report import DistillationReport, ModelSize
 from lightning_kd.callbacks.submission import GLUESubmissionWriter
 from lightning_kd.cli.recipe import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 from lightning_kd.datamodules.glue import GLUEDataModule
@@ -20,6 +30,10 @@ from lightning_kd.training.checkpoints import check_readable, install_atomic_che
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
+NO_VAL_LOADER_WARNING = "You defined a `validation_step` but have no `val_dataloader`"
+# Lightning's advertisements for its cloud services, logged at every fit
+LIGHTNING_TIP = "💡 Tip:"
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 class DistillationCLI(LightningCLI):
@@ -30,11 +44,25 @@ class DistillationCLI(LightningCLI):
     not to CSV, a WandbLogger when ``WANDB_*`` is set, and a :class:`~lightning_kd.RunDashboard` with W&B panels
     and summaries, the pruning events table and a summary PNG next to ``metrics.csv``), and under SLURM adds a
     :class:`~lightning_kd.PreemptionCheckpoint`; each unless the recipe has its own.
+
+    What it prints is for the person who ran it: the sizes (:class:`~lightning_kd.DistillationReport`'s lines,
+    or a :class:`~lightning_kd.callbacks.report.ModelSize` line) instead of Lightning's model summary, whose
+    FLOPs read 0 (a recipe may still ask for it, ``enable_model_summary: true``), a progress bar that counts steps
+    when ``max_steps`` bounds the run, and none of Lightning's warnings that misread lightning-kd's own parts or
+    its advertisements (``💡 Tip``).
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", RecipeConfigCallback)
+        # Lightning's summary table has a FLOPs column that reads 0 unless the module has an example input;
+        # the sizes come from DistillationReport or ModelSize instead (see before_fit).
+        kwargs["trainer_defaults"] = {"enable_model_summary": False, **(kwargs.get("trainer_defaults") or {})}
+        if isinstance(kwargs.get("args"), (list, tuple)) and list(kwargs["args"]) == sys.argv[1:]:
+            # `lightning-kd fit ...` hands over its own command line: reading it from sys.argv is the same,
+            # without Lightning's warning about arguments given twice.
+            kwargs["args"] = None
+        _hide_lightning_tips()
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -42,6 +70,20 @@ class DistillationCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The recipe's Trainer, with a progress bar that counts steps in a step-bounded run
+        (:func:`~lightning_kd.callbacks.progress.step_progress_bar`) in place of Lightning's default bar, unless
+        the recipe has a bar of its own or none (``enable_progress_bar: false``). Decided before the Trainer
+        exists: once built, Lightning's default bar cannot be told from one the recipe named."""
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        callbacks = _as_list(kwargs.get("callbacks", config.get("callbacks")))
+        given = [*callbacks, *_as_list(self.trainer_defaults.get("callbacks"))]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            kwargs["callbacks"] = [*callbacks, step_progress_bar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Leave the recipe and the command line as written when resuming.
@@ -65,12 +107,51 @@ class DistillationCLI(LightningCLI):
         name_wandb_runs(self.trainer, [str(f) for f in config.get("config") or [] if f])
         add_dashboard_when_missing(self.trainer)
         add_preemption_checkpoint_under_slurm(self.trainer)
+        add_model_size_when_missing(self.trainer)
+
+    def fit(self, model: L.LightningModule, **kwargs: Any) -> None:
+        """``Trainer.fit``, without Lightning's warning that the module's ``validation_step`` has no
+        ``val_dataloader`` when that validation_step is lightning-kd's: it evaluates task data when the
+        DataModule has some (GLUE) and is not for a pre-training stream, which has none by design. A
+        ``validation_step`` the user wrote keeps the warning."""
+        with warnings.catch_warnings():
+            if type(model).validation_step.__module__.startswith("lightning_kd."):
+                warnings.filterwarnings(
+                    "ignore", message=re.escape(NO_VAL_LOADER_WARNING), category=PossibleUserWarning
+                )
+            self.trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:
         finish_wandb_runs(self.trainer)
 
     def before_predict(self) -> None:
         add_submission_writer_for_glue(self.trainer, self.datamodule)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_TIP)
+
+
+def _hide_lightning_tips() -> None:
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
+def add_model_size_when_missing(trainer: L.Trainer) -> None:
+    """Print the model's size when fit starts (:class:`~lightning_kd.callbacks.report.ModelSize`) unless the
+    recipe's DistillationReport prints it or the recipe asked for Lightning's model summary."""
+    if any(isinstance(c, (DistillationReport, ModelSize, ModelSummary)) for c in trainer.callbacks):
+        return
+    trainer.callbacks.insert(0, ModelSize())
+
+
+def _as_list(callbacks: object) -> list[L.Callback]:
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]  # type: ignore[list-item]
 
 
 def add_csv_when_missing(trainer: L.Trainer) -> None:
