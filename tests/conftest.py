@@ -33,7 +33,9 @@ def library_messages_on_stdout() -> Iterator[None]:
     that configured logging.)"""
     logger = logging.getLogger("lightning_kd")
     handler = lightning_kd._StdoutHandler()
-    logger.addHandler(handler)
+    # (installed already when lightning_kd was imported before pytest's logging handlers were)
+    if not any(isinstance(h, lightning_kd._StdoutHandler) for h in logger.handlers):
+        logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
     level = logger.level
     logger.setLevel(logging.INFO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -70,5 +71,11 @@ def test_sizes_of_a_distillation_and_of_a_single_model(capsys: pytest.CaptureFix
         "teacher: Linear, 0.01M parameters",
         "student: Linear, 0.01M parameters (50% of the teacher)",
     ]
-    ModelSize().on_fit_start(trainer=None, pl_module=SimpleNamespace(model=torch.nn.Linear(1000, 1000)))
+
+    class FineTuned(L.LightningModule):  # one trained model inside the LightningModule, as FineTuningModule
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Linear(1000, 1000)
+
+    ModelSize().on_fit_start(trainer=None, pl_module=FineTuned())
     assert capsys.readouterr().out == "model: Linear, 1.00M parameters\n"

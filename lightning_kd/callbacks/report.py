@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_kd.distillation.contract import DistillationRun
 from lightning_kd.hub import push_folder
 from lightning_kd.pruning.export import check_export_dir
+
+log = logging.getLogger(__name__)
 
 # Half the last printed digit of ``:.4f``: a value this close to 0 prints as 0.0000, never as -0.0000.
 PRINTED_ZERO = 5e-5
@@ -51,8 +55,9 @@ def size_lines(pl_module: L.LightningModule) -> list[str]:
             f"teacher: {type(teacher).__name__}, {t / 1e6:.2f}M parameters",
             f"student: {type(student).__name__}, {s / 1e6:.2f}M parameters ({s / t:.0%} of the teacher)",
         ]
-    model = getattr(pl_module, "model", None)
-    model = model if isinstance(model, torch.nn.Module) else pl_module
+    # a module that trains one model (FineTuningModule): name that model rather than the LightningModule around it
+    trained = [child for child in pl_module.children() if any(True for _ in child.parameters())]
+    model = trained[0] if len(trained) == 1 else pl_module
     return [f"model: {type(model).__name__}, {_parameters(model) / 1e6:.2f}M parameters"]
 
 
@@ -62,7 +67,7 @@ class ModelSize(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print(*size_lines(pl_module), sep="\n")
+        log.info("\n".join(size_lines(pl_module)))
 
 
 class DistillationReport(L.Callback):
@@ -96,7 +101,7 @@ class DistillationReport(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print(*size_lines(pl_module), sep="\n")
+        log.info("\n".join(size_lines(pl_module)))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -115,19 +120,19 @@ class DistillationReport(L.Callback):
 
     @rank_zero_only
     def _print_and_export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print("teacher-student discrepancy on the first batch (lower is closer):")
-        print(*discrepancy_lines(self.start, self.end), sep="\n")
-        gap = pl_module.evaluation_summary() if hasattr(pl_module, "evaluation_summary") else []
+        lines = ["teacher-student discrepancy on the first batch (lower is closer):"]
+        log.info("\n".join([*lines, *discrepancy_lines(self.start, self.end)]))
+        gap = pl_module.evaluation_summary() if isinstance(pl_module, DistillationRun) else []
         if gap:
-            print("task metrics at the last evaluation (gap = teacher - student):", *gap, sep="\n")
+            log.info("\n".join(["task metrics at the last evaluation (gap = teacher - student):", *gap]))
         if self.export_dir:
             discrepancy = {k: (self.start.get(k, float("nan")), v) for k, v in self.end.items()}
             path = pl_module.save_student(Path(self.export_dir), probe=self.probe, discrepancy=discrepancy)
-            print(
+            log.info(
                 f"student saved to {Path(path).resolve()} (load it with transformers.AutoModel.from_pretrained)"
             )
             if self.push_to_hub:
-                print(f"student pushed to {push_folder(path, self.push_to_hub, private=self.private)}")
+                log.info(f"student pushed to {push_folder(path, self.push_to_hub, private=self.private)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": self.probe, "start": self.start}

@@ -63,4 +63,6 @@ def main(args: list[str] | None = None) -> None:
         return
     from lightning_kd.cli.app import DistillationCLI
 
-    DistillationCLI(args=argv)
+    # From the console script, LightningCLI reads sys.argv itself (handing it over too makes Lightning warn that
+    # arguments were given twice); from Python, the arguments given.
+    DistillationCLI(args=None if args is None else argv)

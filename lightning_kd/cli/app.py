@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -27,6 +26,7 @@ from lightning_kd.callbacks.submission import GLUESubmissionWriter
 from lightning_kd.cli.recipe import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 from lightning_kd.datamodules.glue import GLUEDataModule
 from lightning_kd.training.checkpoints import check_readable, install_atomic_checkpoints
+from lightning_kd.training.lightning_internals import cluster_environment
 
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
@@ -58,10 +58,6 @@ class DistillationCLI(LightningCLI):
         # Lightning's summary table has a FLOPs column that reads 0 unless the module has an example input;
         # the sizes come from DistillationReport or ModelSize instead (see before_fit).
         kwargs["trainer_defaults"] = {"enable_model_summary": False, **(kwargs.get("trainer_defaults") or {})}
-        if isinstance(kwargs.get("args"), (list, tuple)) and list(kwargs["args"]) == sys.argv[1:]:
-            # `lightning-kd fit ...` hands over its own command line: reading it from sys.argv is the same,
-            # without Lightning's warning about arguments given twice.
-            kwargs["args"] = None
         _hide_lightning_tips()
         super().__init__(
             L.LightningModule,
@@ -191,7 +187,7 @@ def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
     holds what they did at the same step (a pruning event)."""
     if not SLURMEnvironment.detect() or any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
         return
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     name = environment.requeue_signal.name if isinstance(environment, SLURMEnvironment) else "SIGUSR1"
     _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
 
