@@ -42,7 +42,7 @@ def test_export_writes_model_tokenizer_labels_and_card(tmp_path: Path, capsys: p
         FakeTokenizer(),
         ("bad", "good"),
         card=CardFacts(teacher="me/teacher", method="made by hand", metrics={"val/acc": 0.5}),
-        print_sizes=True,
+        log_sizes=True,
     )
     count = sum(p.numel() for p in model.parameters())
     assert sizes == (count, count)

@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 from lightning_kd.datamodules.glue_metrics import TaskMetrics
 from lightning_kd.datamodules.glue_tasks import TASKS
@@ -116,6 +117,7 @@ class RunDashboard(L.Callback):
 
     # ------------------------------------------------------------------------------------------ W&B metrics
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.higher_is_better = tuple(
             f"{metrics.prefix}/{metrics.task}/"
@@ -129,18 +131,22 @@ class RunDashboard(L.Callback):
             self._define(trainer, expected)
         self._define_new_metrics(trainer)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # Names only reach W&B on logging steps, and reading callback_metrics turns progress-bar values into
         # Python numbers (a device sync), which Lightning does on exactly those steps anyway.
         if logs_this_step(trainer):
             self._define_new_metrics(trainer)
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._define_new_metrics(trainer)
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._define_new_metrics(trainer)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._define_new_metrics(trainer)
 
@@ -170,11 +176,13 @@ class RunDashboard(L.Callback):
 
     # ------------------------------------------------------------------------------------------ events table
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Once, at the end: a W&B table cannot grow, so logging it at every event would upload a growing copy of
         # it each time.
         self._log_events(trainer)
 
+    @override
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
@@ -196,6 +204,7 @@ class RunDashboard(L.Callback):
 
     # ------------------------------------------------------------------------------------------ summary plot
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The loggers were finalised before on_fit_end, so metrics.csv holds every row by now.

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_kd.pruning.export import nonfinite_parameters
 
@@ -64,18 +65,21 @@ class NonFiniteGuard(L.Callback):
         self.skipped: list[int] = []
         self._seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # first in line, so the callbacks that read gradients before the step (pruning importance) never see a
         # bad one; moving it within the list does not disturb the loop running this hook
         trainer.callbacks.remove(self)
         trainer.callbacks.insert(0, self)
 
+    @override
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
         terms = getattr(pl_module, "last_terms", None) or {}
         self._seen.append((loss.detach(), {k: v.detach() for k, v in terms.items()}))
 
+    @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
@@ -140,12 +144,15 @@ class NonFiniteGuard(L.Callback):
         optimizers = trainer.optimizers
         return optimizers[0].param_groups[0]["lr"] if optimizers else "unknown"
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         check_finite(pl_module, "write a checkpoint")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": list(self.skipped)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = list(state_dict.get("skipped", []))
 

@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_kd.pruning.callback import PruningCallback
 from lightning_kd.training.lightning_internals import accumulating, cluster_environment
@@ -59,6 +60,7 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: Any = None
         self._installed = False
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         later = trainer.callbacks[trainer.callbacks.index(self) + 1 :]
         if any(isinstance(callback, PruningCallback) for callback in later):
@@ -93,6 +95,7 @@ class PreemptionCheckpoint(L.Callback):
         if callable(self._previous) and self._previous not in (signal.SIG_IGN, signal.SIG_DFL):
             self._previous(signum, frame)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if not self._installed or trainer.global_step % self.check_every or accumulating(trainer):
             return
@@ -113,9 +116,11 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
 
+    @override
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

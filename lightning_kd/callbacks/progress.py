@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from typing_extensions import override
 
 STEPS_DESCRIPTION = "Training steps"
 
@@ -41,15 +42,18 @@ def _without_version(metrics: dict[str, Any]) -> dict[str, Any]:
 class StepRichProgressBar(RichProgressBar):
     """Lightning's Rich bar, counting optimizer steps out of ``max_steps`` in a step-bounded run."""
 
+    @override
     def _get_train_description(self, current_epoch: int) -> str:
         description = train_description(self.trainer)
         # as Lightning pads it: the training and validation bars keep one width and do not flicker
         return f"{description:{len(self.validation_description)}}"
 
+    @override
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if counts_steps(self.trainer) else super().total_train_batches
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if counts_steps(trainer) and self.train_progress_bar_id is not None and not self._leave:
             return  # one bar for the whole run: a new epoch does not restart the step count
@@ -57,6 +61,7 @@ class StepRichProgressBar(RichProgressBar):
         if counts_steps(trainer):
             self._update(self.train_progress_bar_id, trainer.global_step)
 
+    @override
     def _update(self, progress_bar_id: Any, current: int, visible: bool = True) -> None:
         if (
             counts_steps(self.trainer)
@@ -66,11 +71,13 @@ class StepRichProgressBar(RichProgressBar):
             current = self.trainer.global_step  # Lightning passes the batch index in the epoch
         super()._update(progress_bar_id, current, visible)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Leave the finished bar above what the callbacks print at the end of fit (the DistillationReport),
         # instead of redrawing it under them until teardown.
         self._stop_progress()
 
+    @override
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return _without_version(super().get_metrics(trainer, pl_module))
 
@@ -78,6 +85,7 @@ class StepRichProgressBar(RichProgressBar):
 class StepTQDMProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, counting optimizer steps out of ``max_steps`` in a step-bounded run."""
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         bar = self.train_progress_bar
         if counts_steps(trainer) and bar is not None and bar.total == trainer.max_steps and not self._leave:
@@ -89,6 +97,7 @@ class StepTQDMProgressBar(TQDMProgressBar):
             bar.set_description(STEPS_DESCRIPTION, refresh=False)
             self._show(bar, trainer.global_step)
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -105,6 +114,7 @@ class StepTQDMProgressBar(TQDMProgressBar):
             bar.n = n
             bar.refresh()
 
+    @override
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return _without_version(super().get_metrics(trainer, pl_module))
 

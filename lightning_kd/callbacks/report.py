@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lightning_kd.distillation.contract import DistillationRun
 from lightning_kd.hub import push_folder
@@ -65,6 +66,7 @@ class ModelSize(L.Callback):
     """Prints the model's size when fit starts, in :func:`size_lines`' words: what ``lightning-kd fit`` shows
     instead of Lightning's model summary table when the recipe has no :class:`DistillationReport`."""
 
+    @override
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log.info("\n".join(size_lines(pl_module)))
@@ -91,18 +93,22 @@ class DistillationReport(L.Callback):
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
 
+    @override
     @property
     def state_key(self) -> str:
         return f"DistillationReport[export_dir={self.export_dir}]"
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.export_dir:
             check_export_dir(self.export_dir)
 
+    @override
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log.info("\n".join(size_lines(pl_module)))
 
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -112,6 +118,7 @@ class DistillationReport(L.Callback):
             }
             self.start = pl_module.discrepancy([self.probe])
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.probe is None:
             return
@@ -134,8 +141,10 @@ class DistillationReport(L.Callback):
             if self.push_to_hub:
                 log.info(f"student pushed to {push_folder(path, self.push_to_hub, private=self.private)}")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"probe": self.probe, "start": self.start}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe, self.start = state_dict["probe"], state_dict["start"]

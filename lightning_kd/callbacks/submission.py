@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_kd.datamodules.glue import GLUEDataModule
 from lightning_kd.datamodules.glue_tasks import submission_lines
@@ -25,10 +26,12 @@ class GLUESubmissionWriter(L.Callback):
         self.collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.written: list[Path] = []
 
+    @override
     @property
     def state_key(self) -> str:
         return f"GLUESubmissionWriter[output_dir={self.output_dir}]"
 
+    @override
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(trainer.datamodule, GLUEDataModule):
             raise TypeError(
@@ -37,6 +40,7 @@ class GLUESubmissionWriter(L.Callback):
             )
         self.collected = {}
 
+    @override
     def on_predict_batch_end(
         self,
         trainer: L.Trainer,
@@ -54,6 +58,7 @@ class GLUESubmissionWriter(L.Callback):
             (outputs["idx"].detach().cpu(), outputs["logits"].detach().float().cpu())
         )
 
+    @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: GLUEDataModule = trainer.datamodule
         parts = {

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from typing_extensions import override
 
 from lightning_kd.callbacks.dashboard import RunDashboard
 from lightning_kd.callbacks.preemption import PreemptionCheckpoint
@@ -67,6 +68,7 @@ class DistillationCLI(LightningCLI):
             **kwargs,
         )
 
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The recipe's Trainer, with a progress bar that counts steps in a step-bounded run
         (:func:`~lightning_kd.callbacks.progress.step_progress_bar`) in place of Lightning's default bar, unless
@@ -81,6 +83,7 @@ class DistillationCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, step_progress_bar()]
         return super().instantiate_trainer(**kwargs)
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Leave the recipe and the command line as written when resuming.
 

@@ -18,6 +18,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
 from lightning_kd.training.lightning_internals import wandb_init_kwargs, wandb_run_started
 
@@ -35,6 +36,7 @@ def recipe_run_name(config_files: Sequence[str | os.PathLike]) -> str | None:
 class RecipeConfigCallback(SaveConfigCallback):
     """LightningCLI's config saving, plus the resolved configuration in every logger and a run name."""
 
+    @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config: dict[str, Any] = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         files = [str(f) for f in (self.config.get("config") or []) if f is not None]

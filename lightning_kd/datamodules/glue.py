@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_kd.datamodules.common import check_vocabulary, get_tokenizer, pin_memory_default
 from lightning_kd.datamodules.docstrings import write_docstring_task
@@ -284,6 +285,7 @@ class GLUEDataModule(L.LightningDataModule):
         columns = [dataset[c] for c in self.task.text_columns]
         return [(tuple(texts), label) for *texts, label in zip(*columns, dataset["label"], strict=True)]
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -341,17 +343,21 @@ class GLUEDataModule(L.LightningDataModule):
             pin_memory=pin_memory_default(getattr(self, "trainer", None)),
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.validation_names]
         return loaders if len(loaders) > 1 else loaders[0]
 
+    @override
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The labeled dev sets: GLUE's test labels are private, so ``test`` scores what can be scored."""
         return self.val_dataloader()
 
+    @override
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.predict_names]
         return loaders if len(loaders) > 1 else loaders[0]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_kd.batch import with_prediction_positions
 from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
@@ -82,6 +83,7 @@ class OwnedBlocksDataset(StreamingDataset):
         block = super().__next__()
         return block.clone() if isinstance(block, torch.Tensor) else np.array(block)
 
+    @override
     def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
         # LitData 0.2.44 works out how far each worker read from the total, as if every batch came whole
         # from one dataset; mixed with weights, a batch takes some blocks from each source. PreparedLoader
@@ -154,6 +156,7 @@ class PreparedLoader(StreamingDataLoader):
         datasets = getattr(self.dataset, "_datasets", [self.dataset])
         return datasets[0].distributed_env.world_size, max(self.num_workers, 1)
 
+    @override
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         state = obj["dataset"]
         state = state if "world_size" in state else state["0"]
@@ -194,11 +197,13 @@ class PreparedLoader(StreamingDataLoader):
             )
         super().load_state_dict(obj)
 
+    @override
     def _get_iterator(self) -> Any:
         # Called once the epoch counter has moved on and before workers copy the collate function.
         self._collate.epoch = self.current_epoch
         return super()._get_iterator()
 
+    @override
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in super().__iter__():
             yield unpack(batch)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_kd.checks import check_number
 from lightning_kd.datamodules.common import (
@@ -180,6 +181,7 @@ class PretrainingDataModule(L.LightningDataModule):
             self._specs = [parse_source(source, self.cache_dir) for source in self.sources]
         return self._specs
 
+    @override
     def prepare_data(self) -> None:
         """Collect the docstrings corpus once, on one process per node."""
         from lightning_kd.datamodules.docstrings import docstrings_path
@@ -190,6 +192,7 @@ class PretrainingDataModule(L.LightningDataModule):
             if spec.kind == "docstrings":
                 docstrings_path(spec.packages, spec.cache_dir)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         from lightning_kd.datamodules.sources import load_hub_dataset
 
@@ -244,6 +247,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def _pin_memory(self) -> bool:
         return pin_memory_default(self._trainer_or_none()) if self.pin_memory is None else self.pin_memory
 
+    @override
     def train_dataloader(self) -> DataLoader:
         if self.prepared is not None:
             trainer = self._trainer_or_none()
@@ -283,6 +287,7 @@ class PretrainingDataModule(L.LightningDataModule):
             return None
         return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The stream position of every reader on every rank (gathered, so rank 0's checkpoint has them all).
 
@@ -302,6 +307,7 @@ class PretrainingDataModule(L.LightningDataModule):
             "positions": {str(k): v for k, v in positions.items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_kd.batch import with_prediction_positions
 from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
@@ -260,6 +261,7 @@ class PositionTrackingLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._datamodule = datamodule
 
+    @override
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         tracker = self._datamodule._tracker
         tracker.begin(self._datamodule._batches_taken())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -13,8 +12,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+from typing_extensions import override
 
-from lightning_kd import hub
 from lightning_kd.batch import complete_batch
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
 from lightning_kd.distillation.construction import (
@@ -34,18 +33,15 @@ from lightning_kd.distillation.evaluation import TeacherComparison, evaluation_k
 from lightning_kd.distillation.features import model_features, prepare_batch
 from lightning_kd.distillation.resume import check_distillation_resume
 from lightning_kd.distillation.step_accounting import StepAccounting
-from lightning_kd.distillation.student_card import describe_method, forward_speed
+from lightning_kd.distillation.student_export import describe_method, export_student
 from lightning_kd.distillation.students import StudentSpec, build_student
 from lightning_kd.distillation.teacher_cache import TeacherCache
 from lightning_kd.models.info import has_adapter, model_info
-from lightning_kd.models.layers import is_classifier
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.objective import DistillationObjective
 from lightning_kd.objective.term import Features, KnowledgeTerm
-from lightning_kd.pruning.export import parameter_count
 from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
 from lightning_kd.training.checkpoints import resuming_fit
-from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
@@ -145,6 +141,7 @@ class DistillationModule(StepAccounting):
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    @override
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
@@ -190,9 +187,11 @@ class DistillationModule(StepAccounting):
         with self._float32():
             return measure_discrepancy(teacher.float(), student.float(), batch)
 
+    @override
     def forward(self, batch: Mapping[str, Tensor]) -> Features:
         return self.student_features(batch)
 
+    @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         batch = self.prepare_batch(batch)
         timer = self.step_timer
@@ -233,17 +232,20 @@ class DistillationModule(StepAccounting):
                 examples, mean = int(self.trainer.num_training_batches), 0.0
             self.teacher_cache.announce(examples, mean, self.teacher)
 
+    @override
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None:
             self.log("teacher_cache/hit_rate", self.teacher_cache.hit_rate())
             self.teacher_cache.save()
 
+    @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
         options = self.hparams.get("compile", False)
         if options:
             compile_models({"student": self.student, "teacher": self.teacher}, options)
 
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(attached_trainer(self), "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
@@ -258,15 +260,19 @@ class DistillationModule(StepAccounting):
             self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
             self.teacher_comparison.add_task(task.name, self.device)
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self.teacher_comparison.start(evaluation_key(self.trainer, "val"))
 
+    @override
     def on_test_epoch_start(self) -> None:
         self.teacher_comparison.start(evaluation_key(self.trainer, "test"))
 
+    @override
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._evaluate(batch, dataloader_idx, "val")
 
+    @override
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self._evaluate(batch, dataloader_idx, "test")
 
@@ -298,12 +304,15 @@ class DistillationModule(StepAccounting):
         self.log_dict(student, prog_bar=True)
         self.log_dict(compared)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._end_evaluation("test")
 
+    @override
     def predict_step(
         self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
@@ -355,9 +364,11 @@ class DistillationModule(StepAccounting):
 
     # ------------------------------------------------------------------------------------------ optimisation
 
+    @override
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         return adamw_with_warmup(
@@ -373,6 +384,7 @@ class DistillationModule(StepAccounting):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_kd"] = {
             "teacher_source": self.teacher_source,
@@ -382,6 +394,7 @@ class DistillationModule(StepAccounting):
             "student_shape": student_shape(self.student) if has_adapter(self.student) else None,
         }
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if resuming_fit(self):
             self._check_resume(checkpoint)
@@ -406,38 +419,7 @@ class DistillationModule(StepAccounting):
         tokenizer (by default the DataModule's), the task's label names and a model card (``README.md``), so the
         folder is all a user needs. ``probe``, a batch, times both models' forward pass for the card;
         ``discrepancy`` goes into it as ``{name: (start, end)}``."""
-        datamodule = getattr(attached_trainer(self), "datamodule", None)
-        if tokenizer is None:
-            tokenizer = getattr(datamodule, "tokenizer", None)
-        if isinstance(tokenizer, str):
-            tokenizer = hub.load_tokenizer(tokenizer)
-        label_names = getattr(datamodule, "label_names", None) if is_classifier(self.student) else None
-        trainer = attached_trainer(self)
-        root = trainer.default_root_dir if trainer is not None else tempfile.gettempdir()
-
-        def card() -> CardFacts:
-            speed = None if probe is None else forward_speed(self.teacher, self.student, probe, self.device)
-            return CardFacts(
-                teacher=self.teacher_source,
-                method=self.method_description(),
-                recipe=getattr(self, "recipe", None),
-                teacher_parameters=parameter_count(self.teacher),
-                speed=speed,
-                discrepancy=discrepancy,
-                metrics=self.teacher_comparison.card_metrics(),
-            )
-
-        export_model(
-            self.student,
-            path,
-            tokenizer,
-            label_names,
-            card=card,
-            rescue_root=root,
-            print_sizes=True,
-            name="student",
-        )
-        return str(path)
+        return export_student(self, path, tokenizer, probe, discrepancy)
 
     def method_description(self) -> str:
         """What made this student, in one line for its model card: initialisation, objective, callbacks."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_kd.training.lightning_internals import accumulating, logs_this_step
 from lightning_kd.training.timing import StepTimer
@@ -20,14 +21,17 @@ class StepAccounting(L.LightningModule):
 
     step_timer: StepTimer | None
 
+    @override
     def on_before_backward(self, loss: Tensor) -> None:
         if self.step_timer:
             self.step_timer.start("student_backward")
 
+    @override
     def on_after_backward(self) -> None:
         if self.step_timer:
             self.step_timer.stop("student_backward")
 
+    @override
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
@@ -47,6 +51,7 @@ class StepAccounting(L.LightningModule):
         finally:
             timer.stop("optimizer")
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if logs_this_step(self.trainer) and isinstance(outputs, Mapping):
             # Lightning turns every progress-bar value into a Python number at every step (a wait for the GPU),
@@ -65,14 +70,17 @@ class StepAccounting(L.LightningModule):
             # every rank processes its own share: the run's throughput is their sum
             self.log_dict(throughput, batch_size=1, sync_dist=True, reduce_fx="sum")
 
+    @override
     def on_train_start(self) -> None:
         if self.step_timer:
             self.step_timer.to(self.device).reset()
 
+    @override
     def on_validation_start(self) -> None:
         if self.step_timer:
             self.step_timer.pause()
 
+    @override
     def on_validation_end(self) -> None:
         if self.step_timer:
             self.step_timer.resume()

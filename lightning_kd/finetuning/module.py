@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
+from typing_extensions import override
 
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
 from lightning_kd.datamodules.glue_tasks import get_task
@@ -97,6 +98,7 @@ class FineTuningModule(L.LightningModule):
         self.metrics = TaskMetrics.for_task(self.task.name)
         self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
 
+    @override
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
 
@@ -105,16 +107,19 @@ class FineTuningModule(L.LightningModule):
             return F.mse_loss(logits.reshape(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels.long())
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
+    @override
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._evaluate(batch, dataloader_idx, "val", self.metrics)
 
+    @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
 
@@ -131,16 +136,19 @@ class FineTuningModule(L.LightningModule):
             sync_dist=True,
         )
 
+    @override
     def on_validation_epoch_end(self) -> None:
         # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
         self.last_metrics = self.metrics.compute()
         self.log_dict(self.last_metrics, prog_bar=True)
         self.metrics.reset()
 
+    @override
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
+    @override
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor]:
@@ -148,15 +156,18 @@ class FineTuningModule(L.LightningModule):
         reads them."""
         return {"idx": batch["idx"], "logits": self(batch)}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if resuming_fit(self):
             check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
 
+    @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
         if self.export_dir is not None:
             check_export_dir(self.export_dir)
 
+    @override
     @rank_zero_only
     def on_train_end(self) -> None:
         if self.export_dir is None:
@@ -185,9 +196,11 @@ class FineTuningModule(L.LightningModule):
             name="fine-tuned model",
         )
 
+    @override
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)
 
+    @override
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(
             self.model.parameters(),

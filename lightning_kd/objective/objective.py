@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_kd.objective.term import TERMS, Features, KnowledgeTerm, ModelInfo, Needs
 
@@ -66,6 +67,7 @@ class DistillationObjective(nn.Module):
         self.narrow_student_width(kept)
         self.to(next(like.parameters()))
 
+    @override
     def forward(
         self, teacher: Features, student: Features, batch: Mapping[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:

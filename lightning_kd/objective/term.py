@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_kd.checks import is_number
 
@@ -200,5 +201,6 @@ class KnowledgeTerm(nn.Module):
     def needs(self) -> Needs:
         raise NotImplementedError
 
+    @override
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError

@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lightning_kd.checks import is_number
 from lightning_kd.distillation.contract import require_run
@@ -139,6 +140,7 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         require_run(pl_module, "PruningCallback")
         schedule = self.schedule
@@ -233,6 +235,7 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ every step
 
+    @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
@@ -244,6 +247,7 @@ class PruningCallback(L.Callback):
                 self.scorer.update(pl_module.student, _step_taken(trainer, optimizer))
             self.strategy.before_optimizer_step()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.schedule.is_due(step) and step != self.last_event:
@@ -282,6 +286,7 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ the end
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run stopped before its schedule ended (preempted, early-stopped) stays masked, so that its
         # checkpoint resumes; `prune_student` still prunes it on demand.
@@ -301,6 +306,7 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
@@ -312,6 +318,7 @@ class PruningCallback(L.Callback):
             "physical": self.physical,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if dict(state_dict["target"]) != self.target:
             raise ValueError(

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.pruning.prune import Resize, prune_model_
@@ -172,6 +173,7 @@ class WideDropout(nn.Module):
         self.p, self.full_width = p, full_width
         self.register_buffer("kept", kept.clone(), persistent=False)  # not part of the model's weights
 
+    @override
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return hidden
@@ -182,6 +184,7 @@ class WideDropout(nn.Module):
         noise.bernoulli_(1 - self.p).div_(1 - self.p)
         return hidden * noise.index_select(-1, self.kept.to(hidden.device))
 
+    @override
     def extra_repr(self) -> str:
         return f"p={self.p}, kept={self.kept.numel()} of {self.full_width}"
 

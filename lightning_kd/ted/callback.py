@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 from lightning_kd.distillation.contract import require_run
 from lightning_kd.models.info import model_info
@@ -87,6 +88,7 @@ class TEDFilterCallback(L.Callback):
         self.saved: dict[str, str] = {}
         self._missing: FileNotFoundError | None = None
 
+    @override
     @property
     def state_key(self) -> str:
         return f"TEDFilterCallback[stage={self.stage}]"
@@ -97,6 +99,7 @@ class TEDFilterCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_run(pl_module, "TEDFilterCallback")
         terms = pl_module.objective.terms
@@ -190,19 +193,23 @@ class TEDFilterCallback(L.Callback):
         if self.stage == "distill" and "ted" in terms and not bool(terms["ted"].from_stage_one):
             raise self._missing or RuntimeError("the 'ted' term has no stage-I filters.")
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_filters_arrived(pl_module)
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_filters_arrived(pl_module)
 
     # ------------------------------------------------------------------------------------------ training
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.stage != "distill" and pl_module.student.training:
             # frozen means frozen: no dropout in the states the student's filters learn from
             pl_module.student.eval()
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stage != "distill":
             self._save(trainer, pl_module)
@@ -227,11 +234,13 @@ class TEDFilterCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # The filters themselves are module parameters (objective terms), so they are in the checkpoint's
         # state_dict; this records what produced them.
         return {"stage": self.stage, **self.options, "filters": self.filters, "normalize": self.normalize}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         changed = {
             k: (v, self.options[k])

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 FILTER_KINDS = ("linear", "mlp")
 FILTER_FORMAT = 1
@@ -79,6 +80,7 @@ class LayerFilters(nn.Module):
         self.in_width, self.out_width, self.kind = in_width, out_width, kind
         self.filters = nn.ModuleList([_filter(in_width, out_width, kind) for _ in layers])
 
+    @override
     def forward(self, hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
         """The filtered output of every filtered layer, in ``layers`` order."""
         return [f(hidden_states[layer]) for f, layer in zip(self.filters, self.layers, strict=True)]
@@ -116,6 +118,7 @@ class FilterHead(nn.Module):
         self.pooler = nn.Linear(width, width)
         self.classifier = nn.Linear(width, num_labels)
 
+    @override
     def forward(self, filtered: Tensor) -> Tensor:
         return self.classifier(torch.tanh(self.pooler(filtered[:, 0])))
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_kd.objective.term import Features, KnowledgeTerm, ModelInfo, Needs, masked_mean, register_term
 from lightning_kd.ted.filters import FilterHead, LayerFilters, filter_layer_pairs
@@ -168,6 +169,7 @@ class FilteredHidden(KnowledgeTerm):
         self.teacher_filters.requires_grad_(False)
         self.from_stage_one.fill_(True)
 
+    @override
     def train(self, mode: bool = True) -> FilteredHidden:
         super().train(mode)
         if self.teacher_filters is not None:

@@ -32,6 +32,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_kd.files import atomic_write, staging_path
 from lightning_kd.training.lightning_internals import attached_trainer
@@ -51,6 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     it is complete.
     """
 
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
@@ -66,6 +68,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL}"):
             stale.unlink(missing_ok=True)
 
+    @override
     def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
         check_readable(path)
         return super().load_checkpoint(path, *args, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from typing_extensions import override
 
 from lightning_kd.training.lightning_internals import ddp_comm_hook, register_ddp_comm_hook
 
@@ -22,6 +23,7 @@ class CompressedDDPStrategy(DDPStrategy):
     """``DDPStrategy`` that installs its communication hook on every device. Lightning installs one only on CUDA
     (NCCL once was the only backend that took hooks); gloo takes them too, so CPU runs test the same path."""
 
+    @override
     def _register_ddp_hooks(self) -> None:
         if self.root_device.type == "cuda" or ddp_comm_hook(self) is None:
             return super()._register_ddp_hooks()

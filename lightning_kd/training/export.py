@@ -62,7 +62,7 @@ def export_model(
     *,
     card: CardFacts | Callable[[], CardFacts],
     rescue_root: str | os.PathLike | None = None,
-    print_sizes: bool = False,
+    log_sizes: bool = False,
     push_to_hub: str | None = None,
     private: bool = True,
     name: str = "model",
@@ -73,7 +73,7 @@ def export_model(
     ``card`` may be a function, called once the folder is written, so that a slow or failing measurement
     (a forward-pass timing, say) never costs the saved model. With ``rescue_root``, a save that fails with
     ``OSError`` writes the model to a ``<name>-rescued-<time>`` folder there instead and raises, naming both
-    folders: the run's work is in memory only. ``print_sizes`` prints both sizes in one line;
+    folders: the run's work is in memory only. ``log_sizes`` logs both sizes in one line;
     ``push_to_hub`` uploads the folder to that repo and prints ``<name> pushed to <url>``.
     """
     try:
@@ -102,7 +102,7 @@ def export_model(
         metrics=facts.metrics,
         label_names=list(label_names) if label_names else None,
     )
-    if print_sizes:
+    if log_sizes:
         log.info(export_sizes_line(parameters, plain))
     if push_to_hub:
         log.info(f"{name} pushed to {push_folder(path, push_to_hub, private)}")
