@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from kd_helpers import tiny_bert_config
+from tiny_models import ARCHITECTURES, tiny_bert_config
 from transformers import BertForMaskedLM
 
 import lightning_kd
@@ -43,3 +43,18 @@ def library_messages_on_stdout() -> Iterator[None]:
     logger.removeHandler(handler)
     logger.propagate = propagate
     logger.setLevel(level)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and leave the other core to whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=list(ARCHITECTURES))
+def arch(request: pytest.FixtureRequest) -> str:
+    """Each architecture family with an adapter, by the name ``tiny_models.make_model`` takes."""
+    return request.param

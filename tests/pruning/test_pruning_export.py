@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
-from model_factory import make_batch, make_model
+from tiny_models import make_batch, make_model
 from transformers import AutoModel
 
 from lightning_kd.pruning import export_pretrained, full_masks, load_pruned, prune_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 ATOL = 1e-5
 

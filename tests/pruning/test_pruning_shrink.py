@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_factory import make_batch, make_model
+from tiny_models import make_batch, make_model
 
 from lightning_kd.pruning import (
     PlatonImportance,
@@ -23,6 +23,8 @@ from lightning_kd.pruning.shrink import (
     relative_masks,
     student_shape,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # eps well above float noise: key biases get gradients that are zero up to rounding (softmax ignores them), and
 # Adam would blow that noise up to full-size steps that differ between any two ways of computing the same thing

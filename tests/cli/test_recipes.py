@@ -10,7 +10,7 @@ import yaml
 
 from lightning_kd.cli import main
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RECIPES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "trainer" in yaml.safe_load(p.read_text()))
 
 

@@ -14,7 +14,7 @@ from transformers import BertForMaskedLM
 from lightning_kd import DistillationModule
 from lightning_kd.training.checkpoints import AtomicCheckpointIO
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 class CountingIO(AtomicCheckpointIO):
