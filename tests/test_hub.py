@@ -17,8 +17,14 @@ UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No offline switches and no proxy, with a fresh probe before and after."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *hub.PROXY_SETTINGS):
         monkeypatch.delenv(name, raising=False)
+    # the hub clients read the switches once, at import (CI sets them for the whole run)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     hub.hub_reachable.cache_clear()
     yield
     hub.hub_reachable.cache_clear()
