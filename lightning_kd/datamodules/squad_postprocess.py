@@ -61,16 +61,16 @@ def postprocess(
     k = min(n_best, tokens)
     start_score, start_index = start.topk(k, dim=1)
     end_score, end_index = end.topk(k, dim=1)
-    # every (start, end) pair of the window's candidates: [W, k, k], start rank first as the loop takes them
-    length = end_index[:, None, :] - start_index[:, :, None]
-    valid = (
-        mask.gather(1, start_index)[:, :, None]
-        & mask.gather(1, end_index)[:, None, :]
-        & (length >= 0)
-        & (length < max_answer_length)
-    )
-    pair_score = (start_score[:, :, None] + end_score[:, None, :]).masked_fill(~valid, float("-inf"))
-    window_best, flat = pair_score.flatten(1).max(dim=1)
+    # a candidate outside the context can be in no span: scoring it -inf rules out all its pairs at once
+    start_score = start_score.masked_fill(~mask.gather(1, start_index), float("-inf"))
+    end_score = end_score.masked_fill(~mask.gather(1, end_index), float("-inf"))
+    # every (start, end) pair of the window's candidates, [W, k, k] in the order the reference loop takes
+    # them; int16 token indices, since memory traffic over the pairs is most of the time
+    small = torch.int16 if tokens <= torch.iinfo(torch.int16).max else torch.int64
+    length = end_index.to(small)[:, None, :] - start_index.to(small)[:, :, None]
+    pair_score = start_score[:, :, None] + end_score[:, None, :]
+    pair_score.masked_fill_((length < 0) | (length >= max_answer_length), float("-inf"))
+    window_best, flat = pair_score.view(windows, k * k).max(dim=1)
     window_start = start_index.gather(1, (flat // k)[:, None]).squeeze(1)
     window_end = end_index.gather(1, (flat % k)[:, None]).squeeze(1)
 
