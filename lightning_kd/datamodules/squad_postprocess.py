@@ -69,7 +69,8 @@ def postprocess(
     small = torch.int16 if tokens <= torch.iinfo(torch.int16).max else torch.int64
     length = end_index.to(small)[:, None, :] - start_index.to(small)[:, :, None]
     pair_score = start_score[:, :, None] + end_score[:, None, :]
-    pair_score.masked_fill_((length < 0) | (length >= max_answer_length), float("-inf"))
+    # no span is longer than the window: the clamp keeps the bound inside int16
+    pair_score.masked_fill_((length < 0) | (length >= min(max_answer_length, tokens)), float("-inf"))
     window_best, flat = pair_score.view(windows, k * k).max(dim=1)
     window_start = start_index.gather(1, (flat // k)[:, None]).squeeze(1)
     window_end = end_index.gather(1, (flat % k)[:, None]).squeeze(1)
