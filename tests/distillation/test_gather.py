@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+import tiny_models
 import torch
 from transformers import (
     BertConfig,
@@ -23,17 +24,8 @@ from lightning_kd.distillation.discrepancy import linear_cka, measure_discrepanc
 from lightning_kd.models import get_adapter
 from lightning_kd.objective import PREDICTION_POSITIONS, Features, prediction_kl, prediction_mse
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    initializer_range=0.2,
-)
+# the surgery tests' tiny models, one layer deeper
+TINY = {**tiny_models.TINY, "num_hidden_layers": 4}
 FAMILIES = {
     "bert": (BertConfig, BertForMaskedLM, {}),
     "roberta": (RobertaConfig, RobertaForMaskedLM, {"pad_token_id": 1}),
