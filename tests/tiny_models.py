@@ -2,8 +2,8 @@
 added once.
 
 - ``tiny_bert_config``: the 4-layer, 16-wide BERT of the module, objective and training tests;
-- ``make_model``: BERT, RoBERTa and DeBERTa-v2 masked LMs or classifiers for the surgery tests (larger weights,
-  so removing a unit visibly changes the outputs);
+- ``make_model``: BERT, RoBERTa and DeBERTa-v2 masked LMs, classifiers or question-answering models for the
+  surgery tests (larger weights, so removing a unit visibly changes the outputs);
 - ``tiny_classifier``: the three architectures' classifiers of the TED tests.
 """
 
@@ -13,12 +13,15 @@ import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForMaskedLM,
+    DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
     RobertaConfig,
     RobertaForMaskedLM,
+    RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
 )
 
@@ -57,11 +60,22 @@ ARCHITECTURES = {
 }
 
 
+QA_CLASSES = {
+    "bert": BertForQuestionAnswering,
+    "roberta": RobertaForQuestionAnswering,
+    "deberta-v2": DebertaV2ForQuestionAnswering,
+}
+
+
 def make_model(arch: str, head: str = "mlm", seed: int = 0, **overrides) -> torch.nn.Module:
+    """``head``: ``mlm``, ``cls`` (a 3-label classifier) or ``qa`` (start and end logits)."""
     config_cls, mlm_cls, cls_cls, extra = ARCHITECTURES[arch]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides}, num_labels=3)
-    model = (mlm_cls if head == "mlm" else cls_cls)(config)
+    model_cls = {"mlm": mlm_cls, "cls": cls_cls, "qa": QA_CLASSES[arch]}[head]
+    if head == "qa":
+        config.num_labels = 2
+    model = model_cls(config)
     with torch.no_grad():
         # random LayerNorm affines and biases, so that slicing mistakes in them show up in the outputs
         for name, parameter in model.named_parameters():
@@ -127,3 +141,10 @@ def tiny_classifier(
         type_vocab_size=0,
     )
     return DebertaV2ForSequenceClassification(config).eval()
+
+
+def output_logits(output: object) -> torch.Tensor:
+    """A model output's logits; a QA model's start and end logits stacked, ``[B, 2, T]``."""
+    if getattr(output, "start_logits", None) is not None:
+        return torch.stack([output.start_logits, output.end_logits], dim=1)
+    return output.logits

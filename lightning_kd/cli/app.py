@@ -23,9 +23,10 @@ from lightning_kd.callbacks.dashboard import RunDashboard
 from lightning_kd.callbacks.preemption import PreemptionCheckpoint
 from lightning_kd.callbacks.progress import step_progress_bar
 from lightning_kd.callbacks.report import DistillationReport, ModelSize
-from lightning_kd.callbacks.submission import GLUESubmissionWriter
+from lightning_kd.callbacks.submission import GLUESubmissionWriter, SquadPredictionWriter
 from lightning_kd.cli.recipe import RecipeConfigCallback, finish_wandb_runs, name_wandb_runs
 from lightning_kd.datamodules.glue import GLUEDataModule
+from lightning_kd.datamodules.squad_tasks import SquadTask
 from lightning_kd.training.checkpoints import check_readable, install_atomic_checkpoints
 from lightning_kd.training.lightning_internals import cluster_environment
 
@@ -124,7 +125,7 @@ class DistillationCLI(LightningCLI):
         finish_wandb_runs(self.trainer)
 
     def before_predict(self) -> None:
-        add_submission_writer_for_glue(self.trainer, self.datamodule)
+        add_prediction_writer(self.trainer, self.datamodule)
 
 
 class _NoTips(logging.Filter):
@@ -195,14 +196,21 @@ def add_preemption_checkpoint_under_slurm(trainer: L.Trainer) -> None:
     _insert_before_checkpoints(trainer, PreemptionCheckpoint(signal_name=name))
 
 
-def add_submission_writer_for_glue(trainer: L.Trainer, datamodule: object) -> None:
+def add_prediction_writer(trainer: L.Trainer, datamodule: object) -> None:
     """``lightning-kd predict`` on a GLUE task writes the submission folder to ``<default_root_dir>/glue_submission``
-    (see :class:`~lightning_kd.GLUESubmissionWriter`), unless the recipe has a writer of its own."""
-    if not isinstance(datamodule, GLUEDataModule) or any(
-        isinstance(c, GLUESubmissionWriter) for c in trainer.callbacks
-    ):
+    (see :class:`~lightning_kd.GLUESubmissionWriter`), and on SQuAD the official scripts' ``predictions.json``
+    (and ``null_odds.json``) to ``<default_root_dir>/squad_predictions`` (see
+    :class:`~lightning_kd.SquadPredictionWriter`), unless the recipe has a writer of its own."""
+    if any(isinstance(c, (GLUESubmissionWriter, SquadPredictionWriter)) for c in trainer.callbacks):
         return
-    trainer.callbacks.append(GLUESubmissionWriter(os.path.join(trainer.default_root_dir, "glue_submission")))
+    if isinstance(datamodule, GLUEDataModule):
+        trainer.callbacks.append(
+            GLUESubmissionWriter(os.path.join(trainer.default_root_dir, "glue_submission"))
+        )
+    elif isinstance(getattr(datamodule, "task", None), SquadTask):
+        trainer.callbacks.append(
+            SquadPredictionWriter(os.path.join(trainer.default_root_dir, "squad_predictions"))
+        )
 
 
 def add_wandb_when_configured(trainer: L.Trainer) -> None:

@@ -135,3 +135,25 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, module: nn.Module | Non
                 f"the data's tokenizer {mine!r} has {size} tokens but the {name}'s embedding table has {rows} rows: "
                 f"the {name} was trained with another, larger vocabulary. {fix.format(name=name)}."
             )
+
+
+def task_metrics(datamodule: Any, prefix: str = "val") -> nn.Module | None:
+    """The official metrics of the DataModule's task, or None when it has none (pre-training text).
+
+    GLUE's are :class:`~lightning_kd.datamodules.glue_metrics.TaskMetrics`; SQuAD's,
+    :class:`~lightning_kd.datamodules.squad_metrics.SquadMetrics`, score against the DataModule's evaluation set
+    (its ``predict`` set for ``prefix="predict"``). Both take ``update(logits, batch[metrics.target_key],
+    dataloader_idx)``, ``compute()`` and ``reset()``.
+    """
+    from lightning_kd.datamodules.glue_metrics import TaskMetrics
+    from lightning_kd.datamodules.squad_metrics import SquadMetrics
+    from lightning_kd.datamodules.squad_tasks import SquadTask
+
+    task = getattr(datamodule, "task", None)
+    if task is None:
+        return None
+    if isinstance(task, SquadTask):
+        split = "predict" if prefix == "predict" else "validation"
+        options = getattr(datamodule, "answer_options", {})
+        return SquadMetrics(datamodule.evaluation_set(split), task.name, prefix=prefix, **options)
+    return TaskMetrics.for_task(task.name, prefix=prefix)

@@ -32,6 +32,8 @@ class TaskMetrics(nn.Module):
     all of them, one number to monitor for checkpoints and early stopping.
     """
 
+    target_key = "labels"  # what update() reads of a batch
+
     def __init__(
         self,
         task: str,

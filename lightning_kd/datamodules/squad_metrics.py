@@ -13,6 +13,15 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
+import torch
+import torchmetrics
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_kd.datamodules.squad_postprocess import SquadAnswers, postprocess
+from lightning_kd.datamodules.squad_tasks import SquadReference
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
 
@@ -155,3 +164,122 @@ def _best_threshold(
         if score > best:
             best, best_threshold = score, odds[qid]
     return 100.0 * best / len(scores), float(best_threshold)
+
+
+class _Windows(torchmetrics.Metric):
+    """Each evaluated window's index and start and end logits, gathered from every rank by ``compute``."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("windows", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+
+    def update(self, windows: Tensor, logits: Tensor) -> None:
+        self.windows.append(windows)
+        self.logits.append(logits)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return dim_zero_cat(self.windows), dim_zero_cat(self.logits)
+
+
+class SquadMetrics(nn.Module):
+    """SQuAD's official scores of a model's start and end logits on a split's windows, as one module a
+    LightningModule owns (the counterpart of GLUE's ``TaskMetrics``).
+
+    ``update`` takes ``[B, 2, T]`` logits (start, end) and the batch's ``window`` indices; ``compute`` gathers
+    the windows of every rank (a window a ``DistributedSampler`` repeated counts once), finds each question's
+    answer with :func:`~lightning_kd.datamodules.squad_postprocess.postprocess` and returns the official
+    scores in percent as ``<prefix>/<task>/<name>``: ``exact_match`` and ``f1`` for v1.1; ``exact``, ``f1``,
+    ``HasAns_*``, ``NoAns_*`` and the best null threshold's ``best_exact``/``best_f1`` (with ``*_thresh``) for
+    v2.0; and ``score``, their mean of exact match and F1, one number to monitor. An evaluation that saw only
+    part of the split (a sanity check, ``limit_val_batches``) is scored over the questions it saw.
+    """
+
+    target_key = "window"
+
+    def __init__(
+        self,
+        reference: SquadReference,
+        task: str,
+        prefix: str = "val",
+        n_best: int = 20,
+        max_answer_length: int = 30,
+        null_score_diff_threshold: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.reference = reference
+        self.task = task
+        self.prefix = prefix
+        self.n_best = n_best
+        self.max_answer_length = max_answer_length
+        self.null_score_diff_threshold = null_score_diff_threshold
+        self.windows = _Windows()
+        self.last_answers: SquadAnswers | None = None
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, windows: Tensor, dataloader_idx: int = 0) -> None:
+        width = self.reference.offsets.shape[1]
+        logits = logits.detach().float()
+        if logits.dim() != 3 or logits.shape[1] != 2 or logits.shape[2] > width:
+            raise ValueError(
+                f"SQuAD scoring takes [batch, 2, tokens <= {width}] start and end logits, got "
+                f"{tuple(logits.shape)}: is the model a question-answering one?"
+            )
+        # padded to the DataModule's max_length, so that every rank's rows stack whatever their batch's padding
+        logits = F.pad(logits, (0, width - logits.shape[2]), value=float("-inf"))
+        self.windows.update(windows.detach().reshape(-1).long(), logits)
+
+    def answers(self) -> tuple[SquadAnswers, list[str]]:
+        """The answers to the questions the evaluated windows belong to, and those questions' ids."""
+        windows, logits = self.windows.compute()
+        # torchmetrics squeezes a one-element result to a scalar
+        windows, first = _first_occurrences(windows.cpu().reshape(-1))
+        logits = logits.cpu()[first]
+        reference = self.reference
+        question = reference.window_question[windows]
+        seen, local = torch.unique(question, return_inverse=True)
+        ids = [reference.ids[i] for i in seen.tolist()]
+        answers = postprocess(
+            logits[:, 0],
+            logits[:, 1],
+            reference.offsets[windows],
+            local,
+            [reference.contexts[i] for i in seen.tolist()],
+            ids,
+            n_best=self.n_best,
+            max_answer_length=self.max_answer_length,
+            version_2=reference.version_2,
+            null_score_diff_threshold=self.null_score_diff_threshold,
+        )
+        self.last_answers = answers
+        return answers, ids
+
+    def compute(self) -> dict[str, float]:
+        if not self.windows.update_called:
+            return {}
+        answers, ids = self.answers()
+        golds = self.reference.golds
+        golds = {qid: golds[qid] for qid in ids}
+        if self.reference.version_2:
+            # the predictions already apply the threshold; the odds give the best-threshold search
+            scores = squad_v2_scores(answers.answers, golds, answers.null_odds, threshold=float("inf"))
+            scores = {k: v for k, v in scores.items() if not k.endswith("total")}
+            exact = scores["exact"]
+        else:
+            scores = squad_v1_scores(answers.answers, golds)
+            exact = scores["exact_match"]
+        scores["score"] = (exact + scores["f1"]) / 2
+        return {f"{self.prefix}/{self.task}/{name}": float(value) for name, value in scores.items()}
+
+    def reset(self) -> None:
+        self.windows.reset()
+
+
+def _first_occurrences(windows: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct window indices in ascending order, and where each first occurs in ``windows``."""
+    unique, inverse = torch.unique(windows, return_inverse=True)
+    positions = torch.arange(len(windows))
+    first = torch.full((len(unique),), len(windows)).scatter_reduce(0, inverse, positions, "amin")
+    return unique, first

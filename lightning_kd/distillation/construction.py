@@ -13,6 +13,7 @@ from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     PreTrainedModel,
 )
@@ -26,6 +27,7 @@ MODEL_CLASSES = {
     "base": AutoModel,
     "masked-lm": AutoModelForMaskedLM,
     "sequence-classification": AutoModelForSequenceClassification,
+    "question-answering": AutoModelForQuestionAnswering,
 }
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_kd.models.layers import is_classifier, max_sequence_length
+from lightning_kd.datamodules.squad_tasks import SquadTask
+from lightning_kd.models.layers import is_classifier, is_question_answering, max_sequence_length
 
 
 def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> None:
@@ -22,6 +23,12 @@ def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> N
                 f"the data's max_length={max_length} is longer than the {name}'s {limit} positions "
                 f"(max_position_embeddings); set the DataModule's max_length to at most {limit}."
             )
+        if isinstance(task, SquadTask) and not is_question_answering(model):
+            raise ValueError(
+                f"the data is SQuAD ({task.name}), whose answers are spans, but the {name} ({type(model).__name__}) "
+                "has no question-answering head: load it with AutoModelForQuestionAnswering (task: "
+                "question-answering in DistillationModule, task: squad in FineTuningModule)."
+            )
         labels = getattr(task, "num_labels", None)
         if labels is not None and is_classifier(model) and model.config.num_labels != labels:
             raise ValueError(
@@ -34,6 +41,17 @@ def check_models_fit_data(datamodule: Any, models: Mapping[str, nn.Module]) -> N
 def check_task_fits_data(task: str, datamodule: Any) -> None:
     """The module's ``task`` must read the labels the DataModule makes: token labels (MLM) or one per example."""
     glue = getattr(datamodule, "task", None)
+    squad = isinstance(glue, SquadTask)
+    if task == "question-answering" and not squad:
+        raise ValueError(
+            "task='question-answering' predicts answer spans, but the DataModule is not SQuAD's; use a "
+            "SQuADDataModule, or the task that fits the data (sequence-classification for GLUE, masked-lm for text)."
+        )
+    if squad and task == "sequence-classification":
+        raise ValueError(
+            f"the DataModule gives SQuAD ({glue.name}) answer spans; use task: question-answering (with a "
+            "question-answering teacher) to distil on it."
+        )
     if task == "masked-lm" and glue is not None:
         raise ValueError(
             f"task='masked-lm' predicts tokens, but the DataModule gives task {glue.name!r} one label "

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lightning_kd.objective.predictions import prediction_kl, prediction_mse
 from lightning_kd.objective.term import Features, resolve_layer_map
-from lightning_kd.objective.terms import prediction_kl, prediction_mse
 
 
 def linear_cka(x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -56,7 +56,12 @@ def measure_discrepancy(
             out["discrepancy/mse"] = prediction_mse(teacher.logits, student.logits, batch, student.positions)
         else:
             out["discrepancy/kl"] = prediction_kl(
-                teacher.logits, student.logits, batch, temperature=1.0, positions=student.positions
+                teacher.logits,
+                student.logits,
+                batch,
+                temperature=1.0,
+                positions=student.positions,
+                spans=student.spans,
             )
     if teacher.hidden_states is not None and student.hidden_states is not None:
         mask = batch["attention_mask"].reshape(-1)

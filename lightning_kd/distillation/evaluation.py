@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.datamodules.glue_metrics import TaskMetrics
+from lightning_kd.datamodules.common import task_metrics
 
 STAGES = ("val", "test")
 
@@ -40,19 +40,20 @@ class TeacherComparison(nn.Module):
         self._key: tuple = ()
         self._known = False
 
-    def add_task(self, task: str, device: torch.device | str) -> None:
-        """Measure the teacher with the GLUE ``task``'s metrics."""
+    def add_task(self, datamodule: Any, device: torch.device | str) -> None:
+        """Measure the teacher with the metrics of the DataModule's task (GLUE's, SQuAD's)."""
         for stage in STAGES:
-            self.metrics[stage] = TaskMetrics.for_task(task, prefix=f"{stage}/teacher").to(device)
+            self.metrics[stage] = task_metrics(datamodule, prefix=f"{stage}/teacher").to(device)
 
     def start(self, key: tuple) -> None:
         """An evaluation of the sets ``key`` names begins."""
         self._key = key
         self._known = key in self.results
 
-    def update(self, stage: str, logits: Tensor, labels: Tensor, dataloader_idx: int) -> None:
+    def update(self, stage: str, logits: Tensor, batch: Any, dataloader_idx: int) -> None:
         if not self._known:
-            self.metrics[stage].update(logits, labels, dataloader_idx)
+            metrics = self.metrics[stage]
+            metrics.update(logits, batch[metrics.target_key], dataloader_idx)
 
     def end(self, stage: str, student: dict[str, float]) -> dict[str, float]:
         """The teacher's metrics and the gap for the evaluation that ends, given the student's."""
@@ -64,7 +65,8 @@ class TeacherComparison(nn.Module):
             key.replace(f"{stage}/teacher/", f"{stage}/gap/", 1): value
             - student[key.replace("/teacher", "", 1)]
             for key, value in teacher.items()
-            if key.replace("/teacher", "", 1) in student
+            # a gap between two chosen thresholds (SQuAD 2.0's best null threshold) is no gap in quality
+            if key.replace("/teacher", "", 1) in student and not key.endswith("_thresh")
         }
         self.last = {"student": student, "teacher": teacher, "gap": gap}
         return {**teacher, **gap}
@@ -76,7 +78,7 @@ class TeacherComparison(nn.Module):
         for key, value in sorted(last.get("teacher", {}).items()):
             stage = key.split("/", 1)[0]
             plain = key.replace("/teacher", "", 1)
-            if plain in last["student"]:
+            if plain in last["student"] and not key.endswith("_thresh"):
                 lines.append(
                     f"  {plain.split('/', 1)[1]:38s} student {last['student'][plain]:.4f}   "
                     f"teacher {value:.4f}   gap {value - last['student'][plain]:+.4f} ({stage})"

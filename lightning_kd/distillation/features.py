@@ -1,11 +1,13 @@
-"""What one model gives the objective for a batch: logits (only at the positions a loss reads), hidden states,
-attention maps and captured queries, keys and values, asked of the model through its adapter."""
+"""What one model gives the objective for a batch: logits (only at the positions a loss reads; a QA head's start
+and end logits stacked), hidden states, attention maps and captured queries, keys and values, asked of the
+model through its adapter."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
 
+import torch
 from torch import Tensor, nn
 
 from lightning_kd.batch import PREDICTION_POSITIONS, complete_batch, prediction_positions
@@ -62,6 +64,14 @@ def model_features(
         if positions is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         logits = parts.predict(hidden)
+    elif needs.logits and getattr(out, "start_logits", None) is not None:
+        return Features(
+            logits=torch.stack([out.start_logits, out.end_logits], dim=1),
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            qkv={i + 1: v for i, v in qkv.items()},
+            spans=True,
+        )
     elif needs.logits:
         logits = getattr(out, "logits", None)
         if positions is not None and logits is not None and logits.dim() == 3:

@@ -15,7 +15,8 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from lightning_kd.batch import complete_batch
-from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
+from lightning_kd.datamodules.common import task_metrics
+from lightning_kd.datamodules.glue_metrics import loss_key
 from lightning_kd.distillation.construction import (
     MODEL_CLASSES,
     TEACHER_DTYPES,
@@ -60,7 +61,9 @@ class DistillationModule(StepAccounting):
         objective: knowledge terms (see :mod:`lightning_kd.objective`); by default the prediction KL where both
             models predict (``loss: mse`` of the scores for one-output regression heads, where a KL is always 0),
             else hidden-state MSE over the uniform layer map.
-        task: which head to load named models with: ``base`` (no head), ``masked-lm``, ``sequence-classification``.
+        task: which head to load named models with: ``base`` (no head), ``masked-lm``, ``sequence-classification``
+            (GLUE), ``question-answering`` (SQuAD: start and end logits, distilled as two distributions over the
+            window's tokens).
         num_labels: label count when loading a classifier by name whose config does not set it.
         learning_rate, weight_decay, betas, eps: AdamW settings (no decay on biases and norms).
         warmup_steps: linear warm-up length, in steps (int) or as a share of all steps (float < 1).
@@ -117,8 +120,8 @@ class DistillationModule(StepAccounting):
         self.student = build_student(student, teacher_model, MODEL_CLASSES[task])
         if teacher_dtype is not None:
             teacher_model.to(TEACHER_DTYPES[teacher_dtype])
-        self.task_metrics: TaskMetrics | None = None
-        self.test_metrics: TaskMetrics | None = None
+        self.task_metrics: nn.Module | None = None  # the DataModule's task's (GLUE, SQuAD), set up in setup()
+        self.test_metrics: nn.Module | None = None
         self.teacher_comparison = TeacherComparison()
         check_vocabularies(self.teacher, self.student)
         teacher_info, student_info = model_info(self.teacher, "teacher"), model_info(self.student, "student")
@@ -252,13 +255,12 @@ class DistillationModule(StepAccounting):
         check_task_fits_data(self.hparams.task, datamodule)
         if stage == "fit":
             warn_if_true_half_precision(str(getattr(attached_trainer(self), "precision", "")))
-        # Task-specific distillation: a DataModule with a GLUE task brings that task's official metrics, for the
+        # Task-specific distillation: a DataModule with a task (GLUE, SQuAD) brings its official metrics, for the
         # student and, as the bar it is measured against, for the teacher.
-        task = getattr(datamodule, "task", None)
-        if task is not None and self.task_metrics is None:
-            self.task_metrics = TaskMetrics.for_task(task.name).to(self.device)
-            self.test_metrics = TaskMetrics.for_task(task.name, prefix="test").to(self.device)
-            self.teacher_comparison.add_task(task.name, self.device)
+        if getattr(datamodule, "task", None) is not None and self.task_metrics is None:
+            self.task_metrics = task_metrics(datamodule).to(self.device)
+            self.test_metrics = task_metrics(datamodule, prefix="test").to(self.device)
+            self.teacher_comparison.add_task(datamodule, self.device)
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -289,9 +291,9 @@ class DistillationModule(StepAccounting):
         )
         metrics = self.task_metrics if stage == "val" else self.test_metrics
         if metrics is not None and student.logits is not None:
-            metrics.update(student.logits, batch["labels"], dataloader_idx)
+            metrics.update(student.logits, batch[metrics.target_key], dataloader_idx)
             if teacher.logits is not None:
-                self.teacher_comparison.update(stage, teacher.logits, batch["labels"], dataloader_idx)
+                self.teacher_comparison.update(stage, teacher.logits, batch, dataloader_idx)
         return loss
 
     def _end_evaluation(self, stage: str) -> None:
@@ -316,14 +318,16 @@ class DistillationModule(StepAccounting):
     def predict_step(
         self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
-        """The student's outputs for a test-set batch, with its GLUE indices (see
-        :class:`~lightning_kd.GLUESubmissionWriter`)."""
+        """The student's outputs for a test-set batch, with its GLUE indices or SQuAD windows (see
+        :class:`~lightning_kd.GLUESubmissionWriter`, :class:`~lightning_kd.SquadPredictionWriter`)."""
         logits = self.student_features(complete_batch(batch)).logits
         if logits is None:
             raise ValueError(
-                "predicting needs a student that predicts: distil with task='sequence-classification'"
+                "predicting needs a student that predicts: distil with task='sequence-classification' "
+                "(GLUE) or task='question-answering' (SQuAD)"
             )
-        return {"idx": batch["idx"], "logits": logits}
+        key = "window" if "window" in batch else "idx"
+        return {key: batch[key], "logits": logits}
 
     def evaluation_summary(self) -> list[str]:
         """Lines naming the student's and the teacher's task metrics from the last evaluation, and the gap."""

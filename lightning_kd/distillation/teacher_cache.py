@@ -7,7 +7,8 @@ teacher is recognised by a fingerprint of its weights, config and dtype; a cache
 it, so another teacher never reads it. Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
 function of the tokens alone.
 
-Cached: the logits (``[num_labels]`` per example) and, only if asked, the hidden states (``[layers + 1, length,
+Cached: the logits (``[num_labels]`` per example; a QA teacher's start and end scores, ``[2, length]`` per
+window) and, only if asked, the hidden states (``[layers + 1, length,
 hidden]`` per example, which is far larger: the size is estimated and printed before the first epoch).
 """
 
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_kd.files import atomic_write
-from lightning_kd.models.layers import is_classifier
+from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Features
 
 
@@ -86,9 +87,10 @@ class TeacherCache:
                 "teacher_cache needs a dropout-free teacher (eval mode): a teacher in train mode gives "
                 "different outputs each epoch, which a cache would freeze"
             )
-        if not is_classifier(teacher):
+        if not (is_classifier(teacher) or is_question_answering(teacher)):
             raise ValueError(
-                "teacher_cache is for task-specific distillation (a sequence-classification teacher): "
+                "teacher_cache is for task-specific distillation (a sequence-classification or "
+                "question-answering teacher): "
                 "per-position outputs of a masked-LM teacher are too large to keep"
             )
         reads = [
@@ -117,7 +119,7 @@ class TeacherCache:
 
     def estimate_bytes(self, examples: int, mean_length: float, teacher: nn.Module) -> int:
         config = teacher.config
-        per_example = config.num_labels
+        per_example = 2 * mean_length if is_question_answering(teacher) else config.num_labels
         if self.hidden_states:
             per_example += (config.num_hidden_layers + 1) * mean_length * config.hidden_size
         return int(examples * per_example * 4)
@@ -163,7 +165,10 @@ class TeacherCache:
         features = compute()
         lengths = batch["attention_mask"].sum(1).tolist()
         for row, key in enumerate(keys):
-            entry: dict[str, Any] = {"logits": features.logits[row].detach().float().cpu().clone()}
+            logits = features.logits[row]
+            if features.spans:  # a window's start and end scores: kept without the batch's padding
+                logits = logits[:, : lengths[row]]
+            entry: dict[str, Any] = {"logits": logits.detach().float().cpu().clone()}
             if self.hidden_states:
                 entry["hidden"] = (
                     torch.stack([h[row, : lengths[row]] for h in features.hidden_states]).float().cpu()
@@ -174,7 +179,15 @@ class TeacherCache:
 
     def _assemble(self, entries: list[dict[str, Any]], batch: Mapping[str, Tensor]) -> Features:
         device = batch["input_ids"].device
-        logits = torch.stack([e["logits"] for e in entries]).to(device)
+        spans = entries[0]["logits"].dim() == 2
+        if spans:  # padded to this batch's width; the losses score padding out (see objective.predictions)
+            width = batch["input_ids"].shape[1]
+            logits = torch.zeros(len(entries), 2, width)
+            for row, entry in enumerate(entries):
+                logits[row, :, : entry["logits"].shape[1]] = entry["logits"]
+            logits = logits.to(device)
+        else:
+            logits = torch.stack([e["logits"] for e in entries]).to(device)
         hidden = None
         if self.hidden_states:
             width = batch["input_ids"].shape[1]
@@ -183,7 +196,7 @@ class TeacherCache:
             for row, entry in enumerate(entries):
                 padded[row, :, : entry["hidden"].shape[1]] = entry["hidden"]
             hidden = tuple(padded.to(device).unbind(1))
-        return Features(logits=logits, hidden_states=hidden)
+        return Features(logits=logits, hidden_states=hidden, spans=spans)
 
     def save(self) -> None:
         if self.path is None or not self._dirty:

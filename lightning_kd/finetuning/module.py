@@ -1,4 +1,5 @@
-"""Fine-tuning and evaluating any sequence classifier on a GLUE task, with the task's official metrics."""
+"""Fine-tuning and evaluating a model on a GLUE task (a sequence classifier) or on SQuAD (extractive question
+answering), with the task's official metrics."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 from typing_extensions import override
 
+from lightning_kd.datamodules.common import task_metrics
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
-from lightning_kd.datamodules.glue_tasks import get_task
+from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task
+from lightning_kd.datamodules.squad_tasks import SquadTask, get_squad_task, is_squad_task
 from lightning_kd.hub import load_model
+from lightning_kd.objective.predictions import span_cross_entropy
 from lightning_kd.pruning.export import check_export_dir
 from lightning_kd.training.checkpoints import check_resume, resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
@@ -37,19 +41,36 @@ def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
         if key in batch and (takes_any or key in parameters)
     }
     output = model(**inputs)
+    if getattr(output, "start_logits", None) is not None:  # a QA head: its start and end scores, [B, 2, T]
+        return torch.stack([output.start_logits, output.end_logits], dim=1)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if logits is None:
         logits = output[0]
     return logits
 
 
+def find_task(name: str) -> GLUETask | SquadTask:
+    """A GLUE task or a SQuAD version by name, or an error naming them all."""
+    if is_squad_task(name):
+        return get_squad_task(name)
+    try:
+        return get_task(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown task {name!r}: use a GLUE task ({', '.join(TASKS)}) or squad / squad_v2 (SQuAD v1.1, v2.0)"
+        ) from None
+
+
 class FineTuningModule(L.LightningModule):
-    """Fine-tunes a model on a GLUE task (AdamW, linear warmup then decay) and validates with TaskMetrics.
+    """Fine-tunes a model on a GLUE task or SQuAD (AdamW, linear warmup then decay) and validates with the task's
+    official metrics (GLUE's TaskMetrics; SQuAD's exact match and F1, see SquadMetrics).
 
     Args:
         model: a hub name or folder (loaded with ``AutoModelForSequenceClassification`` and the task's
-            ``num_labels``), or a module mapping a batch to ``[B, num_labels]`` logits.
-        task: the GLUE task; it fixes ``num_labels``, the loss (MSE for STS-B) and the metrics.
+            ``num_labels``, or ``AutoModelForQuestionAnswering`` for SQuAD), or a module mapping a batch to
+            ``[B, num_labels]`` logits (a QA model: an output with ``start_logits`` and ``end_logits``).
+        task: the GLUE task, which fixes ``num_labels``, the loss (MSE for STS-B) and the metrics; or ``squad`` /
+            ``squad_v2`` (SQuAD v1.1 / v2.0: the mean of the start and end cross-entropies, EM and F1).
         warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
         export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
             tokenizer, the task's label names and a model card (a fine-tuned teacher for task-specific
@@ -76,9 +97,12 @@ class FineTuningModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        self.task = get_task(task)
+        self.task = find_task(task)
+        self.answers_spans = isinstance(self.task, SquadTask)
         if isinstance(model, nn.Module):
             self.model = model
+        elif self.answers_spans:
+            self.model = load_model(model, AutoModelForQuestionAnswering, **(model_kwargs or {}))
         else:
             self.model = load_model(
                 model,
@@ -95,22 +119,41 @@ class FineTuningModule(L.LightningModule):
         self.export_dir = export_dir
         self.push_to_hub, self.private = push_to_hub, private
         self.last_metrics: dict[str, float] = {}
-        self.metrics = TaskMetrics.for_task(self.task.name)
-        self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
+        # SQuAD's metrics score against the DataModule's evaluation set, so they are made in setup()
+        self.metrics: nn.Module | None = None if self.answers_spans else TaskMetrics.for_task(self.task.name)
+        self.test_metrics: nn.Module | None = (
+            None if self.answers_spans else TaskMetrics.for_task(self.task.name, prefix="test")
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.answers_spans or self.metrics is not None or stage == "predict":
+            return
+        if not isinstance(getattr(datamodule, "task", None), SquadTask):
+            raise ValueError(
+                f"task {self.task.name!r} is scored on SQuAD's windows: give the Trainer a SQuADDataModule "
+                f"(version {self.task.version})."
+            )
+        self.metrics = task_metrics(datamodule).to(self.device)
+        self.test_metrics = task_metrics(datamodule, prefix="test").to(self.device)
 
     @override
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logits(self.model, batch)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.answers_spans:
+            return span_cross_entropy(logits, batch)
+        labels = batch["labels"]
         if self.task.is_regression:
             return F.mse_loss(logits.reshape(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels.long())
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        loss = self.loss(self(batch), batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     @override
@@ -127,11 +170,11 @@ class FineTuningModule(L.LightningModule):
         self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str, metrics: TaskMetrics
     ) -> None:
         logits = self(batch)
-        metrics.update(logits, batch["labels"], dataloader_idx)
+        metrics.update(logits, batch[metrics.target_key], dataloader_idx)
         self.log(
             loss_key(self.trainer, stage, "loss", dataloader_idx),
-            self.loss(logits, batch["labels"]),
-            batch_size=batch["labels"].shape[0],
+            self.loss(logits, batch),
+            batch_size=batch["input_ids"].shape[0],
             add_dataloader_idx=False,
             sync_dist=True,
         )
@@ -152,9 +195,10 @@ class FineTuningModule(L.LightningModule):
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor]:
-        """The logits of a test-set batch with its GLUE indices, as :class:`~lightning_kd.GLUESubmissionWriter`
-        reads them."""
-        return {"idx": batch["idx"], "logits": self(batch)}
+        """The logits of a test-set batch with its GLUE indices (or SQuAD windows), as
+        :class:`~lightning_kd.GLUESubmissionWriter` (:class:`~lightning_kd.SquadPredictionWriter`) reads them."""
+        key = "window" if self.answers_spans else "idx"
+        return {key: batch[key], "logits": self(batch)}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -174,7 +218,7 @@ class FineTuningModule(L.LightningModule):
             return
         datamodule = self.trainer.datamodule
         label_names = getattr(datamodule, "label_names", None) or list(
-            self.task.class_names or self.task.labels
+            getattr(self.task, "class_names", ()) or getattr(self.task, "labels", ())
         )
         source = self.hparams.get("model") or getattr(
             getattr(self.model, "config", None), "_name_or_path", ""

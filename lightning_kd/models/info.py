@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_kd.models.adapter import MaskedLMParts
 from lightning_kd.models.bound import BoundModel, try_bind, unbind
-from lightning_kd.models.layers import is_classifier
+from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import ModelInfo
 
 
@@ -37,13 +37,21 @@ def model_info(model: nn.Module | BoundModel, name: str) -> ModelInfo:
         hidden_size=config.hidden_size,
         num_heads=heads,
         vocab_size=config.vocab_size,
-        # an MLM head (output embeddings) or a classifier: either way the model returns logits
+        # an MLM head (output embeddings), a classifier or a QA head: each returns logits
         predicts=(hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None)
-        or is_classifier(model),
-        num_outputs=config.num_labels
-        if is_classifier(model)
-        else config.vocab_size,  # read only when predicts
+        or is_classifier(model)
+        or is_question_answering(model),
+        num_outputs=_num_outputs(model),  # read only when predicts
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,
     )
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Logits per row: a classifier's labels, a QA head's two (start and end), else the vocabulary."""
+    if is_classifier(model):
+        return model.config.num_labels
+    if is_question_answering(model):
+        return 2
+    return model.config.vocab_size

@@ -66,6 +66,11 @@ def is_classifier(model: nn.Module) -> bool:
     return hasattr(model, "classifier")
 
 
+def is_question_answering(model: nn.Module) -> bool:
+    """Whether the model carries an extractive question-answering head (start and end logits per token)."""
+    return isinstance(getattr(model, "qa_outputs", None), nn.Module)
+
+
 def freeze_unused_pooler(model: nn.Module) -> None:
     """Freeze a bare encoder's pooler: no distillation term reads it, and parameters without gradients break
     DDP, but it is kept (and pruned with the hidden dimensions) so that the exported student carries the

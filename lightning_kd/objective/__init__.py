@@ -20,6 +20,7 @@ positions (``Features.positions``), and the terms read the rows they were given.
 
 from lightning_kd.batch import IGNORE_INDEX, PREDICTION_POSITIONS, prediction_positions
 from lightning_kd.objective.objective import DistillationObjective, build_term
+from lightning_kd.objective.predictions import prediction_kl, prediction_mse
 from lightning_kd.objective.term import (
     LAYER_MAPS,
     TERMS,
@@ -37,8 +38,6 @@ from lightning_kd.objective.terms import (
     PredictionKL,
     Relations,
     TaskLoss,
-    prediction_kl,
-    prediction_mse,
     relation_log_probs,
 )
 

@@ -38,6 +38,8 @@ class Features:
     ``positions``: when set, the model predicted only at these positions (flat indices into batch x sequence,
     see :func:`prediction_positions`) and ``logits`` holds one row per position, in that order; when None,
     ``logits`` covers every position (batch, sequence, vocabulary) or is one row per example (a classifier).
+    ``spans``: ``logits`` are a question-answering head's ``[batch, 2, sequence]`` start and end scores, two
+    distributions over the window's tokens per example.
     """
 
     logits: Tensor | None = None
@@ -45,6 +47,7 @@ class Features:
     attentions: tuple[Tensor, ...] | None = None
     qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
     positions: Tensor | None = None
+    spans: bool = False
 
     def float(self) -> Features:
         """The same outputs in float32 (free when they already are): losses are computed at full precision."""
@@ -60,6 +63,7 @@ class Features:
             attentions=up(self.attentions),
             qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in self.qkv.items()},
             positions=self.positions,
+            spans=self.spans,
         )
 
 

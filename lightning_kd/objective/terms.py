@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_kd.batch import IGNORE_INDEX
 from lightning_kd.checks import check_number
+from lightning_kd.objective.predictions import prediction_kl, prediction_mse, span_cross_entropy
 from lightning_kd.objective.term import (
     Features,
     KnowledgeTerm,
@@ -22,29 +23,6 @@ from lightning_kd.objective.term import (
     register_term,
     resolve_layer_map,
 )
-
-
-def _prediction_rows(
-    logits: Tensor, batch: Mapping[str, Tensor], positions: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """The rows of logits a loss reads, as (rows, weights): MLM's masked tokens, else real tokens.
-
-    Logits already gathered at ``positions`` and a classifier's one row per example are all read (weights None).
-    Logits at every position are flattened and weighted by a 0/1 mask rather than indexed with it: boolean
-    indexing needs the count of true entries, which on a GPU waits for the device.
-    """
-    if positions is not None or logits.dim() == 2:
-        return logits, None
-    labels = batch.get("labels")
-    if labels is not None and labels.shape == logits.shape[:2]:
-        keep = labels != IGNORE_INDEX
-    else:
-        keep = batch["attention_mask"].bool()
-    return logits.reshape(-1, logits.shape[-1]), keep.reshape(-1)
-
-
-def _row_mean(values: Tensor, weights: Tensor | None) -> Tensor:
-    return values.mean() if weights is None else masked_mean(values, weights)
 
 
 @register_term
@@ -75,7 +53,7 @@ class PredictionKL(KnowledgeTerm):
             if not info.predicts:
                 raise ValueError(
                     f"the 'logits' term needs predictions, but the {info.name} has no prediction "
-                    "head. Load it with a head (task: masked-lm or sequence-classification), or "
+                    "head. Load it with a head (task: masked-lm, sequence-classification or question-answering), or "
                     "distil hidden states / relations instead."
                 )
         if (
@@ -99,52 +77,10 @@ class PredictionKL(KnowledgeTerm):
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
         if self.loss == "mse":
-            return prediction_mse(teacher.logits, student.logits, batch, student.positions)
-        return prediction_kl(teacher.logits, student.logits, batch, self.temperature, student.positions)
-
-
-def prediction_kl(
-    teacher_logits: Tensor,
-    student_logits: Tensor,
-    batch: Mapping[str, Tensor],
-    temperature: float,
-    positions: Tensor | None = None,
-) -> Tensor:
-    """T² · KL(softmax(t / T) || softmax(s / T)) averaged over the predicted positions.
-
-    ``positions``: the logits are already gathered there, one row each (see ``Features.positions``).
-    """
-    if teacher_logits.shape[-1] == 1:
-        raise ValueError(
-            "a KL between one-output (regression) predictions is identically 0: compare them with "
-            "prediction_mse (the logits term's loss: mse)."
+            return prediction_mse(teacher.logits, student.logits, batch, student.positions, student.spans)
+        return prediction_kl(
+            teacher.logits, student.logits, batch, self.temperature, student.positions, student.spans
         )
-    t, weights = _prediction_rows(teacher_logits, batch, positions)
-    s, _ = _prediction_rows(student_logits, batch, positions)
-    if t.numel() == 0:
-        return student_logits.sum() * 0.0
-    t, s = t.float() / temperature, s.float() / temperature
-    teacher_prob = t.softmax(-1)
-    # Soft cross-entropy has KL's gradient and skips a log on the teacher side's graph; adding back the teacher
-    # entropy (no gradient) turns its value into the KL that users read on their dashboards.
-    cross_entropy = -(teacher_prob * s.log_softmax(-1)).sum(-1)
-    entropy = -torch.special.xlogy(teacher_prob, teacher_prob).sum(-1)
-    return _row_mean(cross_entropy - entropy, weights) * temperature**2
-
-
-def prediction_mse(
-    teacher_logits: Tensor,
-    student_logits: Tensor,
-    batch: Mapping[str, Tensor],
-    positions: Tensor | None = None,
-) -> Tensor:
-    """Mean over the predicted positions of the mean squared difference of the logits (of the scores, for a
-    one-output regression head); positions as in :func:`prediction_kl`."""
-    t, weights = _prediction_rows(teacher_logits, batch, positions)
-    s, _ = _prediction_rows(student_logits, batch, positions)
-    if t.numel() == 0:
-        return student_logits.sum() * 0.0
-    return _row_mean((s.float() - t.float()).pow(2).mean(-1), weights)
 
 
 class _LayerTerm(KnowledgeTerm):
@@ -394,7 +330,8 @@ class Relations(_LayerTerm):
 
 @register_term
 class TaskLoss(KnowledgeTerm):
-    """The student's own loss on the labels: MLM cross-entropy, classification CE, or regression MSE."""
+    """The student's own loss on the labels: MLM cross-entropy, classification CE, regression MSE, or a QA
+    head's mean of the start and end cross-entropies."""
 
     kind = "task"
 
@@ -404,8 +341,8 @@ class TaskLoss(KnowledgeTerm):
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
         if not student.predicts:
             raise ValueError(
-                "the 'task' term needs a student with a prediction head (task: masked-lm or "
-                "sequence-classification)."
+                "the 'task' term needs a student with a prediction head (task: masked-lm, "
+                "sequence-classification or question-answering)."
             )
 
     def needs(self) -> Needs:
@@ -413,6 +350,8 @@ class TaskLoss(KnowledgeTerm):
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
         logits, labels = student.logits, batch.get("labels")
+        if student.spans:
+            return span_cross_entropy(logits, batch)
         if labels is None:
             raise ValueError("the 'task' term needs `labels` in the batch; the DataModule yields none.")
         if logits.shape[-1] == 1 and labels.is_floating_point():

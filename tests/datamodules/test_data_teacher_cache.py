@@ -135,7 +135,7 @@ def test_caching_is_refused_where_it_would_be_wrong(glue_dir: Path) -> None:
             vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
         )
     ).eval()
-    with pytest.raises(ValueError, match="sequence-classification teacher"):
+    with pytest.raises(ValueError, match="sequence-classification or question-answering teacher"):
         TeacherCache().bind(mlm, hidden.objective.needs())
     with pytest.raises(ValueError, match="unknown teacher_cache options"):
         TeacherCache.from_spec({"folder": "x"})

@@ -8,18 +8,21 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_kd.datamodules.glue_tasks import get_task
 from lightning_kd.distillation.evaluation import TeacherComparison, evaluation_key
 
+SST2 = SimpleNamespace(task=get_task("sst2"))
 
-def logits_for(right: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+
+def logits_for(right: list[bool]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     labels = torch.zeros(len(right), dtype=torch.long)
     logits = torch.tensor([[1.0, 0.0] if ok else [0.0, 1.0] for ok in right])
-    return logits, labels
+    return logits, {"labels": labels}
 
 
 def test_the_teacher_is_measured_once_per_key_and_the_gap_is_teacher_minus_student() -> None:
     comparison = TeacherComparison()
-    comparison.add_task("sst2", "cpu")
+    comparison.add_task(SST2, "cpu")
     comparison.start(("val", (), (1,)))
     comparison.update("val", *logits_for([True, True, True, False]), 0)
     logged = comparison.end("val", {"val/sst2/accuracy": 0.5})
@@ -62,7 +65,7 @@ def test_without_a_task_nothing_is_compared() -> None:
 def test_its_metrics_move_with_the_module_that_owns_it() -> None:
     owner = nn.Module()
     owner.comparison = TeacherComparison()
-    owner.comparison.add_task("sst2", "cpu")
+    owner.comparison.add_task(SST2, "cpu")
     # registered below the owner, so the owner's .to(device) reaches them
     modules = list(owner.modules())
     assert all(any(m is metrics for m in modules) for metrics in owner.comparison.metrics.values())
