@@ -52,7 +52,9 @@ def _compare(model, masks):
     kept = masks.get("hidden", torch.ones(model.config.hidden_size, dtype=torch.bool))
     assert torch.allclose(ref.hidden_states[-1][..., kept], out.hidden_states[-1], atol=ATOL)
     assert torch.allclose(output_logits(ref), output_logits(out), atol=ATOL)
-    assert not torch.allclose(output_logits(full), output_logits(ref), atol=1e-3), "the masks should change them"
+    assert not torch.allclose(output_logits(full), output_logits(ref), atol=1e-3), (
+        "the masks should change them"
+    )
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     return pruned
 
