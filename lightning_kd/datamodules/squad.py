@@ -310,9 +310,11 @@ class SQuADDataModule(L.LightningDataModule):
 
     @override
     def setup(self, stage: str | None = None) -> None:
+        # the tokenizer first: a window size its special tokens leave no room for fails before any reading
+        tokenizer = self.tokenizer
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            check_vocabulary(self.tokenizer, trainer.lightning_module)
+            check_vocabulary(tokenizer, trainer.lightning_module)
         splits = {"predict": ["predict"], "validate": ["validation"], "test": ["validation"]}.get(
             stage or "fit", ["train", "validation"]
         )
