@@ -4,6 +4,7 @@ the round trip through the post-processing to perfect scores, the hub path, and 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_kd.datamodules import squad
 from lightning_kd.datamodules.sources import DataSourceError
-from lightning_kd.datamodules.squad import SQuADDataModule, truncated_questions
+from lightning_kd.datamodules.squad import SQuADDataModule, get_squad_task, truncated_questions
 from lightning_kd.datamodules.squad_metrics import normalize_answer, squad_v1_scores, squad_v2_scores
 from lightning_kd.datamodules.squad_postprocess import postprocess
 from lightning_kd.hub import load_tokenizer
@@ -288,3 +289,230 @@ def test_hub_version_mismatch_is_an_error(tmp_path, monkeypatch, tokenizers):
     _parquet_hub(tmp_path, monkeypatch, "v1.1")
     with pytest.raises(DataSourceError, match="looks like v1.1 data: use version v1.1"):
         SQuADDataModule("v2.0", tokenizers[WORDPIECE], None, 64, 16, 12).setup("validate")
+
+
+@pytest.mark.parametrize(
+    "alias,name,version",
+    [
+        ("v1.1", "squad", "v1.1"),
+        ("1.1", "squad", "v1.1"),
+        ("SQuAD", "squad", "v1.1"),
+        ("v2.0", "squad_v2", "v2.0"),
+        ("2.0", "squad_v2", "v2.0"),
+        ("squad_v2", "squad_v2", "v2.0"),
+    ],
+)
+def test_versions_and_task(alias: str, name: str, version: str) -> None:
+    task = get_squad_task(alias)
+    assert (task.name, task.version, task.version_2) == (name, version, version == "v2.0")
+    assert (task.train_file, task.dev_file) == (f"train-{version}.json", f"dev-{version}.json")
+    assert task.hub == ("rajpurkar/squad_v2" if version == "v2.0" else "rajpurkar/squad")
+    assert task.num_labels is None
+    with pytest.raises(ValueError, match=r"unknown SQuAD version 'v3'.*'v1.1'.*'squad_v2'"):
+        SQuADDataModule("v3", TOKENIZER)
+
+
+def test_collate_pads_each_batch_and_loaders(squad_dirs, tokenizers) -> None:
+    """Batches pad to their longest row with the pad id; no token_type_ids where the tokenizer makes none;
+    train batches shuffle the same way for the same seed; evaluation batches keep the windows' order."""
+    for family in ("bytelevel", "unigram"):
+        tokenizer = tokenizers[family]
+        data = SQuADDataModule("v2.0", tokenizer, str(squad_dirs["v2.0"]), 96, 32, 12, batch_size=4, seed=3)
+        data.setup("fit")
+        rows = data.datasets["train"]
+        batch = data.collate(rows[:5])
+        lengths = [len(r["input_ids"]) for r in rows[:5]]
+        assert batch["input_ids"].shape == (5, max(lengths)) and batch["input_ids"].dtype == torch.long
+        assert ("token_type_ids" in batch) == (family == "unigram") == ("token_type_ids" in rows[0])
+        for i, n in enumerate(lengths):
+            assert batch["input_ids"][i, :n].tolist() == rows[i]["input_ids"]
+            assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
+            assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert batch["start_positions"].tolist() == [r["start_positions"] for r in rows[:5]]
+        assert "window" not in batch
+        again = SQuADDataModule("v2.0", tokenizer, str(squad_dirs["v2.0"]), 96, 32, 12, batch_size=4, seed=3)
+        first, second = next(iter(data.train_dataloader())), next(iter(again.train_dataloader()))
+        assert torch.equal(first["input_ids"], second["input_ids"])
+        windows = torch.cat([b["window"] for b in data.val_dataloader()])
+        assert windows.tolist() == list(range(len(data.datasets["validation"])))
+        assert torch.equal(next(iter(data.test_dataloader()))["window"], torch.arange(4))
+    assert tokenizers["bytelevel"].pad_token_id != 0, "the pad id is the tokenizer's, not 0"
+
+
+def test_setup_builds_only_what_the_stage_needs(squad_dirs, tokenizers) -> None:
+    data = SQuADDataModule("v1.1", tokenizers[WORDPIECE], str(squad_dirs["v1.1"]), 64, 16, 12)
+    data.setup("validate")
+    assert list(data.datasets) == ["validation"]
+    data.setup("predict")
+    assert sorted(data.datasets) == ["predict", "validation"]
+    # without predict_file, predict answers the dev set
+    assert data.evaluation_set("predict").golds == data.evaluation_set("validation").golds
+    with pytest.raises(ValueError, match="use 'validation' or 'predict'"):
+        data.evaluation_set("train")
+
+
+def test_predict_file_without_answers(tmp_path, squad_dirs, tokenizers) -> None:
+    """A file to answer: the official layout without answers, read with either version."""
+    layout = squad_json(False, True)
+    for paragraph in layout["data"][0]["paragraphs"]:
+        for qa in paragraph["qas"]:
+            del qa["answers"]
+    (tmp_path / "questions.json").write_text(json.dumps(layout), encoding="utf-8")
+    for version in ("v1.1", "v2.0"):
+        data = SQuADDataModule(
+            version,
+            tokenizers[WORDPIECE],
+            str(squad_dirs[version]),
+            64,
+            16,
+            12,
+            predict_file=str(tmp_path / "questions.json"),
+        )
+        batches = list(data.predict_dataloader())
+        reference = data.evaluation_set("predict")
+        assert reference.answers == [[] for _ in ANSWERABLE] and reference.version_2 == (version == "v2.0")
+        assert torch.cat([b["window"] for b in batches]).tolist() == list(
+            range(len(reference.window_question))
+        )
+        assert all((b["start_positions"] == 0).all() for b in batches)
+        assert list(data.datasets) == ["predict"]
+
+
+def test_train_answers_with_a_wrong_start_are_moved_or_dropped(tmp_path, tokenizers, caplog) -> None:
+    """As in the official train-v1.1.json: a start that misses its text moves to the nearest occurrence; a
+    text not in the context drops the question from training; one log line counts both."""
+    layout = squad_json(False, False)
+    qas = layout["data"][0]["paragraphs"][0]["qas"]
+    qas[0]["answers"][0]["answer_start"] = 3  # "The Normans" is at 0
+    qas[6]["answers"][0]["answer_start"] = CONTEXTS[0].index("2004")  # nearest "1995" is before it
+    qas[1]["answers"][0]["text"] = "Belgium"
+    folder = write_squad(tmp_path / "fix", "v1.1")
+    (folder / "train-v1.1.json").write_text(json.dumps(layout), encoding="utf-8")
+    data = SQuADDataModule("v1.1", tokenizers[WORDPIECE], str(folder), 64, 16, 12)
+    with caplog.at_level(logging.INFO, logger="lightning_kd.datamodules.squad_files"):
+        examples = data.read_split("train")
+    assert [e.id for e in examples] == [f"q{i}" for i in range(len(ANSWERABLE)) if i != 1]
+    starts = {e.id: e.starts[0] for e in examples}
+    assert starts["q0"] == 0 and starts["q6"] == CONTEXTS[0].index("1995")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "2 training answers" in record.getMessage() and "['q0', 'q6']" in record.getMessage()
+    assert "1 questions whose answer text is not in their context" in record.getMessage()
+    assert "['q1']" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_kd.datamodules.squad_files"):
+        data.read_split("validation")
+    assert not caplog.records, "the dev set's answers are scored by text, not moved"
+
+
+def _write(folder: Path, version: str, layout: Any, which: str = "dev") -> Path:
+    write_squad(folder, version)
+    text = layout if isinstance(layout, str) else json.dumps(layout)
+    (folder / f"{which}-{version}.json").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.pop("data"), r"the top level: no 'data' key"),
+        (
+            lambda d: d["data"][0].__setitem__("paragraphs", {}),
+            r"data\[0\]\.paragraphs: expected a list of paragraphs, found dict",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][1].pop("context"),
+            r"data\[0\]\.paragraphs\[1\]: no 'context' key",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("question"),
+            r"data\[0\]\.paragraphs\[0\]\.qas\[1\]: no 'question' key",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["qas"][2]["answers"][0].__setitem__("answer_start", "7"),
+            r"qas\[2\]\.answers\[0\]\.answer_start: expected a character index, found str",
+        ),
+        (
+            lambda d: d["data"][0]["paragraphs"][0]["qas"][2].__setitem__("id", "q0"),
+            r"two questions have the id 'q0'",
+        ),
+    ],
+)
+def test_files_not_in_squad_layout(tmp_path, edit, match) -> None:
+    layout = squad_json(False, True)
+    edit(layout)
+    folder = _write(tmp_path, "v1.1", layout)
+    with pytest.raises(DataSourceError, match=match) as error:
+        SQuADDataModule("v1.1", TOKENIZER, str(folder), 64, 16, 12).read_split("validation")
+    assert "dev-v1.1.json" in str(error.value)
+
+
+def test_not_json_missing_files_and_folders(tmp_path) -> None:
+    folder = _write(tmp_path / "broken", "v1.1", '{"data": [')
+    with pytest.raises(DataSourceError, match=r"dev-v1.1.json: not a JSON file .*layout"):
+        SQuADDataModule("v1.1", TOKENIZER, str(folder), 64, 16, 12).read_split("validation")
+    (folder / "train-v1.1.json").unlink()
+    with pytest.raises(
+        DataSourceError, match=r"no train-v1.1.json; SQuAD v1.1 reads .*train-v1.1.json and dev-v1.1.json"
+    ):
+        SQuADDataModule("v1.1", TOKENIZER, str(folder), 64, 16, 12).read_split("train")
+    other = write_squad(tmp_path / "two", "v2.0")
+    with pytest.raises(
+        DataSourceError, match=r"no dev-v1.1.json.*holds train-v2.0.json: pass version='v2.0'"
+    ):
+        SQuADDataModule("v1.1", TOKENIZER, str(other), 64, 16, 12).setup("validate")
+    with pytest.raises(
+        DataSourceError, match=r"no such folder.*train-v2.0.json and dev-v2.0.json.*None for the hub"
+    ):
+        SQuADDataModule("v2.0", TOKENIZER, str(tmp_path / "nowhere"), 64, 16, 12).setup("validate")
+    with pytest.raises(DataSourceError, match=r"nothing.json: no such file"):
+        SQuADDataModule(
+            "v2.0", TOKENIZER, str(other), 64, 16, 12, predict_file=str(tmp_path / "nothing.json")
+        ).setup("predict")
+
+
+def test_the_other_version_is_named(tmp_path) -> None:
+    v2 = squad_json(True, True)
+    folder = _write(tmp_path / "a", "v1.1", v2)
+    with pytest.raises(
+        DataSourceError,
+        match=r"paragraphs\[0\]\.qas\[7\]: question 'n0' has no answer \(is_impossible: true\): this is SQuAD v2.0 data: use version v2.0",
+    ):
+        SQuADDataModule("v1.1", TOKENIZER, str(folder), 64, 16, 12).read_split("validation")
+    for qa in v2["data"][0]["paragraphs"][0]["qas"]:
+        qa.pop("is_impossible")
+    folder = _write(tmp_path / "b", "v1.1", v2)
+    with pytest.raises(DataSourceError, match=r"question 'n0' has no answer: this is SQuAD v2.0 data"):
+        SQuADDataModule("v1.1", TOKENIZER, str(folder), 64, 16, 12).read_split("validation")
+    folder = _write(tmp_path / "c", "v2.0", squad_json(False, False), which="train")
+    with pytest.raises(
+        DataSourceError,
+        match=r"train-v2.0.json: no question has an 'is_impossible' key.*looks like v1.1 data: use version v1.1",
+    ):
+        SQuADDataModule("v2.0", TOKENIZER, str(folder), 64, 16, 12).read_split("train")
+
+
+def test_window_sizes_that_cannot_work(tokenizers) -> None:
+    with pytest.raises(ValueError, match=r"leaves no room for context.*raise max_length above 64"):
+        SQuADDataModule("v1.1", TOKENIZER, max_length=64, max_query_length=64, doc_stride=0)
+    with pytest.raises(ValueError, match=r"doc_stride=320 is not below the room.*at most 319"):
+        SQuADDataModule("v1.1", TOKENIZER, max_length=384, doc_stride=320)
+    # with the tokenizer at hand, its special tokens count: 3 for BERT, 4 for RoBERTa's <s> q </s></s> c </s>
+    with pytest.raises(ValueError, match=r"doc_stride=317 .*- 3 special tokens = 317\).*at most 316"):
+        SQuADDataModule("v1.1", tokenizers[WORDPIECE], max_length=384, doc_stride=317)
+    SQuADDataModule("v1.1", tokenizers[WORDPIECE], max_length=384, doc_stride=316)
+    by_name = SQuADDataModule("v1.1", TOKENIZER, max_length=384, doc_stride=317)
+    with pytest.raises(ValueError, match=r"doc_stride=317 .*at most 316"):
+        by_name.setup("validate")
+    with pytest.raises(ValueError, match=r"leaves no room.*the 4 special tokens"):
+        SQuADDataModule("v1.1", tokenizers["bytelevel"], max_length=68, max_query_length=64, doc_stride=0)
+    with pytest.raises(ValueError, match="doc_stride must be an integer of at least 0"):
+        SQuADDataModule("v1.1", TOKENIZER, doc_stride=-1)
+
+
+def test_long_questions_are_cut_to_max_query_length(tokenizers) -> None:
+    for tokenizer in tokenizers.values():
+        questions = truncated_questions(tokenizer, ["  " + ANSWERABLE[7][1], "Who?"], 9)
+        lengths = [len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
+        assert lengths[0] == 9 and questions[1] == "Who?"
+        assert ANSWERABLE[7][1].startswith(questions[0])
