@@ -280,11 +280,9 @@ class SQuADDataModule(L.LightningDataModule):
         path = folder / name
         if not path.is_file():
             other = get_squad_task("v1.1" if self.task.version_2 else "v2.0")
+            found = [f for f in (other.train_file, other.dev_file) if (folder / f).is_file()]
             hint = (
-                f"; the folder holds {other.train_file if (folder / other.train_file).is_file() else other.dev_file}:"
-                f" pass version='{other.version}' to read it"
-                if (folder / other.train_file).is_file() or (folder / other.dev_file).is_file()
-                else ""
+                f"; the folder holds {found[0]}: pass version='{other.version}' to read it" if found else ""
             )
             raise DataSourceError(
                 f"{folder}: no {name}; SQuAD {self.task.version} reads the official files {self.task.train_file} "
