@@ -65,6 +65,8 @@ _PUBLIC = {
     "PretrainingDataModule": "lightning_kd.datamodules.pretraining",
     "PruningCallback": "lightning_kd.pruning.callback",
     "RunDashboard": "lightning_kd.callbacks.dashboard",
+    "SQuADDataModule": "lightning_kd.datamodules.squad",
+    "SquadPredictionWriter": "lightning_kd.callbacks.submission",
     "TEDFilterCallback": "lightning_kd.ted.callback",
     "build_student": "lightning_kd.distillation.students",
     "export_pretrained": "lightning_kd.pruning.export",
@@ -90,6 +92,8 @@ __all__ = [
     "PretrainingDataModule",
     "PruningCallback",
     "RunDashboard",
+    "SQuADDataModule",
+    "SquadPredictionWriter",
     "TEDFilterCallback",
     "build_student",
     "export_pretrained",
@@ -178,9 +182,10 @@ if TYPE_CHECKING:
     from lightning_kd.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
     from lightning_kd.callbacks.preemption import PreemptionCheckpoint
     from lightning_kd.callbacks.report import DistillationReport
-    from lightning_kd.callbacks.submission import GLUESubmissionWriter
+    from lightning_kd.callbacks.submission import GLUESubmissionWriter, SquadPredictionWriter
     from lightning_kd.datamodules.glue import GLUEDataModule
     from lightning_kd.datamodules.pretraining import PretrainingDataModule
+    from lightning_kd.datamodules.squad import SQuADDataModule
     from lightning_kd.distillation.module import DistillationModule
     from lightning_kd.distillation.students import build_student, register_student_init
     from lightning_kd.finetuning.module import FineTuningModule

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,65 +31,10 @@ from lightning_kd.datamodules.squad_files import (
     hub_examples,
     read_squad_json,
 )
+from lightning_kd.datamodules.squad_tasks import SquadReference, get_squad_task
 
-VERSIONS = {"v1.1": "v1.1", "1.1": "v1.1", "squad": "v1.1", "v2.0": "v2.0", "2.0": "v2.0", "squad_v2": "v2.0"}
 # questions are tokenised in chunks so that one call's encodings of a large split stay small
 CHUNK = 2000
-
-
-@dataclass(frozen=True)
-class SquadTask:
-    """One SQuAD version: its name, hub dataset and official file names."""
-
-    name: str
-    version: str
-    version_2: bool
-    hub: str
-    train_file: str
-    dev_file: str
-
-    @property
-    def num_labels(self) -> None:
-        """None: a SQuAD model predicts spans, not classes (GLUE tasks give their class count here)."""
-        return None
-
-
-def get_squad_task(version: str) -> SquadTask:
-    """``v1.1`` (also ``1.1``, ``squad``) or ``v2.0`` (also ``2.0``, ``squad_v2``)."""
-    key = VERSIONS.get(str(version).strip().lower())
-    if key is None:
-        raise ValueError(f"unknown SQuAD version {version!r}: use one of {list(VERSIONS)}")
-    two = key == "v2.0"
-    return SquadTask(
-        name="squad_v2" if two else "squad",
-        version=key,
-        version_2=two,
-        hub="rajpurkar/squad_v2" if two else "rajpurkar/squad",
-        train_file=f"train-{key}.json",
-        dev_file=f"dev-{key}.json",
-    )
-
-
-@dataclass(frozen=True)
-class SquadReference:
-    """What `squad_postprocess.postprocess` and the metrics need beside the logits, for one split's windows.
-
-    ``answers``: each question's gold texts, [] when it has none; ``window_question``: int64 ``[W]``, each
-    window's question index into ``ids``; ``offsets``: int32 ``[W, max_length, 2]``, each token's character
-    span in its question's context, ``(-1, -1)`` for question and special tokens and padding.
-    """
-
-    ids: list[str]
-    contexts: list[str]
-    answers: list[list[str]]
-    window_question: Tensor
-    offsets: Tensor
-    version_2: bool
-
-    @property
-    def golds(self) -> dict[str, list[str]]:
-        """Question id -> gold texts, the ``golds`` of `squad_v1_scores` and `squad_v2_scores`."""
-        return dict(zip(self.ids, self.answers, strict=True))
 
 
 def truncated_questions(
@@ -188,6 +132,10 @@ class SQuADDataModule(L.LightningDataModule):
         max_query_length: questions are cut to this many tokens.
         predict_file: a JSON in the official layout (answers optional) that ``predict`` answers; ``None``: the
             dev set.
+        n_best, max_answer_length, null_score_diff_threshold: how answers are read from the logits (see
+            :func:`~lightning_kd.datamodules.squad_postprocess.postprocess`): the start and end candidates per
+            window, the longest answer in tokens, and (v2.0) how much the null score must beat the best span by
+            for "no answer". The usual values, those of BERT's and Hugging Face's SQuAD scripts.
 
     Windows without their question's answer, and all windows of an unanswerable question, are labelled with
     the CLS token (index 0) as start and end, as BERT's ``run_squad.py`` and Hugging Face's ``run_qa.py`` do
@@ -197,8 +145,8 @@ class SQuADDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        version: str = "v1.1",
-        tokenizer: str | PreTrainedTokenizerBase = "bert-base-uncased",
+        version: str,
+        tokenizer: str | PreTrainedTokenizerBase,
         data_dir: str | None = None,
         max_length: int = 384,
         doc_stride: int = 128,
@@ -208,6 +156,9 @@ class SQuADDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         predict_file: str | None = None,
+        n_best: int = 20,
+        max_answer_length: int = 30,
+        null_score_diff_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         self.task = get_squad_task(version)
@@ -216,6 +167,8 @@ class SQuADDataModule(L.LightningDataModule):
             ("max_query_length", max_query_length, 1),
             ("batch_size", batch_size, 1),
             ("doc_stride", doc_stride, 0),
+            ("n_best", n_best, 1),
+            ("max_answer_length", max_answer_length, 1),
         ):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
@@ -229,6 +182,11 @@ class SQuADDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.predict_file = predict_file
+        self.answer_options = {
+            "n_best": n_best,
+            "max_answer_length": max_answer_length,
+            "null_score_diff_threshold": float(null_score_diff_threshold),
+        }
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self._references: dict[str, SquadReference] = {}

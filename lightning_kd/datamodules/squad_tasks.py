@@ -48,16 +48,16 @@ _SPELLINGS = {
 
 
 def is_squad_task(name: str) -> bool:
-    return str(name).lower().replace("-", "_") in _SPELLINGS
+    return str(name).strip().lower().replace("-", "_") in _SPELLINGS
 
 
 def get_squad_task(name: str) -> SquadTask:
     """A SQuAD version by task name (``squad``, ``squad_v2``) or version (``v1.1``, ``v2.0``)."""
-    key = str(name).lower().replace("-", "_")
+    key = str(name).strip().lower().replace("-", "_")
     if key not in _SPELLINGS:
         raise ValueError(
-            f"unknown SQuAD version {name!r}: use v1.1 (task squad) or v2.0 (task squad_v2, with unanswerable "
-            "questions)"
+            f"unknown SQuAD version {name!r}: use 'v1.1' (task 'squad') or 'v2.0' (task 'squad_v2', with "
+            "unanswerable questions)"
         )
     return SQUAD_TASKS[_SPELLINGS[key]]
 
