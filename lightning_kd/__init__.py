@@ -68,6 +68,7 @@ _PUBLIC = {
     "SQuADDataModule": "lightning_kd.datamodules.squad",
     "SquadPredictionWriter": "lightning_kd.callbacks.submission",
     "TEDFilterCallback": "lightning_kd.ted.callback",
+    "answer_questions": "lightning_kd.datamodules.squad_answer",
     "build_student": "lightning_kd.distillation.students",
     "export_pretrained": "lightning_kd.pruning.export",
     "extract": "lightning_kd.pruning.extract",
@@ -95,6 +96,7 @@ __all__ = [
     "SQuADDataModule",
     "SquadPredictionWriter",
     "TEDFilterCallback",
+    "answer_questions",
     "build_student",
     "export_pretrained",
     "extract",
@@ -186,6 +188,7 @@ if TYPE_CHECKING:
     from lightning_kd.datamodules.glue import GLUEDataModule
     from lightning_kd.datamodules.pretraining import PretrainingDataModule
     from lightning_kd.datamodules.squad import SQuADDataModule
+    from lightning_kd.datamodules.squad_answer import answer_questions
     from lightning_kd.distillation.module import DistillationModule
     from lightning_kd.distillation.students import build_student, register_student_init
     from lightning_kd.finetuning.module import FineTuningModule

@@ -130,10 +130,16 @@ class FineTuningModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not self.answers_spans or self.metrics is not None or stage == "predict":
             return
-        if not isinstance(getattr(datamodule, "task", None), SquadTask):
+        data_task = getattr(datamodule, "task", None)
+        if not isinstance(data_task, SquadTask):
             raise ValueError(
                 f"task {self.task.name!r} is scored on SQuAD's windows: give the Trainer a SQuADDataModule "
                 f"(version {self.task.version})."
+            )
+        if data_task != self.task:
+            raise ValueError(
+                f"the module's task is {self.task.name!r} (SQuAD {self.task.version}) but the data is SQuAD "
+                f"{data_task.version}: set task: {data_task.name} or the DataModule's version: {self.task.version}."
             )
         self.metrics = task_metrics(datamodule).to(self.device)
         self.test_metrics = task_metrics(datamodule, prefix="test").to(self.device)
