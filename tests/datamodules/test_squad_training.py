@@ -178,14 +178,18 @@ def test_qa_tasks_refuse_data_and_models_that_do_not_fit(
     with pytest.raises(ValueError, match="give the Trainer a SQuADDataModule"):
         trainer(tmp_path).validate(FineTuningModule(qa_model(), task="squad"), glue, verbose=False)
     with pytest.raises(ValueError, match="task='question-answering' predicts answer spans.*SQuADDataModule"):
-        trainer(tmp_path).fit(DistillationModule(qa_model(), {"init": "copy"}, task="question-answering"), glue)
+        trainer(tmp_path).fit(
+            DistillationModule(qa_model(), {"init": "copy"}, task="question-answering"), glue
+        )
     from transformers import BertForSequenceClassification
 
     classifier = BertForSequenceClassification(qa_model().config).eval()
     with pytest.raises(
         ValueError, match="has no question-answering head: load it with AutoModelForQuestionAnswering"
     ):
-        trainer(tmp_path).fit(DistillationModule(classifier, {"init": "copy"}, task="sequence-classification"), data)
+        trainer(tmp_path).fit(
+            DistillationModule(classifier, {"init": "copy"}, task="sequence-classification"), data
+        )
     with pytest.raises(ValueError, match="unknown task 'squad3'.*squad / squad_v2"):
         FineTuningModule(qa_model(), task="squad3")
 
