@@ -45,6 +45,7 @@ OFFLINE = [
     "demo.yaml",
     "homodistil/tiny_offline.yaml",
     "glue/docstrings_minilm_tiny.yaml",
+    "squad/docstrings_minilm_tiny.yaml",
     "ted/tiny_teacher.yaml",
     "ted/tiny_stage1.yaml",
     "ted/tiny_stage2.yaml",
@@ -53,6 +54,7 @@ OFFLINE_GROUPS = [
     ["demo.yaml"],
     ["homodistil/tiny_offline.yaml"],
     ["glue/docstrings_minilm_tiny.yaml"],
+    ["squad/docstrings_minilm_tiny.yaml"],
     ["ted/tiny_teacher.yaml", "ted/tiny_stage1.yaml", "ted/tiny_stage2.yaml"],
 ]
 # Run to their shipped length: a pruning schedule is laid out over max_steps, so a run cut short passes through
@@ -63,12 +65,16 @@ FULL_LENGTH = {
 
 
 def test_every_recipe_is_either_run_offline_or_paper_scale() -> None:
-    """A recipe on data every machine has (the docstrings) must be in OFFLINE, so it is run as shipped below;
-    the others (hub teachers and GLUE downloads) are parsed above."""
+    """A recipe on data every machine has (the docstrings, GLUE- or SQuAD-shaped) must be in OFFLINE, so it is
+    run as shipped below; the others (hub teachers and downloads) are parsed above."""
     for recipe in RECIPES:
         name = str(recipe.relative_to(EXPERIMENTS))
         data = yaml.safe_load(recipe.read_text())["data"]["init_args"]
-        offline = data.get("task") == "docstrings" or "docstrings" in (data.get("sources") or [])
+        offline = (
+            data.get("task") == "docstrings"
+            or data.get("data_dir") == "docstrings"
+            or "docstrings" in (data.get("sources") or [])
+        )
         assert (name in OFFLINE) == offline, f"{name}: add it to OFFLINE, which the suite runs as shipped"
 
 
@@ -159,3 +165,25 @@ def test_paper_scale_recipe_instantiates(recipe: Path, monkeypatch: pytest.Monke
     recipe_callbacks = yaml.safe_load(recipe.read_text())["trainer"].get("callbacks", [])
     built = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {c["class_path"].rsplit(".", 1)[-1] for c in recipe_callbacks} <= built
+
+
+@pytest.mark.slow
+def test_squad_predict_writes_the_official_scripts_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lightning-kd predict`` on the offline SQuAD 2.0 recipe, from the checkpoint its fit left, writes
+    predictions.json and null_odds.json for every dev question, as the recipe's header says."""
+    monkeypatch.chdir(tmp_path)
+    recipe = str(EXPERIMENTS / "squad" / "docstrings_minilm_tiny.yaml")
+    main(["fit", "--config", recipe, "--trainer.max_steps=2"])
+    main(["predict", "--config", recipe, "--ckpt_path", "last"])
+    folder = tmp_path / "runs" / "squad_tiny" / "squad_predictions"
+    answers = json.loads((folder / "predictions.json").read_text())
+    odds = json.loads((folder / "null_odds.json").read_text())
+    from lightning_kd.datamodules.squad_docstrings import write_docstring_squad
+
+    dev = json.loads((write_docstring_squad("v2.0") / "dev-v2.0.json").read_text())
+    ids = {
+        qa["id"] for article in dev["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]
+    }
+    assert set(answers) == set(odds) == ids and all(isinstance(a, str) for a in answers.values())
