@@ -9,6 +9,14 @@ the student's train with the student, and the objective gains ``weight`` x mean 
 MSE(f_s(H_s), f_t(H_t)) (the ``ted`` term). The rest of the objective is the recipe's: TED's is
 ``task`` + ``logits`` (kl_alpha, T = 2) + ``ted`` (mse_alpha).
 
+The task heads of stage I are the task's: on classification (GLUE: a classifier teacher and student, a
+GLUEDataModule) a pooler + linear classifier on the first token of each filter's output; on extractive question
+answering (SQuAD: ``task="question-answering"`` models, a SQuADDataModule) a per-token linear map to a start and
+an end score, trained with the QA loss on ``start_positions`` / ``end_positions``, as the authors' SQuAD runs do.
+The callback reads the kind from the DataModule's task and the models' heads, refuses a mix (a classifier
+teacher on SQuAD data, a QA teacher on GLUE), and saves it with the filters and in its checkpoint state, so that
+stage II and a resumed run refuse filters learned on the other kind of task. Stage II is the same for both.
+
 Both stages run inside :class:`~lightning_kd.DistillationModule`: the callback adds its terms to the objective in
 ``setup``, before the optimizer is built, so the filters are parameters of the module, in its checkpoints and,
 for the student's, in its optimizer. The teacher's filters are in the checkpoint too (they are the stage-I
@@ -24,17 +32,23 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_kd.datamodules.squad_tasks import SquadTask
 from lightning_kd.distillation.contract import require_run
 from lightning_kd.models.info import model_info
-from lightning_kd.models.layers import is_classifier
+from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.ted.filters import filter_layer_pairs, load_filters, save_filters
 from lightning_kd.ted.terms import NORMALIZATIONS, FilteredHidden, FilterTaskLoss
 
+_HEAD_WORDS = {
+    "classifier": "classifier heads (classification, GLUE)",
+    "span": "span heads (question answering, SQuAD)",
+}
 STAGES = {"filters": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",), "distill": ()}
 
 
 class TEDFilterCallback(L.Callback):
-    """Drives TED's two stages on a :class:`~lightning_kd.DistillationModule` with ``task="sequence-classification"``.
+    """Drives TED's two stages on a :class:`~lightning_kd.DistillationModule` with ``task="sequence-classification"``
+    (GLUE: classifier heads on the filters) or ``task="question-answering"`` (SQuAD: start/end span heads).
 
     Args:
         stage: ``filters`` (stage I for teacher and student in one run), ``teacher`` or ``student`` (stage I
@@ -49,7 +63,8 @@ class TEDFilterCallback(L.Callback):
         normalize: stage II: how the filtered MSE averages over positions: ``tokens`` (real tokens only) or
             ``authors`` (padding included, as the published code does; the paper's mse_alpha values were tuned
             with it, so the paper recipes set it).
-        num_labels: the task's label count (1 for regression); by default the DataModule's task's.
+        num_labels: classification only: the task's label count (1 for regression); by default the DataModule's
+            task's. Question answering has none to set (its heads score a start and an end per token).
     """
 
     def __init__(
@@ -86,6 +101,7 @@ class TEDFilterCallback(L.Callback):
         }
         self.weight, self.num_labels, self.normalize = float(weight), num_labels, normalize
         self.saved: dict[str, str] = {}
+        self.head: str | None = None  # the task heads' kind (HEAD_KINDS), known in setup
         self._missing: FileNotFoundError | None = None
 
     @override
@@ -116,7 +132,8 @@ class TEDFilterCallback(L.Callback):
         filter_layer_pairs(
             teacher.num_layers, student.num_layers, self.options["interval"], self.options["student_interval"]
         )
-        num_labels = self._check_labels(trainer, pl_module)
+        self.head = self._task_head(trainer, pl_module)
+        num_labels = self._check_labels(trainer, pl_module) if self.head == "classifier" else 2
         if self.stage == "distill":
             self._add_distill_term(pl_module, teacher, student)
         else:
@@ -136,6 +153,36 @@ class TEDFilterCallback(L.Callback):
             )
             term.register_forward_hook(lambda module, args, out: timer.stop("filters"))
 
+    def _task_head(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """``span`` for question answering, ``classifier`` otherwise, once the data and both models agree."""
+        spans: dict[str, bool] = {}
+        task = getattr(getattr(trainer, "datamodule", None), "task", None)
+        if task is not None:
+            spans[f"the DataModule's task {getattr(task, 'name', task)!r}"] = isinstance(task, SquadTask)
+        for side in ("teacher", "student"):
+            model = getattr(pl_module, side)
+            if is_question_answering(model) or is_classifier(model):
+                spans[f"the {side} ({type(model).__name__})"] = is_question_answering(model)
+        if len(set(spans.values())) > 1:
+            found = "; ".join(
+                f"{who}: {'question answering (spans)' if span else 'classification'}"
+                for who, span in spans.items()
+            )
+            raise ValueError(
+                f"TED trains task heads on the filters, but the task is not one kind throughout: {found}. For "
+                "SQuAD, use a SQuADDataModule with question-answering teacher and student "
+                "(DistillationModule(task='question-answering'), the teacher fine-tuned with "
+                "FineTuningModule(task='squad_v2')); for GLUE, a GLUEDataModule with classifiers "
+                "(task='sequence-classification')."
+            )
+        span = any(spans.values())
+        if span and self.num_labels is not None:
+            raise ValueError(
+                f"num_labels={self.num_labels} is for classification, but this TED run is question answering, "
+                "whose stage-I heads score a start and an end per token: leave num_labels unset."
+            )
+        return "span" if span else "classifier"
+
     def _check_labels(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         """The task's label count, after checking that every head in play fits it."""
         task = getattr(getattr(trainer, "datamodule", None), "task", None)
@@ -147,8 +194,9 @@ class TEDFilterCallback(L.Callback):
         known = {where: n for where, n in counts.items() if n is not None}
         if not known:
             raise ValueError(
-                "TED trains task heads but cannot tell the task's number of labels: use a GLUEDataModule, "
-                "a sequence-classification teacher, or set num_labels (1 for regression)."
+                "TED trains task heads but cannot tell the task: use a GLUEDataModule or a sequence-classification "
+                "teacher, or set num_labels (1 for regression), for classification; a SQuADDataModule or "
+                "question-answering teacher and student for question answering."
             )
         if len(set(known.values())) > 1:
             found = ", ".join(f"{where}: {n}" for where, n in known.items())
@@ -169,7 +217,7 @@ class TEDFilterCallback(L.Callback):
             term.requires_grad_(False)
             term.weight = 0.0
         for side in STAGES[self.stage]:
-            term = FilterTaskLoss(side=side, num_labels=num_labels, **self.options)
+            term = FilterTaskLoss(side=side, num_labels=num_labels, head=self.head, **self.options)
             term.bind(teacher, student)
             pl_module.objective.terms[term.name] = term
 
@@ -179,13 +227,20 @@ class TEDFilterCallback(L.Callback):
         folder = Path(self.filters)
         files = {side: folder / f"{side}.pt" for side in ("teacher", "student")}
         try:
-            term.use_stage_one_filters(
-                load_filters(files["teacher"], "teacher"), load_filters(files["student"], "student")
-            )
+            loaded = {side: load_filters(path, side) for side, path in files.items()}
         except FileNotFoundError as error:
             # A resumed run finds its filters in the checkpoint, which Lightning restores only after setup;
             # on_fit_start checks that one of the two supplied them, before the first step.
             self._missing = error
+        else:
+            for side, filters in loaded.items():
+                if filters.head not in (None, self.head):
+                    raise ValueError(
+                        f"the stage-I {side} filters at {files[side]} were trained with {_HEAD_WORDS.get(filters.head, filters.head)}, "
+                        f"but this run distils with {_HEAD_WORDS[self.head]}: filters learn what predicts their "
+                        "own task, so run stage I on this run's task and data and pass that save_dir as `filters`."
+                    )
+            term.use_stage_one_filters(loaded["teacher"], loaded["student"])
         pl_module.objective.terms[term.name] = term
 
     def _check_filters_arrived(self, pl_module: L.LightningModule) -> None:
@@ -225,7 +280,7 @@ class TEDFilterCallback(L.Callback):
                 term.filters,
                 model=getattr(model.config, "_name_or_path", ""),
                 model_type=model.config.model_type,
-                num_labels=term.num_labels,
+                num_labels=term.num_labels if term.head == "classifier" else None,
                 interval=self.options["interval"],
                 student_interval=self.options["student_interval"],
                 steps=trainer.global_step,
@@ -238,10 +293,23 @@ class TEDFilterCallback(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         # The filters themselves are module parameters (objective terms), so they are in the checkpoint's
         # state_dict; this records what produced them.
-        return {"stage": self.stage, **self.options, "filters": self.filters, "normalize": self.normalize}
+        return {
+            "stage": self.stage,
+            **self.options,
+            "filters": self.filters,
+            "normalize": self.normalize,
+            "head": self.head,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        head = state_dict.get("head") or "classifier"  # checkpoints from before question answering: GLUE
+        if self.head is not None and head != self.head:
+            raise ValueError(
+                f"this checkpoint's TED run trained {_HEAD_WORDS[head]}, but this run is set up for "
+                f"{_HEAD_WORDS[self.head]}: resume it with the task, models and data it was started with, or "
+                "start a new run."
+            )
         changed = {
             k: (v, self.options[k])
             for k, v in state_dict.items()

@@ -2,9 +2,11 @@
 
 A filter reads one layer's hidden states (``[B, S, d_model]``) and writes ``[B, S, d_filter]``; the teacher's
 and the student's filters share ``d_filter`` (the teacher's width by default), so their outputs compare
-directly. In stage I each filter carries a task head (pooler + linear on the first token) and learns, with
-the model frozen, what in its layer predicts the task; in stage II the heads are dropped and the filtered
-states are matched.
+directly. In stage I each filter carries a task head and learns, with the model frozen, what in its layer
+predicts the task; in stage II the heads are dropped and the filtered states are matched. The head is the
+task's: for classification (GLUE) a pooler + linear on the first token (:class:`FilterHead`), for extractive
+question answering (SQuAD) a per-token linear map to a start and an end score (:class:`SpanHead`). Which
+one trained the filters is saved with them (``head``), so stage II and a resumed run can check it.
 
 Layer numbers follow Hugging Face ``hidden_states``: 0 is the embedding output, ``i`` the output of block ``i``;
 filters sit on blocks ``k, 2k, ..., L``.
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 FILTER_KINDS = ("linear", "mlp")
+# "classifier": one prediction per example (GLUE); "span": a start and an end score per token (SQuAD).
+HEAD_KINDS = ("classifier", "span")
 FILTER_FORMAT = 1
 
 
@@ -78,6 +82,9 @@ class LayerFilters(nn.Module):
             raise ValueError(f"unknown TED filter {kind!r}: use one of {', '.join(FILTER_KINDS)}.")
         self.layers = list(layers)
         self.in_width, self.out_width, self.kind = in_width, out_width, kind
+        # The task head stage I trained them with (HEAD_KINDS); None for filters that never had one. Not part of
+        # describe(): it says what the filters learned, not their shape.
+        self.head: str | None = None
         self.filters = nn.ModuleList([_filter(in_width, out_width, kind) for _ in layers])
 
     @override
@@ -123,14 +130,34 @@ class FilterHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(filtered[:, 0])))
 
 
+class SpanHead(nn.Module):
+    """A question-answering head on a filter's output: one linear map per token to a start and an end score,
+    as Hugging Face's QA models read their last layer (and the TED authors' SQuAD filters theirs). Returns
+    ``[B, 2, T]``, the layout :func:`~lightning_kd.objective.predictions.span_cross_entropy` takes."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qa_outputs = nn.Linear(width, 2)
+
+    @override
+    def forward(self, filtered: Tensor) -> Tensor:
+        return self.qa_outputs(filtered).transpose(1, 2)
+
+
+def filter_head(head: str, width: int, num_labels: int) -> nn.Module:
+    """The task head of kind ``head`` (HEAD_KINDS) on a ``width``-wide filter output."""
+    if head not in HEAD_KINDS:
+        raise ValueError(f"unknown TED head {head!r}: use one of {', '.join(HEAD_KINDS)}.")
+    return SpanHead(width) if head == "span" else FilterHead(width, num_labels)
+
+
 def save_filters(path: str | os.PathLike, filters: LayerFilters, **meta: Any) -> str:
-    """Write ``filters`` (weights and shape) to ``path``; ``meta`` records where they came from."""
+    """Write ``filters`` (weights, shape, and the head kind they were trained with) to ``path``; ``meta``
+    records where they came from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"format": FILTER_FORMAT, **filters.describe(), "meta": meta, "state_dict": filters.state_dict()},
-        path,
-    )
+    saved = {"format": FILTER_FORMAT, **filters.describe(), "head": filters.head, "meta": meta}
+    torch.save({**saved, "state_dict": filters.state_dict()}, path)
     return str(path)
 
 
@@ -153,4 +180,6 @@ def load_filters(path: str | os.PathLike, side: str = "model") -> LayerFilters:
         raise ValueError(f"{path} is not a TED filter file written by lightning_kd.ted.filters.save_filters.")
     filters = LayerFilters(saved["layers"], saved["in_width"], saved["out_width"], saved["kind"])
     filters.load_state_dict(saved["state_dict"])
+    # files from before question answering was supported were all trained with classifier heads
+    filters.head = saved.get("head", "classifier")
     return filters

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_kd.objective.predictions import span_cross_entropy
 from lightning_kd.objective.term import Features, KnowledgeTerm, ModelInfo, Needs, masked_mean, register_term
-from lightning_kd.ted.filters import FilterHead, LayerFilters, filter_layer_pairs
+from lightning_kd.ted.filters import HEAD_KINDS, LayerFilters, filter_head, filter_layer_pairs
 
 TED_SIDES = ("teacher", "student")
 # How the stage-II MSE is averaged over positions: "tokens" counts real tokens only; "authors" averages over
@@ -33,8 +34,11 @@ def _check_filter_width(width: int | None) -> None:
 class FilterTaskLoss(KnowledgeTerm):
     """TED stage I: one side's filters, each with its own task head, trained on the task loss.
 
-    The model itself is frozen by the caller; the value is the mean over filtered layers of the heads'
-    cross-entropy (MSE for a one-output regression task).
+    The model itself is frozen by the caller; the value is the mean over filtered layers of the heads' loss.
+    ``head="classifier"`` (GLUE): a pooler + linear classifier on the first token, cross-entropy against
+    ``labels`` (MSE for a one-output regression task). ``head="span"`` (SQuAD): a per-token linear map to a
+    start and an end score, the mean of the start and end cross-entropies against ``start_positions`` and
+    ``end_positions`` (``num_labels`` is then unused).
     """
 
     kind = "ted_task"
@@ -47,6 +51,7 @@ class FilterTaskLoss(KnowledgeTerm):
         student_interval: int | None = None,
         filter: str = "linear",  # noqa: A002 - the YAML key users write
         filter_width: int | None = None,
+        head: str = "classifier",
         **kwargs: Any,
     ) -> None:
         if side not in TED_SIDES:
@@ -55,12 +60,18 @@ class FilterTaskLoss(KnowledgeTerm):
             raise ValueError(
                 f"term 'ted_task': num_labels must be >= 1 (1 for regression), got {num_labels}."
             )
+        if head not in HEAD_KINDS:
+            raise ValueError(
+                f"term 'ted_task': head must be one of {', '.join(HEAD_KINDS)} (classifier for GLUE, span for "
+                f"SQuAD), got {head!r}."
+            )
         _check_filter_width(filter_width)
         kwargs.setdefault("name", f"ted_task_{side}")
         super().__init__(**kwargs)
         self.side, self.num_labels = side, int(num_labels)
         self.interval, self.student_interval = interval, student_interval
         self.filter_kind, self.filter_width = filter, filter_width
+        self.head = head
         self.filters: nn.Module | None = None
         self.heads = nn.ModuleList()
 
@@ -73,7 +84,8 @@ class FilterTaskLoss(KnowledgeTerm):
         info = teacher if self.side == "teacher" else student
         width = self.filter_width or teacher.hidden_size
         self.filters = LayerFilters(layers, info.hidden_size, width, self.filter_kind)
-        self.heads = nn.ModuleList([FilterHead(width, self.num_labels) for _ in layers])
+        self.filters.head = self.head
+        self.heads = nn.ModuleList([filter_head(self.head, width, self.num_labels) for _ in layers])
 
     def needs(self) -> Needs:
         return Needs(hidden_states=True)
@@ -84,12 +96,24 @@ class FilterTaskLoss(KnowledgeTerm):
             self.filters.narrow_input_width(kept)
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        features = teacher if self.side == "teacher" else student
+        filtered_layers = self.filters(features.hidden_states)
+        if self.head == "span":
+            # Every position of the window competes, padding included, as in the QA models' own loss.
+            return torch.stack(
+                [
+                    span_cross_entropy(head(f), batch)
+                    for f, head in zip(filtered_layers, self.heads, strict=True)
+                ]
+            ).mean()
         labels = batch.get("labels")
         if labels is None:
-            raise ValueError("TED stage I trains filters on the task: the batch needs `labels`.")
-        features = teacher if self.side == "teacher" else student
+            raise ValueError(
+                "TED stage I trains filters on the task: the batch needs `labels` (a classification task; "
+                "SQuAD batches train span heads, which TEDFilterCallback picks for question-answering models)."
+            )
         losses = []
-        for filtered, head in zip(self.filters(features.hidden_states), self.heads, strict=True):
+        for filtered, head in zip(filtered_layers, self.heads, strict=True):
             logits = head(filtered).float()
             if self.num_labels == 1:
                 losses.append(F.mse_loss(logits.squeeze(-1), labels.float()))
