@@ -49,6 +49,9 @@ OFFLINE = [
     "ted/tiny_teacher.yaml",
     "ted/tiny_stage1.yaml",
     "ted/tiny_stage2.yaml",
+    "ted/squad_tiny_teacher.yaml",
+    "ted/squad_tiny_stage1.yaml",
+    "ted/squad_tiny_stage2.yaml",
 ]
 OFFLINE_GROUPS = [
     ["demo.yaml"],
@@ -56,6 +59,7 @@ OFFLINE_GROUPS = [
     ["glue/docstrings_minilm_tiny.yaml"],
     ["squad/docstrings_minilm_tiny.yaml"],
     ["ted/tiny_teacher.yaml", "ted/tiny_stage1.yaml", "ted/tiny_stage2.yaml"],
+    ["ted/squad_tiny_teacher.yaml", "ted/squad_tiny_stage1.yaml", "ted/squad_tiny_stage2.yaml"],
 ]
 # Run to their shipped length: a pruning schedule is laid out over max_steps, so a run cut short passes through
 # fewer widths (12 relation heads failed at a width met only mid-run, and max_steps=2 hid it). About a minute.
