@@ -5,7 +5,13 @@ so some questions span two windows) with random logits, n_best 20, max_answer_le
 Both produce every answer and null odds; rounds alternate their order, and each round checks that the
 answers and null odds are the same. Target: vectorised at least 5x faster (reference / vectorised >= 5).
 
+It then sets the whole evaluation (post-processing and the official scoring of every question) against the
+forward passes it follows: a BERT-base question-answering model's forward over the same windows, timed on
+``--forward-batches`` batches of 32 and scaled to the window count (on this machine's device: a CPU, unless
+CUDA is there).
+
     python benchmarks/squad_postprocess.py [--questions 12000] [--windows 12500] [--rounds 3] [--version 2] [--threads 0]
+        [--forward-batches 2]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from lightning_kd.datamodules.squad_metrics import squad_v1_scores, squad_v2_scores
 from lightning_kd.datamodules.squad_postprocess import postprocess, postprocess_reference
 
 TOKENS, QUESTION_TOKENS, STRIDE = 384, 16, 128
@@ -72,6 +79,7 @@ def main() -> None:
     parser.add_argument("--max-answer-length", type=int, default=30)
     parser.add_argument("--version", type=int, choices=(1, 2), default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--forward-batches", type=int, default=2, help="0 skips the forward-pass comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +116,47 @@ def main() -> None:
         r / v for r, v in zip(times["reference loop"], times["vectorised"], strict=True)
     )
     print(f"  median of per-round ratios: {per_round:.1f}")
+    if args.forward_batches:
+        evaluation = statistics.median(times["vectorised"]) + scoring_time(
+            inputs, outputs["vectorised"], args
+        )
+        forward = forward_time(args.windows, args.forward_batches)
+        print(
+            f"whole evaluation (post-processing + official scores) {evaluation:.2f} s against BERT-base's forward "
+            f"passes over the {args.windows} windows {forward:.0f} s: {100 * evaluation / forward:.2f}% of them"
+        )
+
+
+def scoring_time(inputs: tuple, answers: object, args: argparse.Namespace) -> float:
+    """The official scores of every question, its gold answers made from the contexts' words."""
+    _, _, _, _, contexts, ids = inputs
+    rng = np.random.default_rng(1)
+    golds = {
+        qid: [] if args.version == 2 and rng.random() < 0.5 else [" ".join(context.split()[:3])]
+        for qid, context in zip(ids, contexts, strict=True)
+    }
+    begin = time.perf_counter()
+    if args.version == 2:
+        squad_v2_scores(answers.answers, golds, answers.null_odds, threshold=float("inf"))
+    else:
+        squad_v1_scores(answers.answers, golds)
+    return time.perf_counter() - begin
+
+
+@torch.no_grad()
+def forward_time(windows: int, batches: int, batch_size: int = 32) -> float:
+    """Seconds for a BERT-base QA model's forward over ``windows`` windows of 384 tokens, from ``batches`` timed
+    batches (after one warm-up) scaled up."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = BertForQuestionAnswering(BertConfig()).eval().to(device)
+    ids = torch.randint(1000, 30000, (batch_size, TOKENS), device=device)
+    model(input_ids=ids)
+    begin = time.perf_counter()
+    for _ in range(batches):
+        model(input_ids=ids).start_logits.sum().item()
+    return (time.perf_counter() - begin) / (batches * batch_size) * windows
 
 
 if __name__ == "__main__":
