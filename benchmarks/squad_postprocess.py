@@ -123,7 +123,7 @@ def main() -> None:
         forward = forward_time(args.windows, args.forward_batches)
         print(
             f"whole evaluation (post-processing + official scores) {evaluation:.2f} s against BERT-base's forward "
-            f"passes over the {args.windows} windows {forward:.0f} s: {100 * evaluation / forward:.2f}% of them"
+            f"passes over the {args.windows} windows {forward:.0f} s: {100 * evaluation / forward:.3g}% of them"
         )
 
 
