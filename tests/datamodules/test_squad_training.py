@@ -129,6 +129,9 @@ def test_distillation_logs_the_teachers_scores_the_gap_and_exports_a_qa_student(
     assert own["val/squad/f1"] == pytest.approx(logged["val/teacher/squad/f1"])
 
     path = module.save_student(tmp_path / "student")
+    card = (Path(path) / "README.md").read_text()
+    for name in ("val/squad/f1", "val/teacher/squad/f1", "val/gap/squad/exact_match"):
+        assert f"| {name} |" in card
     loaded = AutoModelForQuestionAnswering.from_pretrained(path).eval()
     batch = next(iter(data.val_dataloader()))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
