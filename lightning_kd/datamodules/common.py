@@ -10,8 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_kd.datamodules.glue_metrics import TaskMetrics
+from lightning_kd.datamodules.squad_metrics import SquadMetrics
+from lightning_kd.datamodules.squad_tasks import SquadTask
 from lightning_kd.hub import load_tokenizer, resolve_pretrained
 
 
@@ -145,10 +149,6 @@ def task_metrics(datamodule: Any, prefix: str = "val") -> nn.Module | None:
     (its ``predict`` set for ``prefix="predict"``). Both take ``update(logits, batch[metrics.target_key],
     dataloader_idx)``, ``compute()`` and ``reset()``.
     """
-    from lightning_kd.datamodules.glue_metrics import TaskMetrics
-    from lightning_kd.datamodules.squad_metrics import SquadMetrics
-    from lightning_kd.datamodules.squad_tasks import SquadTask
-
     task = getattr(datamodule, "task", None)
     if task is None:
         return None
@@ -157,3 +157,25 @@ def task_metrics(datamodule: Any, prefix: str = "val") -> nn.Module | None:
         options = getattr(datamodule, "answer_options", {})
         return SquadMetrics(datamodule.evaluation_set(split), task.name, prefix=prefix, **options)
     return TaskMetrics.for_task(task.name, prefix=prefix)
+
+
+def rows_loader(
+    rows: list[dict[str, Any]],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    collate: Any,
+    num_workers: int,
+    trainer: Any,
+) -> DataLoader:
+    """A DataLoader over a task's tokenised rows: shuffled by a generator seeded with ``seed`` (a run's order
+    does not depend on the global RNG), pinned where the trainer runs on CUDA."""
+    return DataLoader(
+        rows,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory_default(trainer),
+    )

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.datamodules.common import check_vocabulary, get_tokenizer, pin_memory_default
+from lightning_kd.datamodules.common import check_vocabulary, get_tokenizer, rows_loader
 from lightning_kd.datamodules.sources import DataSourceError, load_hub_dataset
 from lightning_kd.datamodules.squad_files import (
     SquadExample,
@@ -329,15 +329,14 @@ class SQuADDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "predict": "predict"}.get(split, "validate"))
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.datasets[split],  # type: ignore[arg-type]
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            pin_memory=pin_memory_default(getattr(self, "trainer", None)),
+        return rows_loader(
+            self.datasets[split],
+            self.batch_size if shuffle else self.eval_batch_size,
+            shuffle,
+            self.seed,
+            self.collate,
+            self.num_workers,
+            getattr(self, "trainer", None),
         )
 
     @override
