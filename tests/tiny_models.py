@@ -19,6 +19,10 @@ from transformers import (
     DebertaV2ForMaskedLM,
     DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForQuestionAnswering,
@@ -57,6 +61,24 @@ ARCHITECTURES = {
             "type_vocab_size": 0,
         },
     ),
+    # ModernBERT: fused Wqkv, gated FFN, rotary heads, bias-free norms; global attention in layers 0 and 2 and
+    # a sliding window of 2 tokens each side in layer 1, so both attention kinds matter at length 10. Attention
+    # biases on (ModernBERT-base has none) so that slicing a fused map's bias is tested too.
+    "modernbert": (
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        ModernBertForSequenceClassification,
+        {
+            "global_attn_every_n_layers": 2,
+            "local_attention": 4,
+            "attention_bias": True,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "cls_token_id": 1,
+            "sep_token_id": 2,
+        },
+    ),
 }
 
 
@@ -64,6 +86,7 @@ QA_CLASSES = {
     "bert": BertForQuestionAnswering,
     "roberta": RobertaForQuestionAnswering,
     "deberta-v2": DebertaV2ForQuestionAnswering,
+    "modernbert": ModernBertForQuestionAnswering,
 }
 
 
@@ -79,7 +102,7 @@ def make_model(arch: str, head: str = "mlm", seed: int = 0, **overrides) -> torc
     with torch.no_grad():
         # random LayerNorm affines and biases, so that slicing mistakes in them show up in the outputs
         for name, parameter in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+            if "LayerNorm" in name or "norm" in name.lower() or name.endswith("bias"):
                 parameter.normal_(0.0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
     return model.eval()
 

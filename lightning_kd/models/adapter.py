@@ -9,36 +9,89 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+Norm = nn.Module  # nn.LayerNorm (with or without bias), nn.RMSNorm or a family's own RMSNorm
 
 
 @dataclass(frozen=True)
 class LayerParts:
-    """The linear maps and norms of one transformer block, named by role rather than by attribute."""
+    """The linear maps and norms of one transformer block, named by role rather than by attribute.
+
+    A role may be a slice of a fused map: when ``query``, ``key`` and ``value`` are one Linear (ModernBERT's
+    ``Wqkv``), its output rows are three equal blocks, query first, each laid out as ``heads x head_size``. A
+    gated FFN (``ffn_gated``) keeps both halves in ``ffn_input``: its rows are two equal blocks (the activated
+    half, then the gate), and neuron ``j`` is row ``j`` of each, so the two rows are always removed together.
+    ``attention_norm`` is None where a block has none (ModernBERT's first block reads the embedding norm).
+    """
 
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
     attention_output: nn.Linear
-    attention_norm: nn.LayerNorm
+    attention_norm: Norm | None
     ffn_input: nn.Linear
     ffn_output: nn.Linear
-    ffn_norm: nn.LayerNorm
+    ffn_norm: Norm
     # DeBERTa's separate projections of the relative-position embeddings (absent when share_att_key)
     positional_query: nn.Linear | None = None
     positional_key: nn.Linear | None = None
+    ffn_gated: bool = False
 
     @property
     def head_projections(self) -> tuple[nn.Linear, ...]:
-        """Every map whose outputs are laid out as ``heads x head_size``."""
-        extra = tuple(p for p in (self.positional_query, self.positional_key) if p is not None)
-        return (self.query, self.key, self.value, *extra)
+        """Every map whose outputs are laid out as ``heads x head_size`` (in blocks, see ``blocks``), once each."""
+        maps = (self.query, self.key, self.value, self.positional_query, self.positional_key)
+        unique: list[nn.Linear] = []
+        for projection in maps:
+            if projection is not None and all(projection is not seen for seen in unique):
+                unique.append(projection)
+        return tuple(unique)
 
     @property
     def query_projections(self) -> tuple[nn.Linear, ...]:
         """The maps on the query side of a score: scaling them changes the softmax temperature."""
         return tuple(p for p in (self.query, self.positional_query) if p is not None)
+
+    @property
+    def norms(self) -> tuple[Norm, ...]:
+        return tuple(n for n in (self.attention_norm, self.ffn_norm) if n is not None)
+
+    def blocks(self, linear: nn.Linear) -> int:
+        """Into how many equal blocks, each laid out by the same units, ``linear``'s output rows fall."""
+        if linear is self.ffn_input:
+            return 2 if self.ffn_gated else 1
+        return max(1, sum(linear is p for p in (self.query, self.key, self.value)))
+
+    def query_scale(self, linear: nn.Linear, factor: float) -> Tensor | float:
+        """What to multiply ``linear``'s output rows by to scale the queries (and only them) by ``factor``."""
+        if linear not in self.query_projections:
+            return 1.0
+        blocks = self.blocks(linear)
+        if blocks == 1:
+            return factor
+        scale = linear.weight.new_ones(linear.out_features)
+        scale[: linear.out_features // blocks] = factor  # the query block comes first
+        return scale
+
+    def scale_queries_(self, factor: float) -> None:
+        """Multiply the queries by ``factor`` in place (keys and values of a fused map untouched)."""
+        with torch.no_grad():
+            for projection in self.query_projections:
+                scale = self.query_scale(projection, factor)
+                column = scale[:, None] if isinstance(scale, Tensor) else scale
+                projection.weight.mul_(column)
+                if projection.bias is not None:
+                    projection.bias.mul_(scale)
+
+    def split_qkv(self, linear: nn.Linear, output: Tensor) -> dict[str, Tensor]:
+        """The query, key and value that ``linear``'s ``output`` holds, by role."""
+        roles = [r for r in ("query", "key", "value") if getattr(self, r) is linear]
+        if len(roles) == 1:
+            return {roles[0]: output}
+        return dict(zip(roles, output.chunk(len(roles), dim=-1), strict=True))
 
 
 @dataclass
@@ -54,7 +107,7 @@ class HiddenParts:
     embeddings: list[nn.Embedding] = field(default_factory=list)
     readers: list[nn.Linear] = field(default_factory=list)
     writers: list[nn.Linear] = field(default_factory=list)
-    norms: list[nn.LayerNorm] = field(default_factory=list)
+    norms: list[Norm] = field(default_factory=list)
     convs: list[nn.Conv1d] = field(default_factory=list)
 
     def add(self, module: nn.Module | None, roles: str) -> None:
@@ -100,6 +153,13 @@ class ArchitectureAdapter:
     # Whether the config stores the head size (DeBERTa) or derives it as hidden_size / num_attention_heads
     # (BERT). Exports of models whose head size does not match that ratio must pad when it is not free.
     free_head_size: bool = False
+    # Rotary position embeddings turn each head's dimensions in pairs at fixed frequencies that the config
+    # derives from the head size: a head can be removed whole, but its dimensions can be neither narrowed nor
+    # padded without changing what the model computes.
+    rotary: bool = False
+    # Whether the first block has no attention norm because the embeddings end in one (ModernBERT): a block
+    # that becomes first when the blocks before it are removed loses its attention norm, as the config builds it.
+    first_block_without_attention_norm: bool = False
     # Modules outside the encoder (task heads, pooler) and how they touch the hidden dimension,
     # as {attribute path: role letters for HiddenParts.add}; missing paths are skipped.
     head_modules: dict[str, str] = {}
@@ -118,6 +178,14 @@ class ArchitectureAdapter:
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return self.encoder(model).layer
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Put ``layers`` where the model keeps its blocks."""
+        self.encoder(model).layer = layers
+
+    def drop_attention_norm(self, layer: nn.Module) -> None:
+        """Make ``layer`` a first block without an attention norm (see ``first_block_without_attention_norm``)."""
+        raise NotImplementedError
 
     def layer_parts(self, layer: nn.Module) -> LayerParts:
         raise NotImplementedError
@@ -166,14 +234,15 @@ class ArchitectureAdapter:
         return self.layer_parts(self.layers(model)[0]).attention_output.out_features
 
     def num_heads(self, model: nn.Module, layer: int | None = None) -> int:
-        """Heads in a layer. Pruned models may differ per layer, so the query width decides."""
+        """Heads in a layer. Pruned models may differ per layer, so the attention output's width decides."""
         if layer is None:
             return self.config(model).num_attention_heads
-        query = self.layer_parts(self.layers(model)[layer]).query
-        return query.out_features // self.head_size(model)
+        output = self.layer_parts(self.layers(model)[layer]).attention_output
+        return output.in_features // self.head_size(model)
 
     def intermediate_size(self, model: nn.Module, layer: int) -> int:
-        return self.layer_parts(self.layers(model)[layer]).ffn_input.out_features
+        # the FFN output reads one column per neuron, also where a gated input map holds two rows per neuron
+        return self.layer_parts(self.layers(model)[layer]).ffn_output.in_features
 
     def head_size(self, model: nn.Module) -> int:
         config = self.config(model)
@@ -225,9 +294,13 @@ class ArchitectureAdapter:
         """Whether ``output_attentions=True`` returns probabilities (eager attention does; sdpa does not)."""
         return getattr(self.config(model), "_attn_implementation", "eager") == "eager"
 
-    def attention_dropout(self, layer: nn.Module) -> nn.Dropout:
-        """The dropout applied to a block's attention probabilities."""
+    def attention_dropout(self, layer: nn.Module) -> nn.Dropout | None:
+        """The dropout module applied to a block's attention probabilities (None: applied as a function)."""
         return layer.attention.self.dropout
+
+    def disable_attention_dropout(self, layer: nn.Module) -> None:
+        """Stop dropping attention probabilities in ``layer``."""
+        self.attention_dropout(layer).p = 0.0
 
     def enable_attention_maps(self, model: nn.Module) -> None:
         """Make the forward pass return attention probabilities that can be distilled.
@@ -236,7 +309,7 @@ class ArchitectureAdapter:
         against maps with dropped (zero) entries diverges, so attention-probability dropout is switched off.
         """
         for layer in self.layers(model):
-            self.attention_dropout(layer).p = 0.0
+            self.disable_attention_dropout(layer)
         if self.supports_attention_maps(model):
             return
         setter = getattr(model, "set_attn_implementation", None)

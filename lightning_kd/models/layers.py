@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -42,8 +43,20 @@ def keep_layers_(model: nn.Module | BoundModel, indices: Sequence[int]) -> nn.Mo
         )
     layers = bound.layers()
     kept = nn.ModuleList([layers[i] for i in indices])
-    bound.encoder().layer = kept
-    bound.config().num_hidden_layers = len(kept)
+    config = bound.config()
+    first = bound.layer_parts(kept[0]).attention_norm
+    if bound.adapter.first_block_without_attention_norm and indices[0] != 0 and first is not None:
+        bound.adapter.drop_attention_norm(kept[0])
+        warnings.warn(
+            f"{type(bound.model).__name__}'s first block has no attention norm (it reads the embedding norm), "
+            f"so layer {indices[0]}, now first, lost its attention norm. Keep layer 0 to keep every norm.",
+            stacklevel=2,
+        )
+    bound.adapter.set_layers(bound.model, kept)
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == total:
+        # each kept block keeps its attention kind (full or sliding), and the config says so for reloads
+        config.layer_types = [config.layer_types[i] for i in indices]
     for position, layer in enumerate(kept):
         # some implementations read the layer index (caching, logging); keep it consistent with the new depth
         for module in layer.modules():
@@ -63,12 +76,17 @@ def select_layers(model: nn.Module | BoundModel, indices: Sequence[int]) -> nn.M
 
 def is_classifier(model: nn.Module) -> bool:
     """Whether the model carries a sequence-classification head (its logits are one row per example)."""
-    return hasattr(model, "classifier")
+    return hasattr(model, "classifier") and not is_question_answering(model)
 
 
 def is_question_answering(model: nn.Module) -> bool:
-    """Whether the model carries an extractive question-answering head (start and end logits per token)."""
-    return isinstance(getattr(model, "qa_outputs", None), nn.Module)
+    """Whether the model carries an extractive question-answering head (start and end logits per token).
+
+    BERT-era families call that head ``qa_outputs``; ModernBERT calls it ``classifier``, so the class says.
+    """
+    return isinstance(getattr(model, "qa_outputs", None), nn.Module) or type(model).__name__.endswith(
+        "ForQuestionAnswering"
+    )
 
 
 def freeze_unused_pooler(model: nn.Module) -> None:

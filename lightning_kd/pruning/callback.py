@@ -121,6 +121,12 @@ class PruningCallback(L.Callback):
         )
         self.strategy: PruningStrategy = ShrinkStrategy(self.scorer) if physical else MaskStrategy()
         self.same_per_layer = same_per_layer
+        if export_dir and not prune_at_end:
+            raise ValueError(
+                f"export_dir={export_dir!r} with prune_at_end=False would export nothing: the student is exported "
+                "when it is pruned at the end of fit. Drop prune_at_end=False, or export yourself after "
+                "prune_student(module) with module.save_student(folder)."
+            )
         self.export_dir, self.prune_at_end, self.expect_copy = export_dir, prune_at_end, expect_copy
         self.masks: Masks | None = None
         self.last_event = -1

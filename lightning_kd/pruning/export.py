@@ -44,6 +44,15 @@ def _config_head_layout(
         return heads, head_size
     if hidden % head_size == 0 and hidden // head_size >= heads:
         return hidden // head_size, head_size
+    if adapter.rotary:
+        # padding each head with zero dimensions would change the rotary frequencies of the real ones
+        fits = hidden // head_size
+        raise ValueError(
+            f"this architecture derives the head size as hidden_size / num_attention_heads and rotates heads at "
+            f"frequencies set by it, so {heads} heads of size {head_size} cannot be saved with hidden size "
+            f"{hidden}: keep the hidden size a multiple of {head_size} with at least {heads} heads' worth "
+            f"(e.g. {max(heads, -(-hidden // head_size)) * head_size}), or keep at most {fits} heads per layer."
+        )
     for count in range(heads, hidden // head_size + 1):
         if hidden % count == 0:
             return count, hidden // count
@@ -56,12 +65,15 @@ def _config_head_layout(
     )
 
 
-def _pad_rows(weight: torch.Tensor, groups: int, width: int, new_groups: int, new_width: int) -> torch.Tensor:
-    """Zero-pad dim 0 laid out as ``groups x width`` to ``new_groups x new_width``."""
+def _pad_rows(
+    weight: torch.Tensor, groups: int, width: int, new_groups: int, new_width: int, blocks: int = 1
+) -> torch.Tensor:
+    """Zero-pad dim 0 laid out as ``blocks x groups x width`` to ``blocks x new_groups x new_width`` (a fused
+    map pads each of its blocks)."""
     rest = weight.shape[1:]
-    padded = weight.new_zeros(new_groups, new_width, *rest)
-    padded[:groups, :width] = weight.reshape(groups, width, *rest)
-    return padded.reshape(new_groups * new_width, *rest)
+    padded = weight.new_zeros(blocks, new_groups, new_width, *rest)
+    padded[:, :groups, :width] = weight.reshape(blocks, groups, width, *rest)
+    return padded.reshape(blocks * new_groups * new_width, *rest)
 
 
 def _pad_columns(
@@ -91,19 +103,20 @@ def to_standard(model: nn.Module | BoundModel) -> nn.Module:
         shape = (heads[i], head_size, num_heads, new_head_size)
         if shape[:2] != shape[2:]:
             for projection in parts.head_projections:
-                factor = (
-                    query_rescale(head_size, new_head_size) if projection in parts.query_projections else 1.0
-                )
-                _set(projection, "weight", _pad_rows(projection.weight * factor, *shape))
+                scale = parts.query_scale(projection, query_rescale(head_size, new_head_size))
+                row_scale = scale[:, None] if isinstance(scale, torch.Tensor) else scale
+                blocks = parts.blocks(projection)
+                _set(projection, "weight", _pad_rows(projection.weight * row_scale, *shape, blocks))
                 if projection.bias is not None:
-                    _set(projection, "bias", _pad_rows(projection.bias * factor, *shape))
+                    _set(projection, "bias", _pad_rows(projection.bias * scale, *shape, blocks))
             output = parts.attention_output
             _set(output, "weight", _pad_columns(output.weight, *shape))
         if ffn[i] != width:
             ffn_shape = (ffn[i], 1, width, 1)
-            _set(parts.ffn_input, "weight", _pad_rows(parts.ffn_input.weight, *ffn_shape))
+            blocks = parts.blocks(parts.ffn_input)
+            _set(parts.ffn_input, "weight", _pad_rows(parts.ffn_input.weight, *ffn_shape, blocks))
             if parts.ffn_input.bias is not None:
-                _set(parts.ffn_input, "bias", _pad_rows(parts.ffn_input.bias, *ffn_shape))
+                _set(parts.ffn_input, "bias", _pad_rows(parts.ffn_input.bias, *ffn_shape, blocks))
             _set(parts.ffn_output, "weight", _pad_columns(parts.ffn_output.weight, *ffn_shape))
         for module in layer.modules():
             _refresh_shape(module)

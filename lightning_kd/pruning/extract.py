@@ -58,6 +58,13 @@ def _check_sizes(teacher: BoundModel, sizes: dict[str, int]) -> None:
             f"{_divisors(hidden, limits['num_attention_heads'])}."
         )
     head_size = teacher.head_size()
+    if teacher.adapter.rotary and hidden != heads * head_size:
+        raise ValueError(
+            f"hidden_size={hidden} with num_attention_heads={heads} means heads of size {hidden // heads}, but "
+            f"{type(teacher.model).__name__}'s heads rotate at frequencies set by their size ({head_size}), so "
+            f"they cannot be narrowed. Choose num_attention_heads={hidden // head_size} (hidden_size / {head_size})"
+            f" with a hidden_size that is a multiple of {head_size}, or leave num_attention_heads unset."
+        )
     if hidden // heads > head_size:
         fewest = -(-hidden // head_size)
         raise ValueError(
@@ -84,12 +91,16 @@ def extract(
     as ``teacher(**batch)`` with labels (or pass ``loss_fn(model, batch) -> loss``); at most ``max_batches``
     are used. The student's head size is ``hidden_size / num_attention_heads``; when it is smaller than the
     teacher's, every head keeps its most important (or random) dimensions and the queries are rescaled so
-    that attention scores keep the teacher's temperature. The teacher is not modified.
+    that attention scores keep the teacher's temperature. Rotary heads (ModernBERT) keep their size: a
+    narrower student has fewer of them, ``hidden_size / head size`` unless given. The teacher is not modified.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown extraction strategy {strategy!r}; choose 'rand' or 'impt'.")
     bound = bind(teacher)
     counts = bound.unit_counts()
+    if num_attention_heads is None and hidden_size is not None and bound.adapter.rotary:
+        # rotary heads keep their size, so a narrower stream holds fewer of them
+        num_attention_heads = max(1, hidden_size // counts["head_size"])
     sizes = {
         "num_layers": counts["layers"] if num_layers is None else num_layers,
         "hidden_size": counts["hidden"] if hidden_size is None else hidden_size,

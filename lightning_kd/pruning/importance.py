@@ -65,6 +65,8 @@ def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] |
         if axis.parameter.grad is None or axis.kind not in wanted:
             continue
         per_entry = product(axis.parameter).movedim(axis.dim, 0)
+        if axis.blocks > 1:  # a unit's entries in every block of a fused map count for it
+            per_entry = per_entry.reshape(axis.blocks, -1, *per_entry.shape[1:]).sum(0)
         size = per_entry.shape[0]
         if axis.kind == "heads":
             grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)

@@ -85,7 +85,8 @@ def prune_model_(model: nn.Module | BoundModel, masks: Masks) -> list[Resize]:
     if "hidden" in masks:
         # norms without affine weights have nothing to slice but still carry their width
         for norm in _hidden_modules(bound)[2]:
-            norm.normalized_shape = (int(masks["hidden"].sum()),)
+            if hasattr(norm, "normalized_shape"):
+                norm.normalized_shape = (int(masks["hidden"].sum()),)
 
     head_size = counts["head_size"]
     if "head_dims" in masks:
@@ -95,13 +96,8 @@ def prune_model_(model: nn.Module | BoundModel, masks: Masks) -> list[Resize]:
     for layer in bound.layers():
         parts = bound.layer_parts(layer)
         if head_size != counts["head_size"]:
-            factor = query_rescale(counts["head_size"], head_size)
-            with torch.no_grad():
-                for projection in parts.query_projections:
-                    projection.weight.mul_(factor)
-                    if projection.bias is not None:
-                        projection.bias.mul_(factor)
-        bound.adapter.set_attention_shape(layer, parts.query.out_features // head_size, head_size)
+            parts.scale_queries_(query_rescale(counts["head_size"], head_size))
+        bound.adapter.set_attention_shape(layer, parts.attention_output.in_features // head_size, head_size)
 
     if "layers" in masks:
         keep_layers_(bound, masks["layers"].nonzero().flatten().tolist())
@@ -109,9 +105,11 @@ def prune_model_(model: nn.Module | BoundModel, masks: Masks) -> list[Resize]:
     bound.adapter.update_config(
         bound.config(),
         hidden=bound.residual_width(),
-        heads=max(bound.layer_parts(layer).query.out_features // head_size for layer in kept_layers),
+        heads=max(
+            bound.layer_parts(layer).attention_output.in_features // head_size for layer in kept_layers
+        ),
         head_size=head_size,
-        intermediate=max(bound.layer_parts(layer).ffn_input.out_features for layer in kept_layers),
+        intermediate=max(bound.layer_parts(layer).ffn_output.in_features for layer in kept_layers),
         layers=len(kept_layers),
     )
     return resizes

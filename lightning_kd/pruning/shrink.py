@@ -191,7 +191,8 @@ class WideDropout(nn.Module):
 
 def _stream_dropouts(bound: BoundModel) -> list[tuple[nn.Module, str, nn.Module]]:
     """Every dropout of the model except attention-probability ones, as (parent, attribute, module)."""
-    attention = {id(bound.adapter.attention_dropout(layer)) for layer in bound.layers()}
+    dropouts = (bound.adapter.attention_dropout(layer) for layer in bound.layers())
+    attention = {id(dropout) for dropout in dropouts if dropout is not None}
     found = []
     for parent in bound.model.modules():
         for name, child in parent.named_children():

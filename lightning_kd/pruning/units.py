@@ -46,6 +46,9 @@ class Axis:
     dim: int
     kind: str  # "heads" (heads x head_size), "ffn" or "hidden"
     layer: int | None
+    # equal blocks along ``dim``, each laid out by the same units: 3 for a fused query/key/value map, 2 for a
+    # gated FFN's input map (removing a unit removes its entry in every block)
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,11 @@ class ParameterSlice:
     index: torch.Tensor
 
 
-def _linear_axes(linear: nn.Linear, dim: int, kind: str, layer: int | None) -> list[tuple]:
+def _linear_axes(linear: nn.Linear, dim: int, kind: str, layer: int | None, blocks: int = 1) -> list[tuple]:
     """A Linear's weight along ``dim``, plus its bias when the axis is the output one."""
-    found = [(linear.weight, dim, kind, layer)]
+    found = [(linear.weight, dim, kind, layer, blocks)]
     if dim == 0 and linear.bias is not None:
-        found.append((linear.bias, 0, kind, layer))
+        found.append((linear.bias, 0, kind, layer, blocks))
     return found
 
 
@@ -73,15 +76,17 @@ def axes(model: nn.Module | BoundModel) -> list[Axis]:
     for i, layer in enumerate(bound.layers()):
         parts = bound.layer_parts(layer)
         for projection in parts.head_projections:
-            raw += _linear_axes(projection, 0, "heads", i) + _linear_axes(projection, 1, "hidden", None)
+            raw += _linear_axes(projection, 0, "heads", i, parts.blocks(projection))
+            raw += _linear_axes(projection, 1, "hidden", None)
         raw += _linear_axes(parts.attention_output, 1, "heads", i)
         raw += _linear_axes(parts.attention_output, 0, "hidden", None)
-        raw += _linear_axes(parts.ffn_input, 0, "ffn", i) + _linear_axes(parts.ffn_input, 1, "hidden", None)
+        raw += _linear_axes(parts.ffn_input, 0, "ffn", i, parts.blocks(parts.ffn_input))
+        raw += _linear_axes(parts.ffn_input, 1, "hidden", None)
         raw += _linear_axes(parts.ffn_output, 1, "ffn", i) + _linear_axes(parts.ffn_output, 0, "hidden", None)
-        for norm in (parts.attention_norm, parts.ffn_norm):
+        for norm in parts.norms:
             raw += _norm_axes(norm)
     hidden = bound.hidden_parts()
-    raw += [(e.weight, 1, "hidden", None) for e in hidden.embeddings]
+    raw += [(e.weight, 1, "hidden", None, 1) for e in hidden.embeddings]
     for reader in hidden.readers:
         raw += _linear_axes(reader, 1, "hidden", None)
     for writer in hidden.writers:
@@ -89,23 +94,24 @@ def axes(model: nn.Module | BoundModel) -> list[Axis]:
     for norm in hidden.norms:
         raw += _norm_axes(norm)
     for conv in hidden.convs:
-        raw += [(conv.weight, 0, "hidden", None), (conv.weight, 1, "hidden", None)]
+        raw += [(conv.weight, 0, "hidden", None, 1), (conv.weight, 1, "hidden", None, 1)]
         if conv.bias is not None:
-            raw.append((conv.bias, 0, "hidden", None))
+            raw.append((conv.bias, 0, "hidden", None, 1))
     names = {id(p): n for n, p in bound.model.named_parameters()}
     seen: set[tuple[int, int]] = set()
     result = []
-    for parameter, dim, kind, layer in raw:
+    for parameter, dim, kind, layer, blocks in raw:
         key = (id(parameter), dim)
         if key in seen or id(parameter) not in names:
             continue
         seen.add(key)
-        result.append(Axis(names[id(parameter)], parameter, dim, kind, layer))
+        result.append(Axis(names[id(parameter)], parameter, dim, kind, layer, blocks))
     return result
 
 
-def _norm_axes(norm: nn.LayerNorm) -> list[tuple]:
-    return [(p, 0, "hidden", None) for p in (norm.weight, norm.bias) if p is not None]
+def _norm_axes(norm: nn.Module) -> list[tuple]:
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    return [(p, 0, "hidden", None, 1) for p in (weight, bias) if p is not None]
 
 
 def layer_parameters(model: nn.Module | BoundModel) -> list[list[tuple[str, nn.Parameter]]]:
@@ -196,6 +202,12 @@ def validate_masks(model: nn.Module | BoundModel, masks: Masks) -> Masks:
                 f"every kept head must keep the same number of dimensions (one head size), got "
                 f"{sorted(widths)}."
             )
+    if "head_dims" in clean and bound.adapter.rotary and not clean["head_dims"].all():
+        raise ValueError(
+            f"{type(bound.model).__name__} rotates each head's dimensions in pairs at frequencies its config "
+            "derives from the head size, so heads cannot be narrowed: remove whole heads instead (fewer "
+            "num_attention_heads at the teacher's head size)."
+        )
     encoder = bound.encoder()
     if getattr(encoder, "conv", None) is not None and not layers[0]:
         raise ValueError(
@@ -207,6 +219,14 @@ def validate_masks(model: nn.Module | BoundModel, masks: Masks) -> Masks:
 
 def kept_index(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None:
     """Indices along ``axis`` that survive ``masks``, or None when the axis is untouched."""
+    kept = _kept_in_block(axis, masks, counts)
+    if kept is None or axis.blocks == 1:
+        return kept
+    width = axis.parameter.shape[axis.dim] // axis.blocks
+    return torch.cat([kept + block * width for block in range(axis.blocks)])
+
+
+def _kept_in_block(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | None:
     if axis.kind == "hidden":
         return masks["hidden"].nonzero().flatten() if "hidden" in masks else None
     if axis.kind == "ffn":
@@ -299,14 +319,35 @@ def _scale_output(scale: torch.Tensor):
 
 
 def _norm_over(kept: torch.Tensor):
-    def hook(module: nn.LayerNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         index = kept.to(output.device)
-        weight = module.weight[index] if module.weight is not None else None
-        bias = module.bias[index] if module.bias is not None else None
-        normed = F.layer_norm(args[0].index_select(-1, index), (len(index),), weight, bias, module.eps)
+        normed = normalize_kept(module, args[0].index_select(-1, index), index)
         return torch.zeros_like(output).index_copy(-1, index, normed.to(output.dtype))
 
     return hook
+
+
+def normalize_kept(norm: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """What ``norm`` computes on the hidden dimensions ``index`` alone (``hidden`` holds only those).
+
+    LayerNorm (with or without bias), ``nn.RMSNorm`` and the RMSNorms of transformers' decoder families
+    (a ``weight`` and a ``variance_epsilon``, computed in float32) are known; others are refused by name.
+    """
+    weight = getattr(norm, "weight", None)
+    weight = weight[index] if weight is not None else None
+    if isinstance(norm, nn.LayerNorm):
+        bias = norm.bias[index] if norm.bias is not None else None
+        return F.layer_norm(hidden, (len(index),), weight, bias, norm.eps)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(hidden, (len(index),), weight, norm.eps)
+    epsilon = getattr(norm, "variance_epsilon", None)
+    if epsilon is not None and weight is not None:
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        return weight * (hidden.float() * torch.rsqrt(variance + epsilon)).to(hidden.dtype)
+    raise TypeError(
+        f"lightning-kd cannot mask hidden dimensions through a {type(norm).__name__}: it knows LayerNorm and "
+        "RMSNorm. Leave hidden dimensions unpruned for this model, or add the norm to units.normalize_kept."
+    )
 
 
 def _skip_layer(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
@@ -323,8 +364,21 @@ def _hidden_modules(bound: BoundModel) -> tuple[list, list, list, list]:
         p = bound.layer_parts(layer)
         readers += [*p.head_projections, p.ffn_input]
         writers += [p.attention_output, p.ffn_output]
-        norms += [p.attention_norm, p.ffn_norm]
+        norms += p.norms
     return readers, writers, norms, parts.convs
+
+
+def _first_kept_block_hook(bound: BoundModel, layers: torch.Tensor) -> list:
+    """Where the first block has no attention norm and masks remove it, the first kept block loses its
+    attention norm when pruned (as the config builds a first block): the masked model passes its input
+    through that norm unchanged, so both compute the same."""
+    if not bound.adapter.first_block_without_attention_norm or bool(layers[0]):
+        return []
+    first = int(layers.nonzero()[0])
+    norm = bound.layer_parts(bound.layers()[first]).attention_norm
+    if norm is None:
+        return []
+    return [norm.register_forward_hook(lambda _module, args, _output: args[0])]
 
 
 def apply_masks(model: nn.Module | BoundModel, masks: Masks) -> MaskHandle:
@@ -358,6 +412,8 @@ def apply_masks(model: nn.Module | BoundModel, masks: Masks) -> MaskHandle:
         channel = keep[:, None]  # Conv1d sees (batch, hidden, sequence)
         handles += [m.register_forward_pre_hook(_scale_input(channel)) for m in convs]
         handles += [m.register_forward_hook(_scale_output(channel)) for m in convs]
+    if "layers" in masks:
+        handles += _first_kept_block_hook(bound, masks["layers"])  # last, so it overrides the norm's own hook
     return MaskHandle(handles)
 
 

@@ -135,6 +135,8 @@ def test_bad_input_is_refused_before_training(teacher: BertForMaskedLM, tmp_path
         quiet_trainer(max_steps=4, callbacks=[PruningCallback({"hidden": 8})]).fit(
             homodistil(teacher), FixedBatches()
         )
+    with pytest.raises(ValueError, match="would export nothing"):
+        PruningCallback(TARGET, export_dir=str(tmp_path / "student"), prune_at_end=False)
     small = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
     other = BertForMaskedLM(tiny_bert_config(hidden_size=8, num_attention_heads=2))
     with pytest.raises(ValueError, match="Use student=\\{'init': 'copy'\\}"):
