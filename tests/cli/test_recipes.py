@@ -121,7 +121,7 @@ PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFL
 
 def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object) -> object:
     """A tiny model of the family a hub name or TED teacher folder names, built offline instead of loading it."""
-    from transformers import AutoModel, BertConfig, DebertaV2Config
+    from transformers import AutoModel, BertConfig, DebertaV2Config, ModernBertConfig
 
     if what != "model" and what != "model config":
         raise AssertionError(f"instantiating a recipe should not load a {what}")
@@ -136,7 +136,12 @@ def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object)
         **labels,
     )
     name = str(name_or_path)
-    config = DebertaV2Config(**shape) if "deberta" in name or "ted" in name else BertConfig(**shape)
+    if "modernbert" in name.lower():  # its vocabulary holds its special tokens (pad 50283)
+        config = ModernBertConfig(**{**shape, "vocab_size": 50368})
+    elif "deberta" in name or "ted" in name:
+        config = DebertaV2Config(**shape)
+    else:
+        config = BertConfig(**shape)
     if what == "model config":
         return config
     return (AutoModel if loader is None else loader).from_config(config)
@@ -191,3 +196,27 @@ def test_squad_predict_writes_the_official_scripts_files(
         qa["id"] for article in dev["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]
     }
     assert set(answers) == set(odds) == ids and all(isinstance(a, str) for a in answers.values())
+
+
+def test_the_modernbert_recipe_target_keeps_heads_whole_at_the_size_it_states() -> None:
+    """Checked on ModernBERT-base's real shape (built on the meta device, nothing downloads): the target can be
+    exported, and the student has the 47.1M parameters the recipe's comment states."""
+    import torch
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from lightning_kd.pruning.export import check_exportable
+
+    recipe = yaml.safe_load((EXPERIMENTS / "modernbert" / "homodistil_base.yaml").read_text())
+    target = recipe["trainer"]["callbacks"][0]["init_args"]["target"]
+    base = dict(hidden_size=768, num_attention_heads=12, intermediate_size=1152, num_hidden_layers=22)
+    with torch.device("meta"):
+        teacher = ModernBertForMaskedLM(ModernBertConfig(**base))
+        check_exportable(teacher, target["hidden"], target["heads"])
+        with pytest.raises(ValueError, match="multiple of 64"):
+            check_exportable(teacher, target["hidden"] + 32, target["heads"])
+        shape = dict(hidden_size=target["hidden"], num_attention_heads=target["heads"])
+        student = ModernBertForMaskedLM(
+            ModernBertConfig(**{**base, **shape, "intermediate_size": target["ffn"]})
+        )
+    assert sum(p.numel() for p in teacher.parameters()) == 149_655_232  # ModernBERT-base's published 149M
+    assert round(sum(p.numel() for p in student.parameters()) / 1e6, 1) == 47.1

@@ -176,3 +176,35 @@ def test_pruned_parameter_count_matches_the_pruned_model(arch):
     masks["layers"][1] = False
     pruned = prune_model(model, masks)
     assert pruned_parameter_count(model, masks) == sum(p.numel() for p in pruned.parameters())
+
+
+@pytest.mark.parametrize("kind", ["layernorm-no-bias", "rmsnorm", "llama-rmsnorm"])
+def test_hidden_masks_renormalise_every_norm_kind_over_the_kept_dimensions(kind: str) -> None:
+    """A norm masked to some hidden dimensions computes what the norm of the narrower model computes."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lightning_kd.pruning.units import normalize_kept
+
+    torch.manual_seed(0)
+    norms = {
+        "layernorm-no-bias": lambda width: torch.nn.LayerNorm(width, bias=False),
+        "rmsnorm": lambda width: torch.nn.RMSNorm(width, eps=1e-6),
+        "llama-rmsnorm": lambda width: LlamaRMSNorm(width, eps=1e-6),
+    }
+    full = norms[kind](12)
+    with torch.no_grad():
+        full.weight.normal_(1.0, 0.5)
+    kept = torch.tensor([0, 3, 4, 7, 11])
+    narrow = norms[kind](len(kept))
+    with torch.no_grad():
+        narrow.weight.copy_(full.weight[kept])
+    x = torch.randn(2, 3, 12)
+    assert torch.allclose(normalize_kept(full, x[..., kept], kept), narrow(x[..., kept]), atol=1e-6)
+    assert not torch.allclose(full(x)[..., kept], narrow(x[..., kept]), atol=1e-3)  # the full norm differs
+
+
+def test_a_norm_the_masks_do_not_know_is_refused_by_name() -> None:
+    from lightning_kd.pruning.units import normalize_kept
+
+    with pytest.raises(TypeError, match="cannot mask hidden dimensions through a GroupNorm"):
+        normalize_kept(torch.nn.GroupNorm(2, 4), torch.randn(2, 4), torch.arange(4))
