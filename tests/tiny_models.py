@@ -19,10 +19,26 @@ from transformers import (
     DebertaV2ForMaskedLM,
     DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForQuestionAnswering,
+    MistralForSequenceClassification,
     ModernBertConfig,
     ModernBertForMaskedLM,
     ModernBertForQuestionAnswering,
     ModernBertForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForQuestionAnswering,
+    Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForQuestionAnswering,
+    Qwen3ForSequenceClassification,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForQuestionAnswering,
@@ -41,6 +57,16 @@ TINY = dict(
     # larger weights than the default 0.02, so that removing a unit visibly changes the outputs
     initializer_range=0.2,
 )
+
+DECODER = {
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 ARCHITECTURES = {
     "bert": (BertConfig, BertForMaskedLM, BertForSequenceClassification, {}),
@@ -79,6 +105,24 @@ ARCHITECTURES = {
             "sep_token_id": 2,
         },
     ),
+    # Decoders ("mlm" builds the causal LM): grouped-query attention with 4 key/value groups of 2 query heads
+    # of 8 dimensions (wider than hidden / heads: the config stores the head size), a gated FFN, RMSNorms.
+    # Llama unties its LM head, Qwen2 ties it and has q/k/v biases, Qwen3 adds per-head q/k norms, Mistral
+    # a sliding window of 4 tokens.
+    "llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, DECODER),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2ForSequenceClassification,
+        {**DECODER, "tie_word_embeddings": True},
+    ),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification, DECODER),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        MistralForSequenceClassification,
+        {**DECODER, "sliding_window": 4},
+    ),
 }
 
 
@@ -87,6 +131,10 @@ QA_CLASSES = {
     "roberta": RobertaForQuestionAnswering,
     "deberta-v2": DebertaV2ForQuestionAnswering,
     "modernbert": ModernBertForQuestionAnswering,
+    "llama": LlamaForQuestionAnswering,
+    "qwen2": Qwen2ForQuestionAnswering,
+    "qwen3": Qwen3ForQuestionAnswering,
+    "mistral": MistralForQuestionAnswering,
 }
 
 

@@ -11,7 +11,7 @@ import importlib
 import warnings
 from typing import Any
 
-from lightning_kd.models import bert, deberta_v2, modernbert, roberta  # noqa: F401  (registers the adapters)
+from lightning_kd.models import bert, deberta_v2, llama, modernbert, roberta  # noqa: F401  (registers the adapters)
 from lightning_kd.models.adapter import ArchitectureAdapter, HiddenParts, LayerParts, MaskedLMParts
 from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.models.capture import capture_qkv

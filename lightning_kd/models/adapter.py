@@ -23,8 +23,13 @@ class LayerParts:
     A role may be a slice of a fused map: when ``query``, ``key`` and ``value`` are one Linear (ModernBERT's
     ``Wqkv``), its output rows are three equal blocks, query first, each laid out as ``heads x head_size``. A
     gated FFN (``ffn_gated``) keeps both halves in ``ffn_input``: its rows are two equal blocks (the activated
-    half, then the gate), and neuron ``j`` is row ``j`` of each, so the two rows are always removed together.
+    half, then the gate), and neuron ``j`` is row ``j`` of each, so the two rows are always removed together; a
+    gated FFN with separate maps (Llama's ``gate_proj`` and ``up_proj``) names the gate ``ffn_gate``.
     ``attention_norm`` is None where a block has none (ModernBERT's first block reads the embedding norm).
+
+    Grouped-query attention (``query_heads_per_unit`` > 1): the unit of attention is a key/value head with the
+    query heads that share it, so ``query`` and ``attention_output`` hold that many heads per unit and ``key``
+    and ``value`` one.
     """
 
     query: nn.Linear
@@ -39,6 +44,8 @@ class LayerParts:
     positional_query: nn.Linear | None = None
     positional_key: nn.Linear | None = None
     ffn_gated: bool = False
+    ffn_gate: nn.Linear | None = None
+    query_heads_per_unit: int = 1
 
     @property
     def head_projections(self) -> tuple[nn.Linear, ...]:
@@ -58,6 +65,17 @@ class LayerParts:
     @property
     def norms(self) -> tuple[Norm, ...]:
         return tuple(n for n in (self.attention_norm, self.ffn_norm) if n is not None)
+
+    @property
+    def ffn_inputs(self) -> tuple[nn.Linear, ...]:
+        """The maps whose output rows are FFN neurons (the input map, and a separate gate map if any)."""
+        return tuple(m for m in (self.ffn_input, self.ffn_gate) if m is not None)
+
+    def rows_per_unit(self, linear: nn.Linear, head_size: int) -> int:
+        """Output rows of a head projection (input columns of ``attention_output``) per unit of attention."""
+        if linear is self.query or linear is self.attention_output:
+            return head_size * self.query_heads_per_unit
+        return head_size  # one key or value head per unit
 
     def blocks(self, linear: nn.Linear) -> int:
         """Into how many equal blocks, each laid out by the same units, ``linear``'s output rows fall."""
@@ -239,6 +257,14 @@ class ArchitectureAdapter:
             return self.config(model).num_attention_heads
         output = self.layer_parts(self.layers(model)[layer]).attention_output
         return output.in_features // self.head_size(model)
+
+    def queries_per_unit(self, model: nn.Module) -> int:
+        """Query heads per unit of attention: the query heads sharing a key/value head (1 without GQA)."""
+        return self.layer_parts(self.layers(model)[0]).query_heads_per_unit
+
+    def attention_units(self, model: nn.Module, layer: int) -> int:
+        """Units of attention in a layer: heads, or key/value groups under grouped-query attention."""
+        return self.num_heads(model, layer) // self.queries_per_unit(model)
 
     def intermediate_size(self, model: nn.Module, layer: int) -> int:
         # the FFN output reads one column per neuron, also where a gated input map holds two rows per neuron

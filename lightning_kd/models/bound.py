@@ -53,6 +53,9 @@ class BoundModel:
     def num_heads(self, layer: int | None = None) -> int:
         return self.adapter.num_heads(self.model, layer)
 
+    def queries_per_unit(self) -> int:
+        return self.adapter.queries_per_unit(self.model)
+
     def intermediate_size(self, layer: int) -> int:
         return self.adapter.intermediate_size(self.model, layer)
 
@@ -69,10 +72,11 @@ class BoundModel:
         return self.adapter.max_positions(self.model)
 
     def unit_counts(self) -> dict[str, list[int] | int]:
-        """Heads and FFN neurons per layer, hidden size, layers and head size, as the live model has them now."""
+        """Units of attention (heads; key/value groups under GQA) and FFN neurons per layer, hidden size, layers
+        and head size, as the live model has them now."""
         layers = range(self.num_layers())
         return {
-            "heads": [self.num_heads(i) for i in layers],
+            "heads": [self.adapter.attention_units(self.model, i) for i in layers],
             "ffn": [self.intermediate_size(i) for i in layers],
             "hidden": self.hidden_size(),
             "layers": self.num_layers(),

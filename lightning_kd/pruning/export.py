@@ -22,6 +22,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from lightning_kd.models.adapter import ArchitectureAdapter, query_rescale
+from lightning_kd.models.adapter import ArchitectureAdapter, LayerParts, query_rescale
 from lightning_kd.models.bound import BoundModel, bind, try_bind, unbind
 from lightning_kd.pruning.prune import _refresh_shape, prune_model
 
@@ -87,6 +88,18 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
+def _unit_layout(
+    parts: LayerParts, units: int, head_size: int, new_units: int, new_head_size: int, linear: nn.Linear
+) -> tuple[int, int, int, int]:
+    """(units, rows per unit) of ``linear`` now and in the padded layout."""
+    return (
+        units,
+        parts.rows_per_unit(linear, head_size),
+        new_units,
+        parts.rows_per_unit(linear, new_head_size),
+    )
+
+
 @torch.no_grad()
 def to_standard(model: nn.Module | BoundModel) -> nn.Module:
     """A copy of ``model`` whose every layer matches one standard config (zero-padded where needed)."""
@@ -98,32 +111,41 @@ def to_standard(model: nn.Module | BoundModel) -> nn.Module:
     num_heads, new_head_size = _config_head_layout(adapter, hidden, max(heads), head_size)
     width = max(ffn)
     padded = bound.on(copy.deepcopy(bound.model))
+    queries = bound.queries_per_unit()  # query heads per unit: units are key/value groups under GQA
     for i, layer in enumerate(padded.layers()):
         parts = adapter.layer_parts(layer)
-        shape = (heads[i], head_size, num_heads, new_head_size)
-        if shape[:2] != shape[2:]:
+        shape = partial(_unit_layout, parts, heads[i], head_size, num_heads, new_head_size)
+        if (heads[i], head_size) != (num_heads, new_head_size):
             for projection in parts.head_projections:
                 scale = parts.query_scale(projection, query_rescale(head_size, new_head_size))
                 row_scale = scale[:, None] if isinstance(scale, torch.Tensor) else scale
                 blocks = parts.blocks(projection)
-                _set(projection, "weight", _pad_rows(projection.weight * row_scale, *shape, blocks))
+                _set(
+                    projection, "weight", _pad_rows(projection.weight * row_scale, *shape(projection), blocks)
+                )
                 if projection.bias is not None:
-                    _set(projection, "bias", _pad_rows(projection.bias * scale, *shape, blocks))
+                    _set(projection, "bias", _pad_rows(projection.bias * scale, *shape(projection), blocks))
             output = parts.attention_output
-            _set(output, "weight", _pad_columns(output.weight, *shape))
+            _set(output, "weight", _pad_columns(output.weight, *shape(output)))
         if ffn[i] != width:
             ffn_shape = (ffn[i], 1, width, 1)
-            blocks = parts.blocks(parts.ffn_input)
-            _set(parts.ffn_input, "weight", _pad_rows(parts.ffn_input.weight, *ffn_shape, blocks))
-            if parts.ffn_input.bias is not None:
-                _set(parts.ffn_input, "bias", _pad_rows(parts.ffn_input.bias, *ffn_shape, blocks))
+            for ffn_input in parts.ffn_inputs:
+                blocks = parts.blocks(ffn_input)
+                _set(ffn_input, "weight", _pad_rows(ffn_input.weight, *ffn_shape, blocks))
+                if ffn_input.bias is not None:
+                    _set(ffn_input, "bias", _pad_rows(ffn_input.bias, *ffn_shape, blocks))
             _set(parts.ffn_output, "weight", _pad_columns(parts.ffn_output.weight, *ffn_shape))
         for module in layer.modules():
             _refresh_shape(module)
-        adapter.set_attention_shape(layer, num_heads, new_head_size)
+        adapter.set_attention_shape(layer, num_heads * queries, new_head_size)
     config = padded.config()
     adapter.update_config(
-        config, hidden=hidden, heads=num_heads, head_size=new_head_size, intermediate=width, layers=len(heads)
+        config,
+        hidden=hidden,
+        heads=num_heads * queries,
+        head_size=new_head_size,
+        intermediate=width,
+        layers=len(heads),
     )
     padding = (num_heads, new_head_size, width) != (max(heads), head_size, width) or len(set(heads)) > 1
     if padding or len(set(ffn)) > 1:

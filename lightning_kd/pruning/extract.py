@@ -37,10 +37,11 @@ def _divisors(value: int, limit: int) -> list[int]:
 def _check_sizes(teacher: BoundModel, sizes: dict[str, int]) -> None:
     """Errors that name the size, the limit and the nearest valid choices."""
     counts = teacher.unit_counts()
+    queries = teacher.queries_per_unit()
     limits = {
         "num_layers": counts["layers"],
         "hidden_size": counts["hidden"],
-        "num_attention_heads": min(counts["heads"]),
+        "num_attention_heads": min(counts["heads"]) * queries,
         "intermediate_size": min(counts["ffn"]),
     }
     for name, value in sizes.items():
@@ -51,6 +52,13 @@ def _check_sizes(teacher: BoundModel, sizes: dict[str, int]) -> None:
                 f"Choose {name} <= {limits[name]}."
             )
     hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if queries > 1 and heads % queries:
+        raise ValueError(
+            f"num_attention_heads={heads}: under grouped-query attention heads go in key/value groups of {queries} "
+            f"query heads, so choose a multiple of {queries} (e.g. {max(queries, heads // queries * queries)})."
+        )
+    if teacher.adapter.free_head_size and teacher.adapter.rotary:
+        return  # the head size is stored and kept (rotary): any hidden width holds any number of heads
     if hidden % heads:
         raise ValueError(
             f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}. Nearest valid hidden sizes: "
@@ -92,19 +100,30 @@ def extract(
     are used. The student's head size is ``hidden_size / num_attention_heads``; when it is smaller than the
     teacher's, every head keeps its most important (or random) dimensions and the queries are rescaled so
     that attention scores keep the teacher's temperature. Rotary heads (ModernBERT) keep their size: a
-    narrower student has fewer of them, ``hidden_size / head size`` unless given. The teacher is not modified.
+    narrower student has fewer of them, ``hidden_size / head size`` unless given; where the config stores the
+    head size as well (Llama, Qwen, Mistral) the student keeps the teacher's head size at any hidden width, and
+    under grouped-query attention ``num_attention_heads`` counts query heads, a multiple of the heads per
+    key/value group, kept as whole groups. The teacher is not modified.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown extraction strategy {strategy!r}; choose 'rand' or 'impt'.")
     bound = bind(teacher)
     counts = bound.unit_counts()
-    if num_attention_heads is None and hidden_size is not None and bound.adapter.rotary:
+    queries = bound.queries_per_unit()
+    if (
+        num_attention_heads is None
+        and hidden_size is not None
+        and bound.adapter.rotary
+        and not bound.adapter.free_head_size
+    ):
         # rotary heads keep their size, so a narrower stream holds fewer of them
         num_attention_heads = max(1, hidden_size // counts["head_size"])
     sizes = {
         "num_layers": counts["layers"] if num_layers is None else num_layers,
         "hidden_size": counts["hidden"] if hidden_size is None else hidden_size,
-        "num_attention_heads": max(counts["heads"]) if num_attention_heads is None else num_attention_heads,
+        "num_attention_heads": (
+            max(counts["heads"]) * queries if num_attention_heads is None else num_attention_heads
+        ),
         "intermediate_size": max(counts["ffn"]) if intermediate_size is None else intermediate_size,
     }
     _check_sizes(bound, sizes)
@@ -119,7 +138,8 @@ def extract(
         scores = score_units(bound, method="random", seed=seed)
 
     exists = full_masks(bound)
-    head_size = sizes["hidden_size"] // sizes["num_attention_heads"]
+    free_rotary = bound.adapter.free_head_size and bound.adapter.rotary
+    head_size = counts["head_size"] if free_rotary else sizes["hidden_size"] // sizes["num_attention_heads"]
     layers = torch.zeros(counts["layers"], dtype=torch.bool)
     layers[uniform_layer_choice(counts["layers"], sizes["num_layers"])] = True
 
@@ -130,7 +150,7 @@ def extract(
 
     masks = {
         "layers": layers,
-        "heads": best("heads", sizes["num_attention_heads"]),
+        "heads": best("heads", sizes["num_attention_heads"] // queries),  # whole key/value groups under GQA
         "ffn": best("ffn", sizes["intermediate_size"]),
         "hidden": best("hidden", sizes["hidden_size"]),
     }

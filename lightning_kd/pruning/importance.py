@@ -68,8 +68,11 @@ def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] |
         if axis.blocks > 1:  # a unit's entries in every block of a fused map count for it
             per_entry = per_entry.reshape(axis.blocks, -1, *per_entry.shape[1:]).sum(0)
         size = per_entry.shape[0]
-        if axis.kind == "heads":
-            grid = per_entry.reshape(counts["heads"][axis.layer], counts["head_size"], -1).sum(2)
+        if (
+            axis.kind == "heads"
+        ):  # a unit's rows are its query heads' (one head without grouped-query attention)
+            units = counts["heads"][axis.layer]
+            grid = per_entry.reshape(units, -1, counts["head_size"], per_entry[0].numel()).sum((1, 3))
             scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1)
             scores["head_dims"][axis.layer, : grid.shape[0]] += grid
         elif axis.kind == "ffn":
@@ -271,12 +274,17 @@ class ActivationImportance(UnitImportance):
             self.state = _empty_scores(bound)
             self.state["batches"] = torch.zeros(())
         head_size = counts["head_size"]
+        unit_width = head_size * bound.queries_per_unit()
 
         def on_context(row: int):
             def hook(_module: nn.Module, args: tuple) -> None:
-                grid = args[0].abs().reshape(-1, args[0].shape[-1] // head_size, head_size)
-                self._add("heads", grid.mean(dim=(0, 2)), row)
-                self._add("head_dims", grid.mean(dim=0), row)
+                grid = (
+                    args[0]
+                    .abs()
+                    .reshape(-1, args[0].shape[-1] // unit_width, unit_width // head_size, head_size)
+                )
+                self._add("heads", grid.mean(dim=(0, 2, 3)), row)
+                self._add("head_dims", grid.mean(dim=(0, 2)), row)
 
             return hook
 

@@ -49,6 +49,8 @@ class Axis:
     # equal blocks along ``dim``, each laid out by the same units: 3 for a fused query/key/value map, 2 for a
     # gated FFN's input map (removing a unit removes its entry in every block)
     blocks: int = 1
+    # entries per unit of a "heads" axis: the head size, or a group's query heads under grouped-query attention
+    unit_width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,32 +63,38 @@ class ParameterSlice:
     index: torch.Tensor
 
 
-def _linear_axes(linear: nn.Linear, dim: int, kind: str, layer: int | None, blocks: int = 1) -> list[tuple]:
+def _linear_axes(
+    linear: nn.Linear, dim: int, kind: str, layer: int | None, blocks: int = 1, width: int | None = None
+) -> list[tuple]:
     """A Linear's weight along ``dim``, plus its bias when the axis is the output one."""
-    found = [(linear.weight, dim, kind, layer, blocks)]
+    found = [(linear.weight, dim, kind, layer, blocks, width)]
     if dim == 0 and linear.bias is not None:
-        found.append((linear.bias, 0, kind, layer, blocks))
+        found.append((linear.bias, 0, kind, layer, blocks, width))
     return found
 
 
 def axes(model: nn.Module | BoundModel) -> list[Axis]:
     """Every (parameter, dimension) that some unit owns, each once even where weights are tied."""
     bound = bind(model)
+    head_size = bound.head_size()
     raw: list[tuple] = []
     for i, layer in enumerate(bound.layers()):
         parts = bound.layer_parts(layer)
         for projection in parts.head_projections:
-            raw += _linear_axes(projection, 0, "heads", i, parts.blocks(projection))
+            width = parts.rows_per_unit(projection, head_size)
+            raw += _linear_axes(projection, 0, "heads", i, parts.blocks(projection), width)
             raw += _linear_axes(projection, 1, "hidden", None)
-        raw += _linear_axes(parts.attention_output, 1, "heads", i)
+        output_width = parts.rows_per_unit(parts.attention_output, head_size)
+        raw += _linear_axes(parts.attention_output, 1, "heads", i, width=output_width)
         raw += _linear_axes(parts.attention_output, 0, "hidden", None)
-        raw += _linear_axes(parts.ffn_input, 0, "ffn", i, parts.blocks(parts.ffn_input))
-        raw += _linear_axes(parts.ffn_input, 1, "hidden", None)
+        for ffn_input in parts.ffn_inputs:
+            raw += _linear_axes(ffn_input, 0, "ffn", i, parts.blocks(ffn_input))
+            raw += _linear_axes(ffn_input, 1, "hidden", None)
         raw += _linear_axes(parts.ffn_output, 1, "ffn", i) + _linear_axes(parts.ffn_output, 0, "hidden", None)
         for norm in parts.norms:
             raw += _norm_axes(norm)
     hidden = bound.hidden_parts()
-    raw += [(e.weight, 1, "hidden", None, 1) for e in hidden.embeddings]
+    raw += [(e.weight, 1, "hidden", None, 1, None) for e in hidden.embeddings]
     for reader in hidden.readers:
         raw += _linear_axes(reader, 1, "hidden", None)
     for writer in hidden.writers:
@@ -94,24 +102,24 @@ def axes(model: nn.Module | BoundModel) -> list[Axis]:
     for norm in hidden.norms:
         raw += _norm_axes(norm)
     for conv in hidden.convs:
-        raw += [(conv.weight, 0, "hidden", None, 1), (conv.weight, 1, "hidden", None, 1)]
+        raw += [(conv.weight, 0, "hidden", None, 1, None), (conv.weight, 1, "hidden", None, 1, None)]
         if conv.bias is not None:
-            raw.append((conv.bias, 0, "hidden", None, 1))
+            raw.append((conv.bias, 0, "hidden", None, 1, None))
     names = {id(p): n for n, p in bound.model.named_parameters()}
     seen: set[tuple[int, int]] = set()
     result = []
-    for parameter, dim, kind, layer, blocks in raw:
+    for parameter, dim, kind, layer, blocks, width in raw:
         key = (id(parameter), dim)
         if key in seen or id(parameter) not in names:
             continue
         seen.add(key)
-        result.append(Axis(names[id(parameter)], parameter, dim, kind, layer, blocks))
+        result.append(Axis(names[id(parameter)], parameter, dim, kind, layer, blocks, width))
     return result
 
 
 def _norm_axes(norm: nn.Module) -> list[tuple]:
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    return [(p, 0, "hidden", None, 1) for p in (weight, bias) if p is not None]
+    return [(p, 0, "hidden", None, 1, None) for p in (weight, bias) if p is not None]
 
 
 def layer_parameters(model: nn.Module | BoundModel) -> list[list[tuple[str, nn.Parameter]]]:
@@ -202,6 +210,11 @@ def validate_masks(model: nn.Module | BoundModel, masks: Masks) -> Masks:
                 f"every kept head must keep the same number of dimensions (one head size), got "
                 f"{sorted(widths)}."
             )
+    if "head_dims" in clean and bound.queries_per_unit() > 1 and not clean["head_dims"].all():
+        raise ValueError(
+            "under grouped-query attention a unit is a key/value group with its query heads, which all keep the "
+            "head size: remove whole groups (masks['heads']) instead of narrowing heads."
+        )
     if "head_dims" in clean and bound.adapter.rotary and not clean["head_dims"].all():
         raise ValueError(
             f"{type(bound.model).__name__} rotates each head's dimensions in pairs at frequencies its config "
@@ -245,6 +258,9 @@ def _kept_in_block(axis: Axis, masks: Masks, counts: dict) -> torch.Tensor | Non
         if "head_dims" in masks
         else torch.ones(heads, head_size, dtype=torch.bool)
     )
+    width = axis.unit_width or head_size
+    if width != head_size:  # a key/value group's query heads: the unit goes whole (head_dims are refused)
+        return keep_heads.repeat_interleave(width).nonzero().flatten()
     grid = keep_heads[:, None] & keep_dims
     return grid.flatten().nonzero().flatten()
 
@@ -362,7 +378,7 @@ def _hidden_modules(bound: BoundModel) -> tuple[list, list, list, list]:
     readers, writers, norms = list(parts.readers), list(parts.writers), list(parts.norms)
     for layer in bound.layers():
         p = bound.layer_parts(layer)
-        readers += [*p.head_projections, p.ffn_input]
+        readers += [*p.head_projections, *p.ffn_inputs]
         writers += [p.attention_output, p.ffn_output]
         norms += p.norms
     return readers, writers, norms, parts.convs
@@ -396,7 +412,8 @@ def apply_masks(model: nn.Module | BoundModel, masks: Masks) -> MaskHandle:
     for i, layer in enumerate(layers):
         parts = bound.layer_parts(layer)
         if "heads" in masks:
-            keep = masks["heads"][i, : counts["heads"][i]].float().repeat_interleave(counts["head_size"])
+            width = counts["head_size"] * parts.query_heads_per_unit
+            keep = masks["heads"][i, : counts["heads"][i]].float().repeat_interleave(width)
             handles.append(parts.attention_output.register_forward_pre_hook(_scale_input(keep)))
         if "ffn" in masks:
             keep = masks["ffn"][i, : counts["ffn"][i]].float()

@@ -9,6 +9,7 @@ import torch
 from tiny_models import make_batch, make_model
 from transformers import AutoModel
 
+from lightning_kd.models import bind
 from lightning_kd.pruning import export_pretrained, full_masks, load_pruned, prune_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +40,8 @@ def test_uniform_export_has_a_plain_config(arch, tmp_path):
     pruned = prune_model(model, masks).eval()
     export_pretrained(pruned, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert (config["hidden_size"], config["num_attention_heads"]) == (24, 3)
+    queries = bind(model).queries_per_unit()  # a unit is a key/value group of that many heads under GQA
+    assert (config["hidden_size"], config["num_attention_heads"]) == (24, 3 * queries)
     assert (config["intermediate_size"], config["num_hidden_layers"]) == (24, 2)
     assert "lightning_kd" not in config and "attention_head_size" not in config
     loaded = _same_outputs(pruned, tmp_path)

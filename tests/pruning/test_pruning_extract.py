@@ -53,7 +53,8 @@ def test_extract_gives_the_requested_shape(arch, strategy):
     assert (config.num_hidden_layers, config.hidden_size) == (2, 16)
     assert (config.num_attention_heads, config.intermediate_size) == (2, 20)
     counts = unit_counts(student)
-    assert counts["heads"] == [2, 2] and counts["ffn"] == [20, 20] and counts["head_size"] == 8
+    groups = 2 // get_adapter(teacher).queries_per_unit(teacher)  # units are key/value groups under GQA
+    assert counts["heads"] == [groups, groups] and counts["ffn"] == [20, 20] and counts["head_size"] == 8
     assert all(p.requires_grad for p in student.parameters())
     out = student(**_mlm_batches(student, 1)[0])
     assert out.logits.shape[-1] == teacher.config.vocab_size and torch.isfinite(out.loss)
@@ -61,7 +62,15 @@ def test_extract_gives_the_requested_shape(arch, strategy):
 
 def test_extract_narrower_heads(arch):
     teacher = make_model(arch)
-    if get_adapter(teacher).rotary:  # rotary heads cannot be narrowed: refused, naming the head count to use
+    adapter = get_adapter(teacher)
+    if adapter.rotary and adapter.free_head_size:  # Llama-like: heads keep the size the config stores
+        student = extract(teacher, hidden_size=16, num_attention_heads=4, strategy="rand")
+        assert unit_counts(student)["head_size"] == 8 and student.config.num_attention_heads == 4
+        assert student.config.num_key_value_heads == 2  # two whole key/value groups of two query heads
+        with pytest.raises(ValueError, match="choose a multiple of 2"):
+            extract(teacher, hidden_size=16, num_attention_heads=3, strategy="rand")
+        return
+    if adapter.rotary:  # rotary heads cannot be narrowed: refused, naming the head count to use
         with pytest.raises(ValueError, match=r"cannot be narrowed. Choose num_attention_heads=2"):
             extract(teacher, hidden_size=16, num_attention_heads=4, strategy="rand")
         assert unit_counts(extract(teacher, hidden_size=16, strategy="rand"))["heads"] == [2, 2, 2]
@@ -76,8 +85,9 @@ def test_extract_narrower_heads(arch):
 def test_extract_at_the_teachers_shape_is_the_teacher(arch, strategy):
     teacher = make_model(arch, "cls")
     data = [{**make_batch(teacher), "labels": torch.tensor([0, 2])}]
+    heads = teacher.config.num_attention_heads
     student = extract(
-        teacher, num_layers=3, hidden_size=32, num_attention_heads=4, strategy=strategy, data=data
+        teacher, num_layers=3, hidden_size=32, num_attention_heads=heads, strategy=strategy, data=data
     )
     batch = make_batch(teacher)
     with torch.no_grad():
@@ -121,7 +131,10 @@ def test_extract_rejects_bad_sizes(kwargs, message):
 
 def test_unsupported_architecture_lists_the_supported_ones():
     model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=20))
-    with pytest.raises(ValueError, match="Supported model types: bert, deberta-v2, modernbert, roberta"):
+    with pytest.raises(
+        ValueError,
+        match="Supported model types: bert, deberta-v2, llama, mistral, modernbert, qwen2, qwen3, roberta",
+    ):
         extract(model, num_layers=1)
     with pytest.raises(ValueError, match="Supported model types"):
         full_masks(model)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import make_batch, make_model, output_logits
 
+from lightning_kd.models import bind
 from lightning_kd.pruning import (
     apply_masks,
     full_masks,
@@ -98,7 +99,8 @@ def test_uniform_pruning_gives_a_standard_config(arch):
     masks["heads"][:, 1] = False
     masks["ffn"][:, 10:] = False
     pruned = prune_model(model, masks)
-    assert (pruned.config.num_attention_heads, pruned.config.intermediate_size) == (3, 10)
+    queries = bind(model).queries_per_unit()  # a unit is a key/value group of that many heads under GQA
+    assert (pruned.config.num_attention_heads, pruned.config.intermediate_size) == (3 * queries, 10)
     assert unit_counts(pruned)["heads"] == [3, 3, 3]
 
 
