@@ -149,8 +149,10 @@ def write_model_card(
 
 def auto_class_name(model: nn.Module) -> str:
     """The ``transformers`` Auto class that loads ``model``'s folder with its head."""
-    from lightning_kd.models.layers import is_classifier
+    from lightning_kd.models.layers import is_classifier, is_question_answering
 
+    if is_question_answering(model):
+        return "AutoModelForQuestionAnswering"
     if is_classifier(model):
         return "AutoModelForSequenceClassification"
     get_output = getattr(model, "get_output_embeddings", None)
