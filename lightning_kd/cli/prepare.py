@@ -6,7 +6,8 @@ from lightning_kd.datamodules.prepare import prepare
 
 
 def prepare_main(args: list[str]) -> None:
-    """``lightning-kd prepare --output DIR --tokenizer NAME [--sources ...] [--max_length N] [--num_workers N]``."""
+    """``lightning-kd prepare --output DIR --tokenizer NAME [--sources ...] [--max_length N] [--num_workers N]
+    [--lm mlm|causal]`` (``causal``: blocks for decoder LMs, documents joined by the end-of-text token)."""
     from jsonargparse import CLI
 
     try:

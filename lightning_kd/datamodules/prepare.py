@@ -1,11 +1,13 @@
 """Tokenise once, train many times: pre-training corpora as LitData token shards.
 
 ``prepare`` tokenises every source with the fast tokenizer, in parallel over CPU workers (LitData's
-``optimize``), into packed ``[CLS] ... [SEP]`` blocks of ``max_length`` tokens stored in LitData's chunk format
-(``TokensLoader``), one LitData dataset per source. A ``manifest.json`` records the tokenizer (name and
-vocabulary hash), ``max_length``, the sources and their token counts; the training side
+``optimize``), into packed blocks of ``max_length`` tokens stored in LitData's chunk format (``TokensLoader``),
+one LitData dataset per source. With ``lm="mlm"`` a block is ``[CLS] ... [SEP]`` with the documents joined by
+``[SEP]``, padded with the pad token; with ``lm="causal"`` it is documents joined by the end-of-text token, with
+nothing around them, padded with ``PAD_MARK`` (see :mod:`.causal`). A ``manifest.json`` records ``lm``, the
+tokenizer (name and vocabulary hash), ``max_length``, the sources and their token counts; the training side
 (:class:`~lightning_kd.datamodules.PretrainingDataModule` with ``prepared=``, see :mod:`.prepared`) streams the
-blocks with LitData's ``StreamingDataset`` / ``StreamingDataLoader`` and masks them at collate time.
+blocks with LitData's ``StreamingDataset`` / ``StreamingDataLoader`` and masks MLM blocks at collate time.
 
 Layout of a prepared folder::
 
@@ -32,6 +34,7 @@ import numpy as np
 from litdata import TokensLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_kd.datamodules.causal import LM, PAD_MARK, check_lm, end_of_text
 from lightning_kd.datamodules.common import get_tokenizer, vocabulary_hash
 from lightning_kd.datamodules.sources import (
     DEFAULT_HUB_SOURCES,
@@ -63,9 +66,10 @@ def _slug(index: int, source: str | dict[str, Any]) -> str:
     return f"{index:02d}-{cleaned}"
 
 
-def _plan(tokenizer_name: str, vocab: str, max_length: int, sources: list[Any]) -> dict[str, Any]:
+def _plan(tokenizer_name: str, vocab: str, max_length: int, sources: list[Any], lm: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
+        "lm": lm,
         "tokenizer": tokenizer_name,
         "vocab_hash": vocab,
         "max_length": max_length,
@@ -86,6 +90,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
             f"{folder} has no {MANIFEST}: it is not a prepared folder, or `lightning-kd prepare` did not finish "
             f"there. Run `lightning-kd prepare --output {folder} ...` (again: it resumes) first."
         ) from None
+
+
+def manifest_lm(manifest: dict[str, Any]) -> str:
+    """The kind of blocks a folder holds; folders from before causal blocks existed hold MLM blocks."""
+    return str(manifest.get("lm", "mlm"))
 
 
 def _tokenizer_label(tokenizer: str | PreTrainedTokenizerBase) -> str:
@@ -113,11 +122,10 @@ def _check_plan(output: Path, plan: dict[str, Any]) -> None:
             f"{existing.get('vocab_hash')}); refusing to add {plan['tokenizer']!r} (vocabulary {plan['vocab_hash']}): "
             f"{fix}"
         )
-    for key in ("max_length", "sources", "format"):
-        if existing.get(key) != plan[key]:
-            raise PreparedDataError(
-                f"{output} was prepared with {key}={existing.get(key)!r}, not {plan[key]!r}: {fix}"
-            )
+    for key in ("lm", "max_length", "sources", "format"):
+        theirs = manifest_lm(existing) if key == "lm" else existing.get(key)
+        if theirs != plan[key]:
+            raise PreparedDataError(f"{output} was prepared with {key}={theirs!r}, not {plan[key]!r}: {fix}")
 
 
 def _pieces(source: str | dict[str, Any], workers: int) -> int:
@@ -142,8 +150,11 @@ def _tokenize_piece(item: dict[str, Any]) -> Iterator[np.ndarray]:
     backend.no_truncation()
     backend.no_padding()
     max_length = item["max_length"]
-    first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
-    pad = tokenizer.pad_token_id or 0
+    if item["lm"] == "causal":
+        first, last, separator, pad = None, None, end_of_text(tokenizer), PAD_MARK
+    else:
+        first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
+        separator, pad = last, tokenizer.pad_token_id or 0
     content = max_length - (first is not None) - (last is not None)
     spec = parse_source(item["source"])
     documents = read_documents(spec, item["piece"], item["pieces"])
@@ -162,8 +173,8 @@ def _tokenize_piece(item: dict[str, Any]) -> Iterator[np.ndarray]:
         for encoding in backend.encode_batch(texts, add_special_tokens=False) if texts else []:
             if encoding.ids:
                 buffer.extend(encoding.ids)
-                if last is not None:
-                    buffer.append(last)
+                if separator is not None:
+                    buffer.append(separator)
                 docs += 1
         start = 0
         while len(buffer) - start >= content:
@@ -205,21 +216,25 @@ def prepare(
     max_length: int = 128,
     num_workers: int | None = None,
     chunk_blocks: int = 2048,
+    lm: LM = "mlm",
 ) -> dict[str, Any]:
     """Tokenise ``sources`` into packed ``max_length`` blocks under ``output``; returns the manifest.
 
     Idempotent: on a finished folder with the same settings it does nothing; on a partly written one it keeps
     the sources that finished and redoes the others (deleting only their own partial folders, which this
-    function wrote); a folder of another tokenizer, max_length or source list is refused, naming both.
+    function wrote); a folder of another tokenizer, lm, max_length or source list is refused, naming both.
 
     Args:
         output: a local (or mounted) folder; copy it to an object store afterwards if training reads from one.
         tokenizer: hub name or folder of the teacher's fast tokenizer.
         sources: as for PretrainingDataModule; ``None``: English Wikipedia and BookCorpus from the hub.
-        max_length: tokens per block, [CLS] and [SEP] included.
+        max_length: tokens per block, [CLS] and [SEP] included (MLM).
         num_workers: CPU processes that tokenise; ``None``: one per CPU.
         chunk_blocks: blocks per LitData chunk file (about 1 MB at 128 tokens).
+        lm: ``"mlm"``: ``[CLS] ... [SEP]`` blocks for masked LMs; ``"causal"``: documents joined by the
+            tokenizer's end-of-text token, for decoder LMs (a tokenizer without one is refused).
     """
+    check_lm(lm)
     if "://" in str(output):
         raise ValueError(
             f"prepare writes a local or mounted folder, not {output}: prepare into a local folder, then copy it "
@@ -232,11 +247,20 @@ def prepare(
         )
     output = Path(output).expanduser().resolve()
     loaded = get_tokenizer(tokenizer)
-    if loaded.cls_token_id is None and loaded.bos_token_id is None:
-        raise ValueError(f"{tokenizer!r} has neither a [CLS] nor a BOS token to start blocks with")
-    plan = _plan(_tokenizer_label(tokenizer), vocabulary_hash(loaded), max_length, sources)
-    if max_length < 3:
+    if lm == "causal":
+        end_of_text(loaded)
+    elif loaded.cls_token_id is None and loaded.bos_token_id is None:
+        raise ValueError(
+            f"{tokenizer!r} has neither a [CLS] nor a BOS token to start MLM blocks with: use the masked LM's "
+            "own tokenizer, or lm='causal' for a decoder LM's"
+        )
+    plan = _plan(_tokenizer_label(tokenizer), vocabulary_hash(loaded), max_length, sources, lm)
+    if lm == "mlm" and max_length < 3:
         raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
+    if max_length < 2:
+        raise ValueError(
+            f"max_length={max_length} leaves a causal LM no next token to predict: use at least 2"
+        )
     _check_plan(output, plan)
     if (output / MANIFEST).exists():
         return read_manifest(output)
@@ -255,7 +279,7 @@ def prepare(
     workers = max(1, num_workers if num_workers is not None else available)
     for source, entry in zip(sources, plan["sources"], strict=True):
         _prepare_source(
-            output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks
+            output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks, lm
         )
 
     manifest = dict(plan, sources=[])
@@ -281,7 +305,14 @@ def prepare(
 
 
 def _prepare_source(
-    output: Path, folder: str, source: Any, tokenizer: str, max_length: int, workers: int, chunk_blocks: int
+    output: Path,
+    folder: str,
+    source: Any,
+    tokenizer: str,
+    max_length: int,
+    workers: int,
+    chunk_blocks: int,
+    lm: str,
 ) -> None:
     from litdata import optimize
 
@@ -299,6 +330,7 @@ def _prepare_source(
             "source": source,
             "tokenizer": tokenizer,
             "max_length": max_length,
+            "lm": lm,
             "piece": piece,
             "pieces": pieces,
             "counts": str(counts),

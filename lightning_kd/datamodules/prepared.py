@@ -1,5 +1,8 @@
 """Reading prepared folders back: LitData datasets over the shards, masking at collate time, a resumable loader.
 
+Causal-LM folders (``lm: causal``) are read by the same datasets and loader with
+:class:`~lightning_kd.datamodules.causal.CausalCollate` in place of :class:`MaskingCollate`.
+
 The folders are written by :func:`~lightning_kd.datamodules.prepare.prepare` (``lightning-kd prepare``), whose
 module describes their layout and the manifest.
 """

@@ -1,4 +1,5 @@
-"""Packed, masked text for distillation pre-training: from prepared LitData shards, or streamed from text.
+"""Packed text for distillation pre-training, masked (MLM) or not (causal LM): from prepared LitData shards, or
+streamed from text.
 
 Prepared shards (``prepared=``) are read by LitData (see :mod:`.prepared`); without them the text streams
 from its sources (see :mod:`.stream`). Either way the stream resumes from a checkpoint where it stopped.
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_kd.checks import check_number
+from lightning_kd.datamodules.causal import LM, check_lm, end_of_text
 from lightning_kd.datamodules.common import (
     check_vocabulary,
     distributed_position,
@@ -41,9 +43,15 @@ __all__ = ["POSITION_KEY", "PackedMLMStream", "PretrainingDataModule"]
 
 
 class PretrainingDataModule(L.LightningDataModule):
-    """Packed MLM blocks from a prepared folder (LitData shards) or streamed from text, resumable from checkpoints.
+    """Packed blocks from a prepared folder (LitData shards) or streamed from text, resumable from checkpoints.
 
     Args:
+        lm: ``"mlm"``: ``[CLS] ... [SEP]`` blocks masked for a masked LM (BERT-like), batches with ``input_ids``,
+            ``attention_mask``, ``token_type_ids``, ``labels`` (-100 where not masked) and
+            ``prediction_positions``. ``"causal"``: documents joined by the tokenizer's end-of-text token, not
+            masked, for decoder LMs (Llama, Qwen, Mistral); batches with ``input_ids``, ``attention_mask`` and
+            ``labels`` (the input ids, -100 at padding; the model shifts them). A prepared folder must have been
+            prepared with the same ``lm``.
         tokenizer: hub name or folder of the teacher's fast tokenizer. With ``prepared``: optional (the folder
             carries its own), and when given it must have the vocabulary the folder was prepared with.
         prepared: a folder written by ``lightning-kd prepare`` (local path or an object-store URL LitData reads,
@@ -63,6 +71,7 @@ class PretrainingDataModule(L.LightningDataModule):
         repeat: cycle the sources forever (train with ``trainer.max_steps``, which also keeps DDP ranks in
             step); ``False`` ends the epoch when every source is read once.
         pin_memory: page-locked batches; ``None`` pins when the trainer runs on CUDA.
+        mlm_probability, whole_word_masking: MLM masking; not used with ``lm="causal"``.
     """
 
     def __init__(
@@ -81,6 +90,7 @@ class PretrainingDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         prepared: str | None = None,
         shuffle: bool = True,
+        lm: LM = "mlm",
     ) -> None:
         super().__init__()
         # A batch size of 0 would spin forever without yielding a batch.
@@ -94,11 +104,15 @@ class PretrainingDataModule(L.LightningDataModule):
         if isinstance(sources, (str, dict)):
             raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
         check_number("mlm_probability", mlm_probability, low=0, high=1, low_open=True, high_open=True)
+        check_lm(lm)
+        if lm == "causal" and whole_word_masking:
+            raise ValueError("whole_word_masking is MLM masking, and lm='causal' masks nothing: remove it")
+        self.lm = lm
         self.prepared = str(prepared) if prepared is not None else None
         self.shuffle = shuffle
         self.manifest: dict[str, Any] | None = None
         if self.prepared is not None:
-            self.manifest = self._read_prepared(self.prepared, tokenizer, max_length, sources)
+            self.manifest = self._read_prepared(self.prepared, tokenizer, max_length, sources, lm)
             tokenizer = tokenizer if tokenizer is not None else f"{self.prepared.rstrip('/')}/tokenizer"
             sources = [entry["source"] for entry in self.manifest["sources"]]
         if tokenizer is None:
@@ -134,11 +148,19 @@ class PretrainingDataModule(L.LightningDataModule):
 
     @staticmethod
     def _read_prepared(
-        folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None
+        folder: str, tokenizer: Any, max_length: int, sources: list[str | dict[str, Any]] | None, lm: str
     ) -> dict[str, Any]:
-        from lightning_kd.datamodules.prepare import read_manifest
+        from lightning_kd.datamodules.prepare import PreparedDataError, manifest_lm, read_manifest
 
         manifest = read_manifest(folder)
+        if manifest_lm(manifest) != lm:
+            kinds = {"mlm": "[CLS] ... [SEP] blocks for masked LMs", "causal": "causal-LM blocks"}
+            raise PreparedDataError(
+                f"{folder} holds {kinds[manifest_lm(manifest)]} (lm: {manifest_lm(manifest)}), not {kinds[lm]} "
+                f"(lm: {lm}): set lm: {manifest_lm(manifest)}, or prepare the corpus again for this model into "
+                f"another folder: `lightning-kd prepare --lm {lm} --output NEW_FOLDER --tokenizer "
+                f"{manifest['tokenizer']} --max_length {manifest['max_length']} --sources ...`"
+            )
         if manifest["max_length"] != max_length:
             raise ValueError(
                 f"{folder} holds blocks of {manifest['max_length']} tokens but max_length={max_length}: set "
@@ -200,6 +222,8 @@ class PretrainingDataModule(L.LightningDataModule):
             if spec.kind == "hub":
                 # Resolving the stream here makes an offline run fail now, with the way out, not in a worker.
                 load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
+        if self.lm == "causal":
+            end_of_text(self.tokenizer)  # now, not in a dataloader worker
         trainer = self._trainer_or_none()
         if trainer is not None:
             check_vocabulary(self.tokenizer, trainer.lightning_module)
@@ -229,13 +253,18 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def prepared_loader(self, rank: int = 0, world_size: int = 1, num_nodes: int = 1) -> DataLoader:
         """LitData's loader over the prepared folder, for the reader at ``rank`` of ``world_size``."""
+        from lightning_kd.datamodules.causal import CausalCollate
         from lightning_kd.datamodules.prepared import MaskingCollate, PreparedLoader, prepared_datasets
 
         assert self.prepared is not None and self.manifest is not None
         dataset = prepared_datasets(
             self.prepared, self.manifest, self.shares, self.shuffle, self.seed, rank, world_size, num_nodes
         )
-        collate = MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
+        collate = (
+            CausalCollate(self.tokenizer)
+            if self.lm == "causal"
+            else MaskingCollate(self.tokenizer, self.mlm_probability, self.whole_word_masking, self.seed)
+        )
         return PreparedLoader(
             dataset,
             collate,
@@ -264,6 +293,7 @@ class PretrainingDataModule(L.LightningDataModule):
             self.whole_word_masking,
             self.seed,
             self.repeat,
+            self.lm,
         )
         dataset.rank, dataset.world_size = distributed_position(self._trainer_or_none())
         # Only this rank's readers: the positions of every rank are gathered into one checkpoint.

@@ -1,8 +1,9 @@
-"""Packed, masked text streamed from its sources, and the stream position a checkpoint keeps.
+"""Packed text streamed from its sources, masked or not, and the stream position a checkpoint keeps.
 
 Each reader (one per rank and dataloader worker) mixes its share of every source by tokens, tokenises
 documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks them
-for MLM. It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper takes the
+for MLM (``[CLS] ... [SEP]`` blocks), or, for causal LMs, joins documents with the end-of-text token and masks
+nothing (see :mod:`.causal`). It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper takes the
 position off before the batch reaches the model and keeps the position of the last batch the training loop
 actually took, which is what the checkpoint stores.
 """
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_kd.batch import with_prediction_positions
+from lightning_kd.datamodules.causal import causal_batch, end_of_text, padding_id
 from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
 from lightning_kd.datamodules.sources import DataSourceError, SourceSpec, read_documents
 
@@ -32,7 +34,8 @@ _TOKENIZE_DOCS = 64
 
 
 class PackedMLMStream(IterableDataset):
-    """Interleaved sources -> tokens -> full blocks -> masked batches, resumable per reader."""
+    """Interleaved sources -> tokens -> full blocks -> masked (or, with ``lm="causal"``, causal) batches,
+    resumable per reader."""
 
     def __init__(
         self,
@@ -45,9 +48,14 @@ class PackedMLMStream(IterableDataset):
         whole_word_masking: bool,
         seed: int,
         repeat: bool,
+        lm: str = "mlm",
     ) -> None:
-        if tokenizer.mask_token_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no mask token, so it cannot make MLM batches")
+        if lm == "mlm" and tokenizer.mask_token_id is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no mask token, so it cannot make MLM batches: use the masked "
+                "LM's own tokenizer, or lm='causal' for a decoder LM's"
+            )
+        self.lm = lm
         self.sources = sources
         self.probabilities = np.asarray(probabilities, dtype=np.float64)
         self.tokenizer = tokenizer
@@ -58,8 +66,18 @@ class PackedMLMStream(IterableDataset):
         self.repeat = repeat
         self.rank, self.world_size = 0, 1
         self.start_positions: dict[int, dict[str, Any]] = {}
-        self.first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self.last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if lm == "causal":
+            # Nothing around a block: a block is a window of the documents, each followed by end of text.
+            self.first, self.last, self.separator = None, None, end_of_text(tokenizer)
+            self.pad = padding_id(tokenizer)
+        else:
+            self.first = (
+                tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+            )
+            self.last = (
+                tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+            )
+            self.separator, self.pad = self.last, tokenizer.pad_token_id or 0
         self.content = max_length - (self.first is not None) - (self.last is not None)
         if self.content < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
@@ -119,13 +137,15 @@ class PackedMLMStream(IterableDataset):
     def _collate(
         self, blocks: list[list[int]], reader: int, readers: int, batch_index: int, position: dict[str, Any]
     ) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id or 0
         lengths = torch.tensor([len(block) for block in blocks])
-        rows = np.full((len(blocks), self.max_length), pad, dtype=np.int64)
+        rows = np.full((len(blocks), self.max_length), self.pad, dtype=np.int64)
         for row, block in zip(rows, blocks, strict=True):
             row[: len(block)] = block
         input_ids = torch.from_numpy(rows)
         attention_mask = (torch.arange(self.max_length) < lengths[:, None]).long()
+        position = dict(position, readers=readers, batches=batch_index)
+        if self.lm == "causal":
+            return {**causal_batch(input_ids, attention_mask), POSITION_KEY: {reader: position}}
         special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
         generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
@@ -138,7 +158,6 @@ class PackedMLMStream(IterableDataset):
             generator,
             self.continuation,
         )
-        position = dict(position, readers=readers, batches=batch_index)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
         packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
@@ -159,8 +178,8 @@ class PackedMLMStream(IterableDataset):
             if available < self.content and not exhausted:
                 for ids, before, after in documents:
                     ids = list(ids)
-                    if self.last is not None:
-                        ids.append(self.last)
+                    if self.separator is not None:
+                        ids.append(self.separator)
                     pending.append([ids, skip, before])
                     available += len(ids) - skip
                     skip = 0
@@ -244,7 +263,7 @@ class PackedMLMStream(IterableDataset):
             read[choice] += 1
             if ids:
                 # One for the separator, so the shares are of the tokens in the blocks.
-                tokens[choice] += len(ids) + (self.last is not None)
+                tokens[choice] += len(ids) + (self.separator is not None)
                 after = {
                     "read": list(read),
                     "epochs": list(epochs),

@@ -1,9 +1,10 @@
-"""Small fast tokenizers of two more families, trained offline in a second on a short text with `tokenizers`.
+"""Small fast tokenizers of three more families, trained offline in a second on a short text with `tokenizers`.
 
 RoBERTa-style byte-level BPE: a leading space is part of a word's token, offsets are trimmed to the word, a
 non-ASCII character can be split over several byte tokens with the same offsets, no ``token_type_ids``.
 DeBERTa-v2-style SentencePiece (Unigram + Metaspace): runs of whitespace are collapsed before tokenising, a
 word's ``▁`` token's offsets start at the space before it, ``token_type_ids`` as BERT has them.
+Decoder-LM-style (GPT-2, Llama) byte-level BPE: one end-of-text token and no pad, mask, [CLS] or [SEP] token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import DebertaV2TokenizerFast, PreTrainedTokenizerBase, RobertaTokenizerFast
+from transformers import (
+    DebertaV2TokenizerFast,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    RobertaTokenizerFast,
+)
 
 TEXT = """\
 The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France.
@@ -95,3 +101,24 @@ def deberta_style_tokenizer(
         pad_token="[PAD]",
         mask_token="[MASK]",
     )
+
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def decoder_style_tokenizer(
+    texts: Iterable[str] | None = None, vocab_size: int = 400
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer as decoder LMs have them: ``<|endoftext|>`` is its only special token (eos),
+    and it has no pad token, so a padded position must be told apart from a real token 0 by other means."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_lines(texts) * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT)
