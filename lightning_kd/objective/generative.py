@@ -118,8 +118,10 @@ def token_divergence(
     _check_settings(loss, temperature, beta, top_k)
     _check_logits(teacher_logits.shape, student_logits.shape, top_k)
     dtype = _compute_dtype(torch.promote_types(teacher_logits.dtype, student_logits.dtype))
-    teacher = teacher_logits.to(dtype) / temperature
-    student = student_logits.to(dtype) / temperature
+    teacher, student = teacher_logits.to(dtype), student_logits.to(dtype)
+    if temperature != 1:
+        # skipped at T = 1: each division is one more [N, V] copy
+        teacher, student = teacher / temperature, student / temperature
     if loss == "topk":
         values, ids = teacher.topk(top_k, dim=-1)
         divergence = _kl(values.log_softmax(-1), student.log_softmax(-1).gather(-1, ids))
