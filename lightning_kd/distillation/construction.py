@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import (
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -26,6 +27,7 @@ from lightning_kd.objective.term import ModelInfo
 MODEL_CLASSES = {
     "base": AutoModel,
     "masked-lm": AutoModelForMaskedLM,
+    "causal-lm": AutoModelForCausalLM,
     "sequence-classification": AutoModelForSequenceClassification,
     "question-answering": AutoModelForQuestionAnswering,
 }
@@ -96,7 +98,10 @@ def load_teacher(
 
 def default_objective(teacher: ModelInfo, student: ModelInfo) -> list[dict[str, Any]]:
     """The prediction KL where both models predict (MSE of the scores for one-output heads, where a KL is
-    always 0), else hidden-state MSE over the uniform layer map."""
+    always 0; for causal LMs the next-token KL, a chunk of positions at a time), else hidden-state MSE over the
+    uniform layer map."""
+    if teacher.causal and student.causal:
+        return [{"term": "tokens", "loss": "forward_kl"}]
     if teacher.predicts and student.predicts:
         if 1 in (teacher.num_outputs, student.num_outputs):
             return [{"term": "logits", "loss": "mse"}]
@@ -106,12 +111,21 @@ def default_objective(teacher: ModelInfo, student: ModelInfo) -> list[dict[str, 
 
 def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
     t, s = teacher.config.vocab_size, student.config.vocab_size
+    if t != s and _same_family_causal(teacher, student):
+        # one family's sizes pad the same tokenizer's vocabulary differently (Qwen2.5-7B 152,064 rows, 0.5B
+        # 151,936): the 'tokens' term compares the rows both have, and setup checks the data's tokenizer fits
+        return
     if t != s:
         raise ValueError(
             f"teacher and student vocabularies differ ({t} vs {s} tokens), so the same token ids would mean "
             "different words. Build the student from the teacher (init: copy, layers or config) or pick a "
             "student that was trained with the teacher's tokenizer."
         )
+
+
+def _same_family_causal(teacher: nn.Module, student: nn.Module) -> bool:
+    causal = all(type(m).__name__.endswith("ForCausalLM") for m in (teacher, student))
+    return causal and teacher.config.model_type == student.config.model_type
 
 
 def compile_models(models: Mapping[str, nn.Module], options: bool | Mapping[str, Any]) -> None:

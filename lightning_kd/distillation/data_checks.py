@@ -57,6 +57,17 @@ def check_task_fits_data(task: str, datamodule: Any) -> None:
             f"task='masked-lm' predicts tokens, but the DataModule gives task {glue.name!r} one label "
             "per example; use task: sequence-classification (with a classifier teacher)."
         )
+    lm = getattr(datamodule, "lm", None)
+    if task == "causal-lm" and (lm == "mlm" or glue is not None):
+        raise ValueError(
+            "task='causal-lm' predicts each next token, but the DataModule does not make causal-LM batches; use "
+            "PretrainingDataModule(lm='causal') (and a folder prepared with `lightning-kd prepare --lm causal`)."
+        )
+    if task == "masked-lm" and lm == "causal":
+        raise ValueError(
+            "task='masked-lm' reads masked tokens, but the DataModule makes causal-LM batches (lm='causal'); use "
+            "task: causal-lm with decoder models, or lm: mlm for masked LMs."
+        )
     if task == "sequence-classification" and hasattr(datamodule, "mlm_probability"):
         raise ValueError(
             "task='sequence-classification' predicts one label per example, but the DataModule makes "

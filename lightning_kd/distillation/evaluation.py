@@ -7,8 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
+from lightning_kd.batch import IGNORE_INDEX
 from lightning_kd.datamodules.common import task_metrics
+from lightning_kd.objective.generative import chunked_cross_entropy, next_token_targets
+from lightning_kd.objective.term import Features
 
 STAGES = ("val", "test")
 
@@ -89,3 +93,31 @@ class TeacherComparison(nn.Module):
         """The last evaluation's student, teacher and gap metrics, in one mapping (the model card's)."""
         last = self.last
         return {**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})}
+
+
+class Perplexity(Metric):
+    """Next-token perplexity of a causal-LM student and of its teacher on an evaluation set, and the gap
+    (``<stage>/perplexity/{student,teacher,gap}``, gap = student - teacher): exp of the mean negative
+    log-likelihood over every predicted token of the set, summed across batches and ranks before the exp (the
+    mean of per-batch perplexities would weight short batches as much as long ones)."""
+
+    def __init__(self, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.chunk_size = chunk_size
+        for name in ("teacher", "student", "tokens"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, teacher: Features, student: Features, labels: Tensor) -> None:  # type: ignore[override]
+        targets = next_token_targets(labels, student.positions)
+        with torch.no_grad():
+            for name, side in (("teacher", teacher), ("student", student)):
+                nll = chunked_cross_entropy(
+                    side.head_input, side.head, targets, self.chunk_size, reduction="sum"
+                )
+                setattr(self, name, getattr(self, name) + nll.double())
+        self.tokens += (targets != IGNORE_INDEX).sum()
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        tokens = self.tokens.clamp_min(1)
+        student, teacher = torch.exp(self.student / tokens), torch.exp(self.teacher / tokens)
+        return {"student": student.float(), "teacher": teacher.float(), "gap": (student - teacher).float()}

@@ -4,13 +4,14 @@ model through its adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from lightning_kd.batch import PREDICTION_POSITIONS, complete_batch, prediction_positions
+from lightning_kd.models.adapter import MaskedLMParts
 from lightning_kd.models.capture import capture_qkv
 from lightning_kd.models.info import has_adapter, masked_lm_parts
 from lightning_kd.models.registry import get_adapter
@@ -31,7 +32,7 @@ def prepare_batch(batch: Mapping[str, Tensor], needs: Needs) -> Mapping[str, Ten
     labels = batch.get("labels")
     if (
         PREDICTION_POSITIONS in batch
-        or not needs.logits
+        or not (needs.logits or needs.head_inputs)
         or labels is None
         or labels.shape != batch["input_ids"].shape
     ):
@@ -49,8 +50,8 @@ def model_features(
         inputs["attention_mask"] = get_adapter(model).attention_mask_input(model, inputs["attention_mask"])
     capture = capture_qkv(model, [i - 1 for i in sorted(qkv_layers)]) if qkv_layers else nullcontext({})
     parts = masked_lm_parts(model)
-    positions = batch.get(PREDICTION_POSITIONS) if needs.logits else None
-    logits = None
+    positions = batch.get(PREDICTION_POSITIONS) if needs.logits or needs.head_inputs else None
+    logits = head_input = head = None
     with capture as qkv:
         # A masked LM runs its encoder, then its prediction head only at the positions a loss reads.
         out = (parts.encoder if parts is not None else model)(
@@ -59,11 +60,14 @@ def model_features(
             output_attentions=needs.attentions,
             return_dict=True,
         )
-    if parts is not None and needs.logits:
+    if parts is not None and (needs.logits or needs.head_inputs):
         hidden = out.last_hidden_state
         if positions is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        logits = parts.predict(hidden)
+        if needs.logits:
+            logits = parts.predict(hidden)
+        if needs.head_inputs:
+            head_input, head = hidden, _head_in_its_precision(parts)
     elif needs.logits and getattr(out, "start_logits", None) is not None:
         return Features(
             logits=torch.stack([out.start_logits, out.end_logits], dim=1),
@@ -85,4 +89,13 @@ def model_features(
         attentions=out.attentions,
         qkv={i + 1: v for i, v in qkv.items()},
         positions=positions,
+        head_input=head_input,
+        head=head,
     )
+
+
+def _head_in_its_precision(parts: MaskedLMParts) -> Callable[[Tensor], Tensor]:
+    """``parts.predict`` for rows of any precision: the losses call it with autocast off, where a float32 row
+    meets a bf16 teacher's head (or a bf16 row a float32 head) and the matrix product would refuse them."""
+    dtype = next(parts.head.parameters()).dtype
+    return lambda rows: parts.predict(rows.to(dtype))

@@ -30,7 +30,7 @@ from lightning_kd.distillation.construction import (
 from lightning_kd.distillation.data_checks import check_models_fit_data, check_task_fits_data
 from lightning_kd.distillation.discrepancy import measure_discrepancy
 from lightning_kd.distillation.dropout import random_stream
-from lightning_kd.distillation.evaluation import TeacherComparison, evaluation_key
+from lightning_kd.distillation.evaluation import Perplexity, TeacherComparison, evaluation_key
 from lightning_kd.distillation.features import model_features, prepare_batch
 from lightning_kd.distillation.resume import check_distillation_resume
 from lightning_kd.distillation.step_accounting import StepAccounting
@@ -128,12 +128,16 @@ class DistillationModule(StepAccounting):
         self.objective = DistillationObjective(objective or default_objective(teacher_info, student_info))
         self.objective.bind(teacher_info, student_info)
         needs = self.objective.needs()
-        # Hidden states always (the discrepancy reads them); logits whenever both models predict.
+        # Hidden states always (the discrepancy reads them); logits whenever both models predict, except causal LMs,
+        # whose every position's vocabulary logits only the chunked terms read (from the head's inputs).
+        causal = teacher_info.causal and student_info.causal
         self.needs = dataclasses.replace(
             needs,
             hidden_states=True,
-            logits=needs.logits or (teacher_info.predicts and student_info.predicts),
+            logits=needs.logits or (teacher_info.predicts and student_info.predicts and not causal),
+            head_inputs=needs.head_inputs or causal,
         )
+        self.perplexity = Perplexity() if causal else None
         if self.needs.attentions:
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)
@@ -289,6 +293,8 @@ class DistillationModule(StepAccounting):
             sync_dist=True,
             add_dataloader_idx=False,
         )
+        if self.perplexity is not None and "labels" in batch:
+            self.perplexity.update(teacher, student, batch["labels"])
         metrics = self.task_metrics if stage == "val" else self.test_metrics
         if metrics is not None and student.logits is not None:
             metrics.update(student.logits, batch[metrics.target_key], dataloader_idx)
@@ -297,6 +303,9 @@ class DistillationModule(StepAccounting):
         return loss
 
     def _end_evaluation(self, stage: str) -> None:
+        if self.perplexity is not None and self.perplexity.update_called:
+            self.log_dict({f"{stage}/perplexity/{k}": v for k, v in self.perplexity.compute().items()})
+            self.perplexity.reset()
         metrics = self.task_metrics if stage == "val" else self.test_metrics
         if metrics is None:
             return

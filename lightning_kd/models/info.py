@@ -42,6 +42,7 @@ def model_info(model: nn.Module | BoundModel, name: str) -> ModelInfo:
         or is_classifier(model)
         or is_question_answering(model),
         num_outputs=_num_outputs(model),  # read only when predicts
+        causal=type(model).__name__.endswith("ForCausalLM"),
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,

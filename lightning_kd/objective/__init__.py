@@ -19,6 +19,13 @@ positions (``Features.positions``), and the terms read the rows they were given.
 """
 
 from lightning_kd.batch import IGNORE_INDEX, PREDICTION_POSITIONS, prediction_positions
+from lightning_kd.objective.generative import (
+    TOKEN_LOSSES,
+    NextTokenDistillation,
+    chunked_cross_entropy,
+    chunked_token_loss,
+    token_divergence,
+)
 from lightning_kd.objective.objective import DistillationObjective, build_term
 from lightning_kd.objective.predictions import prediction_kl, prediction_mse
 from lightning_kd.objective.term import (
@@ -46,6 +53,7 @@ __all__ = [
     "LAYER_MAPS",
     "PREDICTION_POSITIONS",
     "TERMS",
+    "TOKEN_LOSSES",
     "AttentionMap",
     "DistillationObjective",
     "Embeddings",
@@ -54,14 +62,18 @@ __all__ = [
     "KnowledgeTerm",
     "ModelInfo",
     "Needs",
+    "NextTokenDistillation",
     "PredictionKL",
     "Relations",
     "TaskLoss",
     "build_term",
+    "chunked_cross_entropy",
+    "chunked_token_loss",
     "prediction_kl",
     "prediction_mse",
     "prediction_positions",
     "register_term",
     "relation_log_probs",
     "resolve_layer_map",
+    "token_divergence",
 ]

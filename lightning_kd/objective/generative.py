@@ -10,13 +10,16 @@ of rows at a time and recomputes each chunk in backward, so peak memory follows 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lightning_kd.batch import IGNORE_INDEX
 from lightning_kd.checks import check_number
+from lightning_kd.objective.term import Features, KnowledgeTerm, ModelInfo, Needs, register_term
 
 TOKEN_LOSSES = ("forward_kl", "reverse_kl", "jsd", "topk")
 
@@ -204,3 +207,109 @@ def chunked_token_loss(
         return total / rows
     # all-zero weights give 0 (every term is weighted 0), not 0 / 0
     return total / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024, reduction: str = "mean"
+) -> Tensor:
+    """Cross-entropy of ``head(hidden)`` ``[N, V]`` against ``targets`` ``[N]`` (ignoring -100), a chunk of rows
+    at a time and recomputed in backward as in :func:`chunked_token_loss`: the causal LM's own loss, and the
+    negative log-likelihood behind perplexity, without the full logits. ``reduction`` ``"sum"`` gives the summed
+    log-likelihood (for averaging over a whole evaluation)."""
+    check_number("chunk_size", chunk_size, low=1, integer=True)
+
+    def chunk_loss(rows: Tensor, chunk_targets: Tensor) -> Tensor:
+        logits = head(rows)
+        return torch.nn.functional.cross_entropy(
+            logits.float(), chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    recompute = torch.is_grad_enabled()
+    total = head(hidden[:0]).sum() * 0.0  # graph-connected, for batches without a target
+    for start in range(0, len(hidden), chunk_size):
+        chunk = (hidden[start : start + chunk_size], targets[start : start + chunk_size])
+        total = total + (
+            checkpoint(chunk_loss, *chunk, use_reentrant=False) if recompute else chunk_loss(*chunk)
+        )
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def next_token_targets(labels: Tensor, positions: Tensor) -> Tensor:
+    """The token each flattened position (``positions``, indices into batch x sequence) predicts: the label one
+    step later in its row, -100 at a row's last position. Labels are unshifted, as Hugging Face causal LMs take
+    them (the model shifts inside its own loss; here the rows are read one by one, so the shift is made here)."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted.reshape(-1).index_select(0, positions)
+
+
+@register_term
+class NextTokenDistillation(KnowledgeTerm):
+    """Next-token distillation for causal LMs: a divergence between the teacher's and the student's next-token
+    distributions at every position a loss reads (``loss``: ``forward_kl``, ``reverse_kl``, ``jsd`` with
+    ``beta``, or ``topk`` with ``top_k``; see :func:`token_divergence`), computed a ``chunk_size`` of positions at
+    a time from the final hidden states, so that no batch x length x vocabulary float32 tensor is ever built.
+
+    A teacher and student of one family whose vocabularies differ only by padding rows (Qwen2.5-7B's head has
+    152,064 rows, 0.5B's 151,936, for the same 151,665 tokens) are compared over the rows both have: the
+    module refuses data whose tokenizer reaches past them.
+    """
+
+    kind = "tokens"
+    losses = TOKEN_LOSSES
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        top_k: int | None = None,
+        chunk_size: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_settings(self.loss, temperature, beta, top_k)
+        check_number("chunk_size", chunk_size, low=1, integer=True)
+        self.temperature, self.beta, self.top_k, self.chunk_size = (
+            float(temperature),
+            float(beta),
+            top_k,
+            chunk_size,
+        )
+        self.vocabulary: int | None = None
+
+    def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        for info in (teacher, student):
+            if not info.causal:
+                raise ValueError(
+                    f"the 'tokens' term distils next-token predictions, but the {info.name} is not a causal LM: "
+                    "load both with task: causal-lm, or use the 'logits' term for masked LMs and classifiers."
+                )
+        self.vocabulary = min(teacher.num_outputs, student.num_outputs)
+        if self.top_k is not None and self.top_k > self.vocabulary:
+            raise ValueError(
+                f"top_k={self.top_k} is larger than the vocabulary ({self.vocabulary}): lower it."
+            )
+
+    def needs(self) -> Needs:
+        return Needs(head_inputs=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        vocabulary = self.vocabulary
+
+        def narrow(head: Head) -> Head:
+            # padding rows past the shared vocabulary are no token of either tokenizer
+            return lambda rows: head(rows)[..., :vocabulary]
+
+        return chunked_token_loss(
+            teacher.head_input,
+            student.head_input,
+            narrow(teacher.head),
+            narrow(student.head),
+            loss=self.loss,
+            temperature=self.temperature,
+            beta=self.beta,
+            top_k=self.top_k,
+            chunk_size=self.chunk_size,
+        )

@@ -4,7 +4,7 @@ the two models (ModelInfo), layer maps, and the term registry."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ class ModelInfo:
     num_outputs: int | None = (
         None  # logits per row: num_labels of a classifier (1 = regression), else the vocabulary
     )
+    causal: bool = False  # a causal LM: predicts the next token at every position
 
 
 @dataclass
@@ -48,6 +49,10 @@ class Features:
     qkv: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # 1-based block -> {"query": ...}
     positions: Tensor | None = None
     spans: bool = False
+    # a causal LM's final hidden states at ``positions`` and the head that maps them to the vocabulary, for the
+    # terms that apply the head a chunk of rows at a time instead of reading ``logits``
+    head_input: Tensor | None = None
+    head: Callable[[Tensor], Tensor] | None = None
 
     def float(self) -> Features:
         """The same outputs in float32 (free when they already are): losses are computed at full precision."""
@@ -64,6 +69,10 @@ class Features:
             qkv={layer: {k: v.float() for k, v in parts.items()} for layer, parts in self.qkv.items()},
             positions=self.positions,
             spans=self.spans,
+            # kept in the model's precision: the head it feeds runs in that precision, and the losses that
+            # read it compute their softmaxes in float32 a chunk at a time
+            head_input=self.head_input,
+            head=self.head,
         )
 
 
@@ -76,6 +85,7 @@ class Needs:
     attentions: bool = False
     teacher_qkv_layers: frozenset[int] = frozenset()
     student_qkv_layers: frozenset[int] = frozenset()
+    head_inputs: bool = False  # a causal LM's final hidden states at the positions read, and its head
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -84,6 +94,7 @@ class Needs:
             self.attentions or other.attentions,
             self.teacher_qkv_layers | other.teacher_qkv_layers,
             self.student_qkv_layers | other.student_qkv_layers,
+            self.head_inputs or other.head_inputs,
         )
 
 

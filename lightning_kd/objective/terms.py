@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_kd.batch import IGNORE_INDEX
 from lightning_kd.checks import check_number
+from lightning_kd.objective.generative import chunked_cross_entropy, next_token_targets
 from lightning_kd.objective.predictions import prediction_kl, prediction_mse, span_cross_entropy
 from lightning_kd.objective.term import (
     Features,
@@ -49,6 +50,12 @@ class PredictionKL(KnowledgeTerm):
         self.temperature = float(temperature)
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
+        if teacher.causal or student.causal:
+            raise ValueError(
+                "the 'logits' term would hold every position's vocabulary logits of a causal LM at once; use the "
+                "'tokens' term, which distils next-token predictions a chunk of positions at a time (loss: "
+                "forward_kl is this term's KL)."
+            )
         for info in (teacher, student):
             if not info.predicts:
                 raise ValueError(
@@ -335,18 +342,23 @@ class TaskLoss(KnowledgeTerm):
 
     kind = "task"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, chunk_size: int = 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_number("chunk_size", chunk_size, low=1, integer=True)
+        self.chunk_size = chunk_size  # positions per chunk of a causal LM's vocabulary logits
+        self.causal = False
 
     def bind(self, teacher: ModelInfo, student: ModelInfo) -> None:
         if not student.predicts:
             raise ValueError(
-                "the 'task' term needs a student with a prediction head (task: masked-lm, "
+                "the 'task' term needs a student with a prediction head (task: masked-lm, causal-lm, "
                 "sequence-classification or question-answering)."
             )
+        self.causal = student.causal
 
     def needs(self) -> Needs:
-        return Needs(logits=True)
+        # a causal LM's next-token loss reads the final hidden states and applies the head a chunk at a time
+        return Needs(head_inputs=True) if self.causal else Needs(logits=True)
 
     def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
         logits, labels = student.logits, batch.get("labels")
@@ -354,6 +366,9 @@ class TaskLoss(KnowledgeTerm):
             return span_cross_entropy(logits, batch)
         if labels is None:
             raise ValueError("the 'task' term needs `labels` in the batch; the DataModule yields none.")
+        if self.causal:
+            targets = next_token_targets(labels, student.positions)
+            return chunked_cross_entropy(student.head_input, student.head, targets, self.chunk_size)
         if logits.shape[-1] == 1 and labels.is_floating_point():
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         if student.positions is not None:  # predicted only where the labels are: read the labels there
