@@ -121,7 +121,14 @@ PAPER_SCALE = [p for p in RECIPES if str(p.relative_to(EXPERIMENTS)) not in OFFL
 
 def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object) -> object:
     """A tiny model of the family a hub name or TED teacher folder names, built offline instead of loading it."""
-    from transformers import AutoModel, BertConfig, DebertaV2Config, ModernBertConfig
+    from transformers import (
+        AutoModel,
+        BertConfig,
+        DebertaV2Config,
+        LlamaConfig,
+        ModernBertConfig,
+        Qwen2Config,
+    )
 
     if what != "model" and what != "model config":
         raise AssertionError(f"instantiating a recipe should not load a {what}")
@@ -138,6 +145,9 @@ def _stand_in(loader: object, name_or_path: object, what: str, **kwargs: object)
     name = str(name_or_path)
     if "modernbert" in name.lower():  # its vocabulary holds its special tokens (pad 50283)
         config = ModernBertConfig(**{**shape, "vocab_size": 50368})
+    elif "llama" in name.lower() or "qwen" in name.lower():  # decoders: 4 key/value groups of 3 query heads
+        decoder = LlamaConfig if "llama" in name.lower() else Qwen2Config
+        config = decoder(**shape, num_key_value_heads=4, head_dim=8)
     elif "deberta" in name or "ted" in name:
         config = DebertaV2Config(**shape)
     else:
@@ -220,3 +230,39 @@ def test_the_modernbert_recipe_target_keeps_heads_whole_at_the_size_it_states() 
         )
     assert sum(p.numel() for p in teacher.parameters()) == 149_655_232  # ModernBERT-base's published 149M
     assert round(sum(p.numel() for p in student.parameters()) / 1e6, 1) == 47.1
+
+
+DECODERS = {  # the published shapes (config.json of each hub model), built on the meta device
+    "llama32_1b_homodistil.yaml": (
+        "LlamaForCausalLM",
+        dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16),
+        dict(num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+        (1.236, 0.776),
+    ),
+    "qwen25_1p5b_homodistil.yaml": (
+        "Qwen2ForCausalLM",
+        dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28),
+        dict(num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True),
+        (1.544, 0.721),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_the_decoder_recipes_shrink_to_the_size_they_state(name: str) -> None:
+    """The target on the real shape gives the billions of parameters the comment states, with every key/value
+    group kept (the config an export of that student writes: the head size is stored, so it stays)."""
+    import torch
+    import transformers
+
+    class_name, shape, attention, (teacher_size, student_size) = DECODERS[name]
+    recipe = yaml.safe_load((EXPERIMENTS / "decoder" / name).read_text())
+    target = recipe["trainer"]["callbacks"][0]["init_args"]["target"]
+    assert set(target) == {"hidden", "ffn"}  # heads are not a target: a unit is a whole key/value group
+    model_class = getattr(transformers, class_name)
+    config_class = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
+    narrowed = {**shape, "hidden_size": target["hidden"], "intermediate_size": target["ffn"]}
+    with torch.device("meta"):
+        models = [model_class(config_class(**s, **attention)) for s in (shape, narrowed)]
+    billions = [round(sum(p.numel() for p in m.parameters()) / 1e9, 3) for m in models]
+    assert billions == [teacher_size, student_size]

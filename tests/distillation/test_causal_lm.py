@@ -227,3 +227,26 @@ def test_a_decoder_resumed_mid_pruning_ends_with_the_same_student(tmp_path: Path
     resumed = run(ckpt=str(tmp_path / "mid.ckpt"))
     for name, value in straight.student.state_dict().items():
         assert torch.allclose(value, resumed.student.state_dict()[name], atol=1e-6), name
+
+
+def test_the_snippet_in_docs_decoders_builds_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/decoders.md's first example, run as written, with a tiny Llama standing in for the hub's."""
+    import re
+
+    from lightning_kd import hub
+
+    def stand_in(loader: object, name: object, what: str, **kwargs: object) -> object:
+        assert (name, what) == ("meta-llama/Llama-3.2-1B", "model")
+        return make_model("llama")
+
+    monkeypatch.setattr(hub, "_load", stand_in)
+    text = (Path(__file__).resolve().parents[2] / "docs" / "decoders.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 (the documented code itself)
+    assert scope["module"].hparams.task == "causal-lm" and scope["data"].lm == "causal"
+    assert scope["pruning"].target == {"hidden": 1536, "ffn": 6144}
+    assert [type(t).__name__ for t in scope["module"].objective.terms.values()] == [
+        "NextTokenDistillation",
+        "TaskLoss",
+    ]
