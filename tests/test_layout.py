@@ -75,6 +75,13 @@ def test_import_is_cheap() -> None:
     assert out.strip() == "[]"
 
 
+def test_the_export_modules_import_first() -> None:
+    """training.export reaches distillation through pruning (PruningCallback): imported first, in a fresh
+    interpreter, it once met itself half-initialised."""
+    code = "import lightning_kd.training.export, lightning_kd.pruning.export"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+
 def test_no_loose_modules_at_the_root() -> None:
     loose = sorted(p.name for p in (ROOT / "lightning_kd").glob("*.py") if p.name != "__init__.py")
     assert len(loose) <= 4, loose

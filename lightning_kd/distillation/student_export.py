@@ -16,7 +16,6 @@ from lightning_kd.distillation.features import MODEL_INPUTS
 from lightning_kd.models.layers import is_classifier
 from lightning_kd.pruning.export import parameter_count
 from lightning_kd.training.card import describe_device, forward_ms
-from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lightning_internals import attached_trainer
 
 
@@ -57,6 +56,10 @@ def export_student(
 ) -> str:
     """``DistillationModule.save_student``: the student's folder, with the DataModule's tokenizer unless one is
     given, the task's label names, and a card naming the teacher, the method, the speed and the metrics."""
+    # imported here: training.export reaches this package through pruning (PruningCallback), so a module-level
+    # import makes `import lightning_kd.training.export` alone circular
+    from lightning_kd.training.export import CardFacts, export_model
+
     trainer = attached_trainer(module)
     datamodule = getattr(trainer, "datamodule", None)
     if tokenizer is None:
