@@ -104,9 +104,13 @@ class LayerParts:
                 if projection.bias is not None:
                     projection.bias.mul_(scale)
 
+    def qkv_roles(self, linear: nn.Linear) -> list[str]:
+        """Which of query, key and value ``linear`` computes (all three for a fused map, none for others)."""
+        return [role for role in ("query", "key", "value") if getattr(self, role) is linear]
+
     def split_qkv(self, linear: nn.Linear, output: Tensor) -> dict[str, Tensor]:
         """The query, key and value that ``linear``'s ``output`` holds, by role."""
-        roles = [r for r in ("query", "key", "value") if getattr(self, r) is linear]
+        roles = self.qkv_roles(linear)
         if len(roles) == 1:
             return {roles[0]: output}
         return dict(zip(roles, output.chunk(len(roles), dim=-1), strict=True))

@@ -38,7 +38,7 @@ def capture_qkv(
         for index in layers:
             parts = bound.layer_parts(all_layers[index])
             for linear in parts.head_projections:
-                if parts.split_qkv(linear, torch.empty(0, 3)):  # only the maps that hold q, k or v
+                if parts.qkv_roles(linear):  # not DeBERTa's positional projections
                     handles.append(linear.register_forward_hook(keep(index, parts, linear)))
         yield store
     finally:
