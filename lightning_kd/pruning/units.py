@@ -4,6 +4,8 @@ A mask set is a plain dict of bool tensors, easy to all-reduce under DDP and to 
 
     {"heads": [layers, heads], "ffn": [layers, intermediate], "hidden": [hidden], "layers": [layers]}
 
+(under grouped-query attention a "head" is a key/value group with its query heads: see ``LayerParts``).
+
 ``True`` keeps a unit. Any key may be missing (nothing of that kind is masked). In a model whose layers were
 already pruned to different widths the per-layer rows are padded: unit ``j`` of layer ``i`` exists only
 when ``j < unit_counts(model)[kind][i]``, and mask entries past it are ignored. ``"head_dims"``
@@ -16,8 +18,8 @@ Heads and FFN neurons are silenced by zeroing their contribution to the output p
 removing them does. Hidden dimensions are harder, because a LayerNorm's mean and variance run over all
 dimensions: a masked model therefore *is the pruned model embedded in the full width*. Every map that reads
 the residual stream sees masked dimensions as zero, every map that writes it outputs zero there, and every
-LayerNorm on the residual stream normalises over the kept dimensions only. Masked layers pass their input
-through unchanged.
+norm on the residual stream (LayerNorm or RMSNorm) normalises over the kept dimensions only. Masked layers
+pass their input through unchanged.
 """
 
 from __future__ import annotations
