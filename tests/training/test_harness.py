@@ -1,6 +1,6 @@
 """The lm-evaluation-harness bridge on a local multiple-choice task (a JSON Lines file, nothing downloaded): the
-harness's accuracy of an exported tiny Llama, from its folder and in memory, equals the accuracy worked out by hand
-from the model's own log-likelihood of each choice."""
+harness's accuracy of an exported tiny Llama, from its folder, in memory and through ``lightning-kd harness``,
+equals the accuracy worked out by hand from the model's own log-likelihood of each choice."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lightning_kd.cli import main
 from lightning_kd.training.harness import (
     HarnessNotInstalledError,
     builtin_tasks_needed,
@@ -154,6 +155,31 @@ def test_a_model_in_memory_is_scored_and_left_as_it_was(exported: Exported) -> N
         model.eval()
 
 
+def test_the_command_prints_a_table_and_writes_json(
+    exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "results" / "harness.json"
+    task_file = exported.tasks / f"{TASK}.yaml"
+    main(
+        ["harness", "--model", str(exported.folder), "--tasks", str(task_file), "--limit", "4"]
+        + ["--device", "cpu", "--output", str(out)]
+    )
+    expected = hand_accuracy(exported, count=4)
+    assert expected == 3 / 4
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("task ")).split() == [
+        "task",
+        "metric",
+        "value",
+        "stderr",
+    ]
+    row = next(line.split() for line in lines if line.startswith(TASK))
+    assert row[1:3] == ["acc", f"{expected:.4f}"]
+    record = json.loads(out.read_text())
+    assert record["limit"] == 4 and record["tasks"] == [str(task_file)]
+    assert record["results"][TASK]["acc"] == pytest.approx(expected)
+
+
 def test_local_tasks_skip_indexing_lm_evals_collection(exported: Exported) -> None:
     local = [TASK, "kd_other"]
     assert not builtin_tasks_needed([TASK], local)
@@ -178,3 +204,5 @@ def test_without_the_extra_the_error_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, missing, None)
     with pytest.raises(HarnessNotInstalledError, match=r'pip install "lightning-kd\[harness\]"'):
         evaluate_with_harness(exported.folder, [TASK], include_path=exported.tasks)
+    with pytest.raises(SystemExit, match=r'lightning-kd harness: .*pip install "lightning-kd\[harness\]"'):
+        main(["harness", "--model", str(exported.folder), "--tasks", TASK])
