@@ -1,4 +1,5 @@
-"""The ``lightning-kd`` command: Lightning's CLI over lightning-kd's modules and DataModules, plus ``prepare``.
+"""The ``lightning-kd`` command: Lightning's CLI over lightning-kd's modules and DataModules, plus ``prepare`` and
+``harness`` (lm-evaluation-harness on an exported model).
 
 This file stays free of torch, Lightning and transformers, so ``lightning-kd``, ``lightning-kd --help`` and
 ``lightning-kd --version`` answer at once; a subcommand imports what it runs.
@@ -15,6 +16,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test sets",
     "predict": "write predictions (for a GLUE task: the submission folder)",
     "prepare": "tokenise corpora once into LitData shards for pre-training distillation",
+    "harness": "score an exported decoder on lm-evaluation-harness tasks (the optional harness extra)",
 }
 
 HELP = """usage: lightning-kd <subcommand> [options]
@@ -27,6 +29,7 @@ subcommands:
 Each Trainer subcommand takes a YAML recipe and dotted overrides, e.g.
   lightning-kd fit --config experiments/demo.yaml --trainer.max_steps 500
   lightning-kd prepare --output data/wiki --tokenizer bert-base-uncased
+  lightning-kd harness --model runs/student --tasks hellaswag,arc_easy
 Recipes: the experiments/ folder of the repository (one folder per paper, plus tiny ones for a laptop CPU).
 `lightning-kd <subcommand> --help` lists that subcommand's options.
 """
@@ -60,6 +63,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_kd.cli.prepare import prepare_main
 
         prepare_main(argv[1:])
+        return
+    if argv[0] == "harness":
+        from lightning_kd.cli.harness import harness_main
+
+        harness_main(argv[1:])
         return
     from lightning_kd.cli.app import DistillationCLI
 

@@ -20,9 +20,9 @@ def test_help_names_the_library_and_every_subcommand(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert out.startswith("usage: lightning-kd")
     assert "knowledge distillation" in out and "experiments/" in out
-    for name in ("fit", "validate", "test", "predict", "prepare"):
+    for name in ("fit", "validate", "test", "predict", "prepare", "harness"):
         assert f"\n  {name} " in out
-    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "prepare"}
+    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "prepare", "harness"}
 
 
 @pytest.mark.parametrize("args", [[], ["-h"], ["--help"]])
