@@ -46,6 +46,7 @@ def model_info(model: nn.Module | BoundModel, name: str) -> ModelInfo:
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,
+        reads_last_token=known and bound.adapter.causal_attention,
         qkv_widths=_qkv_widths(bound) if known else (),
     )
 
