@@ -182,6 +182,9 @@ class ArchitectureAdapter:
     # Whether the first block has no attention norm because the embeddings end in one (ModernBERT): a block
     # that becomes first when the blocks before it are removed loses its attention norm, as the config builds it.
     first_block_without_attention_norm: bool = False
+    # Whether attention is causal (decoders): a position sees only those before it, so what reads a whole
+    # sequence from one position reads the last real token, not the first.
+    causal_attention: bool = False
     # Modules outside the encoder (task heads, pooler) and how they touch the hidden dimension,
     # as {attribute path: role letters for HiddenParts.add}; missing paths are skipped.
     head_modules: dict[str, str] = {}

@@ -46,7 +46,19 @@ def model_info(model: nn.Module | BoundModel, name: str) -> ModelInfo:
         can_return_attentions=eager or known,
         can_return_qkv=known,
         name=name,
+        reads_last_token=known and bound.adapter.causal_attention,
+        qkv_widths=_qkv_widths(bound) if known else (),
     )
+
+
+def _qkv_widths(bound: BoundModel) -> tuple[dict[str, int], ...]:
+    """Every block's query, key and value widths, read from the maps (a fused map holds one block per role)."""
+    widths = []
+    for layer in bound.layers():
+        parts = bound.layer_parts(layer)
+        roles = {"query": parts.query, "key": parts.key, "value": parts.value}
+        widths.append({role: linear.out_features // parts.blocks(linear) for role, linear in roles.items()})
+    return tuple(widths)
 
 
 def _num_outputs(model: nn.Module) -> int:

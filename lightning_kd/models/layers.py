@@ -75,8 +75,12 @@ def select_layers(model: nn.Module | BoundModel, indices: Sequence[int]) -> nn.M
 
 
 def is_classifier(model: nn.Module) -> bool:
-    """Whether the model carries a sequence-classification head (its logits are one row per example)."""
-    return hasattr(model, "classifier") and not is_question_answering(model)
+    """Whether the model carries a sequence-classification head (its logits are one row per example).
+
+    Encoders call that head ``classifier``; the decoders (Llama, Qwen, Mistral) call it ``score``, so the class
+    says."""
+    named = hasattr(model, "classifier") or type(model).__name__.endswith("ForSequenceClassification")
+    return named and not is_question_answering(model)
 
 
 def is_question_answering(model: nn.Module) -> bool:

@@ -32,6 +32,7 @@ class LlamaAdapter(ArchitectureAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     free_head_size = True
     rotary = True
+    causal_attention = True
     head_modules = {"lm_head": "r", "score": "r", "qa_outputs": "r"}
     masked_lm_heads = {}  # causal LMs: see masked_lm_parts
 

@@ -30,6 +30,12 @@ class ModelInfo:
         None  # logits per row: num_labels of a classifier (1 = regression), else the vocabulary
     )
     causal: bool = False  # a causal LM: predicts the next token at every position
+    # a decoder (causal attention): only its last real token has seen the whole sequence, so a head that reads
+    # one position per example reads that one (a decoder classifier's own head does)
+    reads_last_token: bool = False
+    # per block (index = block - 1): the output width of the query, key and value maps, which differ from the
+    # hidden size when the head size is stored, and from each other under grouped-query attention
+    qkv_widths: tuple[dict[str, int], ...] = ()
 
 
 @dataclass

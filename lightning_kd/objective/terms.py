@@ -251,6 +251,11 @@ class AttentionMap(_LayerTerm):
 def relation_log_probs(states: Tensor, num_heads: int, key_mask: Tensor) -> Tensor:
     """MiniLMv2 self-relation: softmax over keys of scaled dot products, per relation head, as log-probs."""
     batch, seq, width = states.shape
+    if width % num_heads:  # bind checked the widths it saw; a student pruned since may have others
+        raise ValueError(
+            f"{num_heads} relation heads do not divide a width of {width}: set num_relation_heads to a "
+            "divisor of every query, key and value width the 'relations' term reads, all through the run."
+        )
     head_size = width // num_heads
     x = states.float().view(batch, seq, num_heads, head_size).transpose(1, 2)
     scores = x @ x.transpose(-1, -2) / math.sqrt(head_size)
@@ -263,7 +268,9 @@ class Relations(_LayerTerm):
     """MiniLMv2 self-attention relations: KL between q-q, k-k and v-v relation maps.
 
     Queries, keys and values are split into the same number of relation heads on both sides, so teacher and
-    student may differ in head count and width.
+    student may differ in head count and width. Each relation compares a map with itself, so under grouped-query
+    attention, where keys and values are narrower than queries, each role is split by its own width; the head
+    count must divide every width read (checked when the term is bound).
     """
 
     kind = "relations"
@@ -284,8 +291,16 @@ class Relations(_LayerTerm):
         super().__init__(**kwargs)
         unknown = [r for r in relations if r not in self.RELATIONS]
         if unknown or not relations:
+            cross = [r for r in unknown if isinstance(r, str) and len(r) == 2 and set(r) <= set("qkv")]
+            why = (
+                f" Cross relations ({', '.join(cross)}) are not offered: MiniLMv2 distils self-relations, a q-k "
+                "relation is the attention map (the 'attention' term), and under grouped-query attention keys "
+                "and values are narrower than queries, so per relation head a query and a key differ in length."
+                if cross
+                else ""
+            )
             raise ValueError(
-                f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}."
+                f"unknown relations {unknown or list(relations)}: choose from {', '.join(self.RELATIONS)}.{why}"
             )
         if num_relation_heads is not None:
             check_number(
@@ -307,13 +322,36 @@ class Relations(_LayerTerm):
                     f"know where the {info.name}'s are (unsupported architecture). Use 'hidden'."
                 )
         heads = self.num_relation_heads or teacher.num_heads
-        for info in (teacher, student):
-            if info.hidden_size % heads:
-                raise ValueError(
-                    f"term {self.name!r}: {heads} relation heads do not divide the {info.name} "
-                    f"width {info.hidden_size}; set num_relation_heads to a divisor of both widths."
-                )
+        widths = self._widths_read(teacher, student)
+        wrong = {where: width for where, width in widths.items() if width % heads}
+        if wrong:
+            common = math.gcd(*widths.values())
+            divisors = [d for d in range(1, common + 1) if common % d == 0]
+            found = ", ".join(f"{where}: {width}" for where, width in wrong.items())
+            grouped = any(
+                len(set(roles.values())) > 1 for info in (teacher, student) for roles in info.qkv_widths
+            )
+            why = (
+                "; under grouped-query attention keys and values are narrower than queries" if grouped else ""
+            )
+            raise ValueError(
+                f"term {self.name!r} splits every map it reads into {heads} relation heads, which do not divide "
+                f"these widths ({found}{why}). Set num_relation_heads to one of {divisors}, which divide every "
+                "width read" + (", or leave the narrow roles out of `relations`." if grouped else ".")
+            )
         self.num_relation_heads = heads
+
+    def _widths_read(self, teacher: ModelInfo, student: ModelInfo) -> dict[str, int]:
+        """The width of every map the term reads, by where it is read (the hidden size where the widths of the
+        maps are unknown)."""
+        roles = {self.RELATIONS[relation][0] for relation in self.relations}
+        widths = {}
+        for info, layers in ((teacher, {t for _, t in self.pairs}), (student, {s for s, _ in self.pairs})):
+            for layer in sorted(layers):
+                known = info.qkv_widths[layer - 1] if len(info.qkv_widths) >= layer else {}
+                for role in sorted(roles):
+                    widths[f"{info.name} layer {layer} {role}"] = known.get(role, info.hidden_size)
+        return widths
 
     def needs(self) -> Needs:
         return Needs(

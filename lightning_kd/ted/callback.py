@@ -128,6 +128,15 @@ class TEDFilterCallback(L.Callback):
                 "from the recipe's objective."
             )
         teacher, student = model_info(pl_module.teacher, "teacher"), model_info(pl_module.student, "student")
+        causal = [info.name for info in (teacher, student) if info.causal]
+        if causal:
+            raise ValueError(
+                f"TED learns its filters through task heads that classify a sequence or score answer spans, but "
+                f"the {' and the '.join(causal)} {'is a causal LM' if len(causal) == 1 else 'are causal LMs'}, "
+                "whose task is next-token prediction: TED has no filter head for it. Distil causal LMs with the "
+                "'tokens' and 'hidden' terms, or run TED on decoders fine-tuned for the task "
+                "(task='sequence-classification' or 'question-answering')."
+            )
         # Checked here, before any term is built, so a bad interval names itself rather than a term.
         filter_layer_pairs(
             teacher.num_layers, student.num_layers, self.options["interval"], self.options["student_interval"]

@@ -117,17 +117,31 @@ class LayerFilters(nn.Module):
 
 
 class FilterHead(nn.Module):
-    """A task head on a filter's output: pooler (dense + tanh on the first token) and a linear classifier,
-    as BERT and DeBERTa classify; one output means regression."""
+    """A task head on a filter's output: pooler (dense + tanh on one token) and a linear classifier, as BERT and
+    DeBERTa classify; one output means regression. The token is the first, or with ``last_token`` the last real
+    one (``attention_mask``): a decoder's first token has seen only itself, its last the whole sequence, which
+    is why decoder classifiers read it."""
 
-    def __init__(self, width: int, num_labels: int) -> None:
+    def __init__(self, width: int, num_labels: int, last_token: bool = False) -> None:
         super().__init__()
         self.pooler = nn.Linear(width, width)
         self.classifier = nn.Linear(width, num_labels)
+        self.last_token = last_token
 
     @override
-    def forward(self, filtered: Tensor) -> Tensor:
-        return self.classifier(torch.tanh(self.pooler(filtered[:, 0])))
+    def forward(self, filtered: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if self.last_token:
+            if attention_mask is None:
+                raise ValueError(
+                    "a TED head on a decoder reads the last real token: pass the attention mask."
+                )
+            # the rightmost real position, whichever side the padding is on
+            positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+            last = (attention_mask.bool() * positions).argmax(-1)
+            pooled = filtered[torch.arange(filtered.shape[0], device=filtered.device), last]
+        else:
+            pooled = filtered[:, 0]
+        return self.classifier(torch.tanh(self.pooler(pooled)))
 
 
 class SpanHead(nn.Module):
@@ -144,11 +158,12 @@ class SpanHead(nn.Module):
         return self.qa_outputs(filtered).transpose(1, 2)
 
 
-def filter_head(head: str, width: int, num_labels: int) -> nn.Module:
-    """The task head of kind ``head`` (HEAD_KINDS) on a ``width``-wide filter output."""
+def filter_head(head: str, width: int, num_labels: int, last_token: bool = False) -> nn.Module:
+    """The task head of kind ``head`` (HEAD_KINDS) on a ``width``-wide filter output; ``last_token``: a
+    classifier reads the last real token (a decoder's filters)."""
     if head not in HEAD_KINDS:
         raise ValueError(f"unknown TED head {head!r}: use one of {', '.join(HEAD_KINDS)}.")
-    return SpanHead(width) if head == "span" else FilterHead(width, num_labels)
+    return SpanHead(width) if head == "span" else FilterHead(width, num_labels, last_token)
 
 
 def save_filters(path: str | os.PathLike, filters: LayerFilters, **meta: Any) -> str:

@@ -85,7 +85,9 @@ class FilterTaskLoss(KnowledgeTerm):
         width = self.filter_width or teacher.hidden_size
         self.filters = LayerFilters(layers, info.hidden_size, width, self.filter_kind)
         self.filters.head = self.head
-        self.heads = nn.ModuleList([filter_head(self.head, width, self.num_labels) for _ in layers])
+        self.heads = nn.ModuleList(
+            [filter_head(self.head, width, self.num_labels, info.reads_last_token) for _ in layers]
+        )
 
     def needs(self) -> Needs:
         return Needs(hidden_states=True)
@@ -114,7 +116,7 @@ class FilterTaskLoss(KnowledgeTerm):
             )
         losses = []
         for filtered, head in zip(filtered_layers, self.heads, strict=True):
-            logits = head(filtered).float()
+            logits = head(filtered, batch.get("attention_mask")).float()
             if self.num_labels == 1:
                 losses.append(F.mse_loss(logits.squeeze(-1), labels.float()))
             else:

@@ -1,7 +1,9 @@
 """HomoDistil on two CPU processes (DDP over gloo); every rank saves the masks it chose and its student.
 
-Run by test_pruning_ddp.py as ``python ddp_pruning_run.py OUT_DIR``; Lightning starts the second rank by
-running this script again. The student shrinks physically at every event, so DDP is re-wrapped each time.
+Run by test_pruning_ddp.py as ``python ddp_pruning_run.py OUT_DIR ARCH...``: ``bert`` (a masked LM) or
+``llama`` (a causal LM with grouped-query attention, task causal-lm), each in turn in the same two processes
+(starting them is most of the cost), into ``OUT_DIR/ARCH``. Lightning starts the second rank by running this
+script again. The student shrinks physically at every event, so DDP is re-wrapped each time.
 ``single_process`` runs the same training in one process: both ranks' batches as two accumulated
 micro-batches, which averages the same gradients DDP averages.
 """
@@ -15,19 +17,32 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / "distillation")]
 from kd_helpers import make_batch, tiny_bert_config  # noqa: E402
+from test_causal_lm import causal_batch  # noqa: E402
+from tiny_models import make_model  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
+
+ARCHITECTURES = ("bert", "llama")
+
+
+def batch(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    return make_batch(seed=seed) if arch == "bert" else causal_batch(seed=seed)
 
 
 class RankBatches(L.LightningDataModule):
     """Different batches on every rank, as a sharded corpus gives: only synchronised statistics agree."""
 
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        self.arch = arch
+
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank
-        return DataLoader([make_batch(seed=100 * rank + i) for i in range(4)], batch_size=None)
+        return DataLoader([batch(self.arch, 100 * rank + i) for i in range(4)], batch_size=None)
 
 
 class MaskHistory(L.Callback):
@@ -39,32 +54,35 @@ class MaskHistory(L.Callback):
             self.history.append({k: v.clone() for k, v in self.pruning.masks.items()})
 
 
-class BothRanks(L.LightningDataModule):
+class BothRanks(RankBatches):
     """Rank 0's batch, then rank 1's, for each step."""
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            [make_batch(seed=100 * rank + i) for i in range(4) for rank in (0, 1)], batch_size=None
+            [batch(self.arch, 100 * rank + i) for i in range(4) for rank in (0, 1)], batch_size=None
         )
 
 
-def build(out: Path) -> tuple[DistillationModule, PruningCallback]:
-    torch.manual_seed(0)
-    teacher = BertForMaskedLM(tiny_bert_config())
-    module = DistillationModule(
-        teacher,
-        {"init": "copy"},
-        learning_rate=1e-3,
-        objective=[{"term": "logits"}, {"term": "hidden"}, {"term": "task"}],
-    )
+def build(out: Path, arch: str) -> tuple[DistillationModule, PruningCallback]:
+    if arch == "bert":
+        torch.manual_seed(0)
+        teacher = BertForMaskedLM(tiny_bert_config())
+        settings = {"objective": [{"term": "logits"}, {"term": "hidden"}, {"term": "task"}]}
+    else:  # 3 blocks of 8 query heads in 4 key/value groups; halving keeps 2 groups
+        teacher = make_model("llama")
+        settings = {
+            "task": "causal-lm",
+            "objective": [{"term": "tokens"}, {"term": "hidden"}, {"term": "task"}],
+        }
+    module = DistillationModule(teacher, {"init": "copy"}, learning_rate=1e-3, **settings)
     pruning = PruningCallback(
         {"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2, export_dir=str(out / "student")
     )
     return module, pruning
 
 
-def single_process(out: Path) -> DistillationModule:
-    module, pruning = build(out)
+def single_process(out: Path, arch: str = "bert") -> DistillationModule:
+    module, pruning = build(out, arch)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -76,12 +94,13 @@ def single_process(out: Path) -> DistillationModule:
         enable_model_summary=False,
         callbacks=[pruning],
     )
-    trainer.fit(module, BothRanks())
+    trainer.fit(module, BothRanks(arch))
     return module
 
 
-def main(out: Path) -> None:
-    module, pruning = build(out)
+def main(out: Path, arch: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    module, pruning = build(out, arch)
     history = MaskHistory(pruning)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -95,7 +114,7 @@ def main(out: Path) -> None:
         use_distributed_sampler=False,
         callbacks=[pruning, history],
     )
-    trainer.fit(module, RankBatches())
+    trainer.fit(module, RankBatches(arch))
     torch.save(
         {
             "history": history.history,
@@ -107,4 +126,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    for name in sys.argv[2:] or ["bert"]:
+        main(Path(sys.argv[1]) / name, name)

@@ -1,5 +1,6 @@
 """Every DDP rank takes the same pruning decision, shrinks to the same shapes and ends with the same student as
-every other rank and as one process given the same data (2 CPU processes, gloo)."""
+every other rank and as one process given the same data (2 CPU processes, gloo): a BERT masked LM, and a Llama
+causal LM with grouped-query attention (task causal-lm), both trained in the same two processes."""
 
 from __future__ import annotations
 
@@ -10,26 +11,44 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 SCRIPT = Path(__file__).with_name("ddp_pruning_run.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from ddp_pruning_run import single_process  # noqa: E402
+from ddp_pruning_run import ARCHITECTURES, single_process  # noqa: E402
+
+# what the exported student's config says after halving heads (key/value groups for Llama), FFN and hidden
+SHRUNK = {
+    "bert": (AutoModelForMaskedLM, {"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16}),
+    "llama": (
+        AutoModelForCausalLM,
+        {"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 24},
+    ),
+}
 
 
-@pytest.mark.slow
-def test_two_ranks_prune_identically(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both architectures, one after the other, in one launch of two processes."""
+    out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
+        [sys.executable, str(SCRIPT), str(out), *ARCHITECTURES],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=tmp_path,
+        cwd=out,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_two_ranks_prune_identically(ranks: Path, arch: str) -> None:
+    out = ranks / arch
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert [e["step"] for e in rank0["events"]] == [2, 4, 6]
     assert rank0["events"] == rank1["events"]
     for masks0, masks1 in zip(rank0["history"], rank1["history"], strict=True):
@@ -38,8 +57,9 @@ def test_two_ranks_prune_identically(tmp_path: Path) -> None:
     assert rank0["student"].keys() == rank1["student"].keys()
     for name, value in rank0["student"].items():
         assert torch.equal(value, rank1["student"][name]), name
-    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
-    assert exported.config.hidden_size == 8
+    model_class, sizes = SHRUNK[arch]
+    exported = model_class.from_pretrained(out / "student")
+    assert {key: getattr(exported.config, key) for key in sizes} == sizes
     for name, value in exported.state_dict().items():
         assert torch.equal(value, rank0["student"][name]), name
 
@@ -48,7 +68,7 @@ def test_two_ranks_prune_identically(tmp_path: Path) -> None:
     assert [e["params"] for e in rank0["events"]] == sorted(
         (e["params"] for e in rank0["events"]), reverse=True
     )
-    alone = single_process(tmp_path / "single").student.state_dict()
+    alone = single_process(out / "single", arch).student.state_dict()
     assert alone.keys() == rank0["student"].keys()
     for name, value in alone.items():
         assert torch.allclose(value, rank0["student"][name], atol=1e-5), name
