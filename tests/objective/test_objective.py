@@ -247,7 +247,7 @@ def test_objective_weights_terms_and_reports_each() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"term": "telepathy"}, "known terms are " + ", ".join(sorted(TERMS))),
+        ({"term": "telepathy"}, "known terms are "),  # all of them, as registered when the test runs
         ({"term": "hidden", "weight": -1.0}, "weights must be finite and >= 0"),
         ({"term": "hidden", "weight": float("nan")}, "weights must be finite and >= 0"),
         ({"term": "hidden", "loss": "l7"}, "choose one of mse, cosine"),
@@ -255,6 +255,8 @@ def test_objective_weights_terms_and_reports_each() -> None:
     ],
 )
 def test_bad_terms_are_named(spec: dict, message: str) -> None:
+    if message == "known terms are ":  # other packages (TED) register terms when imported: read the registry now
+        message += ", ".join(sorted(TERMS))
     with pytest.raises(ValueError, match=message):
         DistillationObjective([spec])
 
