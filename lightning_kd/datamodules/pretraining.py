@@ -212,7 +212,7 @@ class PretrainingDataModule(L.LightningDataModule):
             return
         for spec in self.specs:
             if spec.kind == "docstrings":
-                docstrings_path(spec.packages, spec.cache_dir)
+                docstrings_path(spec.packages, spec.cache_dir, split=spec.split)
 
     @override
     def setup(self, stage: str | None = None) -> None:
