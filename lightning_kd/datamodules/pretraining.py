@@ -37,6 +37,7 @@ from lightning_kd.datamodules.stream import (
     PackedMLMStream,
     PositionTracker,
     PositionTrackingLoader,
+    evaluation_batch,
 )
 
 __all__ = ["POSITION_KEY", "PackedMLMStream", "PretrainingDataModule"]
@@ -72,6 +73,11 @@ class PretrainingDataModule(L.LightningDataModule):
             step); ``False`` ends the epoch when every source is read once.
         pin_memory: page-locked batches; ``None`` pins when the trainer runs on CUDA.
         mlm_probability, whole_word_masking: MLM masking; not used with ``lm="causal"``.
+        val_sources: held-out text to validate on, given as ``sources`` are (``[{name: docstrings, split:
+            validation}]``: the docstrings ``split: train`` leaves out). Read whole at every validation, in the
+            training blocks' layout (MLM masks from ``seed``, the same at every validation), by every rank alike,
+            so every rank logs the same values; a causal LM (DistillationModule, FineTuningModule) logs its
+            perplexity there. ``None``: no validation.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class PretrainingDataModule(L.LightningDataModule):
         prepared: str | None = None,
         shuffle: bool = True,
         lm: LM = "mlm",
+        val_sources: list[str | dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         # A batch size of 0 would spin forever without yielding a batch.
@@ -101,8 +108,9 @@ class PretrainingDataModule(L.LightningDataModule):
             ("seed", seed, 0),
         ):
             check_number(name, value, low=low, integer=True)
-        if isinstance(sources, (str, dict)):
-            raise ValueError(f"sources must be a list, e.g. sources: [{sources!r}] (a lone name was given).")
+        for name, given in (("sources", sources), ("val_sources", val_sources)):
+            if isinstance(given, (str, dict)):
+                raise ValueError(f"{name} must be a list, e.g. {name}: [{given!r}] (a lone name was given).")
         check_number("mlm_probability", mlm_probability, low=0, high=1, low_open=True, high_open=True)
         check_lm(lm)
         if lm == "causal" and whole_word_masking:
@@ -140,6 +148,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.repeat = repeat
         self.cache_dir = cache_dir
         self.pin_memory = pin_memory
+        self.val_sources = list(val_sources) if val_sources else []
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._specs: list[SourceSpec] | None = None
         self._dataset: PackedMLMStream | None = None
@@ -203,22 +212,24 @@ class PretrainingDataModule(L.LightningDataModule):
             self._specs = [parse_source(source, self.cache_dir) for source in self.sources]
         return self._specs
 
+    @property
+    def val_specs(self) -> list[SourceSpec]:
+        return [parse_source(source, self.cache_dir) for source in self.val_sources]
+
     @override
     def prepare_data(self) -> None:
         """Collect the docstrings corpus once, on one process per node."""
         from lightning_kd.datamodules.docstrings import docstrings_path
 
-        if self.prepared is not None:
-            return
-        for spec in self.specs:
+        for spec in (self.specs if self.prepared is None else []) + self.val_specs:
             if spec.kind == "docstrings":
-                docstrings_path(spec.packages, spec.cache_dir)
+                docstrings_path(spec.packages, spec.cache_dir, split=spec.split)
 
     @override
     def setup(self, stage: str | None = None) -> None:
         from lightning_kd.datamodules.sources import load_hub_dataset
 
-        for spec in self.specs if self.prepared is None else []:
+        for spec in (self.specs if self.prepared is None else []) + self.val_specs:
             if spec.kind == "hub":
                 # Resolving the stream here makes an offline run fail now, with the way out, not in a worker.
                 load_hub_dataset(spec.name, spec.config, spec.split, streaming=True)
@@ -237,13 +248,13 @@ class PretrainingDataModule(L.LightningDataModule):
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
-    def check_not_empty(self) -> None:
-        """Fail now when a source holds no document at all.
+    def check_not_empty(self, specs: list[SourceSpec] | None = None) -> None:
+        """Fail now when a source (of ``specs``, by default the training sources) holds no document at all.
 
         Without this, ``repeat=False`` makes an empty epoch, and a Trainer with ``max_steps`` starts empty
-        epochs forever at step 0.
+        epochs forever at step 0; an empty validation source would validate on nothing, silently.
         """
-        for spec in self.specs:
+        for spec in self.specs if specs is None else specs:
             if next(read_documents(spec, 0, 1), None) is None:
                 where = ", ".join(spec.files) if spec.files else spec.name
                 raise DataSourceError(
@@ -308,6 +319,29 @@ class PretrainingDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
             persistent_workers=False,
+        )
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        """The ``val_sources`` once through, every rank all of it; none without them (Lightning then skips
+        validation)."""
+        if not self.val_specs:
+            return []
+        self.check_not_empty(self.val_specs)
+        dataset = PackedMLMStream(
+            self.val_specs,
+            [1.0 / len(self.val_specs)] * len(self.val_specs),  # not repeated: every document is read once
+            self.tokenizer,
+            self.max_length,
+            self.batch_size,
+            self.mlm_probability,
+            self.whole_word_masking,
+            self.seed,
+            False,
+            self.lm,
+        )
+        return DataLoader(
+            dataset, batch_size=None, collate_fn=evaluation_batch, pin_memory=self._pin_memory()
         )
 
     def _batches_taken(self) -> int | None:

@@ -36,7 +36,7 @@ class SourceSpec:
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
     config: str | None = None
-    split: str = "train"
+    split: str | None = "train"  # a hub split; for the docstrings, None (all) or train / validation
     packages: list[str] | None = None
     cache_dir: str | None = None
 
@@ -49,7 +49,8 @@ def parse_source(source: str | dict[str, Any], cache_dir: str | None = None) -> 
     """``"docstrings"``, a local path/glob/folder, a hub dataset name, or a dict with the details.
 
     Dict keys: ``path`` (local) or ``hub`` (dataset name) or ``name``; ``text_field``; ``config``; ``split``;
-    ``packages`` (docstrings); ``probability`` is read by the caller.
+    ``packages`` and ``split`` (docstrings: ``train`` or the held-out ``validation``, see
+    :func:`~lightning_kd.datamodules.docstrings.docstrings_path`); ``probability`` is read by the caller.
     """
     if isinstance(source, str):
         source = {"name": source}
@@ -64,6 +65,7 @@ def parse_source(source: str | dict[str, Any], cache_dir: str | None = None) -> 
             name,
             packages=details.get("packages"),
             cache_dir=details.get("cache_dir", cache_dir),
+            split=details.get("split"),
         )
     if "hub" not in source and _looks_local(name):
         return SourceSpec("files", name, files=expand_files(name), **common)
@@ -126,7 +128,7 @@ def _local_files(spec: SourceSpec) -> list[tuple[str, str, str]]:
     if spec.kind == "docstrings":
         from lightning_kd.datamodules.docstrings import docstrings_path
 
-        return [(str(docstrings_path(spec.packages, spec.cache_dir)), "jsonl", "text")]
+        return [(str(docstrings_path(spec.packages, spec.cache_dir, split=spec.split)), "jsonl", "text")]
     return [(file, TEXT_SUFFIXES.get(Path(file).suffix, "text"), spec.text_field) for file in spec.files]
 
 

@@ -293,6 +293,12 @@ class PositionTrackingLoader(DataLoader):
             yield batch
 
 
+def evaluation_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A streamed batch for evaluation: unpacked, without the stream position (evaluation never resumes)."""
+    batch.pop(POSITION_KEY, None)
+    return unpack(batch)
+
+
 class PositionTracker:
     """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
 

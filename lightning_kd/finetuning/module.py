@@ -1,10 +1,10 @@
-"""Fine-tuning and evaluating a model on a GLUE task (a sequence classifier) or on SQuAD (extractive question
-answering), with the task's official metrics."""
+"""Fine-tuning and evaluating a model on a GLUE task (a sequence classifier), on SQuAD (extractive question
+answering), with the task's official metrics, or on text as a causal LM (next-token loss, perplexity)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -12,9 +12,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+from torchmetrics import Metric
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from typing_extensions import override
 
+from lightning_kd.batch import IGNORE_INDEX
 from lightning_kd.datamodules.common import task_metrics
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
 from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task
@@ -49,6 +57,9 @@ def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return logits
 
 
+CAUSAL_LM = "causal-lm"
+
+
 def find_task(name: str) -> GLUETask | SquadTask:
     """A GLUE task or a SQuAD version by name, or an error naming them all."""
     if is_squad_task(name):
@@ -57,8 +68,43 @@ def find_task(name: str) -> GLUETask | SquadTask:
         return get_task(name)
     except ValueError:
         raise ValueError(
-            f"unknown task {name!r}: use a GLUE task ({', '.join(TASKS)}) or squad / squad_v2 (SQuAD v1.1, v2.0)"
+            f"unknown task {name!r}: use a GLUE task ({', '.join(TASKS)}), squad / squad_v2 (SQuAD v1.1, v2.0) "
+            f"or {CAUSAL_LM} (next-token prediction on text)"
         ) from None
+
+
+def new_model(config: Mapping[str, Any], model_class: Any, **kwargs: Any) -> PreTrainedModel:
+    """A ``model_class`` with fresh weights (drawn from the global seed) built from config fields, ``model_type``
+    among them: a model trained from scratch, as the offline decoder demo's teacher is."""
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"a model declared by its config needs model_type (llama, bert, qwen2, ...) among the fields, got "
+            f"{sorted(fields)}: add model_type, or give a hub name or folder to start from trained weights"
+        )
+    return model_class.from_config(AutoConfig.for_model(model_type, **fields), **kwargs)
+
+
+class Perplexity(Metric):
+    """Next-token perplexity over an evaluation set: exp of the mean loss over every predicted token, summed across
+    batches and ranks before the exp (a mean of batch perplexities would weight a short batch as a full one).
+
+    The sums are replaced, not added to in place: a standalone ``validate`` makes its states under inference mode,
+    and fit's validation, which runs without it, may not change such tensors in place.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("nll", "tokens"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:  # type: ignore[override]
+        self.nll = self.nll + loss.detach().double() * tokens
+        self.tokens = self.tokens + tokens
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.exp(self.nll / self.tokens.clamp_min(1))
 
 
 class FineTuningModule(L.LightningModule):
@@ -67,10 +113,16 @@ class FineTuningModule(L.LightningModule):
 
     Args:
         model: a hub name or folder (loaded with ``AutoModelForSequenceClassification`` and the task's
-            ``num_labels``, or ``AutoModelForQuestionAnswering`` for SQuAD), or a module mapping a batch to
+            ``num_labels``, ``AutoModelForQuestionAnswering`` for SQuAD, ``AutoModelForCausalLM`` for
+            ``causal-lm``); config fields with ``model_type`` (``{model_type: llama, hidden_size: 64, ...}``) for
+            a model of that shape with fresh weights, trained from scratch; or a module mapping a batch to
             ``[B, num_labels]`` logits (a QA model: an output with ``start_logits`` and ``end_logits``).
-        task: the GLUE task, which fixes ``num_labels``, the loss (MSE for STS-B) and the metrics; or ``squad`` /
-            ``squad_v2`` (SQuAD v1.1 / v2.0: the mean of the start and end cross-entropies, EM and F1).
+        task: the GLUE task, which fixes ``num_labels``, the loss (MSE for STS-B) and the metrics; ``squad`` /
+            ``squad_v2`` (SQuAD v1.1 / v2.0: the mean of the start and end cross-entropies, EM and F1); or
+            ``causal-lm``: next-token prediction on ``PretrainingDataModule(lm="causal")`` text, the model's own
+            shifted cross-entropy, and ``val/perplexity`` over every predicted token of the validation text
+            (the DataModule's ``val_sources``). Its logits are computed whole, as the model computes its own
+            loss: fine at a fine-tuning batch size, where DistillationModule reads them a chunk at a time.
         warmup_ratio: the share of all optimizer steps spent warming the learning rate up from 0.
         export_dir: when training ends, save the model there as a Hugging Face folder, with the DataModule's
             tokenizer, the task's label names and a model card (a fine-tuned teacher for task-specific
@@ -83,7 +135,7 @@ class FineTuningModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module,
+        model: str | dict[str, Any] | nn.Module,
         task: str,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
@@ -97,19 +149,17 @@ class FineTuningModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        self.task = find_task(task)
+        self.causal = task == CAUSAL_LM
+        self.task = None if self.causal else find_task(task)
         self.answers_spans = isinstance(self.task, SquadTask)
         if isinstance(model, nn.Module):
             self.model = model
-        elif self.answers_spans:
-            self.model = load_model(model, AutoModelForQuestionAnswering, **(model_kwargs or {}))
+        elif self.causal or self.answers_spans:
+            model_class = AutoModelForCausalLM if self.causal else AutoModelForQuestionAnswering
+            self.model = self._model(model, model_class, {}, model_kwargs)
         else:
-            self.model = load_model(
-                model,
-                AutoModelForSequenceClassification,
-                num_labels=self.task.num_labels,
-                **(model_kwargs or {}),
-            )
+            labels = {"num_labels": self.task.num_labels}
+            self.model = self._model(model, AutoModelForSequenceClassification, labels, model_kwargs)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
@@ -120,14 +170,32 @@ class FineTuningModule(L.LightningModule):
         self.push_to_hub, self.private = push_to_hub, private
         self.last_metrics: dict[str, float] = {}
         # SQuAD's metrics score against the DataModule's evaluation set, so they are made in setup()
-        self.metrics: nn.Module | None = None if self.answers_spans else TaskMetrics.for_task(self.task.name)
-        self.test_metrics: nn.Module | None = (
-            None if self.answers_spans else TaskMetrics.for_task(self.task.name, prefix="test")
-        )
+        self.metrics: nn.Module | None
+        self.test_metrics: nn.Module | None
+        if self.causal:
+            self.metrics, self.test_metrics = Perplexity(), Perplexity()
+        elif self.answers_spans:
+            self.metrics = self.test_metrics = None
+        else:
+            self.metrics = TaskMetrics.for_task(self.task.name)
+            self.test_metrics = TaskMetrics.for_task(self.task.name, prefix="test")
+
+    @staticmethod
+    def _model(
+        model: str | Mapping[str, Any], model_class: Any, task: dict[str, Any], options: dict[str, Any] | None
+    ) -> nn.Module:
+        if isinstance(model, Mapping):
+            return new_model({**model, **task}, model_class, **(options or {}))
+        return load_model(model, model_class, **task, **(options or {}))
 
     @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if self.causal and datamodule is not None and getattr(datamodule, "lm", None) != "causal":
+            raise ValueError(
+                f"task={CAUSAL_LM!r} predicts each next token of text, but {type(datamodule).__name__} does not make "
+                "causal-LM batches: use PretrainingDataModule(lm='causal')."
+            )
         if not self.answers_spans or self.metrics is not None or stage == "predict":
             return
         data_task = getattr(datamodule, "task", None)
@@ -149,6 +217,14 @@ class FineTuningModule(L.LightningModule):
         return sequence_logits(self.model, batch)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if (
+            self.causal
+        ):  # the logits at position i predict the label at i + 1, as the model's own loss shifts them
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                batch["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE_INDEX,
+            )
         if self.answers_spans:
             return span_cross_entropy(logits, batch)
         labels = batch["labels"]
@@ -176,10 +252,14 @@ class FineTuningModule(L.LightningModule):
         self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str, metrics: TaskMetrics
     ) -> None:
         logits = self(batch)
-        metrics.update(logits, batch[metrics.target_key], dataloader_idx)
+        loss = self.loss(logits, batch)
+        if self.causal:
+            metrics.update(loss, (batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        else:
+            metrics.update(logits, batch[metrics.target_key], dataloader_idx)
         self.log(
             loss_key(self.trainer, stage, "loss", dataloader_idx),
-            self.loss(logits, batch),
+            loss,
             batch_size=batch["input_ids"].shape[0],
             add_dataloader_idx=False,
             sync_dist=True,
@@ -188,14 +268,19 @@ class FineTuningModule(L.LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         # torchmetrics already synchronises across ranks in compute(); logging plain floats keeps it at that.
-        self.last_metrics = self.metrics.compute()
+        self.last_metrics = self._computed(self.metrics, "val")
         self.log_dict(self.last_metrics, prog_bar=True)
         self.metrics.reset()
 
     @override
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self._computed(self.test_metrics, "test"))
         self.test_metrics.reset()
+
+    def _computed(self, metrics: nn.Module, stage: str) -> dict[str, float]:
+        if self.causal:
+            return {f"{stage}/perplexity": float(metrics.compute())}
+        return metrics.compute()
 
     @override
     def predict_step(
@@ -203,6 +288,12 @@ class FineTuningModule(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """The logits of a test-set batch with its GLUE indices (or SQuAD windows), as
         :class:`~lightning_kd.GLUESubmissionWriter` (:class:`~lightning_kd.SquadPredictionWriter`) reads them."""
+        if self.causal:
+            raise ValueError(
+                f"predict writes task predictions, and {CAUSAL_LM} has none: generate text with the exported folder "
+                "(AutoModelForCausalLM.from_pretrained(export_dir).generate(...)), or measure perplexity with "
+                "`lightning-kd validate`."
+            )
         key = "window" if self.answers_spans else "idx"
         return {key: batch[key], "logits": self(batch)}
 
@@ -229,9 +320,13 @@ class FineTuningModule(L.LightningModule):
         source = self.hparams.get("model") or getattr(
             getattr(self.model, "config", None), "_name_or_path", ""
         )
+        task = CAUSAL_LM if self.causal else self.task.name
+        method = f"fine-tuned on {task}"
+        if isinstance(source, Mapping):  # no model it started from: a config
+            source, method = "", f"trained from scratch on {task} (a fresh {source.get('model_type')} model)"
         card = CardFacts(
             teacher=str(source),
-            method=f"fine-tuned on {self.task.name}",
+            method=method,
             recipe=getattr(self, "recipe", None),
             metrics=self.last_metrics,
         )

@@ -76,7 +76,10 @@ def write_model_card(
     if teacher and not Path(teacher).exists():
         lines.append(f"base_model: {teacher}")
     lines += ["---", "", f"# {folder.resolve().name}", ""]
-    lines.append(f"Made with lightning-kd from the teacher `{teacher or 'unknown'}`.")
+    # a model trained from scratch (FineTuningModule from a config) had no teacher to name
+    lines.append(
+        f"Made with lightning-kd from the teacher `{teacher}`." if teacher else "Made with lightning-kd."
+    )
     lines += ["", "## How it was made", "", f"- method: {method}"]
     if recipe:
         lines.append(f"- recipe: `{recipe}`")
@@ -155,6 +158,10 @@ def auto_class_name(model: nn.Module) -> str:
         return "AutoModelForQuestionAnswering"
     if is_classifier(model):
         return "AutoModelForSequenceClassification"
+    if type(model).__name__.endswith(
+        "ForCausalLM"
+    ):  # a decoder's LM head predicts the next token, not a mask
+        return "AutoModelForCausalLM"
     get_output = getattr(model, "get_output_embeddings", None)
     if callable(get_output) and get_output() is not None:
         return "AutoModelForMaskedLM"
