@@ -255,7 +255,9 @@ def test_objective_weights_terms_and_reports_each() -> None:
     ],
 )
 def test_bad_terms_are_named(spec: dict, message: str) -> None:
-    if message == "known terms are ":  # other packages (TED) register terms when imported: read the registry now
+    if (
+        message == "known terms are "
+    ):  # other packages (TED) register terms when imported: read the registry now
         message += ", ".join(sorted(TERMS))
     with pytest.raises(ValueError, match=message):
         DistillationObjective([spec])
