@@ -66,20 +66,16 @@ def test_an_old_class_path_as_a_recipe_names_it() -> None:
     assert cls is lightning_kd.PruningCallback
 
 
-def test_import_is_cheap() -> None:
+def test_import_is_cheap_and_the_export_modules_import_first() -> None:
+    """One fresh interpreter (each costs seconds): importing the package loads no heavy library, and
+    training.export, which reaches distillation through pruning (PruningCallback), imports before anything else
+    of the library (it once met itself half-initialised)."""
     code = (
         "import sys, lightning_kd; heavy = [m for m in ('torch', 'lightning', 'transformers', 'matplotlib', "
-        "'wandb') if m in sys.modules]; print(heavy)"
+        "'wandb') if m in sys.modules]; print(heavy); import lightning_kd.training.export"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_the_export_modules_import_first() -> None:
-    """training.export reaches distillation through pruning (PruningCallback): imported first, in a fresh
-    interpreter, it once met itself half-initialised."""
-    code = "import lightning_kd.training.export, lightning_kd.pruning.export"
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
 def test_no_loose_modules_at_the_root() -> None:
