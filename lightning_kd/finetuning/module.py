@@ -217,9 +217,8 @@ class FineTuningModule(L.LightningModule):
         return sequence_logits(self.model, batch)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if (
-            self.causal
-        ):  # the logits at position i predict the label at i + 1, as the model's own loss shifts them
+        if self.causal:
+            # the logits at position i predict the label at i + 1, as the model's own loss shifts them
             return F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(),
                 batch["labels"][:, 1:].flatten(),
