@@ -57,7 +57,8 @@ class DistillationModule(StepAccounting):
             ``no_grad``, and kept out of the optimizer, DDP and checkpoints (a checkpoint records its name).
             A model object given here is used itself, not copied: it is frozen, moved with the module and cast
             by ``teacher_dtype`` in place, so pass ``copy.deepcopy(model)`` to keep the original as it was.
-        student: a model, a name / folder, or an init spec (see :mod:`lightning_kd.distillation.students`).
+        student: a model, a name / folder, or an init spec (see :mod:`lightning_kd.distillation.students`);
+            left out, a copy of the teacher (``{"init": "copy"}``, HomoDistil's start).
         objective: knowledge terms (see :mod:`lightning_kd.objective`); by default the prediction KL where both
             models predict (``loss: mse`` of the scores for one-output regression heads, where a KL is always 0),
             else hidden-state MSE over the uniform layer map.
@@ -88,7 +89,7 @@ class DistillationModule(StepAccounting):
     def __init__(
         self,
         teacher: str | PreTrainedModel,
-        student: StudentSpec,
+        student: StudentSpec | None = None,
         objective: Sequence[Mapping[str, Any]] | None = None,
         task: str = "base",
         num_labels: int | None = None,

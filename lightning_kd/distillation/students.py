@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ from lightning_kd.models.layers import (
 )
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.pruning.extract import extract
+
+log = logging.getLogger(__name__)
 
 StudentSpec = PreTrainedModel | str | Mapping[str, Any]
 COUNTS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size")  # sizes in student specs
@@ -106,8 +109,13 @@ def register_student_init(name: str, builder: Callable[..., PreTrainedModel]) ->
     STUDENT_INITS[name] = builder
 
 
-def build_student(spec: StudentSpec, teacher: PreTrainedModel, model_class: Any = None) -> nn.Module:
-    """The student a spec declares (see the module docstring)."""
+def build_student(spec: StudentSpec | None, teacher: PreTrainedModel, model_class: Any = None) -> nn.Module:
+    """The student a spec declares (see the module docstring); none: a copy of the teacher, HomoDistil's start."""
+    if spec is None:
+        log.info(
+            "no student given: it starts as a copy of the teacher (HomoDistil's start; student={'init': 'copy'})"
+        )
+        spec = {"init": "copy"}
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 __all__ = ["IMPORTANCE", "PRUNABLE", "SCHEDULES", "PruningCallback"]
 
 IMPORTANCE = ("platon", "sensitivity")
+# HomoBERT-small's shape relative to its BERT-base teacher (Liang et al., ICLR 2023: 17.3M parameters): hidden 256
+# of 768, 4 of 12 heads, FFN 1,024 of 3,072 per layer, every layer kept. The target when none is given.
+HOMOBERT_SMALL = {"hidden": 1 / 3, "heads": 1 / 3, "ffn": 1 / 3}
 
 
 class PruningCallback(L.Callback):
@@ -55,7 +58,9 @@ class PruningCallback(L.Callback):
 
     Args:
         target: what remains at the end, per unit kind (``heads`` per layer, ``ffn`` neurons per layer,
-            ``hidden`` dimensions): a fraction of the full size (float, e.g. ``0.5``) or a count (int).
+            ``hidden`` dimensions): a fraction of the full size (float, e.g. ``0.5``) or a count (int). Left out,
+            HomoBERT-small's shape relative to its teacher: a third of each (``HOMOBERT_SMALL``). The widths it
+            resolves to are logged when fit starts.
         start_step, end_step: the schedule runs between these optimizer steps (``end_step`` defaults to the
             run's last step; a float in (0, 1) is a share of it, so a recipe keeps its shape at any length).
         interval: steps between pruning events.
@@ -81,7 +86,7 @@ class PruningCallback(L.Callback):
 
     def __init__(
         self,
-        target: Mapping[str, int | float],
+        target: Mapping[str, int | float] | None = None,
         start_step: int = 0,
         end_step: int | float | None = None,
         interval: int = 10,
@@ -97,6 +102,7 @@ class PruningCallback(L.Callback):
         physical: bool = True,
         granularity: Mapping[str, int] | None = None,
     ) -> None:
+        target = HOMOBERT_SMALL if target is None else target
         unknown = sorted(set(target) - set(PRUNABLE))
         if unknown or not target:
             raise ValueError(
@@ -176,6 +182,8 @@ class PruningCallback(L.Callback):
             full.update({kind: mask.shape[-1] for kind, mask in self.masks.items()})
         self.strategy.check(pl_module)
         schedule.set_counts(full, self.target)
+        widths = ", ".join(f"{kind} {full[kind]} -> {keep}" for kind, keep in schedule.goal.items())
+        log.info(f"PruningCallback: target {self.target} resolves to {widths} (heads and ffn per layer)")
         self._check_exportable(student, counts["layers"])
         if self.export_dir:
             check_export_dir(self.export_dir)

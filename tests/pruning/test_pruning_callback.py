@@ -10,6 +10,7 @@ from kd_helpers import FixedBatches, StopAt, make_batch, quiet_trainer, tiny_ber
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
+from lightning_kd.pruning import unit_counts
 
 TARGET = {"heads": 0.5, "ffn": 0.25, "hidden": 0.5}
 OBJECTIVE = [
@@ -186,3 +187,25 @@ def test_relation_heads_must_divide_every_width_the_schedule_passes_through(teac
     competing = PruningCallback({"heads": 0.5}, interval=1, end_step=4, same_per_layer=False)
     with pytest.raises(ValueError, match="widths \\[4, 8, 12, 16\\]"):  # any layer may keep any head count
         quiet_trainer(max_steps=6, callbacks=[competing]).fit(relations, FixedBatches())
+
+
+def test_the_one_line_use_works_as_written(
+    teacher: BertForMaskedLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Trainer(callbacks=[PruningCallback()]).fit(DistillationModule(teacher), data)``: no student is a copy of
+    the teacher, no target is HomoBERT-small's shape (a third of each), and both are said."""
+    import logging
+
+    from lightning_kd.pruning.callback import HOMOBERT_SMALL
+
+    with caplog.at_level(logging.INFO, logger="lightning_kd"):
+        module = DistillationModule(teacher)
+        pruning = PruningCallback()
+        quiet_trainer(max_steps=4, callbacks=[pruning]).fit(module, FixedBatches())
+    assert pruning.target == HOMOBERT_SMALL
+    # BERT-tiny's 16 hidden, 4 heads and 32 neurons, a third of each (as 768, 12 and 3,072 become 256, 4, 1,024)
+    counts = unit_counts(module.student)
+    assert (counts["hidden"], counts["heads"], counts["ffn"]) == (5, [1] * 4, [11] * 4)
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "starts as a copy of the teacher" in messages
+    assert "resolves to hidden 16 -> 5, heads 4 -> 1, ffn 32 -> 11" in messages
