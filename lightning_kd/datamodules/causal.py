@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kd.batch import IGNORE_INDEX
@@ -70,3 +71,26 @@ class CausalCollate:
         input_ids = torch.from_numpy(np.stack([np.asarray(block) for block in blocks]).astype(np.int64))
         attention_mask = (input_ids != PAD_MARK).long()
         return causal_batch(input_ids.masked_fill(attention_mask == 0, self.fill), attention_mask)
+
+
+class Perplexity(Metric):
+    """Next-token perplexity over an evaluation set: exp of the mean negative log-likelihood over every predicted
+    token, summed across batches and ranks before the exp (a mean of batch perplexities would weight a short batch
+    as a full one).
+
+    The sums are replaced, not added to in place: a standalone ``validate`` makes its states under inference mode,
+    and fit's validation, which runs without it, may not change such tensors in place.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("nll", "tokens"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:  # type: ignore[override]
+        """``nll``: the summed negative log-likelihood of ``tokens`` predicted tokens."""
+        self.nll = self.nll + nll.detach().double()
+        self.tokens = self.tokens + tokens
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.exp(self.nll / self.tokens.clamp_min(1))

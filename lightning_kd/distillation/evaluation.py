@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lightning_kd.batch import IGNORE_INDEX
+from lightning_kd.datamodules.causal import Perplexity
 from lightning_kd.datamodules.common import task_metrics
 from lightning_kd.objective.generative import chunked_cross_entropy, next_token_targets
 from lightning_kd.objective.term import Features
@@ -95,29 +95,34 @@ class TeacherComparison(nn.Module):
         return {**last.get("student", {}), **last.get("teacher", {}), **last.get("gap", {})}
 
 
-class Perplexity(Metric):
+class PerplexityGap(nn.Module):
     """Next-token perplexity of a causal-LM student and of its teacher on an evaluation set, and the gap
-    (``<stage>/perplexity/{student,teacher,gap}``, gap = student - teacher): exp of the mean negative
-    log-likelihood over every predicted token of the set, summed across batches and ranks before the exp (the
-    mean of per-batch perplexities would weight short batches as much as long ones)."""
+    (``<stage>/perplexity/{student,teacher,gap}``, gap = student - teacher), from the final hidden states a chunk
+    of positions at a time."""
 
     def __init__(self, chunk_size: int = 1024) -> None:
         super().__init__()
         self.chunk_size = chunk_size
-        for name in ("teacher", "student", "tokens"):
-            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.teacher, self.student = Perplexity(), Perplexity()
 
-    def update(self, teacher: Features, student: Features, labels: Tensor) -> None:  # type: ignore[override]
+    @property
+    def update_called(self) -> bool:
+        return self.student.update_called
+
+    def update(self, teacher: Features, student: Features, labels: Tensor) -> None:
         targets = next_token_targets(labels, student.positions)
+        tokens = (targets != IGNORE_INDEX).sum()
         with torch.no_grad():
-            for name, side in (("teacher", teacher), ("student", student)):
+            for metric, side in ((self.teacher, teacher), (self.student, student)):
                 nll = chunked_cross_entropy(
                     side.head_input, side.head, targets, self.chunk_size, reduction="sum"
                 )
-                setattr(self, name, getattr(self, name) + nll.double())
-        self.tokens += (targets != IGNORE_INDEX).sum()
+                metric.update(nll, tokens)
 
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        tokens = self.tokens.clamp_min(1)
-        student, teacher = torch.exp(self.student / tokens), torch.exp(self.teacher / tokens)
+    def compute(self) -> dict[str, Tensor]:
+        student, teacher = self.student.compute(), self.teacher.compute()
         return {"student": student.float(), "teacher": teacher.float(), "gap": (student - teacher).float()}
+
+    def reset(self) -> None:
+        self.teacher.reset()
+        self.student.reset()

@@ -30,7 +30,7 @@ from lightning_kd.distillation.construction import (
 from lightning_kd.distillation.data_checks import check_models_fit_data, check_task_fits_data
 from lightning_kd.distillation.discrepancy import measure_discrepancy
 from lightning_kd.distillation.dropout import random_stream
-from lightning_kd.distillation.evaluation import Perplexity, TeacherComparison, evaluation_key
+from lightning_kd.distillation.evaluation import PerplexityGap, TeacherComparison, evaluation_key
 from lightning_kd.distillation.features import model_features, prepare_batch
 from lightning_kd.distillation.resume import check_distillation_resume
 from lightning_kd.distillation.step_accounting import StepAccounting
@@ -138,7 +138,7 @@ class DistillationModule(StepAccounting):
             logits=needs.logits or (teacher_info.predicts and student_info.predicts and not causal),
             head_inputs=needs.head_inputs or causal,
         )
-        self.perplexity = Perplexity() if causal else None
+        self.perplexity = PerplexityGap() if causal else None
         if self.needs.attentions:
             for model in (self.teacher, self.student):
                 get_adapter(model).enable_attention_maps(model)

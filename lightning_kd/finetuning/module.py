@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,6 +22,7 @@ from transformers import (
 from typing_extensions import override
 
 from lightning_kd.batch import IGNORE_INDEX
+from lightning_kd.datamodules.causal import Perplexity
 from lightning_kd.datamodules.common import task_metrics
 from lightning_kd.datamodules.glue_metrics import TaskMetrics, loss_key
 from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task
@@ -84,27 +84,6 @@ def new_model(config: Mapping[str, Any], model_class: Any, **kwargs: Any) -> Pre
             f"{sorted(fields)}: add model_type, or give a hub name or folder to start from trained weights"
         )
     return model_class.from_config(AutoConfig.for_model(model_type, **fields), **kwargs)
-
-
-class Perplexity(Metric):
-    """Next-token perplexity over an evaluation set: exp of the mean loss over every predicted token, summed across
-    batches and ranks before the exp (a mean of batch perplexities would weight a short batch as a full one).
-
-    The sums are replaced, not added to in place: a standalone ``validate`` makes its states under inference mode,
-    and fit's validation, which runs without it, may not change such tensors in place.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ("nll", "tokens"):
-            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:  # type: ignore[override]
-        self.nll = self.nll + loss.detach().double() * tokens
-        self.tokens = self.tokens + tokens
-
-    def compute(self) -> torch.Tensor:  # type: ignore[override]
-        return torch.exp(self.nll / self.tokens.clamp_min(1))
 
 
 class FineTuningModule(L.LightningModule):
@@ -253,7 +232,8 @@ class FineTuningModule(L.LightningModule):
         logits = self(batch)
         loss = self.loss(logits, batch)
         if self.causal:
-            metrics.update(loss, (batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            metrics.update(loss * tokens, tokens)
         else:
             metrics.update(logits, batch[metrics.target_key], dataloader_idx)
         self.log(
