@@ -41,17 +41,15 @@ def _no_documents(source: SourceSpec, reader: int, readers: int) -> str:
     )
 
 
-def check_every_reader_reads(
-    sources: list[SourceSpec], probabilities: Any, readers: int, mine: range
-) -> None:
-    """Refuse, in the main process, a repeating stream one of whose readers ``mine`` (of ``readers``) would get no
-    document of a source: found in a DataLoader worker, the error would arrive wrapped in "Caught
-    DataSourceError in DataLoader worker process 1", after the workers started. Hub sources are not read here
-    (that would start streaming them in the main process)."""
+def check_every_reader_reads(sources: list[SourceSpec], probabilities: Any, readers: int) -> None:
+    """Refuse, in the main process, a repeating stream one of whose ``readers`` would get no document of a source:
+    found in a DataLoader worker, the error would arrive wrapped in "Caught DataSourceError in DataLoader worker
+    process 1", after the workers started. Hub sources are not read here (that would start streaming them in
+    the main process)."""
     for source, share in zip(sources, probabilities, strict=True):
         if share <= 0 or source.kind == "hub":
             continue
-        for reader in mine:
+        for reader in range(readers):
             if next(read_documents(source, reader, readers), None) is None:
                 raise DataSourceError(_no_documents(source, reader, readers))
 

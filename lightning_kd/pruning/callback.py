@@ -14,7 +14,7 @@ run gets cheaper as it prunes (see ``lightning_kd/pruning/shrink.py``). With ``p
 masked by hooks and removed at the end of fit: fixed shapes, for research that needs them. Either way the student
 computes the same thing.
 
-Everything the callback decides is in its ``state_dict`` (target, masks, importance statistics, schedule
+Everything the callback decides is in its ``pruning_state()`` (target, masks, importance statistics, schedule
 position), so a run resumed from a checkpoint ends with the same student as one that never stopped. Under
 DDP the gradients are already averaged, and rank 0's masks are broadcast at every event, so every rank
 takes the same decision.
