@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -353,7 +354,7 @@ def test_an_evaluation_with_nothing_to_read_is_refused(teacher: BertForMaskedLM,
     ):
         getattr(quiet_trainer(), stage)(module, datamodule=FixedBatches())
     with pytest.raises(
-        ValueError, match=f"`{stage}` has nothing to read: .* of the dataloaders given holds no batch"
+        ValueError, match=f"`{stage}` has nothing to read: the .* of the dataloaders given holds no example"
     ):
         getattr(quiet_trainer(), stage)(module, dataloaders=DataLoader([], batch_size=None))
 
@@ -369,9 +370,38 @@ def test_fine_tuning_and_a_stream_without_val_sources_have_nothing_to_evaluate(t
     module = DistillationModule(minilm_teacher(), {"init": "layers", "num_layers": 2})
     with pytest.raises(
         ValueError,
-        match="`validate` has nothing to read: validation data of PretrainingDataModule holds no batch",
+        match="`validate` has nothing to read: PretrainingDataModule gives no validation data.*val_sources",
     ):
         quiet_trainer().validate(module, datamodule=text_data(tmp_path))
+    with pytest.raises(
+        ValueError, match="`test` has nothing to read: PretrainingDataModule has no test data.*`validate`"
+    ):
+        quiet_trainer().test(module, datamodule=text_data(tmp_path))
+
+
+def test_squad_predict_on_a_file_without_questions_is_refused(tmp_path: Path) -> None:
+    from transformers import BertForQuestionAnswering
+
+    from lightning_kd import FineTuningModule, SQuADDataModule
+
+    empty = tmp_path / "questions.json"
+    empty.write_text(json.dumps({"version": "v2.0", "data": []}))
+    model = BertForQuestionAnswering(tiny_bert_config(vocab_size=30522, max_position_embeddings=128))
+    data = SQuADDataModule(
+        "v2.0",
+        MINILM,
+        str(tmp_path),
+        max_length=64,
+        doc_stride=16,
+        max_query_length=16,
+        predict_file=str(empty),
+    )
+    # it ran zero steps and wrote nothing; Lightning only warned "Total length of `DataLoader` across ranks is zero"
+    with pytest.raises(
+        ValueError,
+        match="`predict` has nothing to read: the data to predict of SQuADDataModule holds no example",
+    ):
+        quiet_trainer().predict(FineTuningModule(model, "squad_v2"), data)
 
 
 def test_a_pruning_target_or_schedule_that_prunes_nothing_is_refused(teacher: BertForMaskedLM) -> None:

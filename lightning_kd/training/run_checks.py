@@ -126,12 +126,17 @@ def check_evaluation_data(trainer: L.Trainer, stage: str) -> None:
     where = type(source.instance).__name__ if source.is_module() else "the dataloaders given"
     if not source.is_defined():
         raise ValueError(f"`{stage}` has nothing to read: {where} has no {what}. {fix}.")
-    loaders = source.dataloader()
-    sizes = [_batches(loader) for loader in _flatten(loaders)]
-    if all(size == 0 for size in sizes):  # also no loader at all
+    loaders = _flatten(source.dataloader())
+    if not loaders:  # e.g. a PretrainingDataModule without val_sources
         raise ValueError(
-            f"`{stage}` has nothing to read: {what} of {where} holds no batch, so it would run zero steps and "
-            f"write nothing. {fix}."
+            f"`{stage}` has nothing to read: {where} gives no {what}, so it would run zero steps and write "
+            f"nothing. {fix}."
+        )
+    if all(_batches(loader) == 0 for loader in loaders):
+        raise ValueError(
+            f"`{stage}` has nothing to read: the {what} of {where} holds no example, so it would run zero steps "
+            "and write nothing: check the files it reads (data_dir, predict_file, val_sources) hold examples, "
+            "or pass loaders that do."
         )
 
 
