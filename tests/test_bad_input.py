@@ -516,3 +516,19 @@ def test_cli_evaluation_without_a_checkpoint_names_the_weights_and_refuses_a_tra
         "(DistillationModule), before any training: no checkpoint is loaded (--ckpt_path none)"
     ) in out
     assert "val/sst2/accuracy" in out  # it ran, on the weights it named
+
+
+def test_every_test_the_bad_input_table_names_exists() -> None:
+    """The table in docs/operations.md points each row to its test: a renamed or removed test fails here."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "docs" / "operations.md").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", table))
+    defined = {
+        name
+        for path in (root / "tests").rglob("test_*.py")
+        for name in re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M)
+    }
+    assert named, "the table names no test"
+    assert not named - defined, f"docs/operations.md names tests that do not exist: {sorted(named - defined)}"
