@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from pathlib import Path
@@ -443,6 +444,7 @@ def test_a_schedule_ddp_spawn_cannot_pickle_is_named_with_the_fix() -> None:
     with pytest.raises(pickle.PicklingError, match="schedule '.*ramp' cannot be pickled"):
         trainer.fit(DistillationModule(BertForMaskedLM(tiny_bert_config()).eval()), FixedBatches())
     pickle.loads(pickle.dumps(PruningCallback({"heads": 0.5}, schedule="linear")))  # the named ones travel
+    assert copy.deepcopy(callback).schedule(0.25) == 0.25  # copying needs no pickling
 
 
 def test_too_few_documents_for_the_readers_is_refused_before_the_workers_start(tmp_path: Path) -> None:

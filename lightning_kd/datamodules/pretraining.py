@@ -308,9 +308,8 @@ class PretrainingDataModule(L.LightningDataModule):
         # Only this rank's readers: the positions of every rank are gathered into one checkpoint.
         workers = max(self.num_workers, 1)
         mine = range(dataset.rank * workers, (dataset.rank + 1) * workers)
-        if (
-            self.repeat
-        ):  # every reader, on every rank: a rank that failed alone would leave the others waiting
+        # every reader, on every rank: a rank that failed alone would leave the others waiting
+        if self.repeat:
             check_every_reader_reads(self.specs, self.probabilities, dataset.world_size * workers)
         dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
         self._tracker.positions = dict(dataset.start_positions)

@@ -7,6 +7,7 @@ length (``resolve_end``), then asks it at every step whether an event is due and
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 from collections.abc import Callable, Mapping
@@ -97,6 +98,18 @@ class PruningSchedule:
                 "function), use schedule='cubic', 'linear' or 'one-shot', or strategy='ddp' from a script."
             ) from error
         return dict(self.__dict__)
+
+    def __copy__(self) -> PruningSchedule:
+        # copies need no pickling: a lambda schedule copies as it always did
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> PruningSchedule:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # ------------------------------------------------------------------------------------------ laying out
 
