@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +271,266 @@ def test_a_task_that_does_not_read_the_datas_labels_is_refused(teacher: BertForM
         ValueError, match="task='masked-lm' predicts tokens, but the DataModule gives task 'mnli'"
     ):
         quiet_trainer(max_steps=1).fit(module, MNLIData())
+
+
+# ------------------------------------------------------------------ runs that would do nothing or never end
+# (issue 25.1; docs/operations.md, "Runs that would do nothing")
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_teacher() -> BertForMaskedLM:
+    """A tiny teacher with MiniLM's vocabulary, so the offline tokenizer's text fits it."""
+    torch.manual_seed(0)
+    return BertForMaskedLM(tiny_bert_config(vocab_size=30522, max_position_embeddings=128)).eval()
+
+
+def text_data(tmp_path: Path, documents: int = 40, **options: Any) -> Any:
+    from lightning_kd.datamodules import PretrainingDataModule
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence {i} is about distilling small models." for i in range(documents)))
+    return PretrainingDataModule(
+        tokenizer=MINILM, sources=[str(corpus)], max_length=16, batch_size=2, **options
+    )
+
+
+def test_an_objective_of_zero_weights_or_a_frozen_student_is_refused(teacher: BertForMaskedLM) -> None:
+    zero = [{"term": "hidden", "weight": 0}, {"term": "logits", "weight": 0.0}]
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, objective=zero)
+    trainer = quiet_trainer(max_steps=2)
+    with pytest.raises(
+        ValueError, match="every term of the objective weighs 0 \\(hidden.*: 0, logits.*: 0\\)"
+    ):
+        trainer.fit(module, FixedBatches())
+    assert trainer.global_step == 0
+    frozen = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
+    frozen.student.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match="DistillationModule has no parameter to train.*requires_grad_\\(True\\)"
+    ):
+        quiet_trainer(max_steps=2).fit(frozen, FixedBatches())
+
+
+def test_a_run_that_never_ends_is_refused(tmp_path: Path, teacher: BertForMaskedLM) -> None:
+    module = DistillationModule(minilm_teacher(), {"init": "layers", "num_layers": 2})
+    trainer = quiet_trainer(max_epochs=2)
+    with pytest.raises(ValueError, match="repeats forever.*max_epochs=2 can never stop the run.*max_steps"):
+        trainer.fit(module, text_data(tmp_path))
+    assert trainer.global_step == 0
+    # a whole number of batches per epoch ends every epoch: that run is bounded, and runs
+    bounded = quiet_trainer(max_epochs=1, limit_train_batches=1)
+    bounded.fit(module, text_data(tmp_path))
+    assert bounded.global_step == 1
+    # finite data with max_epochs=-1 (Lightning's "train forever") and no max_steps
+    finite = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
+    with pytest.raises(ValueError, match="max_epochs=-1 trains without an epoch limit.*never end"):
+        quiet_trainer(max_epochs=-1).fit(finite, FixedBatches())
+
+
+def test_a_step_limit_the_epochs_end_before_is_named_and_pruning_ends_with_the_run(
+    teacher: BertForMaskedLM,
+) -> None:
+    from lightning_kd.pruning.units import unit_counts
+
+    module = DistillationModule(teacher)
+    pruning = PruningCallback({"heads": 0.5}, interval=1)
+    trainer = quiet_trainer(max_epochs=1, max_steps=5, callbacks=[pruning])
+    with pytest.warns(
+        UserWarning,
+        match="ends after max_epochs=1 epochs of 2 batches, at optimizer step 2, before .*max_steps=5",
+    ):
+        trainer.fit(module, FixedBatches(num_batches=2))
+    # the schedule ended where the run did, so the student reached its target (it ended at step 5: never)
+    assert trainer.global_step == 2 and pruning.end_step == 2
+    assert set(unit_counts(module.student)["heads"]) == {2}
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_an_evaluation_with_nothing_to_read_is_refused(teacher: BertForMaskedLM, stage: str) -> None:
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 2})
+    # Lightning's words: "`predict_dataloader` must be implemented to be used with the Lightning Trainer"
+    with pytest.raises(
+        ValueError, match=f"`{stage}` has nothing to read: FixedBatches has no .*GLUEDataModule"
+    ):
+        getattr(quiet_trainer(), stage)(module, datamodule=FixedBatches())
+    with pytest.raises(
+        ValueError, match=f"`{stage}` has nothing to read: the .* of the dataloaders given holds no example"
+    ):
+        getattr(quiet_trainer(), stage)(module, dataloaders=DataLoader([], batch_size=None))
+
+
+def test_fine_tuning_and_a_stream_without_val_sources_have_nothing_to_evaluate(tmp_path: Path) -> None:
+    from lightning_kd import FineTuningModule
+
+    classifier = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    with pytest.raises(
+        ValueError, match="`predict` has nothing to read: FixedBatches has no data to predict"
+    ):
+        quiet_trainer().predict(FineTuningModule(classifier, "sst2"), datamodule=FixedBatches())
+    module = DistillationModule(minilm_teacher(), {"init": "layers", "num_layers": 2})
+    with pytest.raises(
+        ValueError,
+        match="`validate` has nothing to read: PretrainingDataModule gives no validation data.*val_sources",
+    ):
+        quiet_trainer().validate(module, datamodule=text_data(tmp_path))
+    with pytest.raises(
+        ValueError, match="`test` has nothing to read: PretrainingDataModule has no test data.*`validate`"
+    ):
+        quiet_trainer().test(module, datamodule=text_data(tmp_path))
+
+
+def test_squad_predict_on_a_file_without_questions_is_refused(tmp_path: Path) -> None:
+    from transformers import BertForQuestionAnswering
+
+    from lightning_kd import FineTuningModule, SQuADDataModule
+
+    empty = tmp_path / "questions.json"
+    empty.write_text(json.dumps({"version": "v2.0", "data": []}))
+    model = BertForQuestionAnswering(tiny_bert_config(vocab_size=30522, max_position_embeddings=128))
+    data = SQuADDataModule(
+        "v2.0",
+        MINILM,
+        str(tmp_path),
+        max_length=64,
+        doc_stride=16,
+        max_query_length=16,
+        predict_file=str(empty),
+    )
+    # it ran zero steps and wrote nothing; Lightning only warned "Total length of `DataLoader` across ranks is zero"
+    with pytest.raises(
+        ValueError,
+        match="`predict` has nothing to read: the data to predict of SQuADDataModule holds no example",
+    ):
+        quiet_trainer().predict(FineTuningModule(model, "squad_v2"), data)
+
+
+def test_a_pruning_target_or_schedule_that_prunes_nothing_is_refused(teacher: BertForMaskedLM) -> None:
+    trainer = quiet_trainer(max_steps=2, callbacks=[PruningCallback({"heads": 1.0})])
+    with pytest.raises(
+        ValueError, match="target \\{'heads': 1.0\\} keeps every unit \\(heads 4\\).*prune nothing"
+    ):
+        trainer.fit(DistillationModule(teacher), FixedBatches())
+    assert trainer.global_step == 0
+    with pytest.raises(ValueError, match="gives 0.0 at progress 1.0, but it must give 1.0"):
+        PruningCallback({"heads": 0.5}, schedule=lambda progress: 0.0)
+
+
+# ------------------------------------------------------------------ Lightning, PyTorch, pickling and worker errors
+# restated in our words (issue 25.4; docs/operations.md, "Errors of Lightning, PyTorch or a worker, restated")
+
+
+def test_two_pruning_callbacks_are_refused_in_our_words(teacher: BertForMaskedLM) -> None:
+    # Lightning refused these when the Trainer was built: "Found more than one stateful callback of type
+    # `PruningCallback`", naming no fix
+    trainer = quiet_trainer(max_steps=2, callbacks=[PruningCallback(), PruningCallback()])
+    with pytest.raises(ValueError, match="2 PruningCallbacks .*keep one, with every kind in its target"):
+        trainer.fit(DistillationModule(teacher), FixedBatches())
+    assert trainer.global_step == 0
+
+
+def test_a_schedule_ddp_spawn_cannot_pickle_is_named_with_the_fix() -> None:
+    def ramp(progress: float) -> float:
+        return progress
+
+    callback = PruningCallback({"heads": 0.5}, schedule=ramp)
+    with pytest.raises(
+        pickle.PicklingError, match="schedule '.*ramp' cannot be pickled.*top level of a module"
+    ) as caught:
+        pickle.dumps(callback)
+    assert "Can't pickle local object" in str(caught.value.__cause__)
+    # as ddp_spawn meets it: refused before any process starts
+    trainer = quiet_trainer(max_steps=2, strategy="ddp_spawn", devices=2, callbacks=[callback])
+    with pytest.raises(pickle.PicklingError, match="schedule '.*ramp' cannot be pickled"):
+        trainer.fit(DistillationModule(BertForMaskedLM(tiny_bert_config()).eval()), FixedBatches())
+    pickle.loads(pickle.dumps(PruningCallback({"heads": 0.5}, schedule="linear")))  # the named ones travel
+    assert copy.deepcopy(callback).schedule(0.25) == 0.25  # copying needs no pickling
+
+
+def test_too_few_documents_for_the_readers_is_refused_before_the_workers_start(tmp_path: Path) -> None:
+    from lightning_kd.datamodules import DataSourceError
+
+    data = text_data(tmp_path, documents=1, num_workers=2)
+    # in a worker this arrived as "Caught DataSourceError in DataLoader worker process 1"
+    with pytest.raises(
+        DataSourceError, match="no documents for reader 1 of 2 .*use fewer dataloader workers"
+    ):
+        data.train_dataloader()
+    text_data(tmp_path, documents=2, num_workers=2).train_dataloader()  # one each: fine
+
+
+# ------------------------------------------------------------------ `lightning-kd validate/test/predict` (issue 26.6)
+
+
+def test_cli_evaluation_without_a_checkpoint_names_the_weights_and_refuses_a_training_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from lightning_kd.cli import main
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    classifier = tiny_bert_config(vocab_size=30522, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(classifier).save_pretrained(model)
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    rows = [f"a sentence about models number {i}\t{i % 2}" for i in range(8)]
+    for name in ("train.tsv", "dev.tsv"):
+        (glue / name).write_text("\n".join(["sentence\tlabel", *rows]) + "\n")
+    data = {"task": "sst2", "tokenizer": MINILM, "data_dir": str(tmp_path), "max_length": 32}
+    recipes = {
+        "fine-tuning": ("lightning_kd.FineTuningModule", {"model": str(model), "task": "sst2"}),
+        "distillation": (
+            "lightning_kd.DistillationModule",
+            {"teacher": str(model), "task": "sequence-classification"},
+        ),
+    }
+    for kind, (class_path, init_args) in recipes.items():
+        recipe = {
+            "model": {"class_path": class_path, "init_args": init_args},
+            "data": {"class_path": "lightning_kd.GLUEDataModule", "init_args": data},
+            "trainer": {
+                "accelerator": "cpu",
+                "logger": False,
+                "enable_progress_bar": False,
+                "default_root_dir": str(tmp_path / "run"),
+            },
+        }
+        config = tmp_path / f"{kind}.yaml"
+        config.write_text(yaml.safe_dump(recipe))
+        built = (
+            "the student as the recipe builds it"
+            if kind == "distillation"
+            else "the model as the recipe loads"
+        )
+        for subcommand in ("validate", "test", "predict") if kind == "fine-tuning" else ("test",):
+            with pytest.raises(
+                ValueError,
+                match=f"`lightning-kd {subcommand}` without --ckpt_path would evaluate {built}.*--ckpt_path none",
+            ):
+                main([subcommand, "--config", str(config)])
+    main(["validate", "--config", str(config), "--ckpt_path", "none", "--trainer.limit_val_batches=1"])
+    out = capsys.readouterr().out
+    assert (
+        "lightning-kd validate: evaluating the student as the recipe builds it (its init, not distilled) "
+        "(DistillationModule), before any training: no checkpoint is loaded (--ckpt_path none)"
+    ) in out
+    assert "val/sst2/accuracy" in out  # it ran, on the weights it named
+
+
+def test_every_test_the_bad_input_table_names_exists() -> None:
+    """The table in docs/operations.md points each row to its test: a renamed or removed test fails here."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "docs" / "operations.md").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", table))
+    defined = {
+        name
+        for path in (root / "tests").rglob("test_*.py")
+        for name in re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M)
+    }
+    assert named, "the table names no test"
+    assert not named - defined, f"docs/operations.md names tests that do not exist: {sorted(named - defined)}"

@@ -3,6 +3,7 @@ atomic checkpoints and preemption handling."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -30,6 +31,14 @@ from lightning_kd.datamodules.squad_tasks import SquadTask
 from lightning_kd.training.checkpoints import check_readable, install_atomic_checkpoints
 from lightning_kd.training.lightning_internals import cluster_environment
 
+log = logging.getLogger(__name__)
+
+EVALUATIONS = ("validate", "test", "predict")
+AS_BUILT = "none"  # --ckpt_path none: evaluate the weights the recipe builds, on purpose
+BUILT_WEIGHTS = {
+    "distillation": "the student as the recipe builds it (its init, not distilled)",
+    "fine-tuning": "the model as the recipe loads it (not fine-tuned by this recipe)",
+}
 WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE")
 CKPT_PATH_WORDS = ("last", "best", "hpc")  # resolved by Lightning, not paths
 NO_VAL_LOADER_WARNING = "You defined a `validation_step` but have no `val_dataloader`"
@@ -96,8 +105,19 @@ class DistillationCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in EVALUATIONS:
+            log.info(evaluated_weights(subcommand, ckpt_path, self.config[subcommand].get("model")))
+            if _as_built(ckpt_path):
+                return
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_WORDS and not str(ckpt_path).startswith("registry"):
             check_readable(ckpt_path)
+
+    @override
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if _as_built(kwargs.get("ckpt_path")):
+            kwargs["ckpt_path"] = None  # --ckpt_path none: the weights as the recipe builds them
+        return kwargs
 
     def before_fit(self) -> None:
         install_atomic_checkpoints(self.trainer)
@@ -126,6 +146,51 @@ class DistillationCLI(LightningCLI):
 
     def before_predict(self) -> None:
         add_prediction_writer(self.trainer, self.datamodule)
+
+
+def _as_built(ckpt_path: object) -> bool:
+    return isinstance(ckpt_path, str) and ckpt_path.lower() == AS_BUILT
+
+
+def evaluated_weights(subcommand: str, ckpt_path: object, model: Any) -> str:
+    """The line saying which weights ``validate``, ``test`` or ``predict`` evaluates; without a checkpoint, for a
+    distillation or fine-tuning recipe, an error unless ``--ckpt_path none`` asks for the weights as built.
+
+    Without ``--ckpt_path`` Lightning evaluates the module as the recipe builds it: the student before any
+    distillation, the model before fine-tuning, whose results would read as the run's.
+    """
+    if ckpt_path is not None and not _as_built(ckpt_path):
+        return f"lightning-kd {subcommand}: evaluating the weights of checkpoint {ckpt_path}"
+    class_path = str(model.get("class_path", "")) if hasattr(model, "get") else type(model).__name__
+    name = class_path.rsplit(".", 1)[-1]
+    built = BUILT_WEIGHTS.get(_trained_kind(class_path) or "", "the module as the recipe builds it")
+    line = f"lightning-kd {subcommand}: evaluating {built} ({name}), before any training: no checkpoint is loaded"
+    if ckpt_path is None and _trained_kind(class_path):
+        raise ValueError(
+            f"`lightning-kd {subcommand}` without --ckpt_path would evaluate {built}, before any training, and "
+            f"report it as this recipe's result. Pass the checkpoint to evaluate: --ckpt_path <file.ckpt>, or "
+            f"--ckpt_path last (the newest in the run's folder) or best; or --ckpt_path {AS_BUILT} to evaluate the "
+            "weights as built, e.g. a teacher loaded already fine-tuned."
+        )
+    return line + (f" (--ckpt_path {AS_BUILT})" if ckpt_path is not None else "")
+
+
+def _trained_kind(class_path: str) -> str | None:
+    """``distillation`` or ``fine-tuning`` when ``class_path`` is (a subclass of) a lightning-kd module that
+    trains its weights, else None."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError):
+        return None
+    from lightning_kd.distillation.module import DistillationModule
+    from lightning_kd.finetuning.module import FineTuningModule
+
+    if isinstance(cls, type) and issubclass(cls, DistillationModule):
+        return "distillation"
+    if isinstance(cls, type) and issubclass(cls, FineTuningModule):
+        return "fine-tuning"
+    return None
 
 
 class _NoTips(logging.Filter):

@@ -37,8 +37,10 @@ from lightning_kd.datamodules.stream import (
     PackedMLMStream,
     PositionTracker,
     PositionTrackingLoader,
+    check_every_reader_reads,
     evaluation_batch,
 )
+from lightning_kd.training.run_checks import check_run_ends
 
 __all__ = ["POSITION_KEY", "PackedMLMStream", "PretrainingDataModule"]
 
@@ -238,12 +240,8 @@ class PretrainingDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is not None:
             check_vocabulary(self.tokenizer, trainer.lightning_module)
-            if self.prepared is None and self.repeat and trainer.max_steps == -1 and stage == "fit":
-                warnings.warn(
-                    "the pre-training stream repeats forever (repeat=True), so an epoch never ends: "
-                    "set trainer.max_steps, or repeat=False to stop after one pass",
-                    stacklevel=2,
-                )
+            if stage == "fit":
+                check_run_ends(trainer, endless=self.prepared is None and self.repeat)
 
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
@@ -310,6 +308,9 @@ class PretrainingDataModule(L.LightningDataModule):
         # Only this rank's readers: the positions of every rank are gathered into one checkpoint.
         workers = max(self.num_workers, 1)
         mine = range(dataset.rank * workers, (dataset.rank + 1) * workers)
+        # every reader, on every rank: a rank that failed alone would leave the others waiting
+        if self.repeat:
+            check_every_reader_reads(self.specs, self.probabilities, dataset.world_size * workers)
         dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
         self._tracker.positions = dict(dataset.start_positions)
         self._dataset = dataset

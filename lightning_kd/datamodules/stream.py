@@ -33,6 +33,27 @@ POSITION_KEY = "_stream_position"
 _TOKENIZE_DOCS = 64
 
 
+def _no_documents(source: SourceSpec, reader: int, readers: int) -> str:
+    return (
+        f"source {source.name!r} has no documents for reader {reader} of {readers} (ranks x dataloader workers): "
+        "it holds fewer documents (or files) than there are readers; use fewer dataloader workers "
+        "(num_workers) or ranks, or more data"
+    )
+
+
+def check_every_reader_reads(sources: list[SourceSpec], probabilities: Any, readers: int) -> None:
+    """Refuse, in the main process, a repeating stream one of whose ``readers`` would get no document of a source:
+    found in a DataLoader worker, the error would arrive wrapped in "Caught DataSourceError in DataLoader worker
+    process 1", after the workers started. Hub sources are not read here (that would start streaming them in
+    the main process)."""
+    for source, share in zip(sources, probabilities, strict=True):
+        if share <= 0 or source.kind == "hub":
+            continue
+        for reader in range(readers):
+            if next(read_documents(source, reader, readers), None) is None:
+                raise DataSourceError(_no_documents(source, reader, readers))
+
+
 class PackedMLMStream(IterableDataset):
     """Interleaved sources -> tokens -> full blocks -> masked (or, with ``lm="causal"``, causal) batches,
     resumable per reader."""
@@ -245,11 +266,7 @@ class PackedMLMStream(IterableDataset):
                     epochs[choice] += 1
                     read[choice] = 0
                 elif self.repeat:
-                    raise DataSourceError(
-                        f"source {self.sources[choice].name!r} has no documents for reader {reader} of {readers} "
-                        "(ranks x dataloader workers): it is smaller than the number of readers; use fewer "
-                        "dataloader workers or ranks, or more data"
-                    )
+                    raise DataSourceError(_no_documents(self.sources[choice], reader, readers))
                 else:
                     alive[choice] = False
                 continue

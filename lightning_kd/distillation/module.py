@@ -46,6 +46,7 @@ from lightning_kd.training.checkpoints import resuming_fit
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
+from lightning_kd.training.run_checks import check_fit_length, check_run
 from lightning_kd.training.timing import StepTimer
 
 
@@ -249,6 +250,7 @@ class DistillationModule(StepAccounting):
     @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
+        check_fit_length(self.trainer)
         options = self.hparams.get("compile", False)
         if options:
             compile_models({"student": self.student, "teacher": self.teacher}, options)
@@ -258,6 +260,7 @@ class DistillationModule(StepAccounting):
         datamodule = getattr(attached_trainer(self), "datamodule", None)
         check_models_fit_data(datamodule, {"teacher": self.teacher, "student": self.student})
         check_task_fits_data(self.hparams.task, datamodule)
+        check_run(self, stage)  # after the callbacks' setup, which adds their terms (TED)
         if stage == "fit":
             warn_if_true_half_precision(str(getattr(attached_trainer(self), "precision", "")))
         # Task-specific distillation: a DataModule with a task (GLUE, SQuAD) brings its official metrics, for the

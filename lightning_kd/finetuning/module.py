@@ -34,6 +34,7 @@ from lightning_kd.training.checkpoints import check_resume, resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.optimizer import adamw_with_warmup
+from lightning_kd.training.run_checks import check_fit_length, check_run
 
 
 def sequence_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,6 +170,7 @@ class FineTuningModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        check_run(self, stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.causal and datamodule is not None and getattr(datamodule, "lm", None) != "causal":
             raise ValueError(
@@ -284,6 +286,7 @@ class FineTuningModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
+        check_fit_length(self.trainer)
         if self.export_dir is not None:
             check_export_dir(self.export_dir)
 

@@ -14,7 +14,7 @@ run gets cheaper as it prunes (see ``lightning_kd/pruning/shrink.py``). With ``p
 masked by hooks and removed at the end of fit: fixed shapes, for research that needs them. Either way the student
 computes the same thing.
 
-Everything the callback decides is in its ``state_dict`` (target, masks, importance statistics, schedule
+Everything the callback decides is in its ``pruning_state()`` (target, masks, importance statistics, schedule
 position), so a run resumed from a checkpoint ends with the same student as one that never stopped. Under
 DDP the gradients are already averaged, and rank 0's masks are broadcast at every event, so every rank
 takes the same decision.
@@ -153,6 +153,19 @@ class PruningCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Checked here, not by Lightning: its "more than one stateful callback" names no fix (the state goes in
+        # the checkpoint through on_save_checkpoint for this reason, see below)
+        pruners = [c for c in trainer.callbacks if isinstance(c, PruningCallback)]
+        if len(pruners) > 1:
+            targets = " and ".join(str(c.target) for c in pruners)
+            raise ValueError(
+                f"the Trainer has {len(pruners)} PruningCallbacks (targets {targets}), but one prunes every kind "
+                "of unit of the student: keep one, with every kind in its target, e.g. "
+                "PruningCallback({'heads': 0.5, 'ffn': 0.5, 'hidden': 0.5})."
+            )
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         require_run(pl_module, "PruningCallback")
         schedule = self.schedule
@@ -182,14 +195,18 @@ class PruningCallback(L.Callback):
             full.update({kind: mask.shape[-1] for kind, mask in self.masks.items()})
         self.strategy.check(pl_module)
         schedule.set_counts(full, self.target)
+        if self.masks is None and all(keep == full[kind] for kind, keep in schedule.goal.items()):
+            raise ValueError(
+                f"target {self.target} keeps every unit ({', '.join(f'{k} {full[k]}' for k in schedule.goal)}), "
+                "so PruningCallback would prune nothing: give a smaller target (e.g. 0.5 of each), or leave the "
+                "callback out to distil without pruning."
+            )
         widths = ", ".join(f"{kind} {full[kind]} -> {keep}" for kind, keep in schedule.goal.items())
         log.info(f"PruningCallback: target {self.target} resolves to {widths} (heads and ffn per layer)")
         self._check_exportable(student, counts["layers"])
         if self.export_dir:
             check_export_dir(self.export_dir)
-        schedule.resolve_end(
-            trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
-        )
+        schedule.resolve_end(_last_step(trainer))
         if "heads" in schedule.goal:
             self._check_head_terms(pl_module, counts["head_size"])
         if self.masks is None:
@@ -320,8 +337,22 @@ class PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    # The state is written to and read from checkpoint["callbacks"]["PruningCallback"], where Lightning's
+    # state_dict hook would put it, by the checkpoint hooks: a callback overriding state_dict makes Lightning
+    # refuse a second one when the Trainer is built, in words that name no fix (setup above names it).
+
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault("callbacks", {})[self.state_key] = self.pruning_state()
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state:
+            self.load_pruning_state(state)
+
+    def pruning_state(self) -> dict[str, Any]:
+        """What the callback decided so far (target, masks, importance statistics, schedule position)."""
         return {
             "target": self.target,
             "masks": self.masks,
@@ -332,8 +363,8 @@ class PruningCallback(L.Callback):
             "physical": self.physical,
         }
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_pruning_state(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``pruning_state()``, refusing a checkpoint pruned towards another target or layout."""
         if dict(state_dict["target"]) != self.target:
             raise ValueError(
                 f"this checkpoint was pruned towards target {state_dict['target']}, but the callback now targets "
@@ -352,6 +383,13 @@ class PruningCallback(L.Callback):
         self.last_event, self.events = state_dict["last_event"], list(state_dict["events"])
         if self.schedule.end_step is None:
             self.schedule.end_step = state_dict["end_step"]
+
+
+def _last_step(trainer: L.Trainer) -> int:
+    """The run's last optimizer step: the earlier of max_steps and the epochs' end (Lightning stops at
+    whichever comes first, so a schedule that ends at max_steps would never finish)."""
+    estimated = trainer.estimated_stepping_batches
+    return int(estimated) if math.isfinite(estimated) and estimated > 0 else trainer.max_steps
 
 
 def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:

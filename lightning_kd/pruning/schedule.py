@@ -7,7 +7,9 @@ length (``resolve_end``), then asks it at every step whether an event is due and
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from collections.abc import Callable, Mapping
 
 PRUNABLE = ("heads", "ffn", "hidden")
@@ -27,6 +29,18 @@ def one_shot(progress: float) -> float:
 
 # functions, not lambdas: the schedule is pickled into every process under ddp_spawn
 SCHEDULES: dict[str, Callable[[float], float]] = {"cubic": cubic, "linear": linear, "one-shot": one_shot}
+
+
+def _check_shape(shape: Callable[[float], float]) -> None:
+    """A schedule of one's own must go the whole way: ``shape(1.0) == 1``, or the last event stops short of the
+    target (at 0, the student is never pruned)."""
+    end = shape(1.0)
+    if not isinstance(end, (int, float)) or not math.isclose(end, 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"the pruning schedule gives {end!r} at progress 1.0, but it must give 1.0 there (the whole way to "
+            "the target at end_step), or the student never reaches its target: return the share of the way "
+            "pruned, from 0.0 at the start to 1.0 at the end."
+        )
 
 
 class PruningSchedule:
@@ -62,12 +76,40 @@ class PruningSchedule:
             )
         self.start_step, self.end_step, self.interval = start_step, end_step, interval
         self.shape = SCHEDULES[shape] if isinstance(shape, str) else shape
+        if not isinstance(shape, str):
+            _check_shape(shape)
         self.granularity = granularity
         self.full: dict[str, int] = {}  # per kind: the units the student has (per layer for heads and FFN)
         self.goal: dict[str, int] = {}  # per kind: the units the last event keeps
 
     def __call__(self, progress: float) -> float:
         return self.shape(progress)
+
+    def __getstate__(self) -> dict:
+        # ddp_spawn pickles every callback into each new process; pickle's "Can't pickle local object" names
+        # neither the schedule nor a way out
+        try:
+            pickle.dumps(self.shape)
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            raise pickle.PicklingError(
+                f"the pruning schedule {getattr(self.shape, '__qualname__', self.shape)!r} cannot be pickled, and "
+                "a strategy that starts its processes with spawn (ddp_spawn, or ddp in a notebook) pickles every "
+                "callback: define it as a function at the top level of a module (not a lambda or a nested "
+                "function), use schedule='cubic', 'linear' or 'one-shot', or strategy='ddp' from a script."
+            ) from error
+        return dict(self.__dict__)
+
+    def __copy__(self) -> PruningSchedule:
+        # copies need no pickling: a lambda schedule copies as it always did
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> PruningSchedule:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # ------------------------------------------------------------------------------------------ laying out
 

@@ -25,6 +25,9 @@ RELIED_ON = (
     ("WandbLogger", "_experiment"),
     ("DDPStrategy", "_register_ddp_hooks"),
     ("GradScaler", "_found_inf_per_device"),
+    ("Trainer", "validate_loop._data_source"),
+    ("Trainer", "test_loop._data_source"),
+    ("Trainer", "predict_loop._data_source"),
 )
 
 
@@ -91,3 +94,9 @@ def ddp_comm_hook(strategy: Any) -> Any:
 def overflowed_per_device(scaler: Any, optimizer: Any) -> dict[Any, Any]:
     """A GradScaler's found-inf flags for ``optimizer`` (filled by ``unscale_``), device -> tensor."""
     return _read(scaler, "_found_inf_per_device")(optimizer)
+
+
+def dataloader_source(trainer: L.Trainer, stage: str) -> Any:
+    """Where ``validate``, ``test`` or ``predict`` takes its loaders from (the DataModule, the module, or loaders
+    passed to the Trainer): ``is_defined()`` says whether there are any, ``dataloader()`` builds them."""
+    return _read(trainer, f"{stage}_loop._data_source")

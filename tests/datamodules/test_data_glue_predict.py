@@ -215,8 +215,8 @@ def test_cli_test_and_predict_on_the_offline_task(tmp_path: Path, monkeypatch: p
     }
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    main(["test", "--config", str(config), "--trainer.limit_test_batches=1"])
-    main(["predict", "--config", str(config)])
+    main(["test", "--config", str(config), "--trainer.limit_test_batches=1", "--ckpt_path", "none"])
+    main(["predict", "--config", str(config), "--ckpt_path", "none"])
     rows = read_submission(tmp_path / "run" / "glue_submission" / "docstrings.tsv")
     data = GLUEDataModule("docstrings", TOKENIZER)
     assert len(rows) == len(data.read_predict_split("test")) == len(data.read_split("validation"))

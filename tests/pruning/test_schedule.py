@@ -106,7 +106,7 @@ def test_the_callback_delegates_and_keeps_its_checkpoint_layout() -> None:
     pruning.schedule.resolve_end(40)
     assert pruning.end_step == 20
     assert pruning.keep_counts(10) == pruning.schedule.keep_counts(10)
-    assert set(pruning.state_dict()) == {
+    assert set(pruning.pruning_state()) == {
         "target",
         "masks",
         "importance",
@@ -115,7 +115,7 @@ def test_the_callback_delegates_and_keeps_its_checkpoint_layout() -> None:
         "end_step",
         "physical",
     }
-    assert pruning.state_dict()["end_step"] == 20
+    assert pruning.pruning_state()["end_step"] == 20
     # ddp_spawn pickles the schedule with the callback
     restored = pickle.loads(pickle.dumps(pruning))
     assert restored.keep_counts(10) == pruning.keep_counts(10) and restored.schedule(0.5) == pytest.approx(

@@ -27,6 +27,7 @@ PRIVATE = (
     "_ddp_comm_wrapper",
     "_found_inf_per_device",
     "_trainer",
+    "_data_source",
 )
 
 
