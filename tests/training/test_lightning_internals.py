@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_kd.training import lightning_internals as internals
@@ -27,6 +27,9 @@ PRIVATE = (
     "_ddp_comm_wrapper",
     "_found_inf_per_device",
     "_trainer",
+    "_version",
+    "_checkpoint_connector",
+    "_parse_ckpt_path",
 )
 
 
@@ -38,6 +41,7 @@ def owners() -> dict[str, object]:
         "Trainer": trainer,
         "LightningModule": L.LightningModule(),
         "WandbLogger": WandbLogger(offline=True, save_dir="unused"),
+        "CSVLogger": CSVLogger("unused"),
         "DDPStrategy": DDPStrategy(),
         "GradScaler": torch.amp.GradScaler("cpu"),
     }
