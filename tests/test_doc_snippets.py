@@ -161,7 +161,9 @@ def run_snippets(
     return scope, trainers
 
 
-def test_every_python_snippet_of_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_python_snippet_of_the_readme_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
     scope, (quick, homodistil) = run_snippets("README.md", tmp_path, monkeypatch)
     # Each fit ran its steps under the schedule the snippet set, not a shortened one.
     assert (quick.global_step, quick.max_steps) == (STEPS, 100_000)

@@ -100,6 +100,8 @@ def _of(trainer: L.Trainer, kind: type) -> list[Any]:
 
 
 def _saved_identity(path: Path) -> tuple[dict[str, list[Any]], int] | None:
+    if not path.exists():  # Lightning says so when fit starts
+        return None
     if not path.is_file():  # a sharded checkpoint folder: nothing recorded there
         log.info(f"{path} is not a single checkpoint file: the loggers start a new run")
         return None
