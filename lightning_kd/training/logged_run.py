@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_kd.training.lightning_internals import (
@@ -91,7 +92,7 @@ def continue_logged_run(trainer: L.Trainer, ckpt_path: str | os.PathLike | None)
             log.info(f"W&B: continuing run {run_id} (the checkpoint's)")
     for logger, version in zip(_of(trainer, CSVLogger), identity.get("csv", []), strict=False):
         if version is not None:
-            _continue_csv(trainer, logger, version, step)
+            _continue_csv(logger, version, step)
     return True
 
 
@@ -120,10 +121,12 @@ def _saved_identity(path: Path) -> tuple[dict[str, list[Any]], int] | None:
     return identity, int(checkpoint.get("global_step", 0))
 
 
-def _continue_csv(trainer: L.Trainer, logger: CSVLogger, version: int | str, step: int) -> None:
+def _continue_csv(logger: CSVLogger, version: int | str, step: int) -> None:
     """Point ``logger`` at its earlier ``version`` folder and keep that file's rows logged before ``step``."""
     pin_csv_version(logger, version)
-    if not trainer.is_global_zero:
+    # Lightning's rank from the launch environment, as its loggers read it: before fit, the strategy's ranks are
+    # not set yet and every process's trainer reports global rank 0
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return
     metrics = Path(logger.log_dir) / "metrics.csv"
     rows: list[dict[str, str]] = []
