@@ -1,6 +1,6 @@
-"""Every Python snippet of README.md and docs/dashboards.md, run as written: hub names stand for local tiny models,
-and training stops after a few steps by a callback the test adds, so each run keeps the schedule its snippet sets.
-(docs/decoders.md's snippet runs in tests/distillation/test_causal_lm.py.)"""
+"""Every Python snippet of README.md and docs/*.md, run as written where it can be: hub names stand for local
+tiny models, the names a page assumes its reader has (a module, data) are given, and training stops after a few
+steps by a callback the test adds, so each run keeps the schedule its snippet sets."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import lightning
 import pytest
 import torch
 import wandb
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from kd_helpers import FixedBatches, tiny_bert_config
+from transformers import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertTokenizerFast
 
-from lightning_kd import DistillationModule, PretrainingDataModule, hub
+from lightning_kd import DistillationModule, PretrainingDataModule, PruningCallback, SQuADDataModule, hub
 from lightning_kd.datamodules import sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,21 @@ SNIPPETS: dict[str, dict[str, dict[str, dict[str, int]] | str]] = {
         "One run across resumes and requeues": "it resumes a checkpoint; tests/faults/test_logged_run.py calls "
         "continue_logged_run the same way, in Python and through the CLI after a SIGKILL",
         "Reading an offline run": {},
+    },
+    "docs/homodistil.md": {"HomoDistil: pruning while distilling": {}},
+    "docs/model_surgery.md": {
+        "Units and masks": "a sketch of the masks' shapes, not code",
+        "ETD: `extract`": {},
+    },
+    "docs/squad.md": {
+        "Data": {"microsoft/deberta-v3-xsmall": DEEP},
+        "A model you can ship": {},
+    },
+    "docs/decoders.md": {
+        "Decoder LMs: Llama, Mistral, Qwen2/2.5, Qwen3": "tests/distillation/test_causal_lm.py runs it on a tiny "
+        "Llama (test_the_snippet_in_docs_decoders_builds_as_written)",
+        "Evaluating with lm-evaluation-harness": "it needs lm-evaluation-harness (the optional harness extra) "
+        "and its task data",
     },
 }
 # The hub datasets the snippets stream: each stands for a small local parquet file of its text column.
@@ -115,9 +131,9 @@ def local_hub(
     corpus = write_corpus(tmp_path / "hub" / "corpus.parquet")
 
     def load(loader: Any, name: object, what: str, **kwargs: Any) -> Any:
-        heading = asked[-1]
-        if Path(str(name)).is_dir():  # a local folder: a stand-in named again (the teacher's tokenizer)
+        if Path(str(name)).is_dir():  # a local folder: a stand-in named again, or what the test gives
             return loader.from_pretrained(name, **kwargs)
+        heading = asked[-1]
         if (heading, str(name)) not in folders:
             raise AssertionError(
                 f"the {document} snippet under {heading!r} loads the {what} {name!r}, which has no stand-in: "
@@ -136,15 +152,37 @@ def local_hub(
     return load, load_dataset
 
 
-def run_snippets(
-    document: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], list[lightning.Trainer]]:
-    """Run ``document``'s snippets in order in one scope that starts with ``given`` (what the page assumes its
-    reader has), in ``tmp_path``; returns the scope and the Trainers the snippets built."""
+def listed_snippets(document: str) -> list[tuple[str, str]]:
+    """``document``'s snippets, checked against SNIPPETS one for one."""
     snippets = python_snippets((ROOT / document).read_text(encoding="utf-8"))
-    headings = [heading for heading, _ in snippets]
-    listed = list(SNIPPETS[document])
-    assert headings == listed, f"{document}'s Python snippets sit under {headings}; SNIPPETS lists {listed}"
+    headings, listed = [heading for heading, _ in snippets], list(SNIPPETS.get(document, {}))
+    assert headings == listed, (
+        f"{document}'s Python snippets sit under {headings}; SNIPPETS in tests/test_doc_snippets.py lists "
+        f"{listed}: give each its stand-ins, or the reason it does not run here"
+    )
+    return snippets
+
+
+def test_every_document_with_python_snippets_is_listed() -> None:
+    documents = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md")))]
+    with_snippets = [document for document in documents if python_snippets((ROOT / document).read_text())]
+    assert sorted(with_snippets) == sorted(SNIPPETS), "list each document's snippets in SNIPPETS"
+    for document in with_snippets:
+        listed_snippets(document)
+
+
+def run_snippets(
+    document: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: Callable[[Path], dict[str, Any]] | None = None,
+    before: dict[str, Callable[[], object]] | None = None,
+) -> tuple[dict[str, Any], list[lightning.Trainer]]:
+    """Run ``document``'s snippets in order in ``tmp_path``, in one scope that starts with what ``given`` returns
+    (what the page assumes its reader has, built once the Trainer is patched), calling ``before[heading]`` first
+    where the page assumes something happened in between; returns the scope and the Trainers the snippets
+    built."""
+    snippets = listed_snippets(document)
     asked: list[str] = []
     load, load_dataset = local_hub(tmp_path, document, asked)
     monkeypatch.setattr(hub, "_load", load)
@@ -152,11 +190,12 @@ def run_snippets(
     trainers: list[lightning.Trainer] = []
     monkeypatch.setattr(lightning, "Trainer", stopping_trainer(trainers))
     monkeypatch.chdir(tmp_path)
-    scope: dict[str, Any] = dict(given or {})
+    scope: dict[str, Any] = given(tmp_path) if given else {}
     for heading, snippet in snippets:
         if isinstance(SNIPPETS[document][heading], str):
             continue  # not run here, for the reason SNIPPETS gives
         asked.append(heading)
+        (before or {}).get(heading, lambda: None)()
         exec(compile(snippet, f"{document} ({heading})", "exec"), scope)  # noqa: S102 (the documented code)
     return scope, trainers
 
@@ -176,43 +215,50 @@ def test_every_python_snippet_of_the_readme_runs(
     assert homodistil.lightning_module.student.config.hidden_size == 320
 
 
+def stop_wandb() -> None:
+    """End the run and wandb's service, as the end of the process that ran it does: offline, ``finish`` alone can
+    return before the run file is written out (wandb 0.31)."""
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()
+
+
 @pytest.fixture
 def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """W&B offline, its settings inside tmp_path. Its service resolves relative run folders against the folder it
     started in, so it is stopped before (the snippet's run starts it in tmp_path) and after."""
 
-    def stop() -> None:
-        if wandb.run is not None:
-            wandb.finish()
-        wandb.teardown()
-
-    stop()
+    stop_wandb()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR"):
         (tmp_path / "wandb_home" / name).mkdir(parents=True)
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name))
     yield
-    stop()
+    stop_wandb()
 
 
 def test_every_python_snippet_of_the_dashboards_page_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_wandb: None
 ) -> None:
-    # what the page assumes: a module and data, here HomoDistil's start on the wide stand-in
-    teacher = write_model(tmp_path / "teacher", **WIDE)
-    given = {
-        "module": DistillationModule(
-            str(teacher), {"init": "copy"}, task="masked-lm", objective=[{"term": "logits"}]
-        ),
-        "data": PretrainingDataModule(
-            tokenizer=str(teacher),
-            sources=[str(write_corpus(tmp_path / "corpus.parquet"))],
-            max_length=16,
-            batch_size=2,
-        ),
-    }
-    scope, (trainer,) = run_snippets("docs/dashboards.md", tmp_path, monkeypatch, given)
+    def given(tmp_path: Path) -> dict[str, Any]:
+        # what the page assumes: a module and data, here HomoDistil's start on the wide stand-in
+        teacher = write_model(tmp_path / "teacher", **WIDE)
+        return {
+            "module": DistillationModule(
+                str(teacher), {"init": "copy"}, task="masked-lm", objective=[{"term": "logits"}]
+            ),
+            "data": PretrainingDataModule(
+                tokenizer=str(teacher),
+                sources=[str(write_corpus(tmp_path / "corpus.parquet"))],
+                max_length=16,
+                batch_size=2,
+            ),
+        }
+
+    scope, (trainer,) = run_snippets(
+        "docs/dashboards.md", tmp_path, monkeypatch, given, before={"Reading an offline run": stop_wandb}
+    )
     assert (trainer.global_step, trainer.max_steps) == (STEPS, 28_000)
     csv_folder = tmp_path / "runs" / "homobert_small" / "csv" / "version_0"
     assert (csv_folder / "summary.png").is_file() and (tmp_path / "homobert_small.png").is_file()
@@ -222,6 +268,63 @@ def test_every_python_snippet_of_the_dashboards_page_runs(
     assert "history" in kinds and "metric" in kinds
     histories = [str(r.history) for r in scope["records"] if r.WhichOneof("record_type") == "history"]
     assert any("trainer/global_step" in history for history in histories)
+
+
+def test_the_homodistil_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def given(tmp_path: Path) -> dict[str, Any]:
+        # the page's names: a Trainer (the patched one), the callback, a module and data of known length
+        torch.manual_seed(0)
+        teacher = BertForMaskedLM(tiny_bert_config()).eval()
+        return {
+            "Trainer": lightning.Trainer,
+            "PruningCallback": PruningCallback,
+            "module": DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "logits"}]),
+            "datamodule": FixedBatches(),
+        }
+
+    _, (trainer,) = run_snippets("docs/homodistil.md", tmp_path, monkeypatch, given)
+    (pruning,) = [c for c in trainer.callbacks if isinstance(c, PruningCallback)]
+    # no end_step: the schedule ends at the run's last step (1,000 epochs of 4 batches), as the page says
+    assert trainer.global_step == STEPS and pruning.schedule.end_step == 4000
+
+
+def test_the_extract_snippet_of_the_surgery_page_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def given(tmp_path: Path) -> dict[str, Any]:
+        # a teacher wider and deeper than the student the page extracts, with 32-wide heads as it has
+        folder = write_model(
+            tmp_path / "teacher",
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            intermediate_size=1024,
+        )
+        tokenizer = BertTokenizerFast.from_pretrained(folder)
+        texts = [" ".join(WORDS[i : i + 8]) for i in range(8)]
+        batches = [dict(tokenizer(texts[i : i + 2], return_tensors="pt")) for i in range(0, 8, 2)]
+        for batch in batches:
+            batch["labels"] = batch["input_ids"].clone()
+        return {"teacher": BertForMaskedLM.from_pretrained(folder).eval(), "train_dataloader": batches}
+
+    scope, _ = run_snippets("docs/model_surgery.md", tmp_path, monkeypatch, given)
+    config = scope["student"].config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (3, 192, 6)
+    assert config.intermediate_size == 768
+
+
+def test_the_squad_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def given(tmp_path: Path) -> dict[str, Any]:
+        # the page's QA export and a context; SQuADDataModule by its bare name, as the page writes it
+        folder = tmp_path / "runs" / "squad_tiny" / "model"
+        write_model(folder, **DEEP)
+        torch.manual_seed(0)
+        config = BertConfig.from_pretrained(folder)
+        BertForQuestionAnswering(config).save_pretrained(folder)
+        return {"SQuADDataModule": SQuADDataModule, "context": " ".join(WORDS)}
+
+    scope, _ = run_snippets("docs/squad.md", tmp_path, monkeypatch, given)
+    assert set(scope["answers"].answers) == {"0"} and set(scope["answers"].null_odds) == {"0"}
 
 
 def test_snippets_are_found_under_their_headings_and_unknown_hub_names_fail(tmp_path: Path) -> None:
