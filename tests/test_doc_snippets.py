@@ -188,7 +188,9 @@ def run_snippets(
     monkeypatch.setattr(hub, "_load", load)
     monkeypatch.setattr(sources, "load_hub_dataset", load_dataset)
     trainers: list[lightning.Trainer] = []
-    monkeypatch.setattr(lightning, "Trainer", stopping_trainer(trainers))
+    patched = stopping_trainer(trainers)
+    monkeypatch.setattr(lightning, "Trainer", patched)
+    monkeypatch.setattr(lightning.pytorch, "Trainer", patched)  # `from lightning.pytorch import Trainer`
     monkeypatch.chdir(tmp_path)
     scope: dict[str, Any] = given(tmp_path) if given else {}
     for heading, snippet in snippets:
