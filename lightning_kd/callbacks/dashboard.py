@@ -272,6 +272,8 @@ def _panel_lines(
 
     def line(name: str, label: str | None = None, scale: float = 1.0, **style: Any) -> tuple:
         steps, values = zip(*series[name], strict=True)
+        if len(steps) == 1:  # one point draws no line
+            style = {"marker": "o", **style}
         return label or name, list(steps), [v * scale for v in values], style
 
     names = sorted(series)

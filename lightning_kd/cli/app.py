@@ -30,6 +30,7 @@ from lightning_kd.datamodules.glue import GLUEDataModule
 from lightning_kd.datamodules.squad_tasks import SquadTask
 from lightning_kd.training.checkpoints import check_readable, install_atomic_checkpoints
 from lightning_kd.training.lightning_internals import cluster_environment
+from lightning_kd.training.logged_run import continue_logged_run
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class DistillationCLI(LightningCLI):
         add_model_size_when_missing(self.trainer)
 
     def fit(self, model: L.LightningModule, **kwargs: Any) -> None:
-        """``Trainer.fit``, without Lightning's warning that the module's ``validation_step`` has no
+        """``Trainer.fit``, continuing the W&B run and CSV history of the checkpoint it resumes from
+        (:func:`~lightning_kd.training.logged_run.continue_logged_run`), without Lightning's warning that the module's ``validation_step`` has no
         ``val_dataloader`` when that validation_step is lightning-kd's: it evaluates task data when the
         DataModule has some (GLUE) and is not for a pre-training stream, which has none by design. A
         ``validation_step`` the user wrote keeps the warning."""
@@ -139,6 +141,8 @@ class DistillationCLI(LightningCLI):
                 warnings.filterwarnings(
                     "ignore", message=re.escape(NO_VAL_LOADER_WARNING), category=PossibleUserWarning
                 )
+            # after before_fit has added the loggers, before fit starts them: a resumed fit continues their run
+            continue_logged_run(self.trainer, kwargs.get("ckpt_path"))
             self.trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:

@@ -23,6 +23,8 @@ RELIED_ON = (
     ("LightningModule", "_trainer"),
     ("WandbLogger", "_wandb_init"),
     ("WandbLogger", "_experiment"),
+    ("CSVLogger", "_version"),
+    ("Trainer", "_checkpoint_connector._parse_ckpt_path"),
     ("DDPStrategy", "_register_ddp_hooks"),
     ("GradScaler", "_found_inf_per_device"),
     ("Trainer", "validate_loop._data_source"),
@@ -72,6 +74,22 @@ def wandb_run_started(logger: Any) -> bool:
 def wandb_init_kwargs(logger: Any) -> dict[str, Any]:
     """The keyword arguments a WandbLogger will pass to ``wandb.init`` (mutable until the run starts)."""
     return _read(logger, "_wandb_init")
+
+
+def pin_csv_version(logger: Any, version: int | str) -> None:
+    """Make a CSVLogger write to its folder ``version`` (the constructor's ``version``, after construction)."""
+    _read(logger, "_version")
+    logger._version = version
+
+
+def resolve_fit_ckpt_path(trainer: L.Trainer, ckpt_path: Any) -> str | None:
+    """The checkpoint file ``trainer.fit(ckpt_path=...)`` will resume from, resolved as Lightning resolves it
+    (``last``, ``hpc``, and under SLURM a requeued job's checkpoint when none is given), or None."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    parse = _read(trainer, "_checkpoint_connector._parse_ckpt_path")
+    path = parse(TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False)
+    return None if path is None else str(path)
 
 
 def register_ddp_comm_hook(strategy: Any) -> None:

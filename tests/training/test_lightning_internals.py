@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_kd.training import lightning_internals as internals
@@ -28,6 +28,9 @@ PRIVATE = (
     "_found_inf_per_device",
     "_trainer",
     "_data_source",
+    "_version",
+    "_checkpoint_connector",
+    "_parse_ckpt_path",
 )
 
 
@@ -39,6 +42,7 @@ def owners() -> dict[str, object]:
         "Trainer": trainer,
         "LightningModule": L.LightningModule(),
         "WandbLogger": WandbLogger(offline=True, save_dir="unused"),
+        "CSVLogger": CSVLogger("unused"),
         "DDPStrategy": DDPStrategy(),
         "GradScaler": torch.amp.GradScaler("cpu"),
     }
