@@ -38,6 +38,7 @@ from lightning_kd.datamodules.stream import (
     PositionTracker,
     PositionTrackingLoader,
     evaluation_batch,
+    first_reader,
 )
 
 __all__ = ["POSITION_KEY", "PackedMLMStream", "PretrainingDataModule"]
@@ -154,6 +155,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self._dataset: PackedMLMStream | None = None
         self._tracker = PositionTracker()
         self._resume: dict[int, dict[str, Any]] = {}
+        self._resume_next: list[int] = []  # per rank, the reader whose turn was next
 
     @staticmethod
     def _read_prepared(
@@ -311,6 +313,9 @@ class PretrainingDataModule(L.LightningDataModule):
         workers = max(self.num_workers, 1)
         mine = range(dataset.rank * workers, (dataset.rank + 1) * workers)
         dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
+        dataset.first_reader = first_reader(
+            self._resume_next, mine, dataset.start_positions, dataset.world_size
+        )
         self._tracker.positions = dict(dataset.start_positions)
         self._dataset = dataset
         return PositionTrackingLoader(
@@ -359,16 +364,19 @@ class PretrainingDataModule(L.LightningDataModule):
         """
         if self.prepared is not None:
             return {}
-        positions = self._tracker.consumed(self._batches_taken())
+        positions, next_reader = self._tracker.consumed(self._batches_taken())
+        turns = [] if next_reader is None else [next_reader]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, positions)
-            positions = {k: v for rank_positions in gathered for k, v in rank_positions.items()}
+            torch.distributed.all_gather_object(gathered, (positions, turns))
+            positions = {k: v for rank_positions, _ in gathered for k, v in rank_positions.items()}
+            turns = [reader for _, rank_turns in gathered for reader in rank_turns]
         if not positions:
             return {}
         return {
             "sources": [spec.name for spec in self.specs],
             "positions": {str(k): v for k, v in positions.items()},
+            "next_readers": sorted(turns),
         }
 
     @override
@@ -384,4 +392,6 @@ class PretrainingDataModule(L.LightningDataModule):
             )
             return
         self._resume = {int(k): v for k, v in state_dict["positions"].items()}
+        # Older checkpoints do not say whose turn was next: their runs resume at worker 0, as they did.
+        self._resume_next = [int(reader) for reader in state_dict.get("next_readers", [])]
         self._tracker.positions = dict(self._resume)

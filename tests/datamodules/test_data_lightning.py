@@ -16,56 +16,85 @@ from torch import nn
 from lightning_kd.datamodules import PretrainingDataModule
 
 
-class Recorder(L.LightningModule):
-    """Remembers a fingerprint of every batch it trains on."""
+class Student(L.LightningModule):
+    """A tiny student whose final weights depend on every batch it trains on, and on their order (momentum)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.layer = nn.Linear(1, 1)
-        self.seen: list[int] = []
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            # Token ids folded onto a prime: a full vocabulary's embedding makes each step 10x slower.
+            self.embed = nn.Embedding(251, 4)
+            self.head = nn.Linear(4, 1)
+        self.seen: list[torch.Tensor] = []
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.seen.append(
-            int(
-                (
-                    batch["input_ids"] * torch.arange(batch["input_ids"].numel()).view_as(batch["input_ids"])
-                ).sum()
-            )
-        )
-        return self.layer(batch["attention_mask"][:, :1].float()).sum()
+        self.seen.append(torch.stack([batch["input_ids"], batch["labels"]]).clone())
+        chosen = (batch["labels"] != -100).float()
+        return (self.head(self.embed(batch["input_ids"] % 251)).squeeze(-1) * chosen).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_resumed_fit_continues_the_stream(tmp_path, num_workers):
-    path = tmp_path / "corpus.txt"
+class StopAt(L.Callback):
+    """Saves a checkpoint after ``step`` optimizer steps and stops there, mid-epoch (as a preemption would)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.fixture(scope="module")
+def shared_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stream") / "corpus.txt"
     write_lines(path, 150)
+    return path
 
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 4])
+def test_resumed_fit_sees_exactly_the_batches_of_a_run_that_never_stopped(
+    tmp_path, shared_corpus, num_workers
+):
+    # Stopping after 3 steps leaves the next batch to worker 3 % num_workers, not to worker 0, where a new
+    # DataLoader starts its turns.
     def data() -> PretrainingDataModule:
         return PretrainingDataModule(
-            TOKENIZER, [str(path)], max_length=32, batch_size=4, num_workers=num_workers
+            TOKENIZER,
+            [str(shared_corpus)],
+            max_length=32,
+            batch_size=4,
+            num_workers=num_workers,
+            whole_word_masking=True,
         )
 
-    straight = Recorder()
-    data_trainer(tmp_path / "a", 8, enable_checkpointing=False).fit(straight, datamodule=data())
+    steps, stop = 8, 3
+    straight = Student()
+    data_trainer(tmp_path / "a", steps, enable_checkpointing=False).fit(straight, datamodule=data())
 
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1
+    saved = tmp_path / "stopped.ckpt"
+    first = Student()
+    data_trainer(tmp_path / "b", steps, enable_checkpointing=False, callbacks=[StopAt(stop, saved)]).fit(
+        first, datamodule=data()
     )
-    first = Recorder()
-    data_trainer(tmp_path / "b", 3, callbacks=[checkpoint]).fit(first, datamodule=data())
-    (saved,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     state = torch.load(saved, weights_only=False)["PretrainingDataModule"]
-    assert state["positions"]["0"]["batches"] == 3
+    assert sum(position["batches"] for position in state["positions"].values()) == stop
 
-    second = Recorder()
-    data_trainer(tmp_path / "c", 8, enable_checkpointing=False).fit(
+    second = Student()
+    data_trainer(tmp_path / "c", steps, enable_checkpointing=False).fit(
         second, datamodule=data(), ckpt_path=saved
     )
-    assert first.seen == straight.seen[:3]
-    assert second.seen == straight.seen[3:], "the resumed run did not continue where the first stopped"
+    assert len(first.seen) == stop and len(straight.seen) == steps
+    resumed = first.seen + second.seen
+    assert len(resumed) == steps
+    for k, (seen, expected) in enumerate(zip(resumed, straight.seen, strict=True)):
+        assert torch.equal(seen, expected), f"batch {k} differs from the uninterrupted run's"
+    for (name, mine), theirs in zip(second.state_dict().items(), straight.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), f"{name} differs from the uninterrupted run's"
 
 
 def _rank_main(rank: int, folder: str, corpus: str) -> None:
