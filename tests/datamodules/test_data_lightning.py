@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -56,45 +58,61 @@ def shared_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def stream(corpus: Path, num_workers: int, **kwargs: object) -> PretrainingDataModule:
+    settings = dict(max_length=32, batch_size=4, num_workers=num_workers, whole_word_masking=True)
+    return PretrainingDataModule(TOKENIZER, [str(corpus)], **{**settings, **kwargs})
+
+
+def stop_and_resume(
+    root: Path, data: Callable[[], PretrainingDataModule], stop: int, straight: Student, **limits: object
+) -> None:
+    """Stops after ``stop`` steps and resumes: the batches of the ``straight`` run, in its order, and its final
+    student, exactly."""
+    saved = root / f"stopped-{stop}.ckpt"
+    first = Student()
+    data_trainer(root / "b", enable_checkpointing=False, callbacks=[StopAt(stop, saved)], **limits).fit(
+        first, datamodule=data()
+    )
+    second = Student()
+    data_trainer(root / "c", enable_checkpointing=False, **limits).fit(
+        second, datamodule=data(), ckpt_path=saved
+    )
+    assert len(first.seen) == stop < len(straight.seen)
+    resumed = first.seen + second.seen
+    assert len(resumed) == len(straight.seen)
+    for k, (seen, expected) in enumerate(zip(resumed, straight.seen, strict=True)):
+        assert torch.equal(seen, expected), f"batch {k} differs from the uninterrupted run's"
+    for (name, mine), theirs in zip(second.state_dict().items(), straight.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), f"{name} differs from the uninterrupted run's"
+
+
+def straight_run(root: Path, data: Callable[[], PretrainingDataModule], **limits: object) -> Student:
+    student = Student()
+    data_trainer(root / "a", enable_checkpointing=False, **limits).fit(student, datamodule=data())
+    return student
+
+
 @pytest.mark.parametrize("num_workers", [0, 1, 2, 4])
 def test_resumed_fit_sees_exactly_the_batches_of_a_run_that_never_stopped(
     tmp_path, shared_corpus, num_workers
 ):
     # Stopping after 3 steps leaves the next batch to worker 3 % num_workers, not to worker 0, where a new
     # DataLoader starts its turns.
-    def data() -> PretrainingDataModule:
-        return PretrainingDataModule(
-            TOKENIZER,
-            [str(shared_corpus)],
-            max_length=32,
-            batch_size=4,
-            num_workers=num_workers,
-            whole_word_masking=True,
-        )
+    data = functools.partial(stream, shared_corpus, num_workers)
+    stop_and_resume(tmp_path, data, 3, straight_run(tmp_path, data, max_steps=8), max_steps=8)
 
-    steps, stop = 8, 3
-    straight = Student()
-    data_trainer(tmp_path / "a", steps, enable_checkpointing=False).fit(straight, datamodule=data())
 
-    saved = tmp_path / "stopped.ckpt"
-    first = Student()
-    data_trainer(tmp_path / "b", steps, enable_checkpointing=False, callbacks=[StopAt(stop, saved)]).fit(
-        first, datamodule=data()
-    )
-    state = torch.load(saved, weights_only=False)["PretrainingDataModule"]
-    assert sum(position["batches"] for position in state["positions"].values()) == stop
-
-    second = Student()
-    data_trainer(tmp_path / "c", steps, enable_checkpointing=False).fit(
-        second, datamodule=data(), ckpt_path=saved
-    )
-    assert len(first.seen) == stop and len(straight.seen) == steps
-    resumed = first.seen + second.seen
-    assert len(resumed) == steps
-    for k, (seen, expected) in enumerate(zip(resumed, straight.seen, strict=True)):
-        assert torch.equal(seen, expected), f"batch {k} differs from the uninterrupted run's"
-    for (name, mine), theirs in zip(second.state_dict().items(), straight.state_dict().values(), strict=True):
-        assert torch.equal(mine, theirs), f"{name} differs from the uninterrupted run's"
+def test_resume_across_an_epoch_boundary(tmp_path):
+    # One pass per epoch (repeat=False): a checkpoint at the last batch of an epoch, or just after it, resumes
+    # with the next pass from the top (it once resumed at the end of the finished pass, and lost an epoch).
+    corpus = tmp_path / "small.txt"
+    write_lines(corpus, 40)
+    data = functools.partial(stream, corpus, 2, repeat=False)
+    limits = dict(max_steps=-1, max_epochs=2)
+    straight = straight_run(tmp_path, data, **limits)
+    per_epoch = len(straight.seen) // 2
+    for stop in (per_epoch, per_epoch + 1):
+        stop_and_resume(tmp_path, data, stop, straight, **limits)
 
 
 def _rank_main(rank: int, folder: str, corpus: str) -> None:
