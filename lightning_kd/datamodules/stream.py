@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.batch import with_prediction_positions
+from lightning_kd.batch import PREDICTION_POSITIONS
 from lightning_kd.datamodules.causal import causal_batch, end_of_text, padding_id
-from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
+from lightning_kd.datamodules.masking import PACKED_KEY, MLMMasking, unpack
 from lightning_kd.datamodules.sources import DataSourceError, SourceSpec, read_documents
 
 if TYPE_CHECKING:
@@ -87,7 +87,6 @@ class PackedMLMStream(IterableDataset):
         self.content = max_length - (self.first is not None) - (self.last is not None)
         if self.content < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         # The Rust tokenizer itself, without the Python wrapper's per-document conversions: tokenising is most
         # of this stream's cost. A copy, so that truncation or padding set elsewhere cannot leak in.
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -95,7 +94,7 @@ class PackedMLMStream(IterableDataset):
         if self._backend is not None:
             self._backend.no_truncation()
             self._backend.no_padding()
-        self.continuation = continuation_table(tokenizer) if whole_word_masking else None
+        self.masking = MLMMasking(tokenizer, mlm_probability, whole_word_masking) if lm == "mlm" else None
 
     def reader(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over all ranks and dataloader workers."""
@@ -152,22 +151,17 @@ class PackedMLMStream(IterableDataset):
         position = dict(position, readers=readers, batches=batch_index)
         if self.lm == "causal":
             return {**causal_batch(input_ids, attention_mask), POSITION_KEY: {reader: position}}
-        special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
+        assert self.masking is not None
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
         generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
-        masked, labels = mask_tokens(
-            input_ids,
-            special,
-            self.tokenizer.mask_token_id,
-            len(self.tokenizer),
-            self.mlm_probability,
-            generator,
-            self.continuation,
-        )
+        masked, labels, positions = self.masking(input_ids, generator, attention_mask == 0)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
-        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
-        return with_prediction_positions(packed, labels)
+        return {
+            PACKED_KEY: torch.stack([masked, attention_mask, labels]),
+            PREDICTION_POSITIONS: positions,
+            POSITION_KEY: {reader: position},
+        }
 
     def _blocks(
         self, reader: int, readers: int, start: dict[str, Any] | None
