@@ -366,6 +366,9 @@ class PretrainingDataModule(L.LightningDataModule):
             return {}
         positions, next_reader = self._tracker.consumed(self._batches_taken())
         turns = [] if next_reader is None else [next_reader]
+        if next_reader is None and positions:  # restored and not read since: the restored turn stands
+            rank, workers = distributed_position(self._trainer_or_none())[0], max(self.num_workers, 1)
+            turns = [r for r in self._resume_next if rank * workers <= r < (rank + 1) * workers]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, (positions, turns))
@@ -394,4 +397,5 @@ class PretrainingDataModule(L.LightningDataModule):
         self._resume = {int(k): v for k, v in state_dict["positions"].items()}
         # Older checkpoints do not say whose turn was next: their runs resume at worker 0, as they did.
         self._resume_next = [int(reader) for reader in state_dict.get("next_readers", [])]
+        self._tracker = PositionTracker()
         self._tracker.positions = dict(self._resume)

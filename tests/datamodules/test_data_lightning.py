@@ -152,3 +152,4 @@ def test_two_ddp_ranks_see_every_document_once(tmp_path, tokenizer):
     assert not set(results[0]["docs"]["0"]) & set(results[1]["docs"]["1"])
     for result in results:
         assert sorted(result["state"]["positions"]) == ["0", "1"]
+        assert result["state"]["next_readers"] == [0, 1]  # each rank's one reader, its own next

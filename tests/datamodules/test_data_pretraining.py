@@ -147,6 +147,9 @@ def test_resume_continues_exactly_where_it_stopped(corpus, num_workers):
         assert state["next_readers"] == [stop % num_workers]
     resumed = module(**settings)
     resumed.load_state_dict(state)
+    assert resumed.state_dict() == state, (
+        "a checkpoint taken before reading on must keep the position and turn"
+    )
     rest = [torch.stack([b["input_ids"], b["labels"]]) for b in resumed.train_dataloader()]
     assert len(rest) == len(straight) - stop
     for k, (batch, expected) in enumerate(zip(rest, straight[stop:], strict=True)):
