@@ -64,25 +64,32 @@ def stream(corpus: Path, num_workers: int, **kwargs: object) -> PretrainingDataM
 
 
 def stop_and_resume(
-    root: Path, data: Callable[[], PretrainingDataModule], stop: int, straight: Student, **limits: object
+    root: Path,
+    data: Callable[[], PretrainingDataModule],
+    stops: tuple[int, ...],
+    straight: Student,
+    **limits: object,
 ) -> None:
-    """Stops after ``stop`` steps and resumes: the batches of the ``straight`` run, in its order, and its final
-    student, exactly."""
-    saved = root / f"stopped-{stop}.ckpt"
-    first = Student()
-    data_trainer(root / "b", enable_checkpointing=False, callbacks=[StopAt(stop, saved)], **limits).fit(
-        first, datamodule=data()
-    )
-    second = Student()
-    data_trainer(root / "c", enable_checkpointing=False, **limits).fit(
-        second, datamodule=data(), ckpt_path=saved
-    )
-    assert len(first.seen) == stop < len(straight.seen)
-    resumed = first.seen + second.seen
+    """Stops after each of ``stops`` steps, resuming each time from the last stop: the batches of the
+    ``straight`` run, in its order, and its final student, exactly."""
+    runs: list[Student] = []
+    saved = None
+    for stop in (*stops, None):
+        run = Student()
+        callbacks = [] if stop is None else [StopAt(stop, root / f"stopped-{stop}.ckpt")]
+        data_trainer(root / f"run-{stop}", enable_checkpointing=False, callbacks=callbacks, **limits).fit(
+            run, datamodule=data(), ckpt_path=saved
+        )
+        runs.append(run)
+        saved = None if stop is None else root / f"stopped-{stop}.ckpt"
+    assert [len(run.seen) for run in runs[:-1]] == [b - a for a, b in zip((0, *stops), stops, strict=False)]
+    resumed = [batch for run in runs for batch in run.seen]
     assert len(resumed) == len(straight.seen)
     for k, (seen, expected) in enumerate(zip(resumed, straight.seen, strict=True)):
         assert torch.equal(seen, expected), f"batch {k} differs from the uninterrupted run's"
-    for (name, mine), theirs in zip(second.state_dict().items(), straight.state_dict().values(), strict=True):
+    for (name, mine), theirs in zip(
+        runs[-1].state_dict().items(), straight.state_dict().values(), strict=True
+    ):
         assert torch.equal(mine, theirs), f"{name} differs from the uninterrupted run's"
 
 
@@ -97,9 +104,9 @@ def test_resumed_fit_sees_exactly_the_batches_of_a_run_that_never_stopped(
     tmp_path, shared_corpus, num_workers
 ):
     # Stopping after 3 steps leaves the next batch to worker 3 % num_workers, not to worker 0, where a new
-    # DataLoader starts its turns.
+    # DataLoader starts its turns; stopping again after 6, from a resumed run, checks the position it counts.
     data = functools.partial(stream, shared_corpus, num_workers)
-    stop_and_resume(tmp_path, data, 3, straight_run(tmp_path, data, max_steps=8), max_steps=8)
+    stop_and_resume(tmp_path, data, (3, 6), straight_run(tmp_path, data, max_steps=8), max_steps=8)
 
 
 def test_resume_across_an_epoch_boundary(tmp_path):
@@ -112,7 +119,7 @@ def test_resume_across_an_epoch_boundary(tmp_path):
     straight = straight_run(tmp_path, data, **limits)
     per_epoch = len(straight.seen) // 2
     for stop in (per_epoch, per_epoch + 1):
-        stop_and_resume(tmp_path, data, stop, straight, **limits)
+        stop_and_resume(tmp_path / str(stop), data, (stop,), straight, **limits)
 
 
 def _rank_main(rank: int, folder: str, corpus: str) -> None:

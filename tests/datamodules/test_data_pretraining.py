@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
 from lightning_kd.datamodules.masking import unpack
+from lightning_kd.datamodules.pretraining import POSITION_KEY
 
 
 def module(sources: list, **kwargs: object) -> PretrainingDataModule:
@@ -125,26 +126,29 @@ def test_two_workers_per_rank_read_disjoint_parts(corpus, tokenizer):
     assert sorted(everything) == sorted(normalised(lines, tokenizer))
 
 
-@pytest.mark.parametrize(
-    "num_workers", [0, 2, 4]
-)  # 1 worker takes turns as 0 do (and see test_data_lightning)
-def test_resume_continues_exactly_where_it_stopped(corpus, num_workers):
-    # One pass (repeat=False), stopped three batches before its end, where the readers' streams run dry at
-    # different batches: the resumed loader must start at the reader whose turn was next and pass over the
-    # readers that had ended, as the uninterrupted loader did.
-    path, _ = corpus
-    settings = dict(sources=[str(path)], num_workers=num_workers, whole_word_masking=True)
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    # One pass (repeat=False) with 4 workers over documents dealt to the readers in turn, readers 0 and 2 given
+    # long ones: readers 1 and 3 run dry first. Stopped where reader 2's turn is next (0 and 1 workers, and
+    # turns before any stream ends: under a Trainer in test_data_lightning), the resumed loader must start
+    # there, not at worker 0, and pass over the readers that had ended, as the uninterrupted loader did.
+    path = tmp_path / "uneven.txt"
+    path.write_text("\n".join(document(i, words=60 if i % 2 == 0 else 6) for i in range(64)) + "\n")
+    settings = dict(sources=[str(path)], num_workers=4, whole_word_masking=True)
     reference = module(**settings)
     straight = [torch.stack([b["input_ids"], b["labels"]]) for b in reference.train_dataloader()]
     assert reference.state_dict() == {}, "after a whole pass the next one starts from the top"
-    stop = len(straight) - 3
+    readers = [next(iter(batch[POSITION_KEY])) for batch in raw_batches(module(**settings), num_workers=4)]
+    assert len(readers) == len(straight)
+    # Reader 2's turn next, reader 0's after it: a loader restarting its turns at worker 0 swaps them.
+    stop = max(k for k, reader in enumerate(readers) if reader == 2 and 0 in readers[k:])
+    assert {1, 3}.isdisjoint(readers[stop:]), "readers 1 and 3 must have run dry before the stop"
     first = module(**settings)
     for count, _ in enumerate(first.train_dataloader(), start=1):
         if count == stop:
             break
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints go through plain containers
-    if num_workers > 1:
-        assert state["next_readers"] == [stop % num_workers]
+    # The reader after the last one taken: 1 or 3 when they had ended (on resume they end again at once).
+    assert state["next_readers"] == [(readers[stop - 1] + 1) % 4]
     resumed = module(**settings)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state, (
