@@ -292,13 +292,16 @@ class PositionTrackingLoader(DataLoader):
         )
         for batch in super().__iter__():
             tracker.record(batch.pop(POSITION_KEY))
-            batch = unpack(batch)
-            # The resume position is used once; later epochs start from the top of the stream, at worker 0.
-            self.dataset.start_positions = {}
-            self.dataset.first_reader = 0
-            self._datamodule._resume, self._datamodule._resume_next = {}, []
-            yield batch
+            self._used_resume()
+            yield unpack(batch)
         tracker.finish()
+        self._used_resume()  # also when the resumed pass had nothing left
+
+    def _used_resume(self) -> None:
+        # The resume position is used once; later epochs start from the top of the stream, at worker 0.
+        self.dataset.start_positions = {}
+        self.dataset.first_reader = 0
+        self._datamodule._resume, self._datamodule._resume_next = {}, []
 
 
 def first_reader(

@@ -154,10 +154,14 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert resumed.state_dict() == state, (
         "a checkpoint taken before reading on must keep the position and turn"
     )
-    rest = [torch.stack([b["input_ids"], b["labels"]]) for b in resumed.train_dataloader()]
+    loader = resumed.train_dataloader()
+    rest = [torch.stack([b["input_ids"], b["labels"]]) for b in loader]
     assert len(rest) == len(straight) - stop
     for k, (batch, expected) in enumerate(zip(rest, straight[stop:], strict=True)):
         assert torch.equal(batch, expected), f"batch {stop + k} differs from the uninterrupted pass's"
+    # The next pass starts from the top, its turns at worker 0.
+    again = [torch.stack([b["input_ids"], b["labels"]]) for b in loader]
+    assert len(again) == len(straight) and all(map(torch.equal, again, straight))
 
 
 def test_sources_mix_by_token_share(tmp_path, tokenizer):
