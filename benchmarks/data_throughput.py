@@ -2,6 +2,9 @@
 
 1. Streaming path: tokens/s delivered by PretrainingDataModule (tokenise, mix, pack, mask, collate) in 0, 1
    and 2 dataloader workers against the fast tokenizer alone on the same documents (64 per call). Target 0.7.
+   ``--whole-word-masking`` measures it with whole-word masking. Then the masking alone (``MLMMasking``, what
+   the streaming collate runs: special tokens and padding, the draws, 80/10/10, prediction positions): time
+   per ``--batch-size`` x ``--max-length`` batch of the same text, by token and by whole word.
 2. ``prepare`` (LitData ``optimize``) tokens/s with 1 and 2 CPU workers, per worker, against the fast
    tokenizer alone on the same documents. Target >= 0.8 per worker.
 3. Training side from prepared shards: tokens/s per DataLoader worker (LitData streaming + masking at
@@ -42,10 +45,16 @@ def tokenizer_alone(tokenizer, texts: list[str], chunk: int = 64) -> tuple[int, 
 
 
 def datamodule(
-    name: str, source: str, workers: int, tokens: int, max_length: int, batch: int
+    name: str, source: str, workers: int, tokens: int, max_length: int, batch: int, whole_word: bool = False
 ) -> tuple[int, float]:
     dm = PretrainingDataModule(
-        name, [source], max_length=max_length, batch_size=batch, num_workers=workers, repeat=False
+        name,
+        [source],
+        max_length=max_length,
+        batch_size=batch,
+        num_workers=workers,
+        repeat=False,
+        whole_word_masking=whole_word,
     )
     batches = iter(dm.train_dataloader())
     next(batches)  # the clock starts at the first batch: worker start-up is paid once per run, not per token
@@ -65,6 +74,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--whole-word-masking", action="store_true", help="streaming path: whole-word masking"
+    )
     parser.add_argument(
         "--prepare-copies", type=int, default=5, help="the text, this many times, for prepare"
     )
@@ -100,18 +112,55 @@ def streaming_throughput(args: argparse.Namespace, texts: list[str], tokenizer) 
                 min(tokens, args.tokens),
                 args.max_length,
                 args.batch_size,
+                args.whole_word_masking,
             )
             key = f"datamodule, {workers} worker{'s' if workers != 1 else ''}"
             best[key] = max(best.get(key, 0.0), tokens / seconds)
 
     baseline = best["tokenizer"]
     print(
-        f"source={args.source} tokens/run={args.tokens} max_length={args.max_length} batch={args.batch_size} cpus={os.cpu_count()}"
+        f"source={args.source} tokens/run={args.tokens} max_length={args.max_length} batch={args.batch_size} "
+        f"whole_word_masking={args.whole_word_masking} cpus={os.cpu_count()}"
     )
     for key, rate in best.items():
         startup = f"   first batch after {startups[key]:.2f} s" if key in startups else ""
         print(f"{key:24s} {rate / 1e3:9.1f} k tokens/s   ratio {rate / baseline:5.2f}{startup}")
     print("target: ratio >= 0.70 with 1 and 2 workers")
+    masking_time(args, texts, tokenizer)
+
+
+def masking_time(args: argparse.Namespace, texts: list[str], tokenizer) -> None:
+    """The streaming collate's masking alone, per batch of the source's text, in this process (one thread)."""
+    import timeit
+
+    import torch
+
+    from lightning_kd.datamodules.masking import MLMMasking
+
+    ids = [i for text in texts[:2000] for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    content = args.max_length - 2
+    rows = [
+        [tokenizer.cls_token_id, *ids[k * content : (k + 1) * content], tokenizer.sep_token_id]
+        for k in range(args.batch_size)
+    ]
+    batch = torch.tensor(rows)
+    padding = torch.zeros_like(batch, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a dataloader worker
+    print(f"masking alone (MLMMasking), per {args.batch_size} x {args.max_length} batch, 1 thread:")
+    for whole_word in (False, True):
+        masking = MLMMasking(tokenizer, 0.15, whole_word)
+        seconds = min(
+            timeit.repeat(
+                lambda m=masking: m(batch, torch.Generator().manual_seed(0), padding), number=200, repeat=5
+            )
+        )
+        per_batch = seconds / 200
+        print(
+            f"  {'whole words' if whole_word else 'tokens':12s} {per_batch * 1e6:7.0f} us   "
+            f"{batch.numel() / per_batch / 1e6:6.1f} M tokens/s"
+        )
+    torch.set_num_threads(threads)
 
 
 def run_parts(args: argparse.Namespace, texts: list[str], tokenizer) -> None:

@@ -39,6 +39,7 @@ from lightning_kd.datamodules.stream import (
     PositionTrackingLoader,
     check_every_reader_reads,
     evaluation_batch,
+    first_reader,
 )
 from lightning_kd.training.run_checks import check_run_ends
 
@@ -156,6 +157,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self._dataset: PackedMLMStream | None = None
         self._tracker = PositionTracker()
         self._resume: dict[int, dict[str, Any]] = {}
+        self._resume_next: list[int] = []  # per rank, the reader whose turn was next
 
     @staticmethod
     def _read_prepared(
@@ -312,6 +314,9 @@ class PretrainingDataModule(L.LightningDataModule):
         if self.repeat:
             check_every_reader_reads(self.specs, self.probabilities, dataset.world_size * workers)
         dataset.start_positions = {k: v for k, v in self._resume.items() if k in mine}
+        dataset.first_reader = first_reader(
+            self._resume_next, mine, dataset.start_positions, dataset.world_size
+        )
         self._tracker.positions = dict(dataset.start_positions)
         self._dataset = dataset
         return PositionTrackingLoader(
@@ -360,16 +365,22 @@ class PretrainingDataModule(L.LightningDataModule):
         """
         if self.prepared is not None:
             return {}
-        positions = self._tracker.consumed(self._batches_taken())
+        positions, next_reader = self._tracker.consumed(self._batches_taken())
+        turns = [] if next_reader is None else [next_reader]
+        if next_reader is None and positions:  # restored and not read since: the restored turn stands
+            rank, workers = distributed_position(self._trainer_or_none())[0], max(self.num_workers, 1)
+            turns = [r for r in self._resume_next if rank * workers <= r < (rank + 1) * workers]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, positions)
-            positions = {k: v for rank_positions in gathered for k, v in rank_positions.items()}
+            torch.distributed.all_gather_object(gathered, (positions, turns))
+            positions = {k: v for rank_positions, _ in gathered for k, v in rank_positions.items()}
+            turns = [reader for _, rank_turns in gathered for reader in rank_turns]
         if not positions:
             return {}
         return {
             "sources": [spec.name for spec in self.specs],
             "positions": {str(k): v for k, v in positions.items()},
+            "next_readers": sorted(turns),
         }
 
     @override
@@ -385,4 +396,7 @@ class PretrainingDataModule(L.LightningDataModule):
             )
             return
         self._resume = {int(k): v for k, v in state_dict["positions"].items()}
+        # Older checkpoints do not say whose turn was next: their runs resume at worker 0, as they did.
+        self._resume_next = [int(reader) for reader in state_dict.get("next_readers", [])]
+        self._tracker = PositionTracker()
         self._tracker.positions = dict(self._resume)

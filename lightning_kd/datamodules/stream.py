@@ -3,9 +3,13 @@
 Each reader (one per rank and dataloader worker) mixes its share of every source by tokens, tokenises
 documents in batches with the fast tokenizer, packs the tokens into full ``max_length`` blocks and masks them
 for MLM (``[CLS] ... [SEP]`` blocks), or, for causal LMs, joins documents with the end-of-text token and masks
-nothing (see :mod:`.causal`). It yields whole batches, each carrying the reader's stream position; the DataLoader wrapper takes the
-position off before the batch reaches the model and keeps the position of the last batch the training loop
-actually took, which is what the checkpoint stores.
+nothing (see :mod:`.causal`). It yields whole batches, each carrying the reader's stream position; the DataLoader
+wrapper takes the position off before the batch reaches the model and keeps, as of the last batch the training
+loop actually took, each reader's position and which reader's turn is next, which is what the checkpoint stores.
+
+With dataloader workers a DataLoader takes batches from its workers in turn, always starting at worker 0. A
+resumed loader therefore hands worker 0 the reader whose turn was next (the readers rotate over the workers), so
+the turns go on where they stopped and the resumed run sees exactly the batches of one that never stopped.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.batch import with_prediction_positions
+from lightning_kd.batch import PREDICTION_POSITIONS
 from lightning_kd.datamodules.causal import causal_batch, end_of_text, padding_id
-from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
+from lightning_kd.datamodules.masking import PACKED_KEY, MLMMasking, unpack
 from lightning_kd.datamodules.sources import DataSourceError, SourceSpec, read_documents
 
 if TYPE_CHECKING:
@@ -87,6 +91,8 @@ class PackedMLMStream(IterableDataset):
         self.repeat = repeat
         self.rank, self.world_size = 0, 1
         self.start_positions: dict[int, dict[str, Any]] = {}
+        # The reader (of this rank's) that dataloader worker 0 plays: the one whose turn is next on resume.
+        self.first_reader = 0
         if lm == "causal":
             # Nothing around a block: a block is a window of the documents, each followed by end of text.
             self.first, self.last, self.separator = None, None, end_of_text(tokenizer)
@@ -102,7 +108,6 @@ class PackedMLMStream(IterableDataset):
         self.content = max_length - (self.first is not None) - (self.last is not None)
         if self.content < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text between the special tokens")
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         # The Rust tokenizer itself, without the Python wrapper's per-document conversions: tokenising is most
         # of this stream's cost. A copy, so that truncation or padding set elsewhere cannot leak in.
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -110,13 +115,13 @@ class PackedMLMStream(IterableDataset):
         if self._backend is not None:
             self._backend.no_truncation()
             self._backend.no_padding()
-        self.continuation = continuation_table(tokenizer) if whole_word_masking else None
+        self.masking = MLMMasking(tokenizer, mlm_probability, whole_word_masking) if lm == "mlm" else None
 
     def reader(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over all ranks and dataloader workers."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return self.rank * workers + (worker + self.first_reader) % workers, self.world_size * workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, readers = self.reader()
@@ -167,22 +172,17 @@ class PackedMLMStream(IterableDataset):
         position = dict(position, readers=readers, batches=batch_index)
         if self.lm == "causal":
             return {**causal_batch(input_ids, attention_mask), POSITION_KEY: {reader: position}}
-        special = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
+        assert self.masking is not None
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
         generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
-        masked, labels = mask_tokens(
-            input_ids,
-            special,
-            self.tokenizer.mask_token_id,
-            len(self.tokenizer),
-            self.mlm_probability,
-            generator,
-            self.continuation,
-        )
+        masked, labels, positions = self.masking(input_ids, generator, attention_mask == 0)
         # One tensor crosses from a worker to the main process instead of three: each costs a
         # shared-memory segment, which with one worker was a quarter of the time per batch.
-        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels]), POSITION_KEY: {reader: position}}
-        return with_prediction_positions(packed, labels)
+        return {
+            PACKED_KEY: torch.stack([masked, attention_mask, labels]),
+            PREDICTION_POSITIONS: positions,
+            POSITION_KEY: {reader: position},
+        }
 
     def _blocks(
         self, reader: int, readers: int, start: dict[str, Any] | None
@@ -300,14 +300,39 @@ class PositionTrackingLoader(DataLoader):
     @override
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         tracker = self._datamodule._tracker
-        tracker.begin(self._datamodule._batches_taken())
+        workers = max(self.num_workers, 1)
+        first = self.dataset.rank * workers + self.dataset.first_reader
+        tracker.begin(
+            self._datamodule._batches_taken(),
+            self.dataset.start_positions,
+            (first, self.dataset.rank * workers, workers),
+        )
         for batch in super().__iter__():
             tracker.record(batch.pop(POSITION_KEY))
-            batch = unpack(batch)
-            # The resume position is used once; later epochs start from the top of the stream.
-            self.dataset.start_positions = {}
-            self._datamodule._resume = {}
-            yield batch
+            self._used_resume()
+            yield unpack(batch)
+        tracker.finish()
+        self._used_resume()  # also when the resumed pass had nothing left
+
+    def _used_resume(self) -> None:
+        # The resume position is used once; later epochs start from the top of the stream, at worker 0.
+        self.dataset.start_positions = {}
+        self.dataset.first_reader = 0
+        self._datamodule._resume, self._datamodule._resume_next = {}, []
+
+
+def first_reader(
+    next_readers: list[int], mine: range, start: dict[int, dict[str, Any]], world_size: int
+) -> int:
+    """Which of this rank's readers (``mine``) dataloader worker 0 plays: the one whose turn was next when the
+    checkpoint was taken (``next_readers``, one per rank), or the first when the stream starts afresh."""
+    readers = world_size * len(mine)
+    if any(position.get("readers") != readers for position in start.values()):
+        return 0  # another layout: every reader starts from the top (PackedMLMStream warns)
+    for reader in next_readers:
+        if reader in mine:
+            return reader - mine.start
+    return 0
 
 
 def evaluation_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -317,29 +342,53 @@ def evaluation_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class PositionTracker:
-    """Stream positions by batch count, so the checkpoint skips batches a prefetcher fetched early."""
+    """Stream positions and the next reader's turn by batch count, so the checkpoint skips batches a prefetcher
+    fetched early.
+
+    Each entry of the history is what a checkpoint taken after that many batches must hold: every reader's
+    position after its last batch taken, and the reader whose turn comes next (a reader whose stream has ended
+    keeps its turn: on resume it ends again at once and the loader passes on, as it did).
+    """
 
     def __init__(self) -> None:
         self.positions: dict[int, dict[str, Any]] = {}
-        self.history: collections.deque[tuple[int, dict[int, dict[str, Any]]]] = collections.deque(maxlen=64)
+        self.next_reader: int | None = None
+        self.history: collections.deque[tuple[int, dict[int, dict[str, Any]], int | None]] = (
+            collections.deque(maxlen=64)
+        )
         self.taken_at_start: int | None = None
         self.yielded = 0
+        self.finished = False
+        self.first_local, self.workers = 0, 1
 
-    def begin(self, taken: int | None) -> None:
-        self.taken_at_start, self.yielded = taken, 0
+    def begin(self, taken: int | None, start: dict[int, dict[str, Any]], turns: tuple[int, int, int]) -> None:
+        """A pass of the loader starts after ``taken`` batches, from the positions ``start``; ``turns``: the
+        reader whose turn is first, this rank's first reader, and how many readers take turns."""
+        self.taken_at_start, self.yielded, self.finished = taken, 0, False
+        self.positions = dict(start)
+        self.next_reader, self.first_local, self.workers = turns
         self.history.clear()
-        self.history.append((0, dict(self.positions)))
+        self.history.append((0, dict(self.positions), self.next_reader))
 
     def record(self, position: dict[int, dict[str, Any]]) -> None:
         self.positions.update(position)
+        (reader,) = position
+        self.next_reader = self.first_local + (reader - self.first_local + 1) % self.workers
         self.yielded += 1
-        self.history.append((self.yielded, dict(self.positions)))
+        self.history.append((self.yielded, dict(self.positions), self.next_reader))
 
-    def consumed(self, taken: int | None) -> dict[int, dict[str, Any]]:
-        if taken is None or self.taken_at_start is None:
-            return dict(self.positions)
-        count = taken - self.taken_at_start
-        for yielded, positions in reversed(self.history):
+    def finish(self) -> None:
+        """Every reader's stream has ended: once the loop has taken all, the next pass starts from the top."""
+        self.finished = True
+
+    def consumed(self, taken: int | None) -> tuple[dict[int, dict[str, Any]], int | None]:
+        """(every reader's position, the reader whose turn is next) after the batches the loop has taken."""
+        count = self.yielded if taken is None or self.taken_at_start is None else taken - self.taken_at_start
+        if self.finished and count >= self.yielded:
+            return {}, None
+        for yielded, positions, next_reader in reversed(self.history):
             if yielded <= count:
-                return dict(positions)
-        return dict(self.history[0][1]) if self.history else dict(self.positions)
+                return dict(positions), next_reader
+        if self.history:
+            return dict(self.history[0][1]), self.history[0][2]
+        return dict(self.positions), self.next_reader

@@ -12,7 +12,8 @@ from kd_datafiles import TOKENIZER, document, write_lines
 from torch.utils.data import DataLoader
 
 from lightning_kd.datamodules import DataSourceError, PretrainingDataModule
-from lightning_kd.datamodules.masking import mask_tokens, unpack
+from lightning_kd.datamodules.masking import unpack
+from lightning_kd.datamodules.pretraining import POSITION_KEY
 
 
 def module(sources: list, **kwargs: object) -> PretrainingDataModule:
@@ -54,22 +55,6 @@ def test_batches_are_full_blocks_with_mlm_labels(corpus, tokenizer):
     ids, labels = torch.cat([unmask(b) for b in batches]), torch.cat([b["labels"] for b in batches])
     special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
     assert (labels[special] == -100).all()
-
-
-def test_masking_rates():
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (64, 512))
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    special[:, 0] = True
-    masked, labels = mask_tokens(ids, special, 103, 30522, 0.15, generator)
-    chosen = labels != -100
-    assert abs(chosen.float().mean().item() - 0.15) < 0.01
-    assert not chosen[:, 0].any()
-    assert (labels[chosen] == ids[chosen]).all()
-    as_mask = (masked[chosen] == 103).float().mean().item()
-    kept = (masked[chosen] == ids[chosen]).float().mean().item()
-    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02
-    assert (masked[~chosen] == ids[~chosen]).all()
 
 
 def test_whole_word_masking_masks_every_piece_of_a_word(tmp_path, tokenizer):
@@ -141,33 +126,42 @@ def test_two_workers_per_rank_read_disjoint_parts(corpus, tokenizer):
     assert sorted(everything) == sorted(normalised(lines, tokenizer))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_where_it_stopped(corpus, num_workers):
-    path, _ = corpus
-    settings = dict(sources=[str(path)], num_workers=num_workers, repeat=True, whole_word_masking=True)
-    reference = []
-    for batch in module(**settings).train_dataloader():
-        reference.append(batch["input_ids"])
-        if len(reference) == 12:
-            break
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    # One pass (repeat=False) with 4 workers over documents dealt to the readers in turn, readers 0 and 2 given
+    # long ones: readers 1 and 3 run dry first. Stopped where reader 2's turn is next (0 and 1 workers, and
+    # turns before any stream ends: under a Trainer in test_data_lightning), the resumed loader must start
+    # there, not at worker 0, and pass over the readers that had ended, as the uninterrupted loader did.
+    path = tmp_path / "uneven.txt"
+    path.write_text("\n".join(document(i, words=60 if i % 2 == 0 else 6) for i in range(64)) + "\n")
+    settings = dict(sources=[str(path)], num_workers=4, whole_word_masking=True)
+    reference = module(**settings)
+    straight = [torch.stack([b["input_ids"], b["labels"]]) for b in reference.train_dataloader()]
+    assert reference.state_dict() == {}, "after a whole pass the next one starts from the top"
+    readers = [next(iter(batch[POSITION_KEY])) for batch in raw_batches(module(**settings), num_workers=4)]
+    assert len(readers) == len(straight)
+    # Reader 2's turn next, reader 0's after it: a loader restarting its turns at worker 0 swaps them.
+    stop = max(k for k, reader in enumerate(readers) if reader == 2 and 0 in readers[k:])
+    assert {1, 3}.isdisjoint(readers[stop:]), "readers 1 and 3 must have run dry before the stop"
     first = module(**settings)
     for count, _ in enumerate(first.train_dataloader(), start=1):
-        if count == 5:
+        if count == stop:
             break
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints go through plain containers
+    # The reader after the last one taken: 1 or 3 when they had ended (on resume they end again at once).
+    assert state["next_readers"] == [(readers[stop - 1] + 1) % 4]
     resumed = module(**settings)
     resumed.load_state_dict(state)
-    rest = []
-    for batch in resumed.train_dataloader():
-        rest.append(batch["input_ids"])
-        if len(rest) == 7:
-            break
-    if num_workers == 0:
-        assert all(torch.equal(a, b) for a, b in zip(rest, reference[5:], strict=True))
-    else:
-        # Workers take turns, and the turn order restarts at worker 0: the same batches, maybe reordered.
-        expected = {tuple(t.flatten().tolist()) for t in reference[5:]}
-        assert len(expected & {tuple(t.flatten().tolist()) for t in rest}) >= 6
+    assert resumed.state_dict() == state, (
+        "a checkpoint taken before reading on must keep the position and turn"
+    )
+    loader = resumed.train_dataloader()
+    rest = [torch.stack([b["input_ids"], b["labels"]]) for b in loader]
+    assert len(rest) == len(straight) - stop
+    for k, (batch, expected) in enumerate(zip(rest, straight[stop:], strict=True)):
+        assert torch.equal(batch, expected), f"batch {stop + k} differs from the uninterrupted pass's"
+    # The next pass starts from the top, its turns at worker 0.
+    again = [torch.stack([b["input_ids"], b["labels"]]) for b in loader]
+    assert len(again) == len(straight) and all(map(torch.equal, again, straight))
 
 
 def test_sources_mix_by_token_share(tmp_path, tokenizer):
