@@ -145,7 +145,16 @@ def test_resumed_run_ends_with_the_same_student(modernbert: ModernBertForMaskedL
         assert torch.equal(value, resumed_state[name]), name
 
 
+class CountBatches(L.Callback):
+    def __init__(self) -> None:
+        self.started = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.started += 1
+
+
 def test_a_target_no_export_can_hold_is_refused_before_training(modernbert: ModernBertForMaskedLM) -> None:
-    pruning = PruningCallback({"hidden": 10, "heads": 2}, end_step=4, interval=2)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        distil(modernbert, pruning, steps=4)
+    pruning, batches = PruningCallback({"hidden": 10, "heads": 2}, end_step=4, interval=2), CountBatches()
+    with pytest.raises(ValueError, match="keep the hidden size a multiple of 4"):
+        distil(modernbert, pruning, steps=4, callbacks=[batches])
+    assert batches.started == 0  # refused when fit starts, not at the first event (step 2)
