@@ -1,13 +1,14 @@
-"""Distillation on two CPU processes (DDP over gloo) with gradients all-reduced as ``sys.argv[2]`` (bf16 or
-fp32); every rank saves its student and the dtype its all-reduce carried.
+"""Distillation on two CPU processes (DDP over gloo) with gradients all-reduced in bf16, then in fp32, in the
+same two processes (starting them is most of the cost); every rank saves its student and the dtype its
+all-reduce carried.
 
 The student trains with plain SGD: unlike AdamW, whose update ignores the gradient's scale, SGD moves the weights
 by the reduced gradient itself, so an all-reduce that summed instead of averaging would double every update.
 ``single_process`` runs the same training in one process, both ranks' batches as two accumulated micro-batches
 (Lightning divides each micro-batch's loss by two): the update DDP's average must reproduce.
 
-Run by test_compressed_ddp.py as ``python ddp_compress_run.py OUT_DIR COMPRESSION``; Lightning starts the second
-rank by running this script again.
+Run by test_compressed_ddp.py as ``python ddp_compress_run.py OUT_DIR``; Lightning starts the second rank by
+running this script again.
 """
 
 from __future__ import annotations
@@ -96,24 +97,26 @@ def single_process(learning_rate: float = LEARNING_RATE) -> dict[str, torch.Tens
     return {k: v.clone() for k, v in module.student.state_dict().items()}
 
 
-def main(out: Path, compression: str) -> None:
+def run(out: Path, compression: str) -> None:
+    SEEN.clear()
     module = build()
     strategy = compressed_ddp("bf16")
     # counted, so the test knows the hook ran; the float32 reference goes through DDP's plain all-reduce hook
     strategy._ddp_comm_hook = recording(
         strategy._ddp_comm_hook if compression == "bf16" else default_hooks.allreduce_hook
     )
-    run = trainer(devices=2, strategy=strategy, use_distributed_sampler=False)
-    run.fit(module, RankBatches())
+    ddp = trainer(devices=2, strategy=strategy, use_distributed_sampler=False)
+    ddp.fit(module, RankBatches())
     torch.save(
         {
             "student": {k: v.clone() for k, v in module.student.state_dict().items()},
             "buckets": len(SEEN),
             "bucket_dtypes": sorted({str(d) for d in SEEN}),
         },
-        out / f"{compression}-rank{run.global_rank}.pt",
+        out / f"{compression}-rank{ddp.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    for compression in ("bf16", "fp32"):
+        run(Path(sys.argv[1]), compression)
