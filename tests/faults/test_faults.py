@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from faults_writer import SIZE
-from kd_helpers import FixedBatches, StopAt, quiet_trainer, tiny_bert_config
+from kd_helpers import ResumableBatches, StopAt, quiet_trainer, tiny_bert_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
@@ -41,13 +41,14 @@ def test_resume_restores_the_random_state_dropout_draws_from(tmp_path: Path) -> 
         callbacks = [PruningCallback({"ffn": 0.5}, interval=2, end_step=4, prune_at_end=False)]
         callbacks += [StopAt(stop_at)] if stop_at else []
         trainer = quiet_trainer(max_steps=6, default_root_dir=tmp_path, callbacks=callbacks)
-        trainer.fit(module, FixedBatches(num_batches=1), ckpt_path=ckpt_path)
+        trainer.fit(module, ResumableBatches(num_batches=3), ckpt_path=ckpt_path)
         if stop_at:
             trainer.save_checkpoint(tmp_path / "mid.ckpt")
         return module
 
     straight = run()
-    run(stop_at=3)
+    # one batch into the second epoch: a new epoch's DataLoader iterator draws from the global generator
+    run(stop_at=4)
     resumed = run(ckpt_path=str(tmp_path / "mid.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
