@@ -31,6 +31,7 @@ from lightning_kd import (
 )
 from lightning_kd.callbacks.submission import SquadPredictionWriter
 from lightning_kd.datamodules.squad_docstrings import write_docstring_squad
+from lightning_kd.datamodules.squad_metrics import squad_v1_scores
 from lightning_kd.distillation.features import model_features
 from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Needs
@@ -242,11 +243,16 @@ def test_squad_fine_tuning_scores_spans_and_its_export_answers_as_predict_does(
     assert {"val/squad/exact_match", "val/squad/f1", "val/squad/score"} <= set(logged) and logged[
         "val/loss"
     ] > 0
-    assert all(0.0 <= logged[f"val/squad/{name}"] <= 100.0 for name in ("exact_match", "f1"))
     answers = json.loads((root / "answers" / "predictions.json").read_text())
     data = squad(small_squad)
     reference = data.evaluation_set("predict")
     assert set(answers) == set(reference.ids)
+    # the logged scores are the official ones of the answers predict wrote for the same questions
+    validation = data.evaluation_set("validation")
+    assert validation.ids == reference.ids
+    official = squad_v1_scores(answers, dict(zip(validation.ids, validation.answers, strict=True)))
+    for name in ("exact_match", "f1"):
+        assert logged[f"val/squad/{name}"] == pytest.approx(official[name]), name
     # the exported folder loads as a ModernBERT QA model (its head is `classifier`) and answers as predict did
     loaded = AutoModelForQuestionAnswering.from_pretrained(root / "qa")
     assert isinstance(loaded, ModernBertForQuestionAnswering)
