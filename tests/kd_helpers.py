@@ -33,6 +33,38 @@ class FixedBatches(L.LightningDataModule):
         return DataLoader(self.batches, batch_size=None, shuffle=False)
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader over fixed batches that Lightning can resume mid-epoch: its ``state_dict`` (which Lightning
+    stores in the checkpoint) holds how many batches of the epoch it has handed out, and the first epoch after
+    ``load_state_dict`` yields the rest. A plain DataLoader would restart the epoch at its first batch."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__(batches, batch_size=None, shuffle=False)
+        self.given = 0
+        self.resume_at = 0
+
+    def __iter__(self):  # noqa: ANN204
+        start, self.resume_at = self.resume_at, 0
+        self.given = start
+        for batch in self.dataset[start:]:
+            self.given += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"given": self.given}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = state["given"]
+
+
+class ResumableBatches(FixedBatches):
+    """``FixedBatches`` whose loader resumes where a checkpoint stopped, even in the middle of an epoch: a run
+    resumed from any step sees the same batches as one that never stopped."""
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.batches)
+
+
 def quiet_trainer(**kwargs: object) -> L.Trainer:
     settings = dict(
         accelerator="cpu",

@@ -103,21 +103,38 @@ def test_skip_policy_drops_the_bad_update_and_stops_after_max_skips(teacher: Ber
 
 
 def test_skipped_step_leaves_weights_and_optimizer_state_as_they_were(teacher: BertForMaskedLM) -> None:
-    module = module_with(teacher, Poison(bad=(2,)))
+    module = module_with(teacher, Poison(bad=(2,)))  # the third forward: optimizer step 3
+
+    def state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """The weights, and AdamW's moments and step count of every parameter."""
+        optimizer = trainer.optimizers[0]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        moments = {
+            f"{names[id(p)]}.{key}": torch.as_tensor(value).clone()
+            for p, values in optimizer.state.items()
+            for key, value in values.items()
+        }
+        return {**{k: v.clone() for k, v in pl_module.state_dict().items()}, **moments}
 
     class Snapshot(L.Callback):
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-            if trainer.global_step == 2:
-                self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
-            if trainer.global_step == 3:
-                after = pl_module.state_dict()
-                self.unchanged = all(torch.equal(v, after[k]) for k, v in self.weights.items())
+        def __init__(self) -> None:
+            self.after: dict[int, dict[str, torch.Tensor]] = {}
 
-    snapshot = Snapshot()
-    quiet_trainer(max_steps=3, callbacks=[NonFiniteGuard(policy="skip"), snapshot]).fit(
-        module, FixedBatches()
-    )
-    assert snapshot.unchanged
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            self.after[trainer.global_step] = state(trainer, pl_module)
+
+    snapshot, guard = Snapshot(), NonFiniteGuard(policy="skip")
+    quiet_trainer(max_steps=3, callbacks=[guard, snapshot]).fit(module, FixedBatches())
+    assert guard.skipped == [3]
+    one, two, three = snapshot.after[1], snapshot.after[2], snapshot.after[3]
+    assert any(name.endswith(".exp_avg_sq") for name in two) and any(name.endswith(".step") for name in two)
+    # a good step moves every moment and step count (so the comparison below can fail) ...
+    moved = [name for name in two if name.endswith((".exp_avg", ".exp_avg_sq", ".step"))]
+    assert moved and all(not torch.equal(one[name], two[name]) for name in moved)
+    # ... the skipped one moves nothing: no weight, moment or step count
+    assert two.keys() == three.keys()
+    for name, value in two.items():
+        assert torch.equal(value, three[name]), name
 
 
 def test_non_finite_gradient_with_a_finite_loss_is_caught(teacher: BertForMaskedLM) -> None:

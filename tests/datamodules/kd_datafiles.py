@@ -123,19 +123,25 @@ GLUE_TEST_HEADERS = {
 GLUE_TEST_FILES = {"MNLI": ["test_matched.tsv", "test_mismatched.tsv"]}
 
 
+def submission_index(i: int) -> int:
+    """The ``index`` column of row ``i`` of a test file: not from 0 and not consecutive, so a submission that
+    wrote row positions instead of the file's indices would not pass."""
+    return 1000 + 3 * i
+
+
 def glue_test_row(task: str, i: int) -> str:
-    s1, s2 = sentence(i + 1), sentence(i + 5)
+    s1, s2, n = sentence(i + 1), sentence(i + 5), submission_index(i)
     if task in ("CoLA", "SST-2"):
-        return f"{i}\t{s1}"
+        return f"{n}\t{s1}"
     if task == "MRPC":
-        return f"{i}\t{3000 + i}\t{4000 + i}\t{s1}\t{s2}"
+        return f"{n}\t{3000 + i}\t{4000 + i}\t{s1}\t{s2}"
     if task == "QQP":
-        return f"{i}\t{s1}\t{s2}"
+        return f"{n}\t{s1}\t{s2}"
     if task == "STS-B":
-        return f"{i}\tmain-forums\tdeft-forum\t2014\t{i:04d}\tnone\tnone\t{s1}\t{s2}"
+        return f"{n}\tmain-forums\tdeft-forum\t2014\t{i:04d}\tnone\tnone\t{s1}\t{s2}"
     if task == "MNLI":
-        return f"{i}\t{41193 + i}\t{41193 + i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s1}\t{s2}"
-    return f"{i}\t{s1}\t{s2}"
+        return f"{n}\t{41193 + i}\t{41193 + i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s1}\t{s2}"
+    return f"{n}\t{s1}\t{s2}"
 
 
 def write_glue_test_files(root: Path, task: str, count: int = 10) -> list[Path]:
@@ -149,7 +155,7 @@ def write_glue_test_files(root: Path, task: str, count: int = 10) -> list[Path]:
         written.append(folder / name)
     if task == "MNLI":
         (root / "diagnostic").mkdir(exist_ok=True)
-        rows = [f"{i}\t{sentence(i)}\t{sentence(i + 2)}" for i in range(count + 3)]
+        rows = [f"{submission_index(i)}\t{sentence(i)}\t{sentence(i + 2)}" for i in range(count + 3)]
         (root / "diagnostic" / "diagnostic.tsv").write_text(
             "\n".join(["index\tsentence1\tsentence2", *rows]) + "\n"
         )

@@ -4,17 +4,25 @@ submission folder GLUE's server takes, for fine-tuning and distillation."""
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from kd_datafiles import TOKENIZER
+from kd_datafiles import TOKENIZER, submission_index, write_glue_task, write_glue_test_files
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_kd import DistillationModule, FineTuningModule, GLUEDataModule, GLUESubmissionWriter
 from lightning_kd.datamodules import DataSourceError
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_glue_predict_run.py")
+sys.path.insert(0, str(DDP_SCRIPT.parent))
+import ddp_glue_predict_run  # noqa: E402
 
 SUBMISSION = {  # task -> (files, predictions GLUE expects)
     "cola": (["CoLA.tsv"], {"0", "1"}),
@@ -76,7 +84,10 @@ def test_predict_writes_the_glue_submission_files(task: str, glue_dir: Path, tmp
     for name, split in zip(files, data.predict_names, strict=True):
         rows = read_submission(tmp_path / "submission" / name)
         assert list(rows[0]) == ["index", "prediction"]
-        assert [int(r["index"]) for r in rows] == list(range(len(data.datasets[split])))
+        # the file's own indices (from 1000, in steps of 3), not row positions
+        assert [int(r["index"]) for r in rows] == [
+            submission_index(i) for i in range(len(data.datasets[split]))
+        ]
         if labels is None:
             assert all(0.0 <= float(r["prediction"]) <= 5.0 for r in rows)
         else:
@@ -221,3 +232,50 @@ def test_cli_test_and_predict_on_the_offline_task(tmp_path: Path, monkeypatch: p
     data = GLUEDataModule("docstrings", TOKENIZER)
     assert len(rows) == len(data.read_predict_split("test")) == len(data.read_split("validation"))
     assert {r["prediction"] for r in rows} <= set(data.task.labels)
+
+
+@pytest.mark.slow
+def test_ddp_predict_gathers_every_row_once_on_rank_zero(tmp_path: Path) -> None:
+    """Two gloo ranks, MNLI test sets of 7 rows (AX: 10): Lightning's predict sampler gives the ranks 4 and 3
+    rows; torch's DistributedSampler gives both 4, one repeated. Either way the files equal one process's."""
+    glue_dir = tmp_path / "glue"
+    write_glue_task(glue_dir, "MNLI")
+    write_glue_test_files(glue_dir, "MNLI", count=7)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(
+        [sys.executable, str(DDP_SCRIPT), str(glue_dir), str(tmp_path / "ddp")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    data = GLUEDataModule(
+        "mnli", TOKENIZER, data_dir=str(glue_dir / "MNLI"), max_length=32, eval_batch_size=2
+    )
+    writer = GLUESubmissionWriter(str(tmp_path / "single"))
+    trainer = quiet_trainer(tmp_path, callbacks=[writer])
+    trainer.predict(
+        FineTuningModule(ddp_glue_predict_run.classifier(), "mnli"), data, return_predictions=False
+    )
+    names = ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+    single = {name: (tmp_path / "single" / name).read_text() for name in names}
+    assert [len(text.splitlines()) - 1 for text in single.values()] == [7, 7, 10]
+    # rows of more than one class: a row written under another's index would change the file
+    assert all(len({line.split("\t")[1] for line in text.splitlines()[1:]}) > 1 for text in single.values())
+    assert [int(r["index"]) for r in read_submission(tmp_path / "single" / "AX.tsv")] == [
+        submission_index(i) for i in range(10)
+    ]
+
+    shares = {
+        kind: [json.loads((tmp_path / "ddp" / f"{kind}-rank{r}.json").read_text()) for r in (0, 1)]
+        for kind in ("lightning", "repeated")
+    }
+    assert shares["lightning"] == [{"0": 4, "1": 4, "2": 5}, {"0": 3, "1": 3, "2": 5}]
+    assert shares["repeated"] == [{"0": 4, "1": 4, "2": 5}, {"0": 4, "1": 4, "2": 5}]
+    for kind in ("lightning", "repeated"):
+        assert sorted(p.name for p in (tmp_path / "ddp" / kind).iterdir()) == sorted(names)
+        for name in names:
+            assert (tmp_path / "ddp" / kind / name).read_text() == single[name], (kind, name)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from faults_writer import SIZE
-from kd_helpers import FixedBatches, StopAt, quiet_trainer, tiny_bert_config
+from kd_helpers import ResumableBatches, StopAt, quiet_trainer, tiny_bert_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
@@ -41,13 +41,14 @@ def test_resume_restores_the_random_state_dropout_draws_from(tmp_path: Path) -> 
         callbacks = [PruningCallback({"ffn": 0.5}, interval=2, end_step=4, prune_at_end=False)]
         callbacks += [StopAt(stop_at)] if stop_at else []
         trainer = quiet_trainer(max_steps=6, default_root_dir=tmp_path, callbacks=callbacks)
-        trainer.fit(module, FixedBatches(num_batches=1), ckpt_path=ckpt_path)
+        trainer.fit(module, ResumableBatches(num_batches=3), ckpt_path=ckpt_path)
         if stop_at:
             trainer.save_checkpoint(tmp_path / "mid.ckpt")
         return module
 
     straight = run()
-    run(stop_at=3)
+    # one batch into the second epoch: a new epoch's DataLoader iterator draws from the global generator
+    run(stop_at=4)
     resumed = run(ckpt_path=str(tmp_path / "mid.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -60,8 +61,9 @@ def _recipe(tmp_path: Path, teacher_dir: Path, corpus: Path, root: Path, kill_at
             "init_args": {
                 "dirpath": str(root / "checkpoints"),
                 "every_n_train_steps": 2,
-                "save_last": True,
-                "save_top_k": 0,
+                # as the paper recipes: last.ckpt is a link to the newest periodic checkpoint
+                "save_last": "link",
+                "save_top_k": -1,
             },
         },
         {
@@ -139,8 +141,14 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
     killed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, kill_at=5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (root / "student").exists()  # it really died mid-pruning (the schedule ends at step 8)
-    assert {p.name for p in (root / "checkpoints").iterdir()} == {"last.ckpt"}
-    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    last = root / "checkpoints" / "last.ckpt"
+    assert {p.name for p in (root / "checkpoints").iterdir()} == {
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    }
+    assert last.is_symlink() and last.resolve().name == "epoch=0-step=4.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 4
     # the student shrank at the events of steps 2 and 4: the checkpoint holds the smaller shapes
     shape = checkpoint["lightning_kd"]["student_shape"]
@@ -150,9 +158,10 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
         16,
     )
 
+    # the word `last`, as a user types it: Lightning finds the link and follows it
     resumed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, None), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restoring states from the checkpoint path" in resumed.stderr + resumed.stdout
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr + resumed.stdout
 
     expected = AutoModelForMaskedLM.from_pretrained(tmp_path / "straight" / "student").state_dict()
     actual = AutoModelForMaskedLM.from_pretrained(root / "student").state_dict()

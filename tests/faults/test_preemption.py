@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from kd_helpers import FixedBatches, quiet_trainer, tiny_bert_config
+from kd_helpers import FixedBatches, ResumableBatches, quiet_trainer, tiny_bert_config
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, PreemptionCheckpoint, PruningCallback
@@ -42,7 +42,8 @@ def _run(
     )
     pruning = PruningCallback({"heads": 0.5, "ffn": 0.5}, interval=2, end_step=8)
     trainer = quiet_trainer(max_steps=10, default_root_dir=root, callbacks=[pruning, *extra])
-    trainer.fit(module, FixedBatches(num_batches=3), ckpt_path=ckpt_path)
+    # four batches an epoch: the checkpoint of step 6 is two batches into the second epoch
+    trainer.fit(module, ResumableBatches(num_batches=4), ckpt_path=ckpt_path)
     return module
 
 

@@ -31,6 +31,7 @@ from lightning_kd import (
 )
 from lightning_kd.callbacks.submission import SquadPredictionWriter
 from lightning_kd.datamodules.squad_docstrings import write_docstring_squad
+from lightning_kd.datamodules.squad_metrics import squad_v1_scores
 from lightning_kd.distillation.features import model_features
 from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Needs
@@ -38,6 +39,7 @@ from lightning_kd.ted.callback import TEDFilterCallback
 from lightning_kd.ted.filters import load_filters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datamodules"))
+from helpers_data import dev_predictions  # noqa: E402
 from kd_datafiles import TOKENIZER, write_glue_task  # noqa: E402  (the GLUE folders the data tests write)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,8 +135,14 @@ def test_glue_fine_tuning_reports_the_official_metrics(glue_dir: Path, tmp_path:
     trainer.fit(module, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     (logged,) = trainer.validate(module, datamodule=data, verbose=False)
-    for key in ("val/mrpc/f1", "val/mrpc/accuracy", "val/mrpc/score"):
-        assert key in logged and 0.0 <= logged[key] <= 1.0, (key, logged)
+    # the model's own predictions on the two dev batches, scored here without the library's metrics
+    predicted, labels = dev_predictions(module.model, data.val_dataloader(), batches=2)
+    accuracy = (predicted == labels).float().mean().item()
+    true_positives = int(((predicted == 1) & (labels == 1)).sum())
+    f1 = 2 * true_positives / max(int((predicted == 1).sum()) + int((labels == 1).sum()), 1)
+    assert logged["val/mrpc/accuracy"] == pytest.approx(accuracy)
+    assert logged["val/mrpc/f1"] == pytest.approx(f1)
+    assert logged["val/mrpc/score"] == pytest.approx((accuracy + f1) / 2)
 
 
 @pytest.mark.parametrize("student", ["etd-rand", "etd-impt", "layers"])
@@ -235,11 +243,16 @@ def test_squad_fine_tuning_scores_spans_and_its_export_answers_as_predict_does(
     assert {"val/squad/exact_match", "val/squad/f1", "val/squad/score"} <= set(logged) and logged[
         "val/loss"
     ] > 0
-    assert all(0.0 <= logged[f"val/squad/{name}"] <= 100.0 for name in ("exact_match", "f1"))
     answers = json.loads((root / "answers" / "predictions.json").read_text())
     data = squad(small_squad)
     reference = data.evaluation_set("predict")
     assert set(answers) == set(reference.ids)
+    # the logged scores are the official ones of the answers predict wrote for the same questions
+    validation = data.evaluation_set("validation")
+    assert validation.ids == reference.ids
+    official = squad_v1_scores(answers, dict(zip(validation.ids, validation.answers, strict=True)))
+    for name in ("exact_match", "f1"):
+        assert logged[f"val/squad/{name}"] == pytest.approx(official[name]), name
     # the exported folder loads as a ModernBERT QA model (its head is `classifier`) and answers as predict did
     loaded = AutoModelForQuestionAnswering.from_pretrained(root / "qa")
     assert isinstance(loaded, ModernBertForQuestionAnswering)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from kd_helpers import VOCAB, FixedBatches, StopAt, make_batch, quiet_trainer
+from kd_helpers import VOCAB, ResumableBatches, StopAt, make_batch, quiet_trainer
 from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
 from lightning_kd import DistillationModule, PruningCallback
@@ -91,7 +91,7 @@ def distil(
     module = DistillationModule(teacher, {"init": "copy"}, objective=objective, learning_rate=1e-3)
     callbacks = [pruning, *fit.pop("callbacks", [])]
     trainer = quiet_trainer(max_steps=steps, callbacks=callbacks, default_root_dir=fit.pop("root", None))
-    trainer.fit(module, FixedBatches(num_batches=fit.pop("batches", 4)), **fit)
+    trainer.fit(module, ResumableBatches(num_batches=fit.pop("batches", 4)), **fit)
     module.trainer_ = trainer
     return module
 
@@ -130,22 +130,31 @@ def test_resumed_run_ends_with_the_same_student(modernbert: ModernBertForMaskedL
     ) -> tuple[DistillationModule, PruningCallback]:
         pruning = PruningCallback(TARGET, start_step=1, end_step=9, interval=2)
         callbacks = [StopAt(stop_at)] if stop_at else []
-        module = distil(modernbert, pruning, callbacks=callbacks, root=tmp_path, batches=1, ckpt_path=ckpt)
+        module = distil(modernbert, pruning, callbacks=callbacks, root=tmp_path, batches=3, ckpt_path=ckpt)
         if stop_at:
             module.trainer_.save_checkpoint(tmp_path / "mid.ckpt")
         return module, pruning
 
     straight, straight_pruning = run()
-    run(stop_at=4)  # after the first event, with the student already smaller
+    run(stop_at=4)  # after the first event, with the student already smaller; one batch into epoch 2
     resumed, resumed_pruning = run(ckpt=str(tmp_path / "mid.ckpt"))
     assert straight_pruning.events == resumed_pruning.events
     straight_state, resumed_state = straight.student.state_dict(), resumed.student.state_dict()
     assert straight_state.keys() == resumed_state.keys()
     for name, value in straight_state.items():
-        assert torch.allclose(value, resumed_state[name], atol=1e-6), name
+        assert torch.equal(value, resumed_state[name]), name
+
+
+class CountBatches(L.Callback):
+    def __init__(self) -> None:
+        self.started = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.started += 1
 
 
 def test_a_target_no_export_can_hold_is_refused_before_training(modernbert: ModernBertForMaskedLM) -> None:
-    pruning = PruningCallback({"hidden": 10, "heads": 2}, end_step=4, interval=2)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        distil(modernbert, pruning, steps=4)
+    pruning, batches = PruningCallback({"hidden": 10, "heads": 2}, end_step=4, interval=2), CountBatches()
+    with pytest.raises(ValueError, match="keep the hidden size a multiple of 4"):
+        distil(modernbert, pruning, steps=4, callbacks=[batches])
+    assert batches.started == 0  # refused when fit starts, not at the first event (step 2)

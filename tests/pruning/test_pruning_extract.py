@@ -69,6 +69,14 @@ def test_extract_narrower_heads(arch):
         assert student.config.num_key_value_heads == 2  # two whole key/value groups of two query heads
         with pytest.raises(ValueError, match="choose a multiple of 2"):
             extract(teacher, hidden_size=16, num_attention_heads=3, strategy="rand")
+        # narrower heads through masks: a unit is a key/value group, whose query heads all keep the head size
+        counts = unit_counts(teacher)
+        head_dims = torch.ones(counts["layers"], counts["heads"][0], counts["head_size"], dtype=torch.bool)
+        head_dims[:, :, 0] = False
+        with pytest.raises(
+            ValueError, match=r"remove whole groups \(masks\['heads'\]\) instead of narrowing"
+        ):
+            prune_model(teacher, {"head_dims": head_dims})
         return
     if adapter.rotary:  # rotary heads cannot be narrowed: refused, naming the head count to use
         with pytest.raises(ValueError, match=r"cannot be narrowed. Choose num_attention_heads=2"):

@@ -1,4 +1,9 @@
-"""The SLURM cluster and the tiny job assets, shared by every test of this folder."""
+"""The SLURM cluster and the tiny job assets, shared by every test of this folder.
+
+Where the cluster cannot start (not root, SLURM missing and not installable) the tests skip with the reason,
+unless ``LKD_REQUIRE_SLURM=1`` is set, as ``.ci/run`` does: then that reason fails them, so CI cannot lose the
+library's only proof of its SLURM claims to a skip nobody reads.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, install_slurm, missing_tools
+from slurm_cluster import SlurmCluster, cannot_run, install_slurm, missing_tools
 from slurm_jobs import write_assets
 
 
@@ -15,12 +20,18 @@ from slurm_jobs import write_assets
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """Two SLURM nodes on this machine; SLURM is installed first when it is missing and we are root."""
     missing = missing_tools()
-    if missing and os.geteuid() != 0:
-        pytest.skip(f"SLURM tools missing ({', '.join(missing)}) and only root may apt-get install them")
     if os.geteuid() != 0:
-        pytest.skip("the test cluster needs root: network namespaces, and slurmd starting jobs")
+        cannot_run(
+            f"the test cluster needs root (network namespaces, slurmd starting jobs"
+            f"{', and apt-get install of ' + ', '.join(missing) if missing else ''}): run pytest as root"
+        )
     if missing:
-        install_slurm()
+        try:
+            install_slurm()
+        except RuntimeError as error:
+            cannot_run(f"SLURM tools missing ({', '.join(missing)}) and installing them failed: {error}")
+        if still := missing_tools():
+            cannot_run(f"apt-get installed SLURM, but {', '.join(still)} are still not on PATH")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()

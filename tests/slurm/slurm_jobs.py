@@ -81,7 +81,8 @@ def recipe(
     """HomoDistil on the tiny teacher, DDP over gloo on CPU. ``out`` receives the export and the rank records.
 
     ``hold_at[n]`` is the step where attempt ``n`` of the job holds (see ``slurm_probe.HoldAt``); ``pace``
-    makes every step last at least that many seconds (``slurm_probe.Pace``), so a signal lands mid-run.
+    makes every step of the first attempt last at least that many seconds (``slurm_probe.Pace``), so a signal
+    lands mid-run.
     ``trainer.devices``/``num_nodes`` are left for the sbatch script to set from SLURM's variables.
     """
     callbacks: list[dict[str, Any]] = [

@@ -94,14 +94,17 @@ class RankRecord(L.Callback):
 
 
 class Pace(L.Callback):
-    """Makes each step last ``seconds`` longer, so that a signal the test sends lands in the middle of the run
-    (each rank sleeps on its own: one may already be in the next step's gradient all-reduce)."""
+    """Makes each step of the job's first attempt last ``seconds`` longer, so that a signal the test sends lands
+    in the middle of the run (each rank sleeps on its own: one may already be in the next step's gradient
+    all-reduce). Later attempts run at full speed: nothing is sent to them mid-step (``HoldAt`` places the kill).
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        time.sleep(self.seconds)
+        if _attempt() == 0:
+            time.sleep(self.seconds)
 
 
 class HoldAt(L.Callback):

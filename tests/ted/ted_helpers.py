@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
+from kd_helpers import ResumableLoader
 from tiny_models import CLASSIFIER_ARCHITECTURES as ARCHITECTURES  # noqa: F401  (the TED tests import them from here)
 from tiny_models import VOCAB, tiny_classifier  # noqa: F401
 from torch.utils.data import DataLoader
@@ -39,7 +40,7 @@ class LabelledBatches(L.LightningDataModule):
         self.batches = [labelled_batch(num_labels, seed=i) for i in range(num_batches)]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches, batch_size=None, shuffle=False)
+        return ResumableLoader(self.batches)  # a checkpoint taken mid-epoch resumes at the next batch
 
 
 def quiet_trainer(**kwargs: object) -> L.Trainer:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from kd_helpers import StopAt
 from ted_helpers import LabelledBatches, changed, labelled_batch, quiet_trainer, snapshot, tiny_classifier
 
 from lightning_kd import DistillationModule
@@ -107,13 +111,18 @@ def test_regression_task_runs_both_stages_with_a_nonzero_prediction_term(tmp_pat
 
 def test_filter_state_survives_checkpoint_and_resume(tmp_path) -> None:
     _stage_one(tmp_path, steps=2)
-    straight, _ = _stage_two(tmp_path, max_epochs=2)
 
-    first = _module()
-    callback = TEDFilterCallback(stage="distill", filters=str(tmp_path / "filters"), interval=2, weight=3.0)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
-    trainer.fit(first, LabelledBatches())
-    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    def stage_two(*callbacks: L.Callback, ckpt_path: Path | None = None) -> DistillationModule:
+        module = _module()
+        ted = TEDFilterCallback(stage="distill", filters=str(tmp_path / "filters"), interval=2, weight=3.0)
+        trainer = quiet_trainer(max_steps=6, callbacks=[ted, *callbacks])
+        trainer.fit(module, LabelledBatches(num_batches=3), ckpt_path=ckpt_path)
+        if callbacks:
+            trainer.save_checkpoint(tmp_path / "half.ckpt")
+        return module
+
+    straight = stage_two()
+    stage_two(StopAt(4))  # one batch into the second epoch of three
     saved = torch.load(tmp_path / "half.ckpt", weights_only=False)
     assert any(k.startswith("objective.terms.ted.teacher_filters") for k in saved["state_dict"])
     assert saved["callbacks"]["TEDFilterCallback[stage=distill]"]["interval"] == 2
@@ -121,17 +130,15 @@ def test_filter_state_survives_checkpoint_and_resume(tmp_path) -> None:
     # the stage-I files are gone: the checkpoint alone carries the filters
     for path in (tmp_path / "filters").iterdir():
         path.unlink()
-    resumed = _module()
-    callback = TEDFilterCallback(stage="distill", filters=str(tmp_path / "filters"), interval=2, weight=3.0)
-    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(
-        resumed, LabelledBatches(), ckpt_path=tmp_path / "half.ckpt"
-    )
+    resumed = stage_two(ckpt_path=tmp_path / "half.ckpt")
     term, reference = resumed.objective.terms["ted"], straight.objective.terms["ted"]
     assert bool(term.from_stage_one)
     for (name, a), b in zip(term.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=name)
-    for a, b in zip(resumed.student.parameters(), straight.student.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(
+        resumed.student.state_dict().items(), straight.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("arch", ["deberta-v2"])

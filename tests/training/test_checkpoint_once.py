@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
 from kd_helpers import FixedBatches, quiet_trainer
@@ -27,6 +28,11 @@ class CountingIO(AtomicCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
+class StartStep(L.Callback):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def test_save_last_link_writes_each_state_once_and_resumes(teacher: BertForMaskedLM, tmp_path: Path) -> None:
     io = CountingIO()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last="link")
@@ -37,10 +43,15 @@ def test_save_last_link_writes_each_state_once_and_resumes(teacher: BertForMaske
     last = tmp_path / "last.ckpt"
     assert last.is_symlink() and last.resolve() == (tmp_path / "epoch=0-step=4.ckpt").resolve()
 
+    # `--ckpt_path last` hands Lightning the word: it finds the link in the ModelCheckpoint's folder and loads
+    # the file it points to
     resumed = DistillationModule(teacher, {"init": "layers", "num_layers": 2}, task="masked-lm")
-    trainer = quiet_trainer(max_steps=5, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=FixedBatches(), ckpt_path=str(last))
-    assert trainer.global_step == 5
+    start = StartStep()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last="link")
+    trainer = quiet_trainer(max_steps=5, enable_checkpointing=True, callbacks=[checkpoints, start])
+    trainer.fit(resumed, datamodule=FixedBatches(), ckpt_path="last")
+    assert start.step == 4 and trainer.global_step == 5
+    assert trainer.ckpt_path == str(last)
     saved = torch.load(last, weights_only=False)["state_dict"]
     assert saved.keys() == module.state_dict().keys()
 
