@@ -1,5 +1,5 @@
 """What a Lightning run needs around the models: optimizer and schedule, checkpoints and resume, distributed
-strategies, step timing, the train-mode lifecycle, exported folders, their model cards and their scores on
+strategies (DDP with compressed gradients; FSDP2 in ``sharding.py``, whose pruning surgery is ``sharded_surgery.py``), step timing, the train-mode lifecycle, exported folders, their model cards and their scores on
 lm-evaluation-harness tasks (``harness.py``, the optional ``harness`` extra), and the one module that touches
 Lightning's private API (``lightning_internals.py``)."""
 
@@ -7,14 +7,17 @@ from lightning_kd.training.checkpoints import AtomicCheckpointIO, check_resume
 from lightning_kd.training.distributed import compressed_ddp
 from lightning_kd.training.harness import evaluate_with_harness
 from lightning_kd.training.optimizer import adamw_with_warmup
+from lightning_kd.training.sharding import FSDP2Strategy, fsdp2
 from lightning_kd.training.timing import StepTimer, timed
 
 __all__ = [
     "AtomicCheckpointIO",
+    "FSDP2Strategy",
     "StepTimer",
     "adamw_with_warmup",
     "check_resume",
     "compressed_ddp",
     "evaluate_with_harness",
+    "fsdp2",
     "timed",
 ]

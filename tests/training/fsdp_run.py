@@ -1,0 +1,93 @@
+"""Distillation (and HomoDistil pruning) on two CPU processes, FSDP2 against DDP, each rank saving what it holds.
+
+Run by test_fsdp.py as ``python fsdp_run.py OUT_DIR CASE...``; Lightning starts the second rank by running this
+script again. Each case trains the same tiny BERT masked LM from the same seed on the same per-rank batches and
+writes ``OUT_DIR/CASE/rank{r}.pt``: the full student (gathered from the shards under FSDP2), the pruning events
+and the optimizer's moments gathered whole. Cases:
+
+- ``ddp``: the reference, Lightning's DDP.
+- ``fsdp``: FSDP2 with the teacher sharded too.
+- ``fsdp_replicated``: FSDP2 with a whole teacher on every rank and activation checkpointing.
+
+Each distils for 8 steps while a PruningCallback shrinks heads, FFN and hidden at steps 2, 4 and 6, so the
+first steps check distillation alone and the later ones the events.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS)]
+from kd_helpers import make_batch, tiny_bert_config  # noqa: E402
+from transformers import BertForMaskedLM  # noqa: E402
+
+from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
+from lightning_kd.training.sharding import fsdp2, full_tensor  # noqa: E402
+
+CASES = ("ddp", "fsdp", "fsdp_replicated")
+
+
+class RankBatches(L.LightningDataModule):
+    """Different batches on every rank, as a sharded corpus gives."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+        return DataLoader([make_batch(seed=100 * rank + i) for i in range(8)], batch_size=None)
+
+
+def strategy(case: str) -> object:
+    if case == "ddp":
+        return "ddp"
+    if case == "fsdp_replicated":
+        return fsdp2(teacher="replicated", activation_checkpointing=True)
+    return fsdp2()
+
+
+def gathered(module: DistillationModule, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole student and its AdamW moments by parameter name, the same on DDP and FSDP2."""
+    names = {id(p): n for n, p in module.student.named_parameters()}
+    moments = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            moments[names[id(parameter)]] = {k: full_tensor(v).clone() for k, v in state.items()}
+    student = {n: full_tensor(p.detach()).clone() for n, p in module.student.named_parameters()}
+    return {"student": student, "moments": moments}
+
+
+def main(out: Path, case: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(tiny_bert_config())
+    objective = [{"term": "logits"}, {"term": "hidden"}, {"term": "task"}]
+    module = DistillationModule(teacher, {"init": "copy"}, objective=objective, learning_rate=1e-3)
+    pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy(case),
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[pruning],
+    )
+    trainer.fit(module, RankBatches())
+    saved = gathered(module, trainer.optimizers[0])
+    saved["events"] = pruning.events
+    saved["sharded"] = [type(p).__name__ for p in module.student.parameters()]
+    saved["teacher_sharded"] = [type(p).__name__ for p in module.teacher.parameters()]
+    torch.save(saved, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    for name in sys.argv[2:] or CASES:
+        main(Path(sys.argv[1]) / name, name)
