@@ -27,6 +27,7 @@ from lightning_kd.pruning.shrink import (
 from lightning_kd.pruning.units import Masks, apply_masks, masked_parameter_slices, unit_counts, zero_masked_
 from lightning_kd.training.lightning_internals import attached_trainer
 from lightning_kd.training.sharded_surgery import whole_student
+from lightning_kd.training.sharding import shard_plan
 
 
 class PruningStrategy:
@@ -95,6 +96,9 @@ class ShrinkStrategy(PruningStrategy):
 
     def finish(self, pl_module: L.LightningModule, masks: Masks) -> torch.nn.Module:
         plain_dropout_(pl_module.student)  # already pruned; only the dropout goes back to plain transformers
+        plan = shard_plan(pl_module)
+        if plan is not None and plan.skeleton is not None:  # FSDP2: what an export rebuilds the student from
+            plain_dropout_(plan.skeleton)
         return pl_module.student
 
 

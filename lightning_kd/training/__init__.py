@@ -1,7 +1,8 @@
 """What a Lightning run needs around the models: optimizer and schedule, checkpoints and resume, distributed
-strategies (DDP with compressed gradients; FSDP2 in ``sharding.py``, whose pruning surgery is ``sharded_surgery.py``), step timing, the train-mode lifecycle, exported folders, their model cards and their scores on
-lm-evaluation-harness tasks (``harness.py``, the optional ``harness`` extra), and the one module that touches
-Lightning's private API (``lightning_internals.py``)."""
+strategies (DDP with compressed gradients; FSDP2 in ``sharding.py``, and the surgery that reshapes a sharded
+student in ``sharded_surgery.py``), step timing, the train-mode lifecycle, exported folders, their model cards
+and their scores on lm-evaluation-harness tasks (``harness.py``, the optional ``harness`` extra), and the one
+module that touches Lightning's private API (``lightning_internals.py``)."""
 
 from lightning_kd.training.checkpoints import AtomicCheckpointIO, check_resume
 from lightning_kd.training.distributed import compressed_ddp

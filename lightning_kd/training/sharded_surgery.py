@@ -24,7 +24,26 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
 from lightning_kd.training.sharding import full_tensor, is_sharded, meta_copy, shard_model, shard_plan
+
+
+def reshape_for_checkpoint(pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> bool:
+    """Shrink a sharded student to the shape ``checkpoint`` recorded (``lightning_kd.student_shape``, written by
+    every DistillationModule checkpoint) before its shards load; True when the shape changed, so that the caller
+    builds the optimizer again around the new parameters."""
+    shape = checkpoint.get("lightning_kd", {}).get("student_shape")
+    if shape is None or shard_plan(pl_module) is None or not is_sharded(pl_module.student):
+        return False
+    if student_shape(pl_module.student) == {
+        k: (int(v) if k == "hidden" else list(v)) for k, v in shape.items()
+    }:
+        return False
+    with whole_student(None, pl_module):
+        kept = rebuild_shape_(pl_module.student, shape)
+        if kept is not None:
+            pl_module.objective.follow_student_width(kept, pl_module.student)
+    return True
 
 
 @contextmanager
@@ -40,6 +59,32 @@ def whole_student(trainer: L.Trainer | None, pl_module: L.LightningModule) -> It
     pl_module.student = gather_student(pl_module, optimizers)
     yield
     reshard_student(pl_module, optimizers)
+
+
+@contextmanager
+def student_for_export(pl_module: L.LightningModule) -> Iterator[None]:
+    """Inside, on rank 0, ``pl_module.student`` is the whole student as a plain model on the CPU, ready to write
+    as a transformers folder; afterwards the sharded student is back. Every rank must enter (the gather is a
+    collective); only rank 0 receives the weights, so no other rank ever holds the whole student. Under any
+    other strategy it does nothing."""
+    plan = shard_plan(pl_module)
+    if plan is None or not is_sharded(pl_module.student):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sharded = pl_module.student
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(sharded, options=options)
+    if torch.distributed.get_rank() != 0:
+        yield
+        return
+    buffers = {name: buffer.cpu() for name, buffer in sharded.named_buffers()}
+    pl_module.student = _materialize(plan.skeleton, full, buffers)
+    try:
+        yield
+    finally:
+        pl_module.student = sharded
 
 
 def gather_student(pl_module: L.LightningModule, optimizers: list[torch.optim.Optimizer]) -> nn.Module:

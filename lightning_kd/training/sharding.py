@@ -24,11 +24,13 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -36,7 +38,13 @@ from typing_extensions import override
 
 from lightning_kd.models.info import has_adapter, masked_lm_parts
 from lightning_kd.models.registry import get_adapter
-from lightning_kd.training.lightning_internals import attached_trainer
+from lightning_kd.training.lightning_internals import (
+    attached_trainer,
+    checkpoint_metadata_file,
+    data_parallel_auto,
+    run_root_hooks_around,
+    shard_offset,
+)
 
 TEACHER_PLACEMENTS = ("sharded", "replicated")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,11 +98,29 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        # "auto" would put one data-parallel rank per node and the node's devices on the tensor-parallel axis
-        if self._data_parallel_size == "auto":
-            tensor = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
-            self._data_parallel_size = self.num_nodes * self.num_processes // tensor
+        data_parallel_auto(self)
         super().setup_environment()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # A student shrunk during the run must have the checkpoint's shape before the shards load into it,
+        # and the optimizer must hold the parameters of that shape (the student's shape is in the metadata).
+        from lightning_kd.training.sharded_surgery import reshape_for_checkpoint
+
+        path = Path(self.broadcast(checkpoint_path))
+        if reshape_for_checkpoint(self.lightning_module, checkpoint_metadata(path)):
+            trainer = self.lightning_module.trainer
+            if trainer.state.fn == TrainerFn.FITTING:
+                self.setup_optimizers(trainer)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """Everything but the weights and optimizer state of a checkpoint: the metadata file of a distributed
+    checkpoint (a folder), or the whole file of a consolidated one."""
+    return torch.load(
+        checkpoint_metadata_file(path) if path.is_dir() else path, map_location="cpu", weights_only=False
+    )
 
 
 def fsdp2(
@@ -137,8 +163,8 @@ def configure_sharding(pl_module: L.LightningModule) -> None:
     if mesh.ndim > 1:
         if mesh["tensor_parallel"].size() > 1:
             raise ValueError(
-                "lightning-kd shards with FSDP2 only (no tensor parallelism): use strategy=lightning_kd.fsdp2(), "
-                "or ModelParallelStrategy(tensor_parallel_size=1)."
+                "lightning-kd shards with FSDP2 only (no tensor parallelism): use "
+                "strategy=lightning_kd.training.fsdp2(), or ModelParallelStrategy(tensor_parallel_size=1)."
             )
         mesh = mesh["data_parallel"]
     if isinstance(strategy, FSDP2Strategy):
@@ -174,7 +200,7 @@ def shard_model(model: nn.Module, plan: ShardPlan, trainable: bool) -> list:
     Returns hook handles that let the root unit gather when the library calls the model's encoder and head
     one after the other (it does, to project to the vocabulary only where a loss reads) instead of the model.
     """
-    policy = plan.policy() if trainable else _teacher_policy(plan)
+    policy = plan.policy()
     # FSDP2 keeps the root gathered from forward to the end of backward; a frozen teacher has no backward, so
     # every one of its units lets go of its gathered weights right after its forward
     reshard = None if trainable else True
@@ -185,48 +211,13 @@ def shard_model(model: nn.Module, plan: ShardPlan, trainable: bool) -> list:
     fully_shard(model, mesh=plan.mesh, mp_policy=policy, reshard_after_forward=reshard)
     if parts is None:
         return []
-    hooks = _drive_root_through(model, parts.encoder)
+    hooks = run_root_hooks_around(model, parts.encoder)
     if not trainable:  # the head runs after the encoder resharded the root: gather it again around the head
         hooks += [
             parts.head.register_forward_pre_hook(lambda *_: model.unshard()),
             parts.head.register_forward_hook(lambda *_: model.reshard()),
         ]
     return hooks
-
-
-def _teacher_policy(plan: ShardPlan) -> MixedPrecisionPolicy:
-    # the teacher's weights keep their own dtype (teacher_dtype); only the gather runs in the mixed precision
-    return plan.policy() if plan.mixed_precision is not None else MixedPrecisionPolicy()
-
-
-def _drive_root_through(model: nn.Module, encoder: nn.Module) -> list:
-    """Run the root unit's forward hooks around ``encoder`` when it is called on its own.
-
-    FSDP2 gathers a unit's parameters in the forward pre-hook of the module it was applied to, and makes the first
-    unit to run forward the root. The library runs a masked (or causal) LM as ``encoder`` then ``head``, never as
-    the whole model, so the model's hooks would never fire: these run them around the encoder instead. The root
-    keeps its parameters gathered after forward (FSDP2's default for the root), so the head and the losses that
-    read its weights find them whole; backward's final callback reduces their gradients and shards them again.
-    """
-    state = model._get_fsdp_state()
-    driving: list[bool] = []
-
-    def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if state._training_state.name == "FORWARD":  # the whole model is running: its own hooks did this
-            return None
-        driving.append(True)
-        return state._pre_forward(model, args, kwargs)
-
-    def after(_module: nn.Module, args: tuple, output: Any) -> Any:
-        if not driving:
-            return None
-        driving.pop()
-        return state._post_forward(model, args, output)
-
-    return [
-        encoder.register_forward_pre_hook(before, with_kwargs=True),
-        encoder.register_forward_hook(after),
-    ]
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -249,14 +240,10 @@ def local_entry_sums(local: torch.Tensor, parameter: DTensor, dim: int) -> torch
     """``local`` (this rank's shard of a tensor shaped like ``parameter``) summed over every dim but ``dim``, at
     the full length along ``dim``: zeros where other ranks hold the entries, partial sums where the shard cuts
     across ``dim``. Summed over the ranks, it is what the whole tensor gives."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(
-        parameter.shape, parameter.device_mesh, parameter.placements
-    )
+    start = shard_offset(parameter, dim)
     sums = local.movedim(dim, 0).reshape(local.shape[dim], -1).sum(1)
     full = torch.zeros(parameter.shape[dim], dtype=sums.dtype, device=sums.device)
-    full[offset[dim] : offset[dim] + sums.numel()] = sums
+    full[start : start + sums.numel()] = sums
     return full
 
 

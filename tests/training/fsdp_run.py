@@ -7,10 +7,15 @@ and the optimizer's moments gathered whole. Cases:
 
 - ``ddp``: the reference, Lightning's DDP.
 - ``fsdp``: FSDP2 with the teacher sharded too.
+  Both export the pruned student at the end (``CASE/student``).
 - ``fsdp_replicated``: FSDP2 with a whole teacher on every rank and activation checkpointing.
+- ``fsdp_stop``: ``fsdp`` stopped after step 3 (between two events), saving a distributed checkpoint ``mid``.
+- ``fsdp_resume``: ``fsdp`` resumed from that checkpoint.
+- ``one``: that checkpoint resumed on a single rank (a launch of its own: ``devices=1``).
 
 Each distils for 8 steps while a PruningCallback shrinks heads, FFN and hidden at steps 2, 4 and 6, so the
-first steps check distillation alone and the later ones the events.
+first steps check distillation alone and the later ones the events. Every step reads one batch per rank, chosen
+by the epoch (one batch each), so a resumed run reads what an uninterrupted one reads.
 """
 
 from __future__ import annotations
@@ -24,21 +29,21 @@ from torch.utils.data import DataLoader
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS)]
-from kd_helpers import make_batch, tiny_bert_config  # noqa: E402
+from kd_helpers import StopAt, make_batch, tiny_bert_config  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
 from lightning_kd.training.sharding import fsdp2, full_tensor  # noqa: E402
 
-CASES = ("ddp", "fsdp", "fsdp_replicated")
+CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_stop", "fsdp_resume")
 
 
 class RankBatches(L.LightningDataModule):
-    """Different batches on every rank, as a sharded corpus gives."""
+    """Different batches on every rank, as a sharded corpus gives; one per epoch, reloaded every epoch."""
 
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank
-        return DataLoader([make_batch(seed=100 * rank + i) for i in range(8)], batch_size=None)
+        seed = 100 * self.trainer.global_rank + self.trainer.current_epoch
+        return DataLoader([make_batch(seed=seed)], batch_size=None)
 
 
 def strategy(case: str) -> object:
@@ -61,16 +66,26 @@ def gathered(module: DistillationModule, optimizer: torch.optim.Optimizer) -> di
     return {"student": student, "moments": moments}
 
 
+class AtStart(L.Callback):
+    """What the run holds when training starts: after a resume, what it loaded."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = gathered(pl_module, trainer.optimizers[0])
+
+
 def main(out: Path, case: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     teacher = BertForMaskedLM(tiny_bert_config())
     objective = [{"term": "logits"}, {"term": "hidden"}, {"term": "task"}]
     module = DistillationModule(teacher, {"init": "copy"}, objective=objective, learning_rate=1e-3)
-    pruning = PruningCallback({"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2)
+    export = str(out / "student") if case in ("ddp", "fsdp") else None  # FSDP2 gathers it on rank 0
+    pruning = PruningCallback(
+        {"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2, export_dir=export
+    )
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=1 if case == "one" else 2,
         strategy=strategy(case),
         max_steps=8,
         logger=False,
@@ -78,13 +93,21 @@ def main(out: Path, case: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[pruning],
+        reload_dataloaders_every_n_epochs=1,
+        callbacks=[pruning, start := AtStart(), *([StopAt(3)] if case == "fsdp_stop" else [])],
     )
-    trainer.fit(module, RankBatches())
+    ckpt = {"fsdp_resume": out.parent / "fsdp_stop" / "mid", "one": out.parent / "fsdp_stop" / "mid"}.get(
+        case
+    )
+    trainer.fit(module, RankBatches(), ckpt_path=ckpt)
+    if case == "fsdp_stop":
+        trainer.save_checkpoint(out / "mid")
     saved = gathered(module, trainer.optimizers[0])
     saved["events"] = pruning.events
+    saved["start"] = start.start
     saved["sharded"] = [type(p).__name__ for p in module.student.parameters()]
     saved["teacher_sharded"] = [type(p).__name__ for p in module.teacher.parameters()]
+    saved["step"] = trainer.global_step
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")
 
 
