@@ -9,6 +9,7 @@ and the optimizer's moments gathered whole. Cases:
 - ``fsdp``: FSDP2 with the teacher sharded too.
   Both export the pruned student at the end (``CASE/student``).
 - ``fsdp_replicated``: FSDP2 with a whole teacher on every rank and activation checkpointing.
+- ``fsdp_bf16``: FSDP2 computing in bfloat16 from float32 master weights.
 - ``fsdp_stop``: ``fsdp`` stopped after step 3 (between two events), saving a distributed checkpoint ``mid``.
 - ``fsdp_resume``: ``fsdp`` resumed from that checkpoint.
 - ``one``: that checkpoint resumed on a single rank (a launch of its own: ``devices=1``).
@@ -35,7 +36,7 @@ from transformers import BertForMaskedLM  # noqa: E402
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
 from lightning_kd.training.sharding import fsdp2, full_tensor  # noqa: E402
 
-CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_stop", "fsdp_resume")
+CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume")
 
 
 class RankBatches(L.LightningDataModule):
@@ -51,6 +52,8 @@ def strategy(case: str) -> object:
         return "ddp"
     if case == "fsdp_replicated":
         return fsdp2(teacher="replicated", activation_checkpointing=True)
+    if case == "fsdp_bf16":
+        return fsdp2(mixed_precision="bf16")
     return fsdp2()
 
 
@@ -108,6 +111,7 @@ def main(out: Path, case: str) -> None:
     saved["sharded"] = [type(p).__name__ for p in module.student.parameters()]
     saved["teacher_sharded"] = [type(p).__name__ for p in module.teacher.parameters()]
     saved["step"] = trainer.global_step
+    saved["dtypes"] = {p.dtype for p in module.student.parameters()}
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
-CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_stop", "fsdp_resume")
+CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume")
 
 
 def launch(out: Path, *cases: str) -> None:
@@ -70,6 +70,20 @@ def test_fsdp2_trains_and_prunes_as_ddp_does(runs: dict[str, list[dict]], case: 
         for key, value in state.items():
             assert torch.allclose(rank0["moments"][name][key], value, atol=1e-6), (name, key)
     assert int(rank0["moments"]["bert.embeddings.word_embeddings.weight"]["step"]) == 8
+
+
+@pytest.mark.slow
+def test_fsdp2_mixed_precision_keeps_float32_master_weights(runs: dict[str, list[dict]]) -> None:
+    ddp, (rank0, rank1) = runs["ddp"][0], runs["fsdp_bf16"]
+    assert rank0["dtypes"] == {torch.float32}
+    assert {v.dtype for state in rank0["moments"].values() for v in state.values()} == {torch.float32}
+    assert rank0["events"] == rank1["events"] == ddp["events"]
+    gaps = []
+    for name, value in rank0["student"].items():
+        assert torch.equal(value, rank1["student"][name]), name
+        gaps.append(float((value - ddp["student"][name]).abs().max()))
+    # computed in bfloat16 (not DDP's float32 to the last bits), yet the same training
+    assert 1e-5 < max(gaps) < 1e-2
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
