@@ -13,6 +13,8 @@ and the optimizer's moments gathered whole. Cases:
 - ``fsdp_stop``: ``fsdp`` stopped after step 3 (between two events), saving a distributed checkpoint ``mid``.
 - ``fsdp_resume``: ``fsdp`` resumed from that checkpoint.
 - ``one``: that checkpoint resumed on a single rank (a launch of its own: ``devices=1``).
+- ``llama_ddp``, ``llama_fsdp``: ``ddp`` and ``fsdp`` for a decoder, a tiny Llama causal LM with grouped-query
+  attention (task causal-lm, the chunked next-token term), which the library runs as its body then its head.
 
 Each distils for 8 steps while a PruningCallback shrinks heads, FFN and hidden at steps 2, 4 and 6, so the
 first steps check distillation alone and the later ones the events. Every step reads one batch per rank, chosen
@@ -29,25 +31,32 @@ import torch
 from torch.utils.data import DataLoader
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS)]
+sys.path[:0] = [str(TESTS), str(TESTS / "distillation")]
 from kd_helpers import StopAt, make_batch, tiny_bert_config  # noqa: E402
+from test_causal_lm import causal_batch  # noqa: E402
+from tiny_models import make_model  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
 from lightning_kd.training.sharding import fsdp2, full_tensor  # noqa: E402
 
-CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume")
+CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume", "llama_ddp", "llama_fsdp")
 
 
 class RankBatches(L.LightningDataModule):
     """Different batches on every rank, as a sharded corpus gives; one per epoch, reloaded every epoch."""
 
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.batch = causal_batch if causal else make_batch
+
     def train_dataloader(self) -> DataLoader:
         seed = 100 * self.trainer.global_rank + self.trainer.current_epoch
-        return DataLoader([make_batch(seed=seed)], batch_size=None)
+        return DataLoader([self.batch(seed=seed)], batch_size=None)
 
 
 def strategy(case: str) -> object:
+    case = case.removeprefix("llama_")
     if case == "ddp":
         return "ddp"
     if case == "fsdp_replicated":
@@ -79,10 +88,16 @@ class AtStart(L.Callback):
 def main(out: Path, case: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(tiny_bert_config())
-    objective = [{"term": "logits"}, {"term": "hidden"}, {"term": "task"}]
-    module = DistillationModule(teacher, {"init": "copy"}, objective=objective, learning_rate=1e-3)
-    export = str(out / "student") if case in ("ddp", "fsdp") else None  # FSDP2 gathers it on rank 0
+    causal = case.startswith("llama")
+    if causal:  # 3 blocks of 8 query heads in 4 key/value groups
+        teacher, terms, task = make_model("llama"), ["tokens", "hidden", "task"], "causal-lm"
+    else:
+        teacher, terms, task = BertForMaskedLM(tiny_bert_config()), ["logits", "hidden", "task"], "base"
+    objective = [{"term": term} for term in terms]
+    module = DistillationModule(teacher, {"init": "copy"}, objective=objective, learning_rate=1e-3, task=task)
+    export = (
+        str(out / "student") if case.removeprefix("llama_") in ("ddp", "fsdp") else None
+    )  # FSDP2 gathers it on rank 0
     pruning = PruningCallback(
         {"heads": 0.5, "ffn": 0.5, "hidden": 0.5}, end_step=6, interval=2, export_dir=export
     )
@@ -102,7 +117,7 @@ def main(out: Path, case: str) -> None:
     ckpt = {"fsdp_resume": out.parent / "fsdp_stop" / "mid", "one": out.parent / "fsdp_stop" / "mid"}.get(
         case
     )
-    trainer.fit(module, RankBatches(), ckpt_path=ckpt)
+    trainer.fit(module, RankBatches(causal), ckpt_path=ckpt)
     if case == "fsdp_stop":
         trainer.save_checkpoint(out / "mid")
     saved = gathered(module, trainer.optimizers[0])

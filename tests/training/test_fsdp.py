@@ -15,7 +15,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
-CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume")
+CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume", "llama_ddp", "llama_fsdp")
 
 
 def launch(out: Path, *cases: str) -> None:
@@ -46,12 +46,12 @@ def runs(out: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fsdp", "fsdp_replicated"])
+@pytest.mark.parametrize("case", ["fsdp", "fsdp_replicated", "llama_fsdp"])
 def test_fsdp2_trains_and_prunes_as_ddp_does(runs: dict[str, list[dict]], case: str) -> None:
-    ddp, (rank0, rank1) = runs["ddp"][0], runs[case]
+    ddp, (rank0, rank1) = runs["llama_ddp" if case.startswith("llama") else "ddp"][0], runs[case]
     # the student really was sharded; the teacher as asked
     assert set(rank0["sharded"]) == {"DTensor"}
-    assert set(rank0["teacher_sharded"]) == ({"DTensor"} if case == "fsdp" else {"Parameter"})
+    assert set(rank0["teacher_sharded"]) == ({"Parameter"} if case == "fsdp_replicated" else {"DTensor"})
     # three events shrank the student physically, the same as under DDP
     assert [e["step"] for e in rank0["events"]] == [2, 4, 6]
     assert rank0["events"] == rank1["events"] == ddp["events"]
@@ -63,13 +63,18 @@ def test_fsdp2_trains_and_prunes_as_ddp_does(runs: dict[str, list[dict]], case: 
     for name, value in rank0["student"].items():
         assert torch.equal(value, rank1["student"][name]), name
         assert value.shape == ddp["student"][name].shape, name
-        assert torch.allclose(value, ddp["student"][name], atol=1e-6), name
+        assert torch.allclose(value, ddp["student"][name], atol=1e-6 if case != "llama_fsdp" else 1e-5), name
     # the AdamW moments followed the kept units, and the step count carried over the events
     for name, state in ddp["moments"].items():
         assert rank0["moments"][name].keys() == state.keys(), name
         for key, value in state.items():
-            assert torch.allclose(rank0["moments"][name][key], value, atol=1e-6), (name, key)
-    assert int(rank0["moments"]["bert.embeddings.word_embeddings.weight"]["step"]) == 8
+            assert torch.allclose(
+                rank0["moments"][name][key], value, atol=1e-6 if case != "llama_fsdp" else 1e-5
+            ), (
+                name,
+                key,
+            )
+    assert {int(state["step"]) for state in rank0["moments"].values()} == {8}
 
 
 @pytest.mark.slow
@@ -139,15 +144,24 @@ def test_checkpoint_of_two_ranks_resumes_on_one(out: Path, runs: dict[str, list[
 
 
 @pytest.mark.slow
-def test_fsdp2_exports_the_plain_folder_ddp_exports(out: Path, runs: dict[str, list[dict]]) -> None:
-    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fsdp2_exports_the_plain_folder_ddp_exports(
+    out: Path, runs: dict[str, list[dict]], arch: str
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertForMaskedLM, LlamaForCausalLM
 
-    sharded, replicated = (AutoModelForMaskedLM.from_pretrained(out / c / "student") for c in ("fsdp", "ddp"))
-    assert type(sharded) is BertForMaskedLM
+    auto, plain = (
+        (AutoModelForMaskedLM, BertForMaskedLM)
+        if arch == "bert"
+        else (AutoModelForCausalLM, LlamaForCausalLM)
+    )
+    prefix = "" if arch == "bert" else "llama_"
+    sharded, replicated = (auto.from_pretrained(out / f"{prefix}{c}" / "student") for c in ("fsdp", "ddp"))
+    assert type(sharded) is plain
     sizes = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
     assert {k: getattr(sharded.config, k) for k in sizes} == {k: getattr(replicated.config, k) for k in sizes}
-    assert sharded.config.hidden_size == 8 and sharded.config.num_attention_heads == 2
-    weights, trained = sharded.state_dict(), runs["fsdp"][0]["student"]
+    assert sharded.config.num_attention_heads == {"bert": 2, "llama": 4}[arch]
+    weights, trained = sharded.state_dict(), runs[f"{prefix}fsdp"][0]["student"]
     for name, value in trained.items():
         assert torch.equal(weights[name], value), name
-        assert torch.allclose(weights[name], replicated.state_dict()[name], atol=1e-6), name
+        assert torch.allclose(weights[name], replicated.state_dict()[name], atol=1e-5), name
