@@ -209,14 +209,26 @@ def shard_model(model: nn.Module, plan: ShardPlan, trainable: bool) -> list:
         fully_shard(block, mesh=plan.mesh, mp_policy=policy, reshard_after_forward=reshard)
     parts = masked_lm_parts(model) if has_adapter(model) else None
     fully_shard(model, mesh=plan.mesh, mp_policy=policy, reshard_after_forward=reshard)
-    if parts is None:
-        return []
-    hooks = run_root_hooks_around(model, parts.encoder)
-    if not trainable:  # the head runs after the encoder resharded the root: gather it again around the head
-        hooks += [
-            parts.head.register_forward_pre_hook(lambda *_: model.unshard()),
-            parts.head.register_forward_hook(lambda *_: model.reshard()),
-        ]
+
+    # FSDP2 keeps the root gathered after forward for the backward to come; a forward without gradients (the
+    # teacher, or the student in validation) has none, so the root lets go right after, and gathers again
+    # around the head, which the library calls after the body (and the next-token terms once per chunk)
+    def without_backward() -> bool:
+        return not trainable or not torch.is_grad_enabled()
+
+    def let_go(*_: Any) -> None:
+        if without_backward():
+            model.reshard()
+
+    def gather(*_: Any) -> None:
+        if without_backward():
+            model.unshard()
+
+    hooks = [model.register_forward_hook(let_go)]
+    if parts is not None:
+        hooks += run_root_hooks_around(model, parts.encoder)
+        hooks += [parts.encoder.register_forward_hook(let_go)]
+        hooks += [parts.head.register_forward_pre_hook(gather), parts.head.register_forward_hook(let_go)]
     return hooks
 
 

@@ -18,7 +18,9 @@ and the optimizer's moments gathered whole. Cases:
 
 Each distils for 8 steps while a PruningCallback shrinks heads, FFN and hidden at steps 2, 4 and 6, so the
 first steps check distillation alone and the later ones the events. Every step reads one batch per rank, chosen
-by the epoch (one batch each), so a resumed run reads what an uninterrupted one reads.
+by the epoch (one batch each), so a resumed run reads what an uninterrupted one reads. Every epoch ends with a
+validation (forward passes without gradients, after which FSDP2 must hand back its sharded parameters),
+except in the runs that stop and resume.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class RankBatches(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         seed = 100 * self.trainer.global_rank + self.trainer.current_epoch
         return DataLoader([self.batch(seed=seed)], batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([self.batch(seed=999 + self.trainer.global_rank)], batch_size=None)
 
 
 def strategy(case: str) -> object:
@@ -112,6 +117,10 @@ def main(out: Path, case: str) -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
         reload_dataloaders_every_n_epochs=1,
+        check_val_every_n_epoch=1,
+        # with validation on, these one-batch epochs resume to another student under DDP too (Lightning's loop
+        # state around the stop, not the strategy's): off for the runs that stop and resume
+        limit_val_batches=0 if case in ("fsdp_stop", "fsdp_resume", "one") else None,
         callbacks=[pruning, start := AtStart(), *([StopAt(3)] if case == "fsdp_stop" else [])],
     )
     ckpt = {"fsdp_resume": out.parent / "fsdp_stop" / "mid", "one": out.parent / "fsdp_stop" / "mid"}.get(
