@@ -105,7 +105,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # A student shrunk during the run must have the checkpoint's shape before the shards load into it,
         # and the optimizer must hold the parameters of that shape (the student's shape is in the metadata).
-        from lightning_kd.training.sharded_surgery import reshape_for_checkpoint
+        from lightning_kd.training.sharded_surgery import reshape_for_checkpoint  # it imports this module
 
         path = Path(self.broadcast(checkpoint_path))
         if reshape_for_checkpoint(self.lightning_module, checkpoint_metadata(path)):
