@@ -47,6 +47,7 @@ from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fi
 from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
 from lightning_kd.training.run_checks import check_fit_length, check_run
+from lightning_kd.training.sharding import configure_sharding
 from lightning_kd.training.timing import StepTimer
 
 
@@ -155,6 +156,10 @@ class DistillationModule(StepAccounting):
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
         return self
+
+    @override
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under lightning_kd.fsdp2() (a ModelParallelStrategy); else nothing
 
     # ------------------------------------------------------------------------------------------ forward
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_kd.checks import is_number
@@ -41,6 +40,7 @@ from lightning_kd.pruning.schedule import PRUNABLE, SCHEDULES, PruningSchedule
 from lightning_kd.pruning.strategies import MaskStrategy, PruningStrategy, ShrinkStrategy
 from lightning_kd.pruning.units import Masks, full_masks, unit_counts
 from lightning_kd.training.lightning_internals import logs_this_step, overflowed_per_device
+from lightning_kd.training.sharded_surgery import student_for_export
 from lightning_kd.training.timing import timed
 
 log = logging.getLogger(__name__)
@@ -324,16 +324,18 @@ class PruningCallback(L.Callback):
         if self.prune_at_end and trainer.global_step >= self.schedule.end_step:
             self.prune_student(pl_module)
             if self.export_dir:
-                self._export(pl_module)
+                self._export(trainer, pl_module)
 
     def prune_student(self, pl_module: L.LightningModule) -> torch.nn.Module:
         """Replace the masked student by the physically pruned one (what it computes stays the same)."""
         return self.strategy.finish(pl_module, self.masks)
 
-    @rank_zero_only
-    def _export(self, pl_module: L.LightningModule) -> None:
-        path = pl_module.save_student(Path(self.export_dir))
-        log.info(f"pruned student ({self._parameters / 1e6:.2f}M parameters) saved to {Path(path).resolve()}")
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # FSDP2: every rank takes part in gathering the student whole onto rank 0, which writes it
+        with student_for_export(pl_module):
+            if trainer.is_global_zero:
+                path = Path(pl_module.save_student(Path(self.export_dir))).resolve()
+                log.info(f"pruned student ({self._parameters / 1e6:.2f}M parameters) saved to {path}")
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -28,11 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModel, PreTrainedModel
 
 from lightning_kd.models.adapter import ArchitectureAdapter, LayerParts, query_rescale
 from lightning_kd.models.bound import BoundModel, bind, try_bind, unbind
 from lightning_kd.pruning.prune import _refresh_shape, prune_model
+from lightning_kd.training.sharding import sum_over_ranks
 
 RECORD_KEY = "lightning_kd"
 
@@ -206,7 +208,12 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
     named = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point()]
     if not named:
         return []
-    finite = torch.isfinite(torch.stack(torch._foreach_norm([p for _, p in named], ord=float("inf"))))
+    # FSDP2: each rank checks its shards, and the ranks agree on the verdict, so they all raise or none does
+    sharded = [p for _, p in named if isinstance(p, DTensor)]
+    local = [p.to_local() if isinstance(p, DTensor) else p for _, p in named]
+    bad = {"bad": (~torch.isfinite(torch.stack(torch._foreach_norm(local, ord=float("inf"))))).float()}
+    sum_over_ranks(bad, sharded)
+    finite = bad["bad"] == 0
     if bool(finite.all()):
         return []
     return [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_kd.checks import check_number
 from lightning_kd.models.bound import BoundModel, bind
 from lightning_kd.pruning.units import axes, layer_parameters, unit_counts
+from lightning_kd.training.sharding import local_entry_sums, sum_over_ranks
 
 Scores = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -55,16 +57,24 @@ def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] |
     device = next(bound.model.parameters()).device
     scores = {kind: value.to(device) for kind, value in _empty_scores(bound).items()}
     products: dict[int, torch.Tensor] = {}
+    sharded: list[DTensor] = []  # FSDP2: each rank sums its shard, then the ranks add their sums up
 
     def product(parameter: nn.Parameter) -> torch.Tensor:
         if id(parameter) not in products:
-            products[id(parameter)] = (parameter * parameter.grad).abs_().float()
+            value, grad = parameter, parameter.grad
+            if isinstance(parameter, DTensor):
+                sharded.append(parameter)
+                value, grad = value.to_local(), grad.to_local()
+            products[id(parameter)] = (value * grad).abs_().float()
         return products[id(parameter)]
 
     for axis in axes(bound):
         if axis.parameter.grad is None or axis.kind not in wanted:
             continue
-        per_entry = product(axis.parameter).movedim(axis.dim, 0)
+        if isinstance(axis.parameter, DTensor):
+            per_entry = local_entry_sums(product(axis.parameter), axis.parameter, axis.dim)[:, None]
+        else:
+            per_entry = product(axis.parameter).movedim(axis.dim, 0)
         if axis.blocks > 1:  # a unit's entries in every block of a fused map count for it
             per_entry = per_entry.reshape(axis.blocks, -1, *per_entry.shape[1:]).sum(0)
         size = per_entry.shape[0]
@@ -85,7 +95,9 @@ def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] |
                 if parameter.grad is not None:
                     scores["layers"][i] += product(parameter).sum()
     # only what was asked: a pruning run's scorer must not keep per-head statistics it never re-indexes
-    return {kind: value for kind, value in scores.items() if kind in asked}
+    scores = {kind: value for kind, value in scores.items() if kind in asked}
+    sum_over_ranks(scores, sharded)
+    return scores
 
 
 def unit_sensitivity(model: nn.Module | BoundModel, kinds: Iterable[str] | None = None) -> Scores:

@@ -26,6 +26,8 @@ from lightning_kd.pruning.shrink import (
 )
 from lightning_kd.pruning.units import Masks, apply_masks, masked_parameter_slices, unit_counts, zero_masked_
 from lightning_kd.training.lightning_internals import attached_trainer
+from lightning_kd.training.sharded_surgery import whole_student
+from lightning_kd.training.sharding import shard_plan
 
 
 class PruningStrategy:
@@ -74,25 +76,29 @@ class ShrinkStrategy(PruningStrategy):
         return {kind: expand_scores(scores[kind], masks[kind]) for kind in masks}
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, old: Masks, new: Masks) -> int:
-        student = pl_module.student
         if all(torch.equal(new[kind], old[kind]) for kind in old):  # a rounded schedule may wait
-            return sum(p.numel() for p in student.parameters())
+            return sum(p.numel() for p in pl_module.student.parameters())
         relative = relative_masks(new, old)  # masks over the current student
-        resizes = prune_model_(student, relative)
-        if "hidden" in relative and not relative["hidden"].all():
-            kept = relative["hidden"].nonzero().flatten()
-            before = dict(pl_module.objective.named_parameters())
-            pl_module.objective.follow_student_width(kept, student)
-            resizes += follow_width(before, dict(pl_module.objective.named_parameters()), kept)
-        for optimizer in trainer.optimizers:
-            reindex_optimizer_(optimizer, resizes)
-        self.scorer.keep_units(relative)
-        parameters = _follow_shape(student, new)
+        with whole_student(trainer, pl_module):  # FSDP2: gathered here, sharded again after; else nothing
+            student = pl_module.student
+            resizes = prune_model_(student, relative)
+            if "hidden" in relative and not relative["hidden"].all():
+                kept = relative["hidden"].nonzero().flatten()
+                before = dict(pl_module.objective.named_parameters())
+                pl_module.objective.follow_student_width(kept, student)
+                resizes += follow_width(before, dict(pl_module.objective.named_parameters()), kept)
+            for optimizer in trainer.optimizers:
+                reindex_optimizer_(optimizer, resizes)
+            self.scorer.keep_units(relative)
+            parameters = _follow_shape(student, new)
         _rewrap_ddp(trainer)
         return parameters
 
     def finish(self, pl_module: L.LightningModule, masks: Masks) -> torch.nn.Module:
         plain_dropout_(pl_module.student)  # already pruned; only the dropout goes back to plain transformers
+        plan = shard_plan(pl_module)
+        if plan is not None and plan.skeleton is not None:  # FSDP2: what an export rebuilds the student from
+            plain_dropout_(plan.skeleton)
         return pl_module.student
 
 

@@ -30,6 +30,11 @@ RELIED_ON = (
     ("Trainer", "validate_loop._data_source"),
     ("Trainer", "test_loop._data_source"),
     ("Trainer", "predict_loop._data_source"),
+    ("ModelParallelStrategy", "_data_parallel_size"),
+    ("ModelParallelStrategy", "_tensor_parallel_size"),
+    ("FSDPState", "_pre_forward"),
+    ("FSDPState", "_post_forward"),
+    ("FSDPState", "_training_state"),
 )
 
 
@@ -118,3 +123,54 @@ def dataloader_source(trainer: L.Trainer, stage: str) -> Any:
     """Where ``validate``, ``test`` or ``predict`` takes its loaders from (the DataModule, the module, or loaders
     passed to the Trainer): ``is_defined()`` says whether there are any, ``dataloader()`` builds them."""
     return _read(trainer, f"{stage}_loop._data_source")
+
+
+def data_parallel_auto(strategy: Any) -> None:
+    """Put every rank of a ``ModelParallelStrategy`` left on "auto" on the data-parallel axis (Lightning's "auto"
+    puts one per node there and the node's devices on the tensor-parallel axis); call before its
+    ``setup_environment``."""
+    if strategy._data_parallel_size == "auto":
+        tensor = 1 if strategy._tensor_parallel_size == "auto" else int(strategy._tensor_parallel_size)
+        strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes // tensor
+
+
+def checkpoint_metadata_file(folder: Any) -> Any:
+    """The file of a distributed (folder) checkpoint that holds everything but the weights and optimizer state."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    return folder / _METADATA_FILENAME
+
+
+def shard_offset(tensor: Any, dim: int) -> int:
+    """Where this rank's shard of a DTensor starts along ``dim`` in the whole tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return offset[dim]
+
+
+def run_root_hooks_around(model: Any, module: Any) -> list:
+    """Run the FSDP2 root unit ``model``'s forward hooks around ``module`` when ``module`` is called on its own
+    (not from ``model``'s forward, where FSDP2 runs them itself); returns the hook handles.
+
+    FSDP2 gathers a unit's parameters in the pre-hook of the module it was applied to, and the first unit to run
+    forward becomes the root. When a model is run part by part (its encoder, then its head), its own hooks never
+    fire: these run them around the first part instead, and the root keeps its parameters gathered after
+    forward (FSDP2's default for the root) for the parts that follow.
+    """
+    state = model._get_fsdp_state()
+    driving: list[bool] = []
+
+    def before(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if state._training_state.name == "FORWARD":  # inside the model's own forward
+            return None
+        driving.append(True)
+        return state._pre_forward(model, args, kwargs)
+
+    def after(_module: Any, args: tuple, output: Any) -> Any:
+        if not driving:
+            return None
+        driving.pop()
+        return state._post_forward(model, args, output)
+
+    return [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]

@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
 from lightning_kd.training import lightning_internals as internals
 
@@ -31,6 +32,14 @@ PRIVATE = (
     "_version",
     "_checkpoint_connector",
     "_parse_ckpt_path",
+    "_data_parallel_size",
+    "_tensor_parallel_size",
+    "_METADATA_FILENAME",
+    "_get_fsdp_state",
+    "_pre_forward",
+    "_post_forward",
+    "_training_state",
+    "compute_local_shape_and_global_offset",
 )
 
 
@@ -45,6 +54,8 @@ def owners() -> dict[str, object]:
         "CSVLogger": CSVLogger("unused"),
         "DDPStrategy": DDPStrategy(),
         "GradScaler": torch.amp.GradScaler("cpu"),
+        "ModelParallelStrategy": ModelParallelStrategy(),
+        "FSDPState": FSDPState(),
     }
 
 
