@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.datamodules.common import check_vocabulary, get_tokenizer, rows_loader
+from lightning_kd.datamodules.common import check_vocabulary, distributed_position, get_tokenizer, rows_loader
 from lightning_kd.datamodules.docstrings import write_docstring_task
 from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task, submission_lines  # noqa: F401  (public here too)
 from lightning_kd.datamodules.sources import DataSourceError, load_hub_dataset
@@ -359,4 +359,13 @@ class GLUEDataModule(L.LightningDataModule):
     @override
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.predict_names]
+        # Lightning's predict sampler gives every rank a share without repeats and fails on an empty one with
+        # a bare AssertionError; say which set is too small instead
+        _, world = distributed_position(getattr(self, "trainer", None))
+        for split, loader in zip(self.predict_names, loaders, strict=True):
+            if len(loader.dataset) < world:
+                raise ValueError(
+                    f"the {split} test set has {len(loader.dataset)} rows, fewer than the {world} processes that "
+                    f"would share it: predict on at most {len(loader.dataset)} devices."
+                )
         return loaders if len(loaders) > 1 else loaders[0]

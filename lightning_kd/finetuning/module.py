@@ -286,9 +286,9 @@ class FineTuningModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
-        check_fit_length(self.trainer)
         if self.export_dir is not None:
             check_export_dir(self.export_dir)
+        check_fit_length(self.trainer)
 
     @override
     @rank_zero_only

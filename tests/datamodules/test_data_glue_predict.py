@@ -279,3 +279,19 @@ def test_ddp_predict_gathers_every_row_once_on_rank_zero(tmp_path: Path) -> None
         assert sorted(p.name for p in (tmp_path / "ddp" / kind).iterdir()) == sorted(names)
         for name in names:
             assert (tmp_path / "ddp" / kind / name).read_text() == single[name], (kind, name)
+
+
+def test_a_test_set_smaller_than_the_world_is_refused_naming_it(tmp_path: Path) -> None:
+    """Lightning's predict sampler fails on a rank left without a row with a bare AssertionError; the DataModule
+    names the set and the device count that would work before any rank starts predicting."""
+    glue_dir = tmp_path / "glue"
+    write_glue_task(glue_dir, "MNLI")
+    write_glue_test_files(glue_dir, "MNLI", count=7)
+    mismatched = glue_dir / "MNLI" / "test_mismatched.tsv"
+    mismatched.write_text("".join(mismatched.read_text().splitlines(keepends=True)[:2]))  # header + 1 row
+    data = GLUEDataModule("mnli", TOKENIZER, data_dir=str(glue_dir / "MNLI"), max_length=32)
+    data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert len(data.predict_dataloader()) == 3  # one device: every set has a row for it
+    data.trainer.strategy.world_size = 2  # what a 2-process run reports, without starting one
+    with pytest.raises(ValueError, match=r"test_mismatched test set has 1 rows.*at most 1 devices"):
+        data.predict_dataloader()

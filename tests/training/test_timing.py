@@ -132,7 +132,7 @@ def test_fit_logs_the_split_and_tokens_per_second(
         # ... and none counted twice: `other` is the rest of the step, which its floor at 0 would hide
         measured = sum(values[p] for p in parts if p != "other")
         assert measured <= values["step"] * (1 + 1e-6), values
-        assert values["other"] == pytest.approx(values["step"] - measured, rel=1e-6, abs=1e-6)
+        assert values["other"] == pytest.approx(values["step"] - measured, abs=1e-3)  # logged as float32
         # tokens per second times seconds per optimizer step gives the tokens each optimizer step consumed
         per_step = float(row["throughput/tokens_per_s"]) * values["step"] / 1000
         assert per_step == pytest.approx(accumulate * tokens_per_batch, rel=1e-6)
