@@ -141,10 +141,12 @@ def _pieces(source: str | dict[str, Any], workers: int) -> int:
 _TOKENIZERS: dict[str, tuple[PreTrainedTokenizerBase, Any]] = {}
 
 
-def _tokenizers(name: str) -> tuple[PreTrainedTokenizerBase, Any]:
+def _tokenizers(
+    name: str, loaded: PreTrainedTokenizerBase | None = None
+) -> tuple[PreTrainedTokenizerBase, Any]:
     """The tokenizer and a copy of its Rust tokenizer that neither truncates nor pads, once per process."""
     if name not in _TOKENIZERS:
-        tokenizer = get_tokenizer(name)
+        tokenizer = loaded if loaded is not None else get_tokenizer(name)
         backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
         backend.no_truncation()
         backend.no_padding()
@@ -283,6 +285,9 @@ def prepare(
     # The CPUs this process may use (a SLURM allocation), not the node's.
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, num_workers if num_workers is not None else available)
+    # LitData forks its workers: made here, the tokenizer is in each of them without loading it again.
+    _TOKENIZERS.pop(str(output / "tokenizer"), None)
+    _tokenizers(str(output / "tokenizer"), loaded)
     for source, entry in zip(sources, plan["sources"], strict=True):
         _prepare_source(
             output, entry["folder"], source, str(output / "tokenizer"), max_length, workers, chunk_blocks, lm

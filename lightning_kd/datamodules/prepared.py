@@ -243,7 +243,8 @@ class _CountingCollate:
         info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         taken = [int(part.taken) for part in getattr(dataset, "_datasets", [dataset])]
-        batch[READER_KEY] = torch.tensor([info.id if info is not None else 0, *taken])
+        # Plain ints, pickled with the batch: a tensor would cost a shared-memory segment of its own.
+        batch[READER_KEY] = [info.id if info is not None else 0, *taken]
         return batch
 
 
@@ -390,7 +391,7 @@ class PreparedLoader(StreamingDataLoader):
                 # LitData keeps a resumed pass's counts for mixing and would replay them in every later pass.
                 self.dataset._num_samples_yielded = None
         for batch in super().__iter__():
-            reader = batch.pop(READER_KEY).tolist()
+            reader = [int(value) for value in batch.pop(READER_KEY)]
             taken = dict(self._position["samples_per_worker"])
             taken[reader[0]] = reader[1:]
             self._position = {

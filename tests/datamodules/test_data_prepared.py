@@ -412,3 +412,29 @@ def test_two_prepares_on_one_machine_do_not_delete_each_others_chunks(tmp_path):
             prepared=str(tmp_path / f"out_{name}"), max_length=32, batch_size=8, shuffle=False
         )
         assert len(blocks_of(list(dm.train_dataloader()))) == manifest["sources"][0]["blocks"]
+
+
+def test_blocks_are_read_in_litdata_order_a_chunk_at_a_time(prepared, monkeypatch):
+    import litdata.streaming.item_loader as item_loader
+    import numpy as np
+    from litdata import StreamingDataset, TokensLoader
+
+    from lightning_kd.datamodules.prepared import OwnedBlocksDataset
+
+    (folder,) = [p for p in prepared.iterdir() if (p / "index.json").exists()]
+
+    def read(kind: type) -> list:
+        dataset = kind(input_dir=str(folder), item_loader=TokensLoader(block_size=32), shuffle=True, seed=3)
+        dataset.set_batch_size(4)
+        return [np.array(block) for block in dataset]
+
+    litdata_order = read(StreamingDataset)
+
+    def no_poll(seconds: float) -> None:
+        raise AssertionError("LitData polled for a chunk that was complete on disk")
+
+    # LitData checks for a file larger than a whole chunk, then sleeps 0.1 s: once per chunk, worker and pass.
+    monkeypatch.setattr(item_loader, "sleep", no_poll)
+    ours = read(OwnedBlocksDataset)
+    assert len(ours) == len(litdata_order) > 7  # more than one chunk of 7 blocks
+    assert all(np.array_equal(a, b) for a, b in zip(ours, litdata_order, strict=True))
