@@ -230,6 +230,14 @@ def prepared_datasets(
 READER_KEY = "_reader"
 
 
+def _has_length(loader: Any) -> bool:
+    try:
+        len(loader)
+    except TypeError:  # LitData's loader over datasets mixed with weights
+        return False
+    return True
+
+
 class _CountingCollate:
     """The collate function, run where the batch is made (a worker), adding which worker made it and how many
     blocks that worker had taken from each source by then: the checkpoint's exact position."""
@@ -268,6 +276,7 @@ class PreparedLoader(StreamingDataLoader):
         self._consumed = consumed
         self._position: dict[str, Any] = {"batches": 0, "last_worker": -1, "samples_per_worker": {}}
         self._recent: deque[dict[str, Any]] = deque(maxlen=8)
+        self._pass_done = False
 
     def _layout(self) -> tuple[int, int]:
         datasets = getattr(self.dataset, "_datasets", [self.dataset])
@@ -277,17 +286,20 @@ class PreparedLoader(StreamingDataLoader):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         position = self._position
-        consumed = self._consumed() if self._consumed is not None else None
-        if consumed is not None and consumed != position["batches"]:
+        # Lightning fetches a batch ahead only of a loader without a length (mixed sources), and never past a
+        # pass that has ended; a loader with one it stops at its length, without asking for the end.
+        consumed = self._consumed() if self._consumed is not None and not self._pass_done else None
+        if consumed is not None and consumed < position["batches"] and not _has_length(self):
             earlier = [p for p in self._recent if p["batches"] == consumed]
             if consumed == 0:
                 position = {"batches": 0, "last_worker": -1, "samples_per_worker": {}}
             elif earlier:
                 position = earlier[0]
             else:
-                raise RuntimeError(
-                    f"the training loop took {consumed} batches of this pass and the loader yielded "
-                    f"{position['batches']}: the data position cannot be saved exactly"
+                warnings.warn(
+                    f"the training loop took {consumed} batches of this pass and the data loader yielded "
+                    f"{position['batches']}: the data position saved is the loader's, ahead of the training",
+                    stacklevel=2,
                 )
         return dict(state, exact=dict(position, epoch=self.current_epoch))
 
@@ -384,6 +396,7 @@ class PreparedLoader(StreamingDataLoader):
 
     @override
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._pass_done = False
         if not self.restore:
             self._position = {"batches": 0, "last_worker": -1, "samples_per_worker": {}}
             self._recent.clear()
@@ -405,3 +418,4 @@ class PreparedLoader(StreamingDataLoader):
             # resume. Once the workers have their first requests, the flag has done its work.
             self.restore = False
             yield unpack(batch)
+        self._pass_done = True

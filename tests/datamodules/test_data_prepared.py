@@ -233,16 +233,19 @@ class Student(L.LightningModule):
 def _resumed_runs_match(root: Path, data, stops: tuple[int, ...], steps: int) -> None:
     """Fit ``steps`` straight, checkpointing at each stop (which changes nothing in the run); resume from each
     stop to ``steps``: the same batches (tokens and masks) in the same order, and the same final student."""
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=root / "ckpt", every_n_train_steps=stops[0], save_top_k=-1, filename="{step}"
-    )
+    checkpoints = [
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=root / f"ckpt-{stop}", every_n_train_steps=stop, save_top_k=-1, filename="{step}"
+        )
+        for stop in stops
+    ]
     straight = Student()
-    data_trainer(root / "straight", steps, callbacks=[checkpoint]).fit(straight, datamodule=data())
+    data_trainer(root / "straight", steps, callbacks=checkpoints).fit(straight, datamodule=data())
     assert len(straight.seen) == steps
     for stop in stops:
         resumed = Student()
         data_trainer(root / f"resumed-{stop}", steps, enable_checkpointing=False).fit(
-            resumed, datamodule=data(), ckpt_path=root / "ckpt" / f"step={stop}.ckpt"
+            resumed, datamodule=data(), ckpt_path=root / f"ckpt-{stop}" / f"step={stop}.ckpt"
         )
         assert len(resumed.seen) == steps - stop, stop
         assert all(torch.equal(a, b) for a, b in zip(resumed.seen, straight.seen[stop:], strict=True)), (
@@ -260,9 +263,9 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, prepa
         )
 
     # 13 batches a pass, the last one short. Step 6 is mid-pass; at step 12 the last round of the pass has begun
-    # and some workers have read all of their share (LitData 0.2.44's own resume fails there). Both runs go on
-    # into the next pass.
-    _resumed_runs_match(tmp_path, data, stops=(6, 12), steps=16)
+    # and some workers have read all of their share (LitData 0.2.44's own resume fails there); step 13 ends the
+    # pass. The runs go on into the next pass.
+    _resumed_runs_match(tmp_path, data, stops=(6, 12, 13), steps=16)
 
 
 def test_resume_on_another_layout_goes_on_with_the_next_pass(prepared):
@@ -362,9 +365,10 @@ def test_resume_with_mixed_sources(tmp_path):
             prepared=str(tmp_path / "out"), max_length=32, batch_size=8, num_workers=2
         )
 
-    # Mixed with weights, the loader has no length, so Lightning fetches a batch ahead of the step; a pass is
-    # about 22 batches, whose last ones are short, so the run from step 18 crosses into the next pass.
-    _resumed_runs_match(tmp_path, data, stops=(6, 18), steps=28)
+    # Mixed with weights, the loader has no length, so Lightning fetches a batch ahead of the step, and runs a
+    # pass to its end. Stops: mid-pass, and at the pass's last batch (its last ones are short).
+    length = sum(1 for _ in data().train_dataloader())
+    _resumed_runs_match(tmp_path, data, stops=(6, length), steps=length + 6)
 
 
 def test_prepare_refuses_an_empty_source(tmp_path):
