@@ -279,6 +279,7 @@ class PretrainingDataModule(L.LightningDataModule):
         return PreparedLoader(
             dataset,
             collate,
+            consumed=self._batches_in_pass,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
@@ -356,6 +357,11 @@ class PretrainingDataModule(L.LightningDataModule):
         if trainer is None:
             return None
         return trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    def _batches_in_pass(self) -> int | None:
+        """How many batches of this pass the training loop has taken (a prefetcher may have fetched more)."""
+        trainer = self._trainer_or_none()
+        return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     @override
     def state_dict(self) -> dict[str, Any]:
