@@ -255,7 +255,7 @@ class DistillationModule(StepAccounting):
     @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
-        check_fit_length(self.trainer)
+        check_fit_length(attached_trainer(self))
         options = self.hparams.get("compile", False)
         if options:
             compile_models({"student": self.student, "teacher": self.teacher}, options)

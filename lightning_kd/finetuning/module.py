@@ -33,6 +33,7 @@ from lightning_kd.pruning.export import check_export_dir
 from lightning_kd.training.checkpoints import check_resume, resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
+from lightning_kd.training.lightning_internals import attached_trainer
 from lightning_kd.training.optimizer import adamw_with_warmup
 from lightning_kd.training.run_checks import check_fit_length, check_run
 
@@ -286,9 +287,9 @@ class FineTuningModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         train_mode_for_fit(self)
+        check_fit_length(attached_trainer(self))
         if self.export_dir is not None:
             check_export_dir(self.export_dir)
-        check_fit_length(self.trainer)
 
     @override
     @rank_zero_only

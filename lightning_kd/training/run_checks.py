@@ -102,9 +102,12 @@ def check_run_ends(trainer: L.Trainer, endless: bool) -> None:
         )
 
 
-def check_fit_length(trainer: L.Trainer) -> None:
+def check_fit_length(trainer: L.Trainer | None) -> None:
     """Warn when the epochs end the run before ``max_steps``: Lightning stops at whichever comes first, so the
-    user gets fewer steps than ``max_steps`` says (the learning-rate schedule and a pruning schedule end there)."""
+    user gets fewer steps than ``max_steps`` says (the learning-rate schedule and a pruning schedule end there).
+    Without a Trainer (a module's hooks called by hand) there is no run to check."""
+    if trainer is None:
+        return
     batches, epochs = trainer.num_training_batches, trainer.max_epochs
     if trainer.max_steps == -1 or epochs is None or epochs < 0 or not math.isfinite(batches):
         return
