@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_kd.files import atomic_write
+from lightning_kd.files import atomic_write, faults_named
 from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Features
 
@@ -201,8 +201,9 @@ class TeacherCache:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(self.path) as handle:
+        with faults_named(self.path, "teacher cache"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path, what="teacher cache") as handle:
             torch.save(self.entries, handle)
         self._dirty = False
 

@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_kd.files import atomic_write, staging_path
+from lightning_kd.files import atomic_write, faults_named, staging_path
 from lightning_kd.training.lightning_internals import attached_trainer
 
 PARTIAL = ".partial"
@@ -60,8 +60,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target, "wb", suffix=PARTIAL) as handle:
+        newest = lambda: newest_checkpoint(target.parent)  # noqa: E731
+        with faults_named(target, "checkpoint", newest):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        # A full disk is raised naming it and the newest complete checkpoint, not as PyTorch's "unexpected pos".
+        with atomic_write(target, "wb", suffix=PARTIAL, what="checkpoint", newest=newest) as handle:
             # Straight to the file: no second in-memory copy of a multi-GB checkpoint.
             torch.save(checkpoint, handle)
         # What writers killed earlier left for this target is never a complete checkpoint, only wasted disk.
@@ -91,6 +94,21 @@ def check_readable(path: _PATH) -> None:
             f"checkpoint {target} cannot be read ({error}): it is truncated or not a checkpoint, e.g. a job killed "
             f"while writing it without AtomicCheckpointIO. Resume from an earlier checkpoint in {target.parent}."
         ) from error
+
+
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The most recently written complete ``.ckpt`` in ``folder`` (its zip directory is whole), or ``None``."""
+    try:
+        found = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for candidate in found:
+        try:
+            with zipfile.ZipFile(candidate):
+                return candidate
+        except (zipfile.BadZipFile, OSError):
+            continue
+    return None
 
 
 def _is_local(path: _PATH) -> bool:
