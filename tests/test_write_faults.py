@@ -57,19 +57,26 @@ def test_a_checkpoint_past_the_space_left_names_the_cause_and_keeps_the_last_one
     assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial left behind
     # a new name: the message points at the newest complete checkpoint there
-    with file_size_limit(50_000), pytest.raises(WriteFault, match=r"newest complete checkpoint is .*last\.ckpt"):
+    with (
+        file_size_limit(50_000),
+        pytest.raises(WriteFault, match=r"newest complete checkpoint is .*last\.ckpt"),
+    ):
         io.save_checkpoint(checkpoint(100_000), tmp_path / "epoch=1-step=9.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def test_a_full_disk_is_named_through_pytorchs_own_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_is_named_through_pytorchs_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # torch's zip writer reports ENOSPC as "unexpected pos", with the OSError as its context
     def full_disk(obj: object, handle: object) -> None:
         handle.write(b"PK half a checkpoint")
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            ) from None
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(WriteFault, match=r"the disk is full \(ENOSPC\)\. No complete checkpoint was written"):
@@ -103,9 +110,12 @@ def test_a_teacher_cache_past_the_space_left_keeps_the_saved_one(tmp_path: Path)
     cache.entries = {b"k": {"logits": torch.zeros(2)}}
     cache.save()
     cache.entries, cache._dirty = {bytes([i]): {"logits": torch.zeros(2000)} for i in range(20)}, True
-    with file_size_limit(20_000), pytest.raises(WriteFault, match="could not write the teacher cache .*unchanged"):
+    with (
+        file_size_limit(20_000),
+        pytest.raises(WriteFault, match="could not write the teacher cache .*unchanged"),
+    ):
         cache.save()
-    assert len(torch.load(cache.path, weights_only=True)) == 1
+    assert len(torch.load(cache.path, weights_only=True)["entries"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher-abc.pt"]
 
 
