@@ -101,6 +101,9 @@ CAUSES = {
 class WriteFault(OSError):
     """A write the machine refused: the message names the cause, the path and the newest complete artifact."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # whole sentences, which name the errno and the path themselves
+
 
 def os_error_in(error: BaseException) -> OSError | None:
     """The first ``OSError`` with an errno in ``error``'s chain: libraries that write files (PyTorch's zip

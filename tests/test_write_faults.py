@@ -19,11 +19,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from lightning_kd.datamodules.prepare import prepare
 from lightning_kd.distillation.teacher_cache import TeacherCache
 from lightning_kd.files import WriteFault, atomic_write
 from lightning_kd.pruning.export import export_pretrained
 from lightning_kd.training.checkpoints import AtomicCheckpointIO
 from lightning_kd.training.export import CardFacts, export_model
+from tests.datamodules.kd_datafiles import TOKENIZER
 from tests.tiny_models import tiny_classifier
 
 
@@ -142,3 +144,22 @@ def test_an_export_that_fails_and_whose_rescue_fails_says_both(tmp_path: Path) -
     card = CardFacts(teacher="t", method="m")
     with file_size_limit(100_000), pytest.raises(OSError, match=r"nor to .*rescued.*only in memory"):
         export_model(model, tmp_path / "out", card=card, rescue_root=tmp_path)
+
+
+def test_prepare_on_a_read_only_disk_names_the_folder_and_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i} of a small corpus\n" for i in range(5)))
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    output = tmp_path / "prepared"
+    with pytest.raises(WriteFault) as raised:
+        prepare(output, TOKENIZER, [str(corpus)], max_length=16, num_workers=1)
+    assert str(raised.value).startswith(
+        f"could not write the prepared folder {output}: the file system is read-only"
+    )
+    assert "Run the same command again then: the sources that finished are kept." in str(raised.value)
