@@ -138,3 +138,30 @@ def test_a_teacher_cache_file_of_another_teacher_is_refused(tmp_path: Path) -> N
         ArtifactMismatch, match=r"the teacher cache at .*: made with .* Delete .*computed again"
     ):
         stranger.bind(other, needs)
+
+
+class WordTable:
+    """A tokenizer as the record sees it: a name and a token -> id table."""
+
+    def __init__(self, name: str, vocab: dict[str, int]) -> None:
+        self.name_or_path, self.vocab = name, vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
+def test_a_resume_with_a_tokenizer_of_another_vocabulary_is_refused() -> None:
+    from lightning_kd.distillation.resume import check_distillation_resume
+    from lightning_kd.provenance import tokenizer_record
+
+    made = {"tokenizer": tokenizer_record(WordTable("bert-base-uncased", {"[PAD]": 0, "the": 1}))}
+    checkpoint = {"hyper_parameters": {}, "lightning_kd": {"made_with": made}}
+    check_distillation_resume(
+        checkpoint, {}, "t", tokenizer=WordTable("copy", {"[PAD]": 0, "the": 1}), path="P"
+    )
+    with pytest.raises(
+        ArtifactMismatch,
+        match=r"the checkpoint at P: made with the tokenizer 'bert-base-uncased' "
+        r"\(vocabulary \w+\), but this run's is 'gpt2' .*the same ids would mean other tokens",
+    ):
+        check_distillation_resume(checkpoint, {}, "t", tokenizer=WordTable("gpt2", {"!": 0}), path="P")
