@@ -119,23 +119,23 @@ NOT_DATA = re.compile(
 
 def _folder_files(folder: Path) -> list[str]:
     """A folder's data files, by extension: ``.json`` files beside ``.jsonl``, ``.parquet`` or ``.txt`` data are
-    metadata (a dataset card's ``dataset_info.json``, say), as are README and LICENSE files. A folder that still
-    holds more than one kind of data file is refused, naming a glob for each kind."""
+    metadata (a dataset card's ``dataset_info.json``, say), as are README, LICENSE and hidden files."""
     found = [p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
     found = [p for p in found if not NOT_DATA.match(p.name) and not p.name.startswith(".")]
-    kinds: dict[str, list[Path]] = {}
-    for file in found:
-        kinds.setdefault(file.suffix, []).append(file)
-    if ".json" in kinds and len(kinds) > 1:
-        del kinds[".json"]
-    if len(kinds) > 1:
-        counts = ", ".join(f"{len(files)} {suffix}" for suffix, files in sorted(kinds.items()))
-        globs = " or ".join(repr(f"{folder}/**/*{suffix}") for suffix in sorted(kinds))
-        raise DataSourceError(
-            f"the folder {folder} holds more than one kind of data file ({counts}): name the ones to read with a "
-            f"glob, {globs}"
-        )
-    return sorted(str(p) for files in kinds.values() for p in files)
+    if any(p.suffix != ".json" for p in found):
+        found = [p for p in found if p.suffix != ".json"]
+    return sorted(str(p) for p in found)
+
+
+def _glob_without(file: str) -> str:
+    """A glob for the files beside ``file`` with its extension but not ``file`` itself (their common prefix),
+    or a generic one when their names share none."""
+    path = Path(file)
+    others = sorted(p.name for p in path.parent.glob(f"*{path.suffix}") if p.name != path.name)
+    prefix = os.path.commonprefix(others)
+    if others and prefix and not path.name.startswith(prefix):
+        return f"{path.parent}/{prefix}*{path.suffix}"
+    return f"{path.parent}/*.jsonl"
 
 
 def expand_files(pattern: str) -> list[str]:
@@ -250,18 +250,24 @@ def _json_array_texts(file: str, handle: Any, text_field: str) -> Iterator[str]:
 
 
 def _parse_json_line(file: str, number: int, line: str, text_field: str) -> str:
-    # where a JSON file is not JSON lines, it is usually not data either: a glob of the data files skips it
-    other = f"; if {file} is not part of the corpus, name the data files with a glob such as '{Path(file).parent}/*.jsonl'"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise DataSourceError(f"{file}, line {number}: not valid JSON lines ({error.msg}){other}") from None
+        raise DataSourceError(
+            f"{file}, line {number}: not valid JSON lines ({error.msg}){_not_data(file)}"
+        ) from None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise DataSourceError(
-            f"{file}, line {number}: no string field {text_field!r}; set text_field in the source dict{other}"
+            f"{file}, line {number}: no string field {text_field!r}; set text_field in the source dict"
+            f"{_not_data(file)}"
         )
     return text
+
+
+def _not_data(file: str) -> str:
+    # a JSON file that is not JSON lines is usually not data either (metadata): a glob of the data files skips it
+    return f"; if {file} is not part of the corpus, name the data files with a glob such as {_glob_without(file)!r}"
 
 
 def hub_offline_error(name: str, cause: BaseException | str) -> DataSourceError:
