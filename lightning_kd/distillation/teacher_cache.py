@@ -3,8 +3,9 @@ computed once per training example and reused in every later epoch.
 
 An example is recognised by its tokens (a hash of its unpadded ``input_ids`` and ``token_type_ids``), so a cache
 can never serve one example's outputs for another: changing the data or the tokenizer changes the keys. The
-teacher is recognised by a fingerprint of its weights, config and dtype; a cache on disk lives in a file named by
-it, so another teacher never reads it. Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
+teacher is recognised by its fingerprint (:func:`lightning_kd.provenance.model_fingerprint`: every tensor's name,
+shape and dtype and a sample of its values); a cache on disk lives in a file named by it, which also holds the
+teacher's record, so another teacher never reads it (a file copied in under another name is refused). Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
 function of the tokens alone.
 
 Cached: the logits (``[num_labels]`` per example; a QA teacher's start and end scores, ``[2, length]`` per
