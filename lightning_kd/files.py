@@ -118,7 +118,8 @@ def os_error_in(error: BaseException) -> OSError | None:
         code = re.search(r"\(os error (\d+)\)", str(current))
         if code:
             return OSError(int(code[1]), os.strerror(int(code[1])))
-        current = current.__cause__ or current.__context__
+        # an error raised "from None" restated its context on purpose: that context is not this error's cause
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
 
 
@@ -139,17 +140,16 @@ def write_fault(
     found = os_error_in(error)
     if found is None:
         return None
-    if found.errno == errno.EPERM:
-        found.errno = errno.EACCES
-    if found.errno not in CAUSES:
+    code = errno.EACCES if found.errno == errno.EPERM else found.errno
+    if code not in CAUSES:
         return None
-    cause, fix = CAUSES[found.errno]
+    cause, fix = CAUSES[code]
     target = Path(path)
-    if found.errno == errno.ENOENT:
-        # a folder that vanished, or only a missing file (which no write makes): the error's own path tells
+    if code == errno.ENOENT:
+        # a folder that vanished, or a missing input (no fault of the machine's: left as it was raised)
         written = Path(found.filename) if found.filename else target
         if written.parent.is_dir():
-            cause, fix = f"a file it needed is missing ({found})", "check the path and run again"
+            return None
     kept = newest() if newest is not None else (target if target.is_file() else None)
     if kept is None:
         safe = f"No complete {what} was written there before this one."
@@ -158,7 +158,7 @@ def write_fault(
     else:
         safe = f"The newest complete {what} is {kept}."
     fault = WriteFault(
-        found.errno,
+        code,
         f"could not write the {what} {target}: {cause}. {safe} To go on, {fix}.{' ' + note if note else ''}",
         str(target),
     )

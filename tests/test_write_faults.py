@@ -70,15 +70,12 @@ def test_a_checkpoint_past_the_space_left_names_the_cause_and_keeps_the_last_one
 def test_a_full_disk_is_named_through_pytorchs_own_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # torch's zip writer reports ENOSPC as "unexpected pos", with the OSError as its context
     def full_disk(obj: object, handle: object) -> None:
         handle.write(b"PK half a checkpoint")
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            raise RuntimeError(
-                "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
-            ) from None
+        except OSError:  # as PyTorch's C++ raises it: the OSError stays its context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(WriteFault, match=r"the disk is full \(ENOSPC\)\. No complete checkpoint was written"):
