@@ -8,6 +8,7 @@ import importlib.util
 import os
 import socket
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     name = str(name_or_path)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    if Path(name).expanduser().is_file():
+        raise ValueError(not_a_model_folder(Path(name).expanduser()))
     if name in _BUILT_OFFLINE:
         module, builder = _BUILT_OFFLINE[name]
         return str(getattr(importlib.import_module(module), builder)())
@@ -45,6 +48,49 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     if package and importlib.util.find_spec(package) is not None:
         return str(Path(importlib.util.find_spec(package).origin).parent / "model")
     return name
+
+
+def _lightning_checkpoint_kind(path: Path) -> str | None:
+    """``"distillation"``, ``"fine-tuning"`` or ``"other"`` for a Lightning checkpoint, else ``None``. Reads only
+    the checkpoint's pickle of plain values (the weights are separate entries of its zip file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(pickled) if pickled else b""
+    except (zipfile.BadZipFile, OSError):
+        return "other" if path.suffix == ".ckpt" else None
+    if b"pytorch-lightning_version" not in data:
+        return "other" if path.suffix == ".ckpt" else None
+    if b"teacher_source" in data:
+        return "distillation"
+    return "fine-tuning" if b"made_with" in data else "other"
+
+
+def not_a_model_folder(path: Path) -> str:
+    """What to say when a file is given where a model (a folder, or a hub name) is expected."""
+    kind = _lightning_checkpoint_kind(path)
+    if kind is None:
+        return (
+            f"{path} is a file, but a model is loaded from a folder (config.json and weights) or a hub name: "
+            f"pass the folder that holds it ({path.parent}) if it has a config.json, or export the model with "
+            "save_pretrained."
+        )
+    ways = {
+        "distillation": [f"DistillationModule.load_from_checkpoint({str(path)!r}).save_student('student')"],
+        "fine-tuning": [
+            f"FineTuningModule.load_from_checkpoint({str(path)!r}).model.save_pretrained('model')"
+        ],
+    }.get(kind) or [
+        f"DistillationModule.load_from_checkpoint({str(path)!r}).save_student('student') for a distillation run",
+        f"FineTuningModule.load_from_checkpoint({str(path)!r}).model.save_pretrained('model') for a fine-tuning run",
+    ]
+    return (
+        f"{path} is a Lightning checkpoint (a training run's state), not a model, which is a folder with "
+        f"config.json and weights. Make a model folder from it in Python: {'; or '.join(ways)}, and pass that "
+        "folder. To go on training the run, pass the checkpoint as --ckpt_path (trainer.fit(..., ckpt_path=...)) "
+        "instead. Runs with export_dir (DistillationReport, PruningCallback, FineTuningModule) write the folder "
+        "when they end."
+    )
 
 
 PROXY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")

@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_kd.datamodules.common import check_vocabulary, distributed_position, get_tokenizer, rows_loader
 from lightning_kd.datamodules.docstrings import write_docstring_task
 from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task, submission_lines  # noqa: F401  (public here too)
-from lightning_kd.datamodules.sources import DataSourceError, load_hub_dataset
+from lightning_kd.datamodules.sources import DataSourceError, load_hub_dataset, read_text
 
 # The diagnostic set: MNLI-shaped pairs that a model trained on MNLI labels; GLUE's server takes AX.tsv.
 AX_SPLIT = "ax"
@@ -41,8 +41,7 @@ def read_tsv(path: str | os.PathLike, task: GLUETask, skip_malformed: bool = Fal
             f"{path}: no such file; a {task.folder} folder from the GLUE download holds "
             f"train.tsv and {', '.join(task.validation_files)}"
         )
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
+    lines = read_text(path).split("\n")  # a byte-order mark and CRLF line ends as spreadsheets write them
     if lines and lines[-1] == "":
         lines.pop()
     first = 0
@@ -91,7 +90,7 @@ def read_test_tsv(path: str | os.PathLike, columns: Sequence[str]) -> list[Examp
             f"{path}: no such file; GLUE's download holds the unlabeled test sets as test.tsv "
             "(MNLI: test_matched.tsv, test_mismatched.tsv; AX: diagnostic/diagnostic.tsv)"
         )
-    lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+    lines = read_text(path).split("\n")
     header = lines[0].split("\t") if lines else []
     index_column = next((c for c in ("index", "id") if c in header), None)
     missing = [c for c in columns if c not in header]

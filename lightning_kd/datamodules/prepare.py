@@ -42,7 +42,7 @@ from lightning_kd.datamodules.sources import (
     parse_source,
     read_documents,
 )
-from lightning_kd.files import atomic_write
+from lightning_kd.files import atomic_write, names_write_faults
 
 MANIFEST = "manifest.json"
 DONE = "done.json"  # in a source's counts folder once all its pieces are written
@@ -217,6 +217,9 @@ def no_pypi_lookup() -> None:
     litdata.helpers._get_newer_version = lambda version: None
 
 
+@names_write_faults(
+    "prepared folder", "output", "Run the same command again then: the sources that finished are kept."
+)
 def prepare(
     output: str | os.PathLike,
     tokenizer: str,

@@ -45,6 +45,28 @@ class DataSourceError(ValueError):
     """A source that names nothing readable: a missing path, an unreachable hub dataset, a bad row."""
 
 
+def text_encoding(path: str | os.PathLike) -> str:
+    """The encoding to read a text file with, as the tools that write them mark it: UTF-16 where the file starts
+    with its byte-order mark (Excel's "Unicode Text"), else UTF-8 with or without one (Notepad, PowerShell and
+    Excel's "CSV UTF-8" start UTF-8 with a mark). Line ends are read as written, CRLF included."""
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole of a text file (see :func:`text_encoding`), CRLF and CR line ends read as LF; a file in
+    another encoding is refused naming the conversion."""
+    try:
+        with open(path, encoding=text_encoding(path), newline=None) as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise DataSourceError(
+            f"{path}: not UTF-8 or UTF-16 text ({error.reason} at byte {error.start}); save it as UTF-8, e.g. "
+            "`iconv -f latin1 -t utf-8 in.tsv > out.tsv`"
+        ) from None
+
+
 def parse_source(source: str | dict[str, Any], cache_dir: str | None = None) -> SourceSpec:
     """``"docstrings"``, a local path/glob/folder, a hub dataset name, or a dict with the details.
 
@@ -89,11 +111,39 @@ def _looks_local(name: str) -> bool:
     )
 
 
+# Files a corpus folder holds beside its data that are never data, whatever their extension.
+NOT_DATA = re.compile(
+    r"(readme|license|licence|changelog|notice|citation|dataset_info|state|dataset_dict)\b", re.I
+)
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """A folder's data files, by extension: ``.json`` files beside ``.jsonl``, ``.parquet`` or ``.txt`` data are
+    metadata (a dataset card's ``dataset_info.json``, say), as are README, LICENSE and hidden files."""
+    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
+    found = [p for p in found if not NOT_DATA.match(p.name) and not p.name.startswith(".")]
+    if any(p.suffix != ".json" for p in found):
+        found = [p for p in found if p.suffix != ".json"]
+    return sorted(str(p) for p in found)
+
+
+def _glob_without(file: str) -> str:
+    """A glob for the files beside ``file`` with its extension but not ``file`` itself (their common prefix),
+    or a generic one when their names share none."""
+    path = Path(file)
+    others = sorted(p.name for p in path.parent.glob(f"*{path.suffix}") if p.name != path.name)
+    prefix = os.path.commonprefix(others)
+    if others and prefix and not path.name.startswith(prefix):
+        return f"{path.parent}/{prefix}*{path.suffix}"
+    return f"{path.parent}/*.jsonl"
+
+
 def expand_files(pattern: str) -> list[str]:
-    """Sorted data files behind a path, a folder (searched recursively) or a glob."""
+    """Sorted data files behind a path, a folder (searched recursively, by its data files' extension) or a
+    glob."""
     path = Path(pattern).expanduser()
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = _folder_files(path)
     elif path.is_file():
         files = [str(path)]
     else:
@@ -155,7 +205,10 @@ def _file_items(file: str, kind: str, text_field: str) -> Iterator[str | tuple[s
         return
     number = 0
     try:
-        with open(file, encoding="utf-8") as handle:
+        with open(file, encoding=text_encoding(file)) as handle:
+            if kind == "jsonl" and file.endswith(".json") and _starts_with(handle, "["):
+                yield from _json_array_texts(file, handle, text_field)
+                return
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     yield line.rstrip("\n") if kind == "text" else (file, number, line, text_field)
@@ -166,17 +219,55 @@ def _file_items(file: str, kind: str, text_field: str) -> Iterator[str | tuple[s
         ) from None
 
 
+def _starts_with(handle: Any, char: str) -> bool:
+    """Whether the text file's first non-blank character is ``char``; the file is read again from its start."""
+    head = handle.read(4096).lstrip()
+    handle.seek(0)
+    return head.startswith(char)
+
+
+def _json_array_texts(file: str, handle: Any, text_field: str) -> Iterator[str]:
+    """The texts of a ``.json`` file holding one array of records (``json.dump(records)``, pandas'
+    ``to_json(orient="records")``) or of strings."""
+    try:
+        records = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataSourceError(f"{file}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    for index, record in enumerate(records):
+        text = (
+            record
+            if isinstance(record, str)
+            else record.get(text_field)
+            if isinstance(record, dict)
+            else None
+        )
+        if not isinstance(text, str):
+            raise DataSourceError(
+                f"{file}, record {index}: no string field {text_field!r}; set text_field in the source dict"
+            )
+        if text.strip():
+            yield text
+
+
 def _parse_json_line(file: str, number: int, line: str, text_field: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise DataSourceError(f"{file}, line {number}: not valid JSON ({error.msg})") from None
+        raise DataSourceError(
+            f"{file}, line {number}: not valid JSON lines ({error.msg}){_not_data(file)}"
+        ) from None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise DataSourceError(
             f"{file}, line {number}: no string field {text_field!r}; set text_field in the source dict"
+            f"{_not_data(file)}"
         )
     return text
+
+
+def _not_data(file: str) -> str:
+    # a JSON file that is not JSON lines is usually not data either (metadata): a glob of the data files skips it
+    return f"; if {file} is not part of the corpus, name the data files with a glob such as {_glob_without(file)!r}"
 
 
 def hub_offline_error(name: str, cause: BaseException | str) -> DataSourceError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lightning_kd.datamodules.sources import DataSourceError
+from lightning_kd.datamodules.sources import DataSourceError, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def read_squad_json(path: str | os.PathLike, version_2: bool, labelled: bool = T
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file; pass a SQuAD JSON file in the layout {LAYOUT}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = json.loads(read_text(path))  # with or without a byte-order mark, LF or CRLF
+    except json.JSONDecodeError as error:
         raise DataSourceError(
             f"{path}: not a JSON file ({error}); SQuAD's files are one JSON object in the layout {LAYOUT}"
         ) from None

@@ -41,8 +41,9 @@ from lightning_kd.models.info import has_adapter, model_info
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.objective import DistillationObjective
 from lightning_kd.objective.term import Features, KnowledgeTerm
+from lightning_kd.provenance import made_with, run_tokenizer
 from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
-from lightning_kd.training.checkpoints import resuming_fit
+from lightning_kd.training.checkpoints import check_checkpoint_fits, checkpoint_path_of, resuming_fit
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
@@ -414,21 +415,24 @@ class DistillationModule(StepAccounting):
             "dropout_rng": self._dropout_rng,
             # a student shrunk during the run (PruningCallback) is rebuilt to this shape before its weights load
             "student_shape": student_shape(self.student) if has_adapter(self.student) else None,
+            "made_with": made_with(self, self.student, self.teacher),  # teacher, tokenizer: checked on resume
         }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if resuming_fit(self):
-            self._check_resume(checkpoint)
         self._dropout_rng = checkpoint.get("lightning_kd", {}).get("dropout_rng")
         shape = checkpoint.get("lightning_kd", {}).get("student_shape")
         if shape is not None:
             kept = rebuild_shape_(self.student, shape)
             if kept is not None:
                 self.objective.follow_student_width(kept, self.student)
+        check_checkpoint_fits(checkpoint, self, "student")
+        if resuming_fit(self):
+            self._check_resume(checkpoint)
 
     def _check_resume(self, checkpoint: dict[str, Any]) -> None:
-        check_distillation_resume(checkpoint, self.hparams, self.teacher_source)
+        tokens, path = run_tokenizer(self), checkpoint_path_of(self)
+        check_distillation_resume(checkpoint, self.hparams, self.teacher_source, self.teacher, tokens, path)
 
     def save_student(
         self,

@@ -3,8 +3,9 @@ computed once per training example and reused in every later epoch.
 
 An example is recognised by its tokens (a hash of its unpadded ``input_ids`` and ``token_type_ids``), so a cache
 can never serve one example's outputs for another: changing the data or the tokenizer changes the keys. The
-teacher is recognised by a fingerprint of its weights, config and dtype; a cache on disk lives in a file named by
-it, so another teacher never reads it. Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
+teacher is recognised by its fingerprint (:func:`lightning_kd.provenance.model_fingerprint`: every tensor's name,
+shape and dtype and a sample of its values); a cache on disk lives in a file named by it, which also holds the
+teacher's record, so another teacher never reads it (a file copied in under another name is refused). Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
 function of the tokens alone.
 
 Cached: the logits (``[num_labels]`` per example; a QA teacher's start and end scores, ``[2, length]`` per
@@ -23,21 +24,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_kd.files import atomic_write
+from lightning_kd.files import atomic_write, faults_named
 from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Features
+from lightning_kd.provenance import check_made_with, model_fingerprint, model_record
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
-    """A hash of the teacher's weights, config and dtype: a cache made with another teacher is never read."""
-    digest = hashlib.sha1()
-    config = getattr(teacher, "config", None)
-    digest.update(config.to_json_string().encode() if hasattr(config, "to_json_string") else b"")
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The teacher's fingerprint (:func:`lightning_kd.provenance.model_fingerprint`): a cache made with another
+    teacher, or the same one in another dtype, is never read."""
+    return model_fingerprint(teacher)
 
 
 class TeacherCache:
@@ -54,6 +50,7 @@ class TeacherCache:
         self.hidden_states = hidden_states
         self.entries: dict[bytes, dict[str, Any]] = {}
         self.fingerprint = ""
+        self.made_with: dict[str, Any] | None = None  # the teacher's record, saved with the entries
         self.hits = self.misses = 0
         self.rank = 0  # under DDP each rank keeps (and saves) the examples it is given
         self._dirty = False
@@ -110,11 +107,16 @@ class TeacherCache:
                 f"the objective reads the teacher's {', '.join(reads)}, which the cache does not keep:"
                 f"{hint} or distil without teacher_cache"
             )
-        fingerprint = teacher_fingerprint(teacher)
-        if fingerprint != self.fingerprint:
-            self.entries, self.fingerprint = {}, fingerprint
+        self.made_with = model_record(teacher)
+        if self.made_with["fingerprint"] != self.fingerprint:
+            self.entries, self.fingerprint = {}, self.made_with["fingerprint"]
         if self.path is not None and self.path.is_file() and not self.entries:
-            self.entries = torch.load(self.path, weights_only=True)
+            saved = torch.load(self.path, weights_only=True)
+            if "entries" in saved:  # files from before the record hold the entries alone
+                fix = f"Delete {self.path}: it is computed again in the next epoch."
+                check_made_with(saved.get("made_with"), teacher, "the teacher cache", self.path, fix)
+                saved = saved["entries"]
+            self.entries = saved
             rank_zero_info(f"teacher cache: {len(self.entries)} examples loaded from {self.path}")
 
     def estimate_bytes(self, examples: int, mean_length: float, teacher: nn.Module) -> int:
@@ -201,9 +203,10 @@ class TeacherCache:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(self.path) as handle:
-            torch.save(self.entries, handle)
+        with faults_named(self.path, "teacher cache"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path, what="teacher cache") as handle:
+            torch.save({"made_with": self.made_with, "entries": self.entries}, handle)
         self._dirty = False
 
     def hit_rate(self) -> float:

@@ -29,8 +29,9 @@ from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task
 from lightning_kd.datamodules.squad_tasks import SquadTask, get_squad_task, is_squad_task
 from lightning_kd.hub import load_model
 from lightning_kd.objective.predictions import span_cross_entropy
+from lightning_kd.provenance import made_with
 from lightning_kd.pruning.export import check_export_dir
-from lightning_kd.training.checkpoints import check_resume, resuming_fit
+from lightning_kd.training.checkpoints import check_checkpoint_fits, check_resume, resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer
@@ -280,7 +281,12 @@ class FineTuningModule(L.LightningModule):
         return {key: batch[key], "logits": self(batch)}
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_kd"] = {"made_with": made_with(self, self.model)}  # task, head, tokenizer
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(checkpoint, self, "model")  # another task's head, named before torch's list
         if resuming_fit(self):
             check_resume(checkpoint, self.hparams, self.hparams.get("allow_changes", ()))
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoModel, PreTrainedModel
 
+from lightning_kd.files import atomic_folder
 from lightning_kd.models.adapter import ArchitectureAdapter, LayerParts, query_rescale
 from lightning_kd.models.bound import BoundModel, bind, try_bind, unbind
 from lightning_kd.pruning.prune import _refresh_shape, prune_model
@@ -195,10 +196,14 @@ def check_export_dir(path: str | os.PathLike) -> Path:
     return target
 
 
+# the files of a saved model's weights, which a new export replaces as a whole (shards included)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
 def check_export_written(path: str | os.PathLike) -> None:
     """Raise ``OSError`` unless ``path`` holds a saved model (its config and weights)."""
     folder = Path(path)
-    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
+    weights = [p for pattern in WEIGHT_FILES for p in folder.glob(pattern)]
     if not (folder / "config.json").is_file() or not weights:
         raise OSError(f"the model was not written to {folder}: its config.json or weights are missing.")
 
@@ -235,7 +240,8 @@ def export_pretrained(
     pipelines print ``entailment`` rather than ``LABEL_0``. The model's own config is left as it was. A model
     with non-finite weights is refused: an all-NaN folder looks like a student and is not one.
     """
-    save_standard(model, path, label_names, **save_kwargs)
+    with atomic_folder(path, "model folder", replaces=WEIGHT_FILES) as staging:
+        save_standard(model, staging, label_names, **save_kwargs)
     return Path(path)
 
 

@@ -236,7 +236,9 @@ class TEDFilterCallback(L.Callback):
         folder = Path(self.filters)
         files = {side: folder / f"{side}.pt" for side in ("teacher", "student")}
         try:
-            loaded = {side: load_filters(path, side) for side, path in files.items()}
+            loaded = {
+                side: load_filters(path, side, getattr(pl_module, side)) for side, path in files.items()
+            }
         except FileNotFoundError as error:
             # A resumed run finds its filters in the checkpoint, which Lightning restores only after setup;
             # on_fit_start checks that one of the two supplied them, before the first step.
@@ -287,6 +289,7 @@ class TEDFilterCallback(L.Callback):
             self.saved[side] = save_filters(
                 folder / f"{side}.pt",
                 term.filters,
+                made_with=model,
                 model=getattr(model.config, "_name_or_path", ""),
                 model_type=model.config.model_type,
                 num_labels=term.num_labels if term.head == "classifier" else None,

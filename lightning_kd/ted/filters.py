@@ -22,6 +22,9 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_kd.files import atomic_write, faults_named
+from lightning_kd.provenance import check_made_with, model_record
+
 FILTER_KINDS = ("linear", "mlp")
 # "classifier": one prediction per example (GLUE); "span": a start and an end score per token (SQuAD).
 HEAD_KINDS = ("classifier", "span")
@@ -166,18 +169,33 @@ def filter_head(head: str, width: int, num_labels: int, last_token: bool = False
     return SpanHead(width) if head == "span" else FilterHead(width, num_labels, last_token)
 
 
-def save_filters(path: str | os.PathLike, filters: LayerFilters, **meta: Any) -> str:
-    """Write ``filters`` (weights, shape, and the head kind they were trained with) to ``path``; ``meta``
-    records where they came from."""
+def save_filters(
+    path: str | os.PathLike, filters: LayerFilters, made_with: nn.Module | None = None, **meta: Any
+) -> str:
+    """Write ``filters`` (weights, shape, and the head kind they were trained with) to ``path``; ``made_with``,
+    the model whose layers they read, is recorded (:func:`~lightning_kd.provenance.model_record`) so that
+    :func:`load_filters` refuses them for another model; ``meta`` records where they came from."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    saved = {"format": FILTER_FORMAT, **filters.describe(), "head": filters.head, "meta": meta}
-    torch.save({**saved, "state_dict": filters.state_dict()}, path)
+    with faults_named(path, "TED filters"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    record = model_record(made_with) if made_with is not None else None
+    saved = {
+        "format": FILTER_FORMAT,
+        **filters.describe(),
+        "head": filters.head,
+        "made_with": record,
+        "meta": meta,
+    }
+    with atomic_write(path, what="TED filters") as handle:
+        torch.save({**saved, "state_dict": filters.state_dict()}, handle)
     return str(path)
 
 
-def load_filters(path: str | os.PathLike, side: str = "model") -> LayerFilters:
-    """Filters written by :func:`save_filters` (stage I), or an error naming the stage that writes them."""
+def load_filters(
+    path: str | os.PathLike, side: str = "model", made_with: nn.Module | None = None
+) -> LayerFilters:
+    """Filters written by :func:`save_filters` (stage I), or an error naming the stage that writes them; with
+    ``made_with``, filters stage I learned on another model are refused, naming both."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -193,6 +211,16 @@ def load_filters(path: str | os.PathLike, side: str = "model") -> LayerFilters:
         ) from None
     if not isinstance(saved, dict) or saved.get("format") != FILTER_FORMAT:
         raise ValueError(f"{path} is not a TED filter file written by lightning_kd.ted.filters.save_filters.")
+    if made_with is not None:
+        # filters map what one model's layers hold; another model of the same shape holds other things there
+        check_made_with(
+            saved.get("made_with"),
+            made_with,
+            f"the stage-I TED filters of the {side}",
+            path,
+            f"Run stage I (stage: {side if side in ('teacher', 'student') else 'filters'}) with this run's {side}, "
+            f"or give this run the {side} stage I used.",
+        )
     filters = LayerFilters(saved["layers"], saved["in_width"], saved["out_width"], saved["kind"])
     filters.load_state_dict(saved["state_dict"])
     # files from before question answering was supported were all trained with classifier heads

@@ -34,7 +34,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_kd.files import atomic_write, staging_path
+from lightning_kd.files import atomic_write, faults_named, staging_path
+from lightning_kd.provenance import ArtifactMismatch
 from lightning_kd.training.lightning_internals import attached_trainer
 
 PARTIAL = ".partial"
@@ -60,8 +61,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target, "wb", suffix=PARTIAL) as handle:
+        newest = lambda: newest_checkpoint(target.parent)  # noqa: E731
+        with faults_named(target, "checkpoint", newest):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        # A full disk is raised naming it and the newest complete checkpoint, not as PyTorch's "unexpected pos".
+        with atomic_write(target, "wb", suffix=PARTIAL, what="checkpoint", newest=newest) as handle:
             # Straight to the file: no second in-memory copy of a multi-GB checkpoint.
             torch.save(checkpoint, handle)
         # What writers killed earlier left for this target is never a complete checkpoint, only wasted disk.
@@ -91,6 +95,21 @@ def check_readable(path: _PATH) -> None:
             f"checkpoint {target} cannot be read ({error}): it is truncated or not a checkpoint, e.g. a job killed "
             f"while writing it without AtomicCheckpointIO. Resume from an earlier checkpoint in {target.parent}."
         ) from error
+
+
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The most recently written complete ``.ckpt`` in ``folder`` (its zip directory is whole), or ``None``."""
+    try:
+        found = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for candidate in found:
+        try:
+            with zipfile.ZipFile(candidate):
+                return candidate
+        except (zipfile.BadZipFile, OSError):
+            continue
+    return None
 
 
 def _is_local(path: _PATH) -> bool:
@@ -183,3 +202,55 @@ def _apply_optimizer_setting(checkpoint: dict[str, Any], group_key: str, old: An
                 scheduler["base_lrs"] = [new] * len(scheduler["base_lrs"])
             if old and "_last_lr" in scheduler:
                 scheduler["_last_lr"] = [lr * new / old for lr in scheduler["_last_lr"]]
+
+
+def checkpoint_path_of(module: Any) -> str:
+    """The checkpoint ``module`` is loading, as far as its Trainer knows (for messages)."""
+    trainer = attached_trainer(module)
+    return str(getattr(trainer, "ckpt_path", None) or "this checkpoint")
+
+
+def check_checkpoint_fits(checkpoint: Mapping[str, Any], module: Any, model_attribute: str) -> None:
+    """Refuse, before PyTorch's ``size mismatch`` list, a checkpoint whose weights have other shapes than
+    ``module``'s: another task's head (a 2-label SST-2 classifier loaded for 3-label MNLI), another student.
+
+    Names both tasks when the checkpoint's differs, and how to use the checkpoint: load it with its own task,
+    or make a model folder of it to start a new task from.
+    """
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, Mapping):
+        return
+    current = module.state_dict()
+    mismatched = [
+        (name, tuple(value.shape), tuple(current[name].shape))
+        for name, value in saved.items()
+        if name in current and hasattr(value, "shape") and tuple(value.shape) != tuple(current[name].shape)
+    ]
+    if not mismatched:
+        return
+    path = checkpoint_path_of(module)
+    listed = "; ".join(
+        f"{name}: {theirs} in the checkpoint, {mine} here" for name, theirs, mine in mismatched[:3]
+    )
+    more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+    made = (checkpoint.get("lightning_kd") or {}).get("made_with") or {}
+    # the record first: load_from_checkpoint writes its overrides into the checkpoint's hyper_parameters
+    theirs = made.get("task") or (checkpoint.get("hyper_parameters") or {}).get("task")
+    mine = getattr(module, "hparams", {}).get("task")
+    labels = made.get("labels")
+    cls = type(module).__name__
+    if theirs is not None and mine is not None and theirs != mine:
+        of = f" ({labels} labels)" if labels else ""
+        raise ArtifactMismatch(
+            f"{path} was trained for task {theirs!r}{of}, but this {cls} is set up for {mine!r}: its head does not "
+            f"fit ({listed}{more}). To evaluate or resume it, load it with task: {theirs} (CLI: "
+            f"--model.init_args.task {theirs}). To train {mine!r} from it, save its model as a folder "
+            f"({cls}.load_from_checkpoint({str(path)!r}).{model_attribute}.save_pretrained('folder')) and start "
+            f"a new run from that folder with task {mine!r}, which gets a new head "
+            "(model_kwargs: {ignore_mismatched_sizes: true} where the label count differs)."
+        )
+    raise ArtifactMismatch(
+        f"{path} holds weights of other shapes than this {cls} ({listed}{more}): it was made with another model "
+        "or head. Build the module with the settings the checkpoint was trained with (its hyper_parameters; "
+        f"{cls}.load_from_checkpoint(path) without overrides does), or start from a checkpoint of this model."
+    )

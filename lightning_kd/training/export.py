@@ -14,8 +14,9 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+from lightning_kd.files import atomic_folder
 from lightning_kd.hub import push_folder
-from lightning_kd.pruning.export import check_export_written, parameter_count, save_standard
+from lightning_kd.pruning.export import WEIGHT_FILES, check_export_written, parameter_count, save_standard
 from lightning_kd.training.card import auto_class_name, export_sizes_line, write_model_card
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,18 @@ def write_model_folder(
     plain transformers loads).
 
     A model that is no ``PreTrainedModel`` but saves itself (``save_pretrained``) is saved so, at its own size.
+    The folder is written aside and moved into place once complete (:func:`~lightning_kd.files.atomic_folder`):
+    a full disk leaves an earlier export at ``path`` whole, and is raised naming the disk.
     """
-    if not isinstance(model, PreTrainedModel) and callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained(path)
-        sizes = (parameter_count(model),) * 2
-    else:
-        sizes = save_standard(model, path, label_names or None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    check_export_written(path)
+    with atomic_folder(path, "model folder", replaces=WEIGHT_FILES) as staging:
+        if not isinstance(model, PreTrainedModel) and callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained(staging)
+            sizes = (parameter_count(model),) * 2
+        else:
+            sizes = save_standard(model, staging, label_names or None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        check_export_written(staging)
     return sizes
 
 
@@ -83,7 +87,13 @@ def export_model(
             raise
         folder = f"{name.replace(' ', '-')}-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
         rescue = Path(rescue_root) / folder
-        write_model_folder(model, rescue, tokenizer, label_names)
+        try:
+            write_model_folder(model, rescue, tokenizer, label_names)
+        except OSError as second:
+            raise OSError(
+                f"could not save the {name} to {path} ({error}), nor to {rescue} ({second}); the trained "
+                "weights were only in memory. Free space or name a writable export folder before the next run."
+            ) from error
         raise OSError(
             f"could not save the {name} to {path} ({error}); it was saved to {rescue.resolve()} instead."
         ) from error
