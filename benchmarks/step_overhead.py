@@ -234,7 +234,8 @@ def mlm_main(args: argparse.Namespace) -> None:
     loops = {}
     for name, gather in (("same math", True), ("all positions", False)):
         student = copy.deepcopy(module.student)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
+        # fused, as the module's (adamw_with_warmup): the same optimizer on both sides
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01, fused=True)
         loops[name] = (copy.deepcopy(teacher).eval().requires_grad_(False), student, optimizer, gather)
     data = mlm_batches(4, args.batch, args.seq, teacher.config.vocab_size)
     names = list(runs)
@@ -315,7 +316,9 @@ def main() -> None:
     manual_teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     manual_student = copy.deepcopy(module.student)
     projections = torch.nn.ModuleList([torch.nn.Identity() for _ in range(args.student_layers + 1)])
-    optimizer = torch.optim.AdamW(manual_student.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        manual_student.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01, fused=True
+    )
     data = batches(4, args.batch, args.seq, teacher.config.vocab_size)
 
     lightning_times, manual_times = [], []

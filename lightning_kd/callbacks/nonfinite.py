@@ -113,21 +113,26 @@ class NonFiniteGuard(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         with torch.no_grad():
             values = [v.detach().float().reshape(()) for loss, terms in seen for v in (loss, *terms.values())]
-            # a GradScaler skips steps with inf gradients by design; only the loss is ours to judge then
-            grad_max = (
-                list(torch._foreach_norm([g for _, g in named], ord=float("inf")))
+            # A GradScaler skips steps with inf gradients by design; only the loss is ours to judge then. The L2
+            # norm (squares summed in float32) is not finite when a gradient is not, or when one is too large for
+            # AdamW's second moment (|g| above about 1e19) as well; on a CPU it costs a thirtieth of the max-abs
+            # norm (15 ms against 450 ms for 23 M gradients), and on a GPU both are one pass over the gradients.
+            grad_norms = (
+                list(torch._foreach_norm([g for _, g in named], ord=2, dtype=torch.float32))
                 if named and scaler is None
                 else []
             )
-            if not values and not grad_max:
+            if not values and not grad_norms:
                 return
-            checked = torch.stack([*values, *(m.float() for m in grad_max)])
+            checked = torch.stack([*values, *(m.float() for m in grad_norms)])
             bad_here = ~torch.isfinite(checked).all()
             bad = self._agree(trainer, bad_here)
             skip = self._decide(bad)
         step = trainer.global_step + 1
         names = [name for _, terms in seen for name in ("loss", *terms)]
-        self._pending.append((step, names, [n for n, _ in named] if grad_max else [], checked, bad_here, bad))
+        self._pending.append(
+            (step, names, [n for n, _ in named] if grad_norms else [], checked, bad_here, bad)
+        )
         if scaler is not None:
             self._join_scaler(overflowed_per_device(scaler, optimizer), named, skip)
         elif takes_skip_flag(optimizer):
@@ -240,7 +245,10 @@ class NonFiniteGuard(L.Callback):
             if not math.isfinite(value):
                 return f"the loss is {value}"
         bad = [name for name, value in zip(params, grads, strict=True) if not math.isfinite(value)]
-        return f"gradients not finite in {len(bad)} parameters, first {', '.join(bad[:3])}"
+        return (
+            f"gradients not finite (or too large to square in float32) in {len(bad)} parameters, first "
+            f"{', '.join(bad[:3])}"
+        )
 
     @staticmethod
     def _learning_rate(trainer: L.Trainer) -> float | str:
