@@ -213,3 +213,29 @@ def test_guard_options_and_infinite_weights_are_refused(teacher: BertForMaskedLM
         NonFiniteGuard(policy="ignore")
     with pytest.raises(ValueError, match="weight inf: weights must be finite"):
         DistillationModule(teacher, {"init": "copy"}, objective=[{"term": "hidden", "weight": float("inf")}])
+
+
+def test_an_optimizer_that_takes_no_flag_has_the_bad_steps_gradients_dropped(
+    teacher: BertForMaskedLM,
+) -> None:
+    class PlainSGD(DistillationModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)  # not fused: no found_inf
+
+    torch.manual_seed(0)
+    module = PlainSGD(
+        teacher, {"init": "layers", "num_layers": 2}, objective=[{"term": "hidden"}, Poison(bad=(2,))]
+    )
+    weights = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    guard = NonFiniteGuard(policy="skip")
+    quiet_trainer(max_steps=4, log_every_n_steps=50, callbacks=[guard, Snapshot()]).fit(
+        module, FixedBatches()
+    )
+    assert guard.skipped == [3]
+    assert all(torch.equal(v, weights[2][k]) for k, v in weights[3].items())
+    assert not all(torch.equal(v, weights[3][k]) for k, v in weights[4].items())  # the next step did train
