@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -26,13 +27,15 @@ def held_out_batches(
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training step, whatever other callbacks do in it (put it after them)."""
+    """Wall time (or another ``clock``'s) of every training step, whatever other callbacks do in it (put it after
+    them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.times: list[float] = []
+        self.clock = clock
 
     def on_train_batch_start(self, *args: object) -> None:
-        self.start = time.perf_counter()
+        self.start = self.clock()
 
     def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(time.perf_counter() - self.start)
+        self.times.append(self.clock() - self.start)

@@ -9,7 +9,7 @@ machine's speed and cache warmth hit both alike; the median step times are compa
 default): ratio <= 1.05.
 
     python benchmarks/pruning_overhead.py [--mode physical|masked|both] [--steps 20] [--rounds 3]
-        [--batch 16] [--seq 128]
+        [--batch 16] [--seq 128] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_overhead  # noqa: E402
 from step_overhead import batches, lightning_round, teacher_model  # noqa: E402
 
 from lightning_kd import DistillationModule, PruningCallback  # noqa: E402
@@ -66,6 +68,7 @@ def compare(teacher: torch.nn.Module, data: list, args: argparse.Namespace, phys
         else (DistillationModule(teacher, {"init": "copy"}, objective=OBJECTIVE, schedule="constant"), None)
     )
     with_callback, without = [], []
+    per_round = []
     for round_index in range(args.rounds):
         # the schedule's only event is the last step, which is not timed; units are scored at every step
         callback = PruningCallback(
@@ -85,12 +88,19 @@ def compare(teacher: torch.nn.Module, data: list, args: argparse.Namespace, phys
         ]
         for run in runs if round_index % 2 == 0 else runs[::-1]:  # ABBA: each goes second half the time
             run()
-        if callback._handle is not None:
-            callback._handle.remove()  # the next round installs its own hooks
+        handle = getattr(callback.strategy, "handle", None)  # the masking strategy's hooks
+        if handle is not None:
+            handle.remove()  # the next round installs its own hooks
+        timed = args.steps - 2  # per run: the first step and the event step are left out
+        this = statistics.median(with_callback[-timed:]) / statistics.median(without[-timed:])
+        per_round.append(this)
         print(
             f"{'shrinking' if physical else 'masked'} round {round_index + 1}/{args.rounds}: with PruningCallback "
-            f"{statistics.median(with_callback):.4f} s/step, without {statistics.median(without):.4f} s/step"
+            f"{statistics.median(with_callback):.4f} s/step, without {statistics.median(without):.4f} s/step "
+            f"(this round's ratio {this:.3f})"
         )
+    # on a shared machine the load drifts between rounds: the median of each round's own ratio resists that
+    print(f"  median of per-round ratios: {statistics.median(per_round):.3f}")
     return statistics.median(with_callback) / statistics.median(without)
 
 
@@ -103,7 +113,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="as in step_overhead.py")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        step_overhead.CLOCK = time.process_time
     torch.manual_seed(0)
     teacher = teacher_model()
     data = batches(4, args.batch, args.seq, teacher.config.vocab_size)

@@ -222,11 +222,11 @@ class DistillationModule(StepAccounting):
             timer.count(batch)
         self.last_terms = terms  # what NonFiniteGuard names when the loss is not finite
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, batch_size=batch_size)
-        logging = logs_this_step(self.trainer)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
-        # The discrepancy is only worth its cost on the steps whose metrics reach the logger.
-        if logging:
+        self.log("train/loss", loss, batch_size=batch_size)  # every step: checkpoint monitors may read it
+        # Each value logged costs Lightning's bookkeeping on the host at every step, yet reaches the loggers only on
+        # logging steps: the terms and the discrepancy (which costs compute as well) are logged there alone.
+        if logs_this_step(self.trainer):
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
             if teacher.hidden_states is None:  # served from a logits-only cache: the discrepancy reads more
                 teacher = self.teacher_features(batch)
             self.log_dict(self.measure_discrepancy(teacher, student, batch), batch_size=batch_size)

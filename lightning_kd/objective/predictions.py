@@ -68,7 +68,9 @@ def prediction_kl(
     s, _ = _prediction_rows(student_logits, batch, positions, spans)
     if t.numel() == 0:
         return student_logits.sum() * 0.0
-    t, s = t.float() / temperature, s.float() / temperature
+    t, s = t.float(), s.float()
+    if temperature != 1:  # each division is a pass over every row's vocabulary, forward and backward
+        t, s = t / temperature, s / temperature
     teacher_prob = t.softmax(-1)
     # Soft cross-entropy has KL's gradient and skips a log on the teacher side's graph; adding back the teacher
     # entropy (no gradient) turns its value into the KL that users read on their dashboards.

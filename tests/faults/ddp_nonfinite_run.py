@@ -40,6 +40,14 @@ class NaNOnRankOne(KnowledgeTerm):
         return student.hidden_states[-1].sum() * 0.0 + (float("nan") if bad else 0.0)
 
 
+class Snapshot(L.Callback):
+    """The student after step 2, the last finite one."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == 2:
+            self.student = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+
+
 class RankBatches(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank
@@ -54,7 +62,7 @@ def main(out: Path, policy: str) -> None:
         objective=[{"term": "hidden"}, {"term": "logits"}, NaNOnRankOne()],
         learning_rate=1e-3,
     )
-    guard = NonFiniteGuard(policy=policy)
+    guard, snapshot = NonFiniteGuard(policy=policy), Snapshot()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -65,7 +73,7 @@ def main(out: Path, policy: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[guard],
+        callbacks=[guard, snapshot],
     )
     try:
         trainer.fit(module, RankBatches())
@@ -78,6 +86,7 @@ def main(out: Path, policy: str) -> None:
             "skipped": guard.skipped,
             "step": trainer.global_step,
             "student": {k: v.clone() for k, v in module.student.state_dict().items()},
+            "student_at_2": snapshot.student,
         },
         out / f"rank{trainer.global_rank}.pt",
     )
