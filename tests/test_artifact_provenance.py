@@ -17,8 +17,8 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 from lightning_kd import DistillationModule, FineTuningModule
 from lightning_kd.distillation.teacher_cache import TeacherCache
 from lightning_kd.hub import load_model
-from lightning_kd.provenance import ArtifactMismatch, model_fingerprint, model_record, same_model
 from lightning_kd.ted.filters import LayerFilters, load_filters, save_filters
+from lightning_kd.training.provenance import ArtifactMismatch, model_fingerprint, model_record, same_model
 
 
 def masked_lm(seed: int) -> BertForMaskedLM:
@@ -73,7 +73,7 @@ def test_a_checkpoint_of_another_tasks_head_says_how_to_use_it(tmp_path: Path) -
     )
     mnli = FineTuningModule(tiny_classifier(layers=1, num_labels=3), task="mnli")
     with pytest.raises(ArtifactMismatch) as refused:
-        quiet_trainer().validate(mnli, FixedBatches(1), ckpt_path=tmp_path / "sst2.ckpt")
+        quiet_trainer().validate(mnli, FixedBatches(1).train_dataloader(), ckpt_path=tmp_path / "sst2.ckpt")
     message = str(refused.value)
     assert f"{tmp_path / 'sst2.ckpt'} was trained for task 'sst2' (2 labels)" in message
     assert "set up for 'mnli'" in message and "model.classifier.weight: (2, 16) in the checkpoint" in message
@@ -152,7 +152,7 @@ class WordTable:
 
 def test_a_resume_with_a_tokenizer_of_another_vocabulary_is_refused() -> None:
     from lightning_kd.distillation.resume import check_distillation_resume
-    from lightning_kd.provenance import tokenizer_record
+    from lightning_kd.training.provenance import tokenizer_record
 
     made = {"tokenizer": tokenizer_record(WordTable("bert-base-uncased", {"[PAD]": 0, "the": 1}))}
     checkpoint = {"hyper_parameters": {}, "lightning_kd": {"made_with": made}}

@@ -57,6 +57,10 @@ SNIPPETS: dict[str, dict[str, dict[str, dict[str, int]] | str]] = {
         "Data": {"microsoft/deberta-v3-xsmall": DEEP},
         "A model you can ship": {},
     },
+    "docs/operations.md": {
+        "DDP, FSDP2, or FSDP2 with a replicated teacher": "a sketch for 8 devices; tests/training/test_fsdp.py "
+        "trains with fsdp2() (teacher sharded and replicated, bf16) on 2 gloo processes",
+    },
     "docs/decoders.md": {
         "Decoder LMs: Llama, Mistral, Qwen2/2.5, Qwen3": "tests/distillation/test_causal_lm.py runs it on a tiny "
         "Llama (test_the_snippet_in_docs_decoders_builds_as_written)",

@@ -50,6 +50,12 @@ def _newest_checkpoint(trainer: L.Trainer) -> str | None:
     return str(max(files, key=lambda p: p.stat().st_mtime).resolve()) if files else None
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor under FSDP2); a plain tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
 def takes_skip_flag(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` skips its update on the device when ``optimizer.found_inf`` is set."""
     return isinstance(optimizer, _FLAG_OPTIMIZERS) and all(g.get("fused") for g in optimizer.param_groups)
@@ -109,7 +115,8 @@ class NonFiniteGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
         seen, self._seen = self._seen, []
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        # under FSDP2 each rank checks its own shards (DTensors' local parts); _agree combines the verdicts
+        named = [(n, _local(p.grad)) for n, p in pl_module.named_parameters() if p.grad is not None]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         with torch.no_grad():
             values = [v.detach().float().reshape(()) for loss, terms in seen for v in (loss, *terms.values())]

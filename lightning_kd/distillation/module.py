@@ -41,12 +41,12 @@ from lightning_kd.models.info import has_adapter, model_info
 from lightning_kd.models.registry import get_adapter
 from lightning_kd.objective.objective import DistillationObjective
 from lightning_kd.objective.term import Features, KnowledgeTerm
-from lightning_kd.provenance import made_with, run_tokenizer
 from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
 from lightning_kd.training.checkpoints import check_checkpoint_fits, checkpoint_path_of, resuming_fit
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer, logs_this_step
 from lightning_kd.training.optimizer import adamw_with_warmup, check_optimizer_settings, check_schedule
+from lightning_kd.training.provenance import made_with, run_tokenizer
 from lightning_kd.training.run_checks import check_fit_length, check_run
 from lightning_kd.training.sharding import configure_sharding
 from lightning_kd.training.timing import StepTimer
@@ -238,14 +238,7 @@ class DistillationModule(StepAccounting):
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.teacher_cache is not None:
-            self.teacher_cache.rank = self.global_rank
-            self.teacher_cache.bind(self.teacher, self.objective.needs())
-            rows = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
-            if rows:
-                examples, mean = len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows)
-            else:
-                examples, mean = int(self.trainer.num_training_batches), 0.0
-            self.teacher_cache.announce(examples, mean, self.teacher)
+            self.teacher_cache.start(self)
 
     @override
     def on_train_epoch_end(self) -> None:

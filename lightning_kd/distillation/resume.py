@@ -8,8 +8,14 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_kd.provenance import ArtifactMismatch, check_same_tokenizer, describe, model_record, same_model
 from lightning_kd.training.checkpoints import check_resume
+from lightning_kd.training.provenance import (
+    ArtifactMismatch,
+    check_same_tokenizer,
+    describe,
+    model_record,
+    same_model,
+)
 
 
 def check_distillation_resume(

@@ -3,7 +3,7 @@ computed once per training example and reused in every later epoch.
 
 An example is recognised by its tokens (a hash of its unpadded ``input_ids`` and ``token_type_ids``), so a cache
 can never serve one example's outputs for another: changing the data or the tokenizer changes the keys. The
-teacher is recognised by its fingerprint (:func:`lightning_kd.provenance.model_fingerprint`: every tensor's name,
+teacher is recognised by its fingerprint (:func:`lightning_kd.training.provenance.model_fingerprint`: every tensor's name,
 shape and dtype and a sample of its values); a cache on disk lives in a file named by it, which also holds the
 teacher's record, so another teacher never reads it (a file copied in under another name is refused). Only an eval-mode (dropout-free) teacher can be cached: its outputs are a
 function of the tokens alone.
@@ -27,11 +27,11 @@ from torch import Tensor, nn
 from lightning_kd.files import atomic_write, faults_named
 from lightning_kd.models.layers import is_classifier, is_question_answering
 from lightning_kd.objective.term import Features
-from lightning_kd.provenance import check_made_with, model_fingerprint, model_record
+from lightning_kd.training.provenance import check_made_with, model_fingerprint, model_record
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
-    """The teacher's fingerprint (:func:`lightning_kd.provenance.model_fingerprint`): a cache made with another
+    """The teacher's fingerprint (:func:`lightning_kd.training.provenance.model_fingerprint`): a cache made with another
     teacher, or the same one in another dtype, is never read."""
     return model_fingerprint(teacher)
 
@@ -76,6 +76,18 @@ class TeacherCache:
         if self.store == "memory":
             return None
         return Path(self.store) / f"teacher-{self.fingerprint}{f'-rank{self.rank}' if self.rank else ''}.pt"
+
+    def start(self, module: Any) -> None:
+        """Bind to a DistillationModule's teacher and objective when training starts, and say what the cache will
+        hold for the run's training data (its examples and mean length, when the DataModule lists them)."""
+        self.rank = module.global_rank
+        self.bind(module.teacher, module.objective.needs())
+        rows = getattr(getattr(module.trainer, "datamodule", None), "datasets", {}).get("train")
+        if rows:
+            examples, mean = len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows)
+        else:
+            examples, mean = int(module.trainer.num_training_batches), 0.0
+        self.announce(examples, mean, module.teacher)
 
     def bind(self, teacher: nn.Module, needs: Any) -> None:
         """Check that caching is sound for this teacher and objective, and load a saved cache of this teacher."""

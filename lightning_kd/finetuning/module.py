@@ -29,13 +29,13 @@ from lightning_kd.datamodules.glue_tasks import TASKS, GLUETask, get_task
 from lightning_kd.datamodules.squad_tasks import SquadTask, get_squad_task, is_squad_task
 from lightning_kd.hub import load_model
 from lightning_kd.objective.predictions import span_cross_entropy
-from lightning_kd.provenance import made_with
 from lightning_kd.pruning.export import check_export_dir
 from lightning_kd.training.checkpoints import check_checkpoint_fits, check_resume, resuming_fit
 from lightning_kd.training.export import CardFacts, export_model
 from lightning_kd.training.lifecycle import default_callbacks, train_mode_for_fit
 from lightning_kd.training.lightning_internals import attached_trainer
 from lightning_kd.training.optimizer import adamw_with_warmup
+from lightning_kd.training.provenance import made_with
 from lightning_kd.training.run_checks import check_fit_length, check_run
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_kd.files import atomic_write, faults_named
-from lightning_kd.provenance import check_made_with, model_record
+from lightning_kd.training.provenance import check_made_with, model_record
 
 FILTER_KINDS = ("linear", "mlp")
 # "classifier": one prediction per example (GLUE); "span": a start and an end score per token (SQuAD).
@@ -173,7 +173,7 @@ def save_filters(
     path: str | os.PathLike, filters: LayerFilters, made_with: nn.Module | None = None, **meta: Any
 ) -> str:
     """Write ``filters`` (weights, shape, and the head kind they were trained with) to ``path``; ``made_with``,
-    the model whose layers they read, is recorded (:func:`~lightning_kd.provenance.model_record`) so that
+    the model whose layers they read, is recorded (:func:`~lightning_kd.training.provenance.model_record`) so that
     :func:`load_filters` refuses them for another model; ``meta`` records where they came from."""
     path = Path(path)
     with faults_named(path, "TED filters"):

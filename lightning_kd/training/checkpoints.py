@@ -35,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_kd.files import atomic_write, faults_named, staging_path
-from lightning_kd.provenance import ArtifactMismatch
 from lightning_kd.training.lightning_internals import attached_trainer
+from lightning_kd.training.provenance import ArtifactMismatch
 
 PARTIAL = ".partial"
 

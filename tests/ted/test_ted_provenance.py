@@ -7,8 +7,8 @@ import pytest
 from ted_helpers import LabelledBatches, quiet_trainer, tiny_classifier
 
 from lightning_kd import DistillationModule
-from lightning_kd.provenance import ArtifactMismatch
 from lightning_kd.ted.callback import TEDFilterCallback
+from lightning_kd.training.provenance import ArtifactMismatch
 
 
 def module(teacher_seed: int) -> DistillationModule:
