@@ -165,3 +165,25 @@ def test_a_resume_with_a_tokenizer_of_another_vocabulary_is_refused() -> None:
         r"\(vocabulary \w+\), but this run's is 'gpt2' .*the same ids would mean other tokens",
     ):
         check_distillation_resume(checkpoint, {}, "t", tokenizer=WordTable("gpt2", {"!": 0}), path="P")
+
+
+def test_an_exported_student_records_the_teacher_it_was_distilled_from(tmp_path: Path) -> None:
+    """The model card of an export carries the checkpoint's record: two teachers of one name and shape differ
+    only in the fingerprint it names."""
+    import json
+
+    teacher = masked_lm(0)
+    module = DistillationModule(teacher, {"init": "layers", "num_layers": 1}, objective=[{"term": "hidden"}])
+    quiet_trainer(max_steps=1).fit(module, FixedBatches(1))
+    module.save_student(tmp_path / "student")
+    card = (tmp_path / "student" / "README.md").read_text()
+    recorded = json.loads(card.split("## Made with")[1].split("```json")[1].split("```")[0])
+    assert (
+        recorded["teacher"]["fingerprint"]
+        == model_fingerprint(masked_lm(0))
+        != model_fingerprint(masked_lm(1))
+    )
+    assert (
+        recorded["head"] == "BertForMaskedLM"
+        and recorded["teacher"]["layers"] == teacher.config.num_hidden_layers
+    )

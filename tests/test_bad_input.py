@@ -534,3 +534,37 @@ def test_every_test_the_bad_input_table_names_exists() -> None:
     }
     assert named, "the table names no test"
     assert not named - defined, f"docs/operations.md names tests that do not exist: {sorted(named - defined)}"
+
+
+# ------------------------------------------------------------------------------------------ FSDP2 runs
+
+
+def test_fsdp2_on_a_module_it_does_not_shard_says_what_to_use() -> None:
+    """Lightning refused with "you are required to override the configure_model() hook", which a user of
+    lightning-kd never writes; fsdp2() names what it shards and what to use instead, before a process group."""
+    from lightning_kd import FineTuningModule
+    from lightning_kd.training import fsdp2
+
+    module = FineTuningModule(BertForSequenceClassification(tiny_bert_config(num_labels=2)), task="sst2")
+    with pytest.raises(ValueError, match=r"fsdp2\(\) shards a DistillationModule.*strategy='ddp'"):
+        quiet_trainer(strategy=fsdp2(), max_steps=1).fit(module, FixedBatches(1))
+
+
+def test_fsdp2_with_a_student_of_another_width_is_refused_before_a_step() -> None:
+    """The objective's learned projections (a student narrower than its teacher) are not sharded: refused when
+    the model is configured, naming the two ways that work, instead of training them unsynchronised."""
+    from lightning_kd.training import fsdp2
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(tiny_bert_config())
+    student = BertForMaskedLM(tiny_bert_config(hidden_size=8, num_attention_heads=2))
+    module = DistillationModule(teacher, student, objective=[{"term": "hidden"}])
+    with pytest.raises(
+        ValueError, match=r"does not shard yet.*student of the teacher's width.*strategy='ddp'"
+    ):
+        try:
+            quiet_trainer(strategy=fsdp2(), max_steps=1).fit(module, FixedBatches(1))
+        finally:  # the one-process group the strategy started: later tests expect none
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    assert module.trainer.global_step == 0

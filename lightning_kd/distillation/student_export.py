@@ -17,6 +17,7 @@ from lightning_kd.models.layers import is_classifier
 from lightning_kd.pruning.export import parameter_count
 from lightning_kd.training.card import describe_device, forward_ms
 from lightning_kd.training.lightning_internals import attached_trainer
+from lightning_kd.training.provenance import made_with
 
 
 def describe_method(spec: Any, term_names: Iterable[str], callbacks: Iterable[Any]) -> str:
@@ -79,6 +80,7 @@ def export_student(
             speed=speed,
             discrepancy=discrepancy,
             metrics=module.teacher_comparison.card_metrics(),
+            made_with=made_with(module, module.student, module.teacher),
         )
 
     export_model(

@@ -318,6 +318,7 @@ class FineTuningModule(L.LightningModule):
             method=method,
             recipe=getattr(self, "recipe", None),
             metrics=self.last_metrics,
+            made_with=made_with(self, self.model),
         )
         export_model(
             self.model,

@@ -3,6 +3,7 @@ is, how well it does, and how to load it, for people who never installed lightni
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -64,11 +65,13 @@ def write_model_card(
     metrics: Mapping[str, float] | None = None,
     discrepancy: Mapping[str, tuple[float, float]] | None = None,
     label_names: list[str] | None = None,
+    made_with: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``README.md`` (with Hugging Face metadata) into the exported folder ``path``; returns its path.
 
     ``speed``: ``{"teacher_ms", "student_ms", "batch": "B x L", "device"}``; ``metrics``: task metrics by name
-    (student, teacher and gap alike); ``discrepancy``: ``{name: (at the start, at the end)}``.
+    (student, teacher and gap alike); ``discrepancy``: ``{name: (at the start, at the end)}``; ``made_with``: the
+    record a checkpoint keeps of the task, head, tokenizer and teacher (with its fingerprint), written as JSON.
     """
     folder = Path(path)
     padded = plain_parameters != parameters
@@ -145,6 +148,10 @@ def write_model_card(
         ]
     if label_names:
         lines += ["", f"Labels, in id order: {', '.join(f'`{n}`' for n in label_names)}."]
+    if made_with:
+        # what a checkpoint records, so an exported folder also says which teacher weights and vocabulary it
+        # was made with (two teachers of one name and shape differ only in their fingerprints)
+        lines += ["", "## Made with", "", "```json", json.dumps(made_with, indent=2, default=str), "```"]
     card = folder / "README.md"
     card.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return card

@@ -34,6 +34,7 @@ class CardFacts:
     speed: Mapping[str, Any] | None = None
     metrics: Mapping[str, float] | None = None
     discrepancy: Mapping[str, tuple[float, float]] | None = None
+    made_with: Mapping[str, Any] | None = None
 
 
 def write_model_folder(
@@ -111,6 +112,7 @@ def export_model(
         discrepancy=facts.discrepancy,
         metrics=facts.metrics,
         label_names=list(label_names) if label_names else None,
+        made_with=facts.made_with,
     )
     if log_sizes:
         log.info(export_sizes_line(parameters, plain))

@@ -98,6 +98,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        # Lightning's own refusal names its configure_model hook, which a user of lightning-kd never writes
+        if not hasattr(self.lightning_module, "student"):
+            raise ValueError(
+                f"fsdp2() shards a DistillationModule's student and teacher; {type(self.lightning_module).__name__} "
+                "is not sharded by lightning-kd: train it with strategy='ddp' (fine-tuning a model that fits one "
+                "device), or distil it into a smaller student with DistillationModule under fsdp2()."
+            )
         data_parallel_auto(self)
         super().setup_environment()
 

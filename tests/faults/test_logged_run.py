@@ -90,7 +90,9 @@ def _recipe(tmp_path: Path, root: Path, kill_at: int | None) -> Path:
 
 def _fit(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {
-        **os.environ,
+        # a W&B service an earlier test started in this process would be shared through WANDB_SERVICE, and the
+        # killed run's id stay taken there; each run here is a fresh process, as a requeued job is
+        **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
         "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
