@@ -35,25 +35,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _memory import reset_peak_rss, status_kib
+
 MIB = 2**20
 MODES = ("ddp", "fsdp2", "fsdp2-replicated")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_rank(args: argparse.Namespace) -> None:
@@ -85,9 +70,9 @@ def run_rank(args: argparse.Namespace) -> None:
             self.pruning, self.rows, self.resettable = pruning, [], False
 
         def _row(self, trainer: L.Trainer, module: DistillationModule, label: str) -> None:
-            peak = _status_kib("VmHWM") * 1024 if self.resettable else None
+            peak = status_kib("VmHWM") * 1024 if self.resettable else None
             self.rows.append({"at": label, "held": held(module, trainer), "peak_rss": peak})
-            self.resettable = _reset_peak()
+            self.resettable = reset_peak_rss()
 
         def on_train_batch_end(self, trainer: L.Trainer, module: DistillationModule, *_: object) -> None:
             step = trainer.global_step
@@ -110,7 +95,7 @@ def run_rank(args: argparse.Namespace) -> None:
                 batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
             return DataLoader(batches, batch_size=None)
 
-    bare = _status_kib("VmRSS") * 1024  # the process before any model: Python, torch, the libraries
+    bare = status_kib("VmRSS") * 1024  # the process before any model: Python, torch, the libraries
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=args.vocab,

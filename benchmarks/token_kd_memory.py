@@ -34,29 +34,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from _memory import reset_peak_rss, status_kib
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_kd.objective.generative import chunked_token_loss, token_divergence
 
 MIB = 2**20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _profiled_peak(prof: profile) -> int:
@@ -72,13 +56,13 @@ def _profiled_peak(prof: profile) -> int:
 def measure(step: Callable[[], torch.Tensor]) -> tuple[float, float | None, float, torch.Tensor]:
     """(profiled peak MiB, peak resident-set growth MiB or None, seconds, loss) of one forward and backward."""
     gc.collect()
-    resident = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    resident = status_kib("VmRSS")
+    reset = reset_peak_rss()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         start = time.perf_counter()
         loss = step()
         seconds = time.perf_counter() - start
-    rss = (_status_kib("VmHWM") - resident) / 1024 if reset else None
+    rss = (status_kib("VmHWM") - resident) / 1024 if reset else None
     return _profiled_peak(prof) / MIB, rss, seconds, loss
 
 
