@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -539,6 +541,18 @@ def test_every_test_the_bad_input_table_names_exists() -> None:
 # ------------------------------------------------------------------------------------------ FSDP2 runs
 
 
+@pytest.fixture
+def launcher_environment() -> Iterator[None]:
+    """Lightning's launcher writes MASTER_ADDR, MASTER_PORT, NODE_RANK and LOCAL_RANK into this process's
+    environment; left there, a later test's DDP script would take LOCAL_RANK for a launcher of its own and never
+    start its second rank."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("launcher_environment")
 def test_fsdp2_on_a_module_it_does_not_shard_says_what_to_use() -> None:
     """Lightning refused with "you are required to override the configure_model() hook", which a user of
     lightning-kd never writes; fsdp2() names what it shards and what to use instead, before a process group."""
@@ -550,6 +564,7 @@ def test_fsdp2_on_a_module_it_does_not_shard_says_what_to_use() -> None:
         quiet_trainer(strategy=fsdp2(), max_steps=1).fit(module, FixedBatches(1))
 
 
+@pytest.mark.usefixtures("launcher_environment")
 def test_fsdp2_with_a_student_of_another_width_is_refused_before_a_step() -> None:
     """The objective's learned projections (a student narrower than its teacher) are not sharded: refused when
     the model is configured, naming the two ways that work, instead of training them unsynchronised."""
