@@ -16,7 +16,7 @@ import torch
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kd.batch import IGNORE_INDEX
+from lightning_kd.batch import IGNORE_INDEX, as_arrays
 
 LM = Literal["mlm", "causal"]
 LMS = ("mlm", "causal")
@@ -53,11 +53,11 @@ def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def causal_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """A causal batch in packed form (one tensor, so one shared-memory segment from a worker); ``unpack``
+    """A causal batch in packed form (one array, pickled by value from a worker: see ``as_arrays``); ``unpack``
     (:mod:`.masking`) turns it into ``input_ids``, ``attention_mask`` and ``labels``."""
     # Not shifted: the model shifts (see the module's docstring).
     labels = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    return {CAUSAL_PACKED_KEY: torch.stack([input_ids, attention_mask, labels])}
+    return as_arrays({CAUSAL_PACKED_KEY: torch.stack([input_ids, attention_mask, labels])})
 
 
 class CausalCollate:

@@ -1,5 +1,5 @@
 """MLM batches: BERT's masking (by token or by whole word), applied at collate time, and the packed form in which
-a DataLoader worker hands a batch over (one tensor, one shared-memory segment), MLM or causal (:mod:`.causal`)."""
+a DataLoader worker hands a batch over (one array, pickled by value), MLM or causal (:mod:`.causal`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lightning_kd.batch import as_tensors
 from lightning_kd.datamodules.causal import CAUSAL_PACKED_KEY
 
 PACKED_KEY = "_packed"
 
 
-def unpack(batch: dict[str, Any]) -> dict[str, Any]:
-    """The model's batch from a packed one: views of the one tensor a reader sent, plus token types for MLM."""
+def unpack(batch: dict[str, Any], pin_memory: bool = False) -> dict[str, Any]:
+    """The model's batch from a packed one: views of the one tensor a reader sent, plus token types for MLM.
+
+    A reader sends arrays (:func:`~lightning_kd.batch.as_arrays`); they become tensors here, page-locked when the
+    loader was asked to pin memory.
+    """
+    batch = as_tensors(batch, pin_memory)
     if CAUSAL_PACKED_KEY in batch:
         # No token types: decoder LMs have no segment embeddings to read them with.
         input_ids, attention_mask, labels = batch.pop(CAUSAL_PACKED_KEY).unbind(0)

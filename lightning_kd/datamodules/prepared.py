@@ -22,7 +22,7 @@ from litdata.streaming.sampler import ChunkedIndex
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.batch import with_prediction_positions
+from lightning_kd.batch import as_arrays, with_prediction_positions
 from lightning_kd.datamodules.masking import PACKED_KEY, continuation_table, mask_tokens, unpack
 from lightning_kd.datamodules.prepare import PreparedDataError, no_pypi_lookup, prepare, read_manifest
 
@@ -76,9 +76,9 @@ class MaskingCollate:
             generator,
             self.continuation,
         )
-        # One tensor crosses from a worker to the main process instead of four (one shared-memory segment
-        # each); the loader unpacks it into views.
-        return with_prediction_positions({PACKED_KEY: torch.stack([masked, attention_mask, labels])}, labels)
+        # One array crosses from a worker to the main process instead of four; the loader unpacks it into views.
+        packed = {PACKED_KEY: torch.stack([masked, attention_mask, labels])}
+        return as_arrays(with_prediction_positions(packed, labels))
 
 
 class OwnedBlocksDataset(StreamingDataset):
@@ -417,5 +417,5 @@ class PreparedLoader(StreamingDataLoader):
             # batches at the loader's length without asking for the end: the next pass would replay this
             # resume. Once the workers have their first requests, the flag has done its work.
             self.restore = False
-            yield unpack(batch)
+            yield unpack(batch, self.pin_memory)
         self._pass_done = True

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_kd.batch import PREDICTION_POSITIONS
+from lightning_kd.batch import PREDICTION_POSITIONS, as_arrays
 from lightning_kd.datamodules.causal import causal_batch, end_of_text, padding_id
 from lightning_kd.datamodules.masking import PACKED_KEY, MLMMasking, unpack
 from lightning_kd.datamodules.sources import DataSourceError, SourceSpec, read_documents
@@ -176,11 +176,11 @@ class PackedMLMStream(IterableDataset):
         # The masking seed depends on where the batch is in the stream, so a resumed run masks alike.
         generator = torch.Generator().manual_seed(hash((self.seed, reader, batch_index)) & (2**62 - 1))
         masked, labels, positions = self.masking(input_ids, generator, attention_mask == 0)
-        # One tensor crosses from a worker to the main process instead of three: each costs a
-        # shared-memory segment, which with one worker was a quarter of the time per batch.
+        # One array crosses from a worker to the main process instead of three (see ``as_arrays``).
         return {
-            PACKED_KEY: torch.stack([masked, attention_mask, labels]),
-            PREDICTION_POSITIONS: positions,
+            **as_arrays(
+                {PACKED_KEY: torch.stack([masked, attention_mask, labels]), PREDICTION_POSITIONS: positions}
+            ),
             POSITION_KEY: {reader: position},
         }
 
@@ -310,7 +310,7 @@ class PositionTrackingLoader(DataLoader):
         for batch in super().__iter__():
             tracker.record(batch.pop(POSITION_KEY))
             self._used_resume()
-            yield unpack(batch)
+            yield unpack(batch, self.pin_memory)
         tracker.finish()
         self._used_resume()  # also when the resumed pass had nothing left
 

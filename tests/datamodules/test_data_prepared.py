@@ -441,3 +441,29 @@ def test_blocks_are_read_in_litdata_order_a_chunk_at_a_time(prepared, monkeypatc
     ours = read(OwnedBlocksDataset)
     assert len(ours) == len(litdata_order) > 7  # more than one chunk of 7 blocks
     assert all(np.array_equal(a, b) for a, b in zip(ours, litdata_order, strict=True))
+
+
+def test_workers_hand_over_arrays_and_the_loaders_yield_tensors(prepared, tmp_path):
+    """A tensor leaving a worker costs a shared-memory segment and a socket round trip (most of a batch's time
+    with one worker); arrays pickle by value. Both loaders turn them back into the model's tensors."""
+    import numpy as np
+
+    from lightning_kd.batch import PREDICTION_POSITIONS
+
+    prepared_dm = PretrainingDataModule(prepared=str(prepared), max_length=32, batch_size=4, num_workers=1)
+    loader = prepared_dm.train_dataloader()
+    made = loader.collate_fn([np.arange(1000, 1032, dtype=np.int32) + i for i in range(4)])
+    assert not any(isinstance(value, torch.Tensor) for value in made.values()), made
+    write_corpus(tmp_path / "corpus", 2)
+    streaming_dm = PretrainingDataModule(
+        TOKENIZER, [str(tmp_path / "corpus")], max_length=32, batch_size=4, num_workers=1, repeat=False
+    )
+    streamed = streaming_dm.train_dataloader()
+    assert not any(isinstance(value, torch.Tensor) for value in next(iter(streamed.dataset)).values())
+    for batches in (list(loader), list(streamed)):
+        assert batches
+        for batch in batches:
+            assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] == 32
+            assert batch["labels"].shape == batch["attention_mask"].shape == batch["input_ids"].shape
+            flat = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+            assert torch.equal(batch[PREDICTION_POSITIONS], flat)
