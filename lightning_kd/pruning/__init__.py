@@ -5,7 +5,8 @@
 - ``schedule.py``: :class:`PruningSchedule`, when HomoDistil's events fall and how many units each keeps;
   ``strategies.py``: :class:`ShrinkStrategy` and :class:`MaskStrategy`, what an event does to the student.
 - ``extract.py``: :func:`extract`, ETD (Chen et al., ICANN 2021): a thin, shallow student taken from the teacher.
-- ``units.py`` (what a unit is, masks), ``importance.py`` (PLATON, sensitivity, activations), ``prune.py`` and
+- ``units.py`` (what a unit is, masks), ``importance.py`` (PLATON, sensitivity, activations: the scorers),
+  ``sensitivity.py`` (``|theta * grad|`` per unit, fast: it runs after every backward), ``prune.py`` and
   ``shrink.py`` (removing units physically, with optimizer state), ``export.py`` (plain transformers folders).
 """
 
@@ -20,10 +21,10 @@ from lightning_kd.pruning.importance import (
     UnitImportance,
     score_units,
     top_units,
-    unit_sensitivity,
 )
 from lightning_kd.pruning.prune import prune_model, pruned_parameter_count
 from lightning_kd.pruning.schedule import PruningSchedule
+from lightning_kd.pruning.sensitivity import unit_sensitivity
 from lightning_kd.pruning.strategies import MaskStrategy, PruningStrategy, ShrinkStrategy
 from lightning_kd.pruning.units import (
     UNIT_KINDS,

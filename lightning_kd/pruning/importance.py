@@ -1,11 +1,12 @@
 """How much each structural unit matters: sensitivity, PLATON smoothing, activations, or chance.
 
 A scorer is fed step by step (``update(model)`` right after ``backward()``, e.g. from a callback's
-``on_after_backward``) or one-shot over a dataloader with ``score_units``. ``scores()`` returns a dict shaped
+``on_before_optimizer_step``) or one-shot over a dataloader with ``score_units``. ``scores()`` returns a dict shaped
 like a mask set (see ``units.py``) plus ``"head_dims"``; a higher score means more important. Scorers keep
 their statistics as tensors in ``state_dict()`` so a checkpoint resumes them exactly. Under DDP the
 gradients are already averaged, so gradient-based scores agree across ranks; activation statistics do not
-and should be all-reduced (every tensor in ``state_dict()`` is a sum or a count).
+and should be all-reduced (every tensor in ``state_dict()`` is a sum or a count). The sensitivity itself
+(``|theta * grad|`` per unit) is computed in :mod:`.sensitivity`.
 """
 
 from __future__ import annotations
@@ -15,94 +16,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from lightning_kd.checks import check_number
 from lightning_kd.models.bound import BoundModel, bind
-from lightning_kd.pruning.units import axes, layer_parameters, unit_counts
-from lightning_kd.training.sharding import local_entry_sums, sum_over_ranks
+from lightning_kd.pruning.sensitivity import Scores, empty_scores, sensitivity_on_device
+from lightning_kd.pruning.sensitivity import (
+    unit_sensitivity as unit_sensitivity,
+)  # importable here, as before
 
-Scores = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def _empty_scores(model: nn.Module | BoundModel) -> Scores:
-    counts = unit_counts(model)
-    layers = counts["layers"]
-    return {
-        "heads": torch.zeros(layers, max(counts["heads"])),
-        "head_dims": torch.zeros(layers, max(counts["heads"]), counts["head_size"]),  # per head
-        "ffn": torch.zeros(layers, max(counts["ffn"])),
-        "hidden": torch.zeros(counts["hidden"]),
-        "layers": torch.zeros(layers),
-    }
-
-
-@torch.no_grad()
-def _sensitivity_on_device(model: nn.Module | BoundModel, kinds: Iterable[str] | None = None) -> Scores:
-    """``|theta * grad|`` summed over each unit's weights, from the gradients currently in ``model``.
-
-    A weight shared by two units (a query row is in a head and reads a hidden dimension) counts for both.
-    ``kinds`` limits the work to the unit kinds asked for (all by default); this runs after every backward
-    of a pruning run, so each parameter's product is computed once and reduced where the weights live, and the
-    sums stay there: the scorers accumulate on the device and read their results back only when asked (at a
-    pruning event or a checkpoint), so a GPU never waits for the CPU on an ordinary step.
-    """
-    asked = set(kinds) if kinds is not None else {"heads", "head_dims", "ffn", "hidden", "layers"}
-    wanted = asked | (
-        {"heads", "head_dims"} if asked & {"heads", "head_dims"} else set()
-    )  # one reduction, both
-    bound = bind(model)
-    counts = bound.unit_counts()
-    device = next(bound.model.parameters()).device
-    scores = {kind: value.to(device) for kind, value in _empty_scores(bound).items()}
-    products: dict[int, torch.Tensor] = {}
-    sharded: list[DTensor] = []  # FSDP2: each rank sums its shard, then the ranks add their sums up
-
-    def product(parameter: nn.Parameter) -> torch.Tensor:
-        if id(parameter) not in products:
-            value, grad = parameter, parameter.grad
-            if isinstance(parameter, DTensor):
-                sharded.append(parameter)
-                value, grad = value.to_local(), grad.to_local()
-            products[id(parameter)] = (value * grad).abs_().float()
-        return products[id(parameter)]
-
-    for axis in axes(bound):
-        if axis.parameter.grad is None or axis.kind not in wanted:
-            continue
-        if isinstance(axis.parameter, DTensor):
-            per_entry = local_entry_sums(product(axis.parameter), axis.parameter, axis.dim)[:, None]
-        else:
-            per_entry = product(axis.parameter).movedim(axis.dim, 0)
-        if axis.blocks > 1:  # a unit's entries in every block of a fused map count for it
-            per_entry = per_entry.reshape(axis.blocks, -1, *per_entry.shape[1:]).sum(0)
-        size = per_entry.shape[0]
-        if (
-            axis.kind == "heads"
-        ):  # a unit's rows are its query heads' (one head without grouped-query attention)
-            units = counts["heads"][axis.layer]
-            grid = per_entry.reshape(units, -1, counts["head_size"], per_entry[0].numel()).sum((1, 3))
-            scores["heads"][axis.layer, : grid.shape[0]] += grid.sum(1)
-            scores["head_dims"][axis.layer, : grid.shape[0]] += grid
-        elif axis.kind == "ffn":
-            scores["ffn"][axis.layer, :size] += per_entry.reshape(size, -1).sum(1)
-        else:
-            scores["hidden"] += per_entry.reshape(size, -1).sum(1)
-    if "layers" in wanted:
-        for i, named in enumerate(layer_parameters(bound)):
-            for _, parameter in named:
-                if parameter.grad is not None:
-                    scores["layers"][i] += product(parameter).sum()
-    # only what was asked: a pruning run's scorer must not keep per-head statistics it never re-indexes
-    scores = {kind: value for kind, value in scores.items() if kind in asked}
-    sum_over_ranks(scores, sharded)
-    return scores
-
-
-def unit_sensitivity(model: nn.Module | BoundModel, kinds: Iterable[str] | None = None) -> Scores:
-    """``|theta * grad|`` summed over each unit's weights, as CPU tensors (see :func:`_sensitivity_on_device`)."""
-    return {kind: value.cpu() for kind, value in _sensitivity_on_device(model, kinds).items()}
 
 
 def _usable(step: Scores, taken: torch.Tensor | None) -> torch.Tensor:
@@ -122,6 +44,7 @@ class UnitImportance:
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
+        self._scratch: dict[Any, torch.Tensor] = {}  # the sensitivity's product buffer, kept between steps
 
     def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
         raise NotImplementedError
@@ -179,7 +102,7 @@ class Sensitivity(UnitImportance):
         self.kinds = list(kinds) if kinds is not None else None
 
     def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
-        step = _sensitivity_on_device(model, self.kinds)
+        step = sensitivity_on_device(model, self.kinds, self._scratch)
         ok = _usable(step, taken)
         for kind, value in step.items():
             self.state[kind] = self._stored(kind, value) + torch.where(ok, value, 0.0)
@@ -220,7 +143,7 @@ class PlatonImportance(UnitImportance):
         super().load_state_dict(state)
 
     def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
-        step = _sensitivity_on_device(model, self.kinds)
+        step = sensitivity_on_device(model, self.kinds, self._scratch)
         ok = _usable(step, taken)
         for kind, value in step.items():
             self.state[f"{kind}.window"] = self._stored(f"{kind}.window", value) + torch.where(ok, value, 0.0)
@@ -283,7 +206,7 @@ class ActivationImportance(UnitImportance):
         bound = bind(model)
         counts = bound.unit_counts()
         if not self.state:
-            self.state = _empty_scores(bound)
+            self.state = empty_scores(bound)
             self.state["batches"] = torch.zeros(())
         head_size = counts["head_size"]
         unit_width = head_size * bound.queries_per_unit()
@@ -346,7 +269,7 @@ class RandomImportance(UnitImportance):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.state = {
-            kind: torch.rand(value.shape, generator=generator) for kind, value in _empty_scores(model).items()
+            kind: torch.rand(value.shape, generator=generator) for kind, value in empty_scores(model).items()
         }
 
     def update(self, model: nn.Module | BoundModel | None = None) -> None:

@@ -17,8 +17,9 @@ from lightning_kd.models.info import masked_lm_parts, model_info
 from lightning_kd.models.layers import keep_layers_, max_sequence_length, select_layers
 from lightning_kd.pruning.export import check_exportable, load_pruned, save_standard, to_standard
 from lightning_kd.pruning.extract import extract
-from lightning_kd.pruning.importance import PlatonImportance, Sensitivity, score_units, unit_sensitivity
+from lightning_kd.pruning.importance import PlatonImportance, Sensitivity, score_units
 from lightning_kd.pruning.prune import prune_model, prune_model_, pruned_parameter_count
+from lightning_kd.pruning.sensitivity import unit_sensitivity
 from lightning_kd.pruning.shrink import (
     plain_dropout_,
     rebuild_shape_,

@@ -24,8 +24,8 @@ def scripted(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
     steps = iter(values)
     monkeypatch.setattr(
         importance,
-        "_sensitivity_on_device",
-        lambda model, kinds=None: {"ffn": torch.full((1, 2), next(steps))},
+        "sensitivity_on_device",
+        lambda model, kinds=None, scratch=None: {"ffn": torch.full((1, 2), next(steps))},
     )
 
 
@@ -97,3 +97,47 @@ def test_head_dim_statistics_follow_the_heads_a_gradual_shrink_removes(teacher: 
     assert packed.shape == (2, 3, 3)
     assert torch.equal(packed[0, :2], torch.arange(24.0).reshape(2, 4, 3)[0, [0, 2]])
     assert torch.equal(packed[1], torch.arange(24.0).reshape(2, 4, 3)[1, [1, 2, 3]])
+
+
+def test_sensitivity_is_theta_times_grad_summed_per_unit_where_an_embedding_gradient_is_sparse(
+    teacher: BertForMaskedLM,
+) -> None:
+    """The scorer reads a word embedding's rows that have a gradient only (a CPU shortcut) and reuses one buffer
+    for every product: the sums must be the definition's, and a NaN in one of those rows must still show."""
+    import copy
+
+    from lightning_kd.pruning.importance import Sensitivity
+    from lightning_kd.pruning.sensitivity import unit_sensitivity
+    from lightning_kd.pruning.units import axes, unit_counts
+
+    model = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    words = model.bert.embeddings.word_embeddings.weight
+    words.grad.zero_()
+    words.grad[[3, 17, 40]] = torch.randn(3, words.shape[1], generator=generator)
+    counts = unit_counts(model)
+    expected = {
+        "heads": torch.zeros(counts["layers"], max(counts["heads"])),
+        "ffn": torch.zeros(counts["layers"], max(counts["ffn"])),
+        "hidden": torch.zeros(counts["hidden"]),
+    }
+    for axis in axes(model):
+        product = (axis.parameter.detach() * axis.parameter.grad).abs().movedim(axis.dim, 0)
+        per_entry = product.reshape(product.shape[0], -1).sum(1)
+        if axis.kind == "hidden":
+            expected["hidden"] += per_entry
+        elif axis.kind == "ffn":
+            expected["ffn"][axis.layer] += per_entry
+        else:
+            expected["heads"][axis.layer] += per_entry.reshape(counts["heads"][axis.layer], -1).sum(1)
+    scores = unit_sensitivity(model, kinds=["heads", "ffn", "hidden"])
+    for kind, value in expected.items():
+        torch.testing.assert_close(scores[kind], value, rtol=1e-5, atol=1e-5)
+    scorer = Sensitivity(kinds=["hidden"])
+    scorer.update(model)
+    words.grad[17, 0] = float("nan")
+    assert torch.isnan(unit_sensitivity(model, kinds=["hidden"])["hidden"][0])
+    scorer.update(model)  # a step with a NaN gradient does not count
+    torch.testing.assert_close(scorer.scores()["hidden"], expected["hidden"], rtol=1e-5, atol=1e-5)
