@@ -82,6 +82,10 @@ class PruningCallback(L.Callback):
         granularity: per kind, keep counts (between the start and the target) are rounded up to multiples of
             this, e.g. ``{"hidden": 64, "ffn": 64}``, so that the student changes shape a bounded number of
             times; the last event reaches the target exactly. Heads are always whole. Default 1.
+        align_dropout: a shrunk student draws its residual-stream dropout at the width it started with and keeps
+            the kept columns, so that it equals its masked twin (``physical=False``) bit for bit on a CPU; off,
+            it draws at its own width, statistically the same and up to 1/keep times fewer random numbers (4%
+            of a MiniLM step on a CPU at half width, ``benchmarks/pruning_overhead.py``).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class PruningCallback(L.Callback):
         expect_copy: bool = True,
         physical: bool = True,
         granularity: Mapping[str, int] | None = None,
+        align_dropout: bool = False,
     ) -> None:
         target = HOMOBERT_SMALL if target is None else target
         unknown = sorted(set(target) - set(PRUNABLE))
@@ -125,7 +130,9 @@ class PruningCallback(L.Callback):
         self.scorer: UnitImportance = (
             PlatonImportance(beta1, beta2, kinds, delta_t) if importance == "platon" else Sensitivity(kinds)
         )
-        self.strategy: PruningStrategy = ShrinkStrategy(self.scorer) if physical else MaskStrategy()
+        self.strategy: PruningStrategy = (
+            ShrinkStrategy(self.scorer, align_dropout) if physical else MaskStrategy()
+        )
         self.same_per_layer = same_per_layer
         if export_dir and not prune_at_end:
             raise ValueError(

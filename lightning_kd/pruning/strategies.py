@@ -64,12 +64,13 @@ class ShrinkStrategy(PruningStrategy):
 
     physical = True
 
-    def __init__(self, scorer: UnitImportance) -> None:
+    def __init__(self, scorer: UnitImportance, align_dropout: bool = False) -> None:
         self.scorer = scorer
+        self.align_dropout = align_dropout
 
     def begin(self, pl_module: L.LightningModule, masks: Masks) -> int:
         _check_shape(pl_module.student, masks)
-        return _follow_shape(pl_module.student, masks)
+        return _follow_shape(pl_module.student, masks, self.align_dropout)
 
     def scores(self, scores: dict[str, torch.Tensor], masks: Masks) -> dict[str, torch.Tensor]:
         # the statistics cover only the units the shrunk student still has
@@ -90,7 +91,7 @@ class ShrinkStrategy(PruningStrategy):
             for optimizer in trainer.optimizers:
                 reindex_optimizer_(optimizer, resizes)
             self.scorer.keep_units(relative)
-            parameters = _follow_shape(student, new)
+            parameters = _follow_shape(student, new, self.align_dropout)
         _rewrap_ddp(trainer)
         return parameters
 
@@ -182,9 +183,9 @@ def _check_shape(student: torch.nn.Module, masks: Masks) -> None:
             )
 
 
-def _follow_shape(student: torch.nn.Module, masks: Masks) -> int:
-    """After the student's shape is final for now: dropout at full width; its size."""
-    if "hidden" in masks and not masks["hidden"].all():
+def _follow_shape(student: torch.nn.Module, masks: Masks, align_dropout: bool) -> int:
+    """After the student's shape is final for now: dropout at full width if asked; its size."""
+    if align_dropout and "hidden" in masks and not masks["hidden"].all():
         widen_dropout_(student, masks["hidden"].numel(), masks["hidden"].nonzero().flatten())
     return sum(p.numel() for p in student.parameters())
 

@@ -98,7 +98,7 @@ def distil(
 
 def test_shrunk_run_equals_masked_run(tmp_path: Path) -> None:
     teacher = tiny_modernbert(embedding_dropout=0.1)  # residual-stream dropout on: WideDropout must follow
-    shrink = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False)
+    shrink = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False, align_dropout=True)
     shrunk = distil(teacher, shrink, objective=SHRINK_OBJECTIVE)
     mask = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False, physical=False)
     masked = distil(teacher, mask, objective=SHRINK_OBJECTIVE)

@@ -66,6 +66,7 @@ class ShapeLog(L.Callback):
                 "optimized_is_trainable": optimized == trainable,
                 "state_shaped": state_ok,
                 "state_step": [float(s["step"]) for s in optimizer.state.values()],
+                "dropouts": {type(m).__name__ for m in student.modules() if "Dropout" in type(m).__name__},
             }
         )
 
@@ -87,7 +88,7 @@ def distil(
 
 
 def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path: Path) -> None:
-    shrink = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False)
+    shrink = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False, align_dropout=True)
     shrunk, shrunk_trainer = distil(dropout_teacher, shrink)
     mask = PruningCallback(TARGET, end_step=8, interval=2, prune_at_end=False, physical=False)
     masked, masked_trainer = distil(dropout_teacher, mask)
@@ -105,6 +106,7 @@ def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path
         set(row["state_step"]) == {float(e["step"])} for row, e in zip(log, shrink.events, strict=True)
     )
     assert shrunk.student.config.hidden_size == 8 and shrunk.student.config.intermediate_size == 8
+    assert all("WideDropout" in row["dropouts"] for row in log)  # aligned: drawn at the starting width
 
     # checkpoints: the shrunk run's is smaller, and loads back into its shapes
     shrunk_trainer.save_checkpoint(tmp_path / "shrunk.ckpt")
@@ -128,6 +130,18 @@ def test_shrunk_run_equals_masked_run(dropout_teacher: BertForMaskedLM, tmp_path
         assert torch.allclose(value, actual[name], atol=2e-6), (name, (value - actual[name]).abs().max())
 
 
+def test_by_default_a_shrunk_student_draws_its_dropout_at_its_own_width(
+    dropout_teacher: BertForMaskedLM,
+) -> None:
+    """Drawing at the starting width costs up to 1/keep times the random numbers: only when asked for."""
+    pruning = PruningCallback(TARGET, end_step=4, interval=2, prune_at_end=False)
+    module, trainer = distil(dropout_teacher, pruning, steps=6)
+    log = _log(trainer)
+    assert [row["counts"]["hidden"] for row in log] == [e["hidden"] for e in pruning.events] == [9, 8]
+    assert all(row["dropouts"] == {"Dropout"} for row in log)
+    assert torch.isfinite(torch.cat([p.reshape(-1) for p in module.student.parameters()])).all()
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -139,7 +153,9 @@ def test_shrinking_equals_masking_across_settings(dropout_teacher: BertForMasked
     """Ragged layers (units compete across layers), the other scorer, another schedule and start."""
     results = []
     for physical in (True, False):
-        pruning = PruningCallback(**options, end_step=5, interval=2, prune_at_end=False, physical=physical)
+        pruning = PruningCallback(
+            **options, end_step=5, interval=2, prune_at_end=False, physical=physical, align_dropout=True
+        )
         module, _ = distil(dropout_teacher, pruning, steps=6)
         results.append((module, pruning))
     (shrunk, shrink), (masked, mask) = results
