@@ -46,6 +46,10 @@ class UnitImportance:
         self.state: dict[str, torch.Tensor] = {}
         self._scratch: dict[Any, torch.Tensor] = {}  # the sensitivity's product buffer, kept between steps
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or a pickle (ddp_spawn sends the callback to its processes) need not carry the buffer
+        return {**self.__dict__, "_scratch": {}}
+
     def update(self, model: nn.Module | BoundModel, taken: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 

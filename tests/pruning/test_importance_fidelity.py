@@ -141,3 +141,5 @@ def test_sensitivity_is_theta_times_grad_summed_per_unit_where_an_embedding_grad
     assert torch.isnan(unit_sensitivity(model, kinds=["hidden"])["hidden"][0])
     scorer.update(model)  # a step with a NaN gradient does not count
     torch.testing.assert_close(scorer.scores()["hidden"], expected["hidden"], rtol=1e-5, atol=1e-5)
+    # the product buffer stays with this process: a pickled scorer (ddp_spawn) carries its statistics only
+    assert scorer._scratch and not pickle.loads(pickle.dumps(scorer))._scratch
