@@ -78,7 +78,9 @@ class NonFiniteGuard(L.Callback):
     Adam, AdamW, SGD and Adagrad; lightning-kd's modules use fused AdamW) and one all-reduce of a flag under DDP,
     on the device, so every rank decides alike. With another optimizer it reads the flag every step (one sync)
     and drops a bad step's gradients instead. It runs before every other callback's
-    ``on_before_optimizer_step``, so importance scores read the gradients it judged.
+    ``on_before_optimizer_step``, so they read the gradients it judged; a callback that must know whether the
+    coming update is applied (pruning importance) asks :meth:`skips_step`, which gives this step's decision in
+    whichever order the hooks run.
     """
 
     def __init__(self, policy: str = "stop", max_skips: int = 10) -> None:
@@ -95,6 +97,8 @@ class NonFiniteGuard(L.Callback):
         self._bad_since_read: torch.Tensor | None = None  # on the device: bad steps since the last read
         self._halted: torch.Tensor | None = None  # on the device: every later update is skipped
         self._flagged: list[Any] = []  # optimizers given a flag this step
+        # this batch's decisions by (global step, optimizer): (skip or None, the gradients judged)
+        self._decided: dict[tuple[int, int], tuple[torch.Tensor | None, list]] = {}
         self._stopped: str | None = None
 
     @override
@@ -103,6 +107,10 @@ class NonFiniteGuard(L.Callback):
         # bad one; moving it within the list does not disturb the loop running this hook
         trainer.callbacks.remove(self)
         trainer.callbacks.insert(0, self)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._decided = {}  # a run that raised mid-step may have left one behind
 
     @override
     def on_before_backward(
@@ -114,6 +122,37 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
+        skip, named = self._decision(trainer, pl_module, optimizer)
+        if skip is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self._join_scaler(overflowed_per_device(scaler, optimizer), named, skip)
+        elif takes_skip_flag(optimizer):
+            optimizer.found_inf = skip.float()
+            self._flagged.append(optimizer)
+        elif bool(skip):  # an optimizer that cannot take the flag: decide on the host now
+            optimizer.zero_grad(set_to_none=True)  # optimizers leave parameters without gradients untouched
+
+    def skips_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> torch.Tensor | None:
+        """Whether this optimizer step's update is dropped, as a device bool (no sync); ``None`` when there was
+        nothing to check. Decided once per step, by whichever asks first: this guard's own hook, or a callback
+        that must know before the step whether it counts (pruning importance), whatever their order."""
+        return self._decision(trainer, pl_module, optimizer)[0]
+
+    def _decision(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]:
+        key = (trainer.global_step, id(optimizer))
+        if key not in self._decided:
+            self._decided[key] = self._judge(trainer, pl_module)
+        return self._decided[key]
+
+    def _judge(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]:
         seen, self._seen = self._seen, []
         # under FSDP2 each rank checks its own shards (DTensors' local parts); _agree combines the verdicts
         named = [(n, _local(p.grad)) for n, p in pl_module.named_parameters() if p.grad is not None]
@@ -130,7 +169,7 @@ class NonFiniteGuard(L.Callback):
                 else []
             )
             if not values and not grad_norms:
-                return
+                return None, named
             checked = torch.stack([*values, *(m.float() for m in grad_norms)])
             bad_here = ~torch.isfinite(checked).all()
             bad = self._agree(trainer, bad_here)
@@ -140,13 +179,7 @@ class NonFiniteGuard(L.Callback):
         self._pending.append(
             (step, names, [n for n, _ in named] if grad_norms else [], checked, bad_here, bad)
         )
-        if scaler is not None:
-            self._join_scaler(overflowed_per_device(scaler, optimizer), named, skip)
-        elif takes_skip_flag(optimizer):
-            optimizer.found_inf = skip.float()
-            self._flagged.append(optimizer)
-        elif bool(skip):  # an optimizer that cannot take the flag: decide on the host now
-            optimizer.zero_grad(set_to_none=True)  # optimizers leave parameters without gradients untouched
+        return skip, named
 
     @staticmethod
     def _join_scaler(found_inf: dict, named: list, skip: torch.Tensor) -> None:
@@ -185,6 +218,7 @@ class NonFiniteGuard(L.Callback):
         for optimizer in self._flagged:
             optimizer.__dict__.pop("found_inf", None)  # a flag for this step only
         self._flagged = []
+        self._decided = {}
         if logs_this_step(trainer):
             self.settle(trainer)
 

@@ -69,8 +69,9 @@ class PruningCallback(L.Callback):
         importance: ``platon`` (with ``beta1``, ``beta2`` and ``delta_t``, PLATON's window: the EMAs take the
             sensitivity averaged over that many steps; PLATON used 10) or ``sensitivity`` (|θ·∇θ| summed since
             the start). Importance is collected from the first step, so ``start_step`` is PLATON's initial
-            warm-up; steps the optimizer skips (a GradScaler's overflow) or with non-finite sensitivities do
-            not count.
+            warm-up; steps the optimizer skips (a GradScaler's overflow, or a
+            :class:`~lightning_kd.callbacks.nonfinite.NonFiniteGuard`'s skip, for a non-finite loss as well) or
+            with non-finite sensitivities do not count.
         same_per_layer: keep the same number of heads and neurons in every layer, so the result has a standard
             config; otherwise units compete across layers (every layer keeps at least one).
         export_dir: where to save the physically pruned student at the end of fit (a Hugging Face folder).
@@ -282,7 +283,7 @@ class PruningCallback(L.Callback):
             if trainer.global_step < self.schedule.end_step and any(
                 p.grad is not None for p in pl_module.student.parameters()
             ):  # no gradients: a skipped step
-                self.scorer.update(pl_module.student, _step_taken(trainer, optimizer))
+                self.scorer.update(pl_module.student, _step_taken(trainer, pl_module, optimizer))
             self.strategy.before_optimizer_step()
 
     @override
@@ -401,13 +402,22 @@ def _last_step(trainer: L.Trainer) -> int:
     return int(estimated) if math.isfinite(estimated) and estimated > 0 else trainer.max_steps
 
 
-def _step_taken(trainer: L.Trainer, optimizer: Any) -> torch.Tensor | None:
-    """False (on the device, no sync) when a GradScaler will skip this step because its gradients overflowed."""
+def _step_taken(trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> torch.Tensor | None:
+    """False (on the device, no sync) when the optimizer will not apply this step: a GradScaler found its
+    gradients overflowed, or a NonFiniteGuard skips it (a non-finite loss, whose gradients may well be finite)."""
+    # imported here: the guard's module imports this package
+    from lightning_kd.callbacks.nonfinite import NonFiniteGuard
+
+    skipped: list[torch.Tensor] = []
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None:
-        return None
-    found = overflowed_per_device(scaler, optimizer)  # filled by unscale_, which ran before this hook
-    return ~torch.stack([v.reshape(()) for v in found.values()]).any().bool() if found else None
+    found = overflowed_per_device(scaler, optimizer) if scaler is not None else {}  # filled by unscale_
+    skipped += [v.reshape(()).bool() for v in found.values()]
+    for guard in (c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)):
+        # this step's decision, whether the guard's own hook has run yet or not
+        skip = guard.skips_step(trainer, pl_module, optimizer)
+        if skip is not None:
+            skipped.append(skip)
+    return ~torch.stack([s.to(skipped[0].device) for s in skipped]).any() if skipped else None
 
 
 def _top_units_across_layers(scores: torch.Tensor, keep_per_layer: int) -> torch.Tensor:

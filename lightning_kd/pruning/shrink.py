@@ -1,10 +1,11 @@
 """Shrinking a model while it trains: what follows its parameters when ``prune_model_`` replaces them.
 
 ``prune_model_`` removes units in place and says which parameter became which slice of which (``Resize``).
-This module carries everything laid out like those parameters along: optimizer state (``reindex_optimizer_``),
-the parameters of other modules that read the model's hidden width (``follow_width``), and the dropout of
-the residual stream (``WideDropout``), which keeps drawing its random mask at the width the model started
-with, so that a shrunk model draws exactly the masks its masked twin draws.
+This module carries everything laid out like those parameters along: optimizer state (``reindex_optimizer_``,
+on ``move_optimizer_state_``, which FSDP2's gather and re-shard in ``training/sharded_surgery.py`` use too),
+the parameters of other modules that read the model's hidden width (``follow_width``), and the dropout of the
+residual stream (``WideDropout``), which keeps drawing its random mask at the width the model started with, so
+that a shrunk model draws exactly the masks its masked twin draws.
 
 Masks here come in two coordinate systems. A run keeps its decisions in *full* coordinates (the shape the
 model started with); the model in front of it is already smaller, so surgery needs masks *relative* to the
@@ -13,7 +14,7 @@ current shape: ``relative_masks(new, old)`` converts, ``expand_scores`` goes the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -90,15 +91,39 @@ def student_shape(model: nn.Module | BoundModel) -> dict[str, list[int] | int]:
     return {"heads": list(counts["heads"]), "ffn": list(counts["ffn"]), "hidden": int(counts["hidden"])}
 
 
-def _slice_like(value: object, parameter: nn.Parameter, index: Mapping[int, torch.Tensor]) -> object:
-    if not isinstance(value, torch.Tensor) or value.shape != parameter.shape:
-        return value  # step counts and other scalars carry over unchanged
-    for dim, kept in index.items():
-        value = value.index_select(dim, kept.to(value.device))
-    return value
-
-
 @torch.no_grad()
+def move_optimizer_state_(
+    optimizer: torch.optim.Optimizer,
+    replacements: Mapping[int, nn.Parameter | None],
+    convert: Callable[[torch.Tensor, nn.Parameter, nn.Parameter], torch.Tensor],
+) -> None:
+    """Point ``optimizer`` at replacement parameters, their state carried along.
+
+    ``replacements`` maps an old parameter's ``id`` to the parameter taking its place, or to None for one that
+    leaves the optimizer with its state; the others stay. A state tensor shaped like the old parameter (Adam's
+    moments, SGD's momentum) becomes ``convert(value, old, new)``; step counts and other scalars carry over.
+    """
+    for group in optimizer.param_groups:
+        params = []
+        for parameter in group["params"]:
+            if id(parameter) not in replacements:
+                params.append(parameter)
+                continue
+            new = replacements[id(parameter)]
+            state = optimizer.state.pop(parameter, None)
+            if new is None:
+                continue
+            if state is not None:
+                optimizer.state[new] = {
+                    key: convert(value, parameter, new)
+                    if isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                    else value
+                    for key, value in state.items()
+                }
+            params.append(new)
+        group["params"] = params
+
+
 def reindex_optimizer_(
     optimizer: torch.optim.Optimizer, resizes: Iterable[Resize], removed: Iterable[nn.Parameter] = ()
 ) -> None:
@@ -109,24 +134,15 @@ def reindex_optimizer_(
     parameters (those of removed layers) leave the optimizer with their state.
     """
     changes = {id(r.old): r for r in resizes}
-    gone = {id(p) for p in removed}
-    for group in optimizer.param_groups:
-        params = []
-        for parameter in group["params"]:
-            if id(parameter) in gone:
-                optimizer.state.pop(parameter, None)
-                continue
-            change = changes.get(id(parameter))
-            if change is None:
-                params.append(parameter)
-                continue
-            state = optimizer.state.pop(parameter, None)
-            if state is not None:
-                optimizer.state[change.new] = {
-                    key: _slice_like(value, parameter, change.index) for key, value in state.items()
-                }
-            params.append(change.new)
-        group["params"] = params
+
+    def kept(value: torch.Tensor, old: nn.Parameter, new: nn.Parameter) -> torch.Tensor:
+        for dim, index in changes[id(old)].index.items():
+            value = value.index_select(dim, index.to(value.device))
+        return value
+
+    replacements: dict[int, nn.Parameter | None] = {key: r.new for key, r in changes.items()}
+    replacements.update({id(p): None for p in removed})
+    move_optimizer_state_(optimizer, replacements, kept)
 
 
 def follow_width(

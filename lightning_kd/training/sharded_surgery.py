@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_kd.pruning.shrink import rebuild_shape_, student_shape
+from lightning_kd.pruning.shrink import move_optimizer_state_, rebuild_shape_, student_shape
 from lightning_kd.training.sharding import full_tensor, is_sharded, meta_copy, shard_model, shard_plan
 
 
@@ -97,7 +97,11 @@ def gather_student(pl_module: L.LightningModule, optimizers: list[torch.optim.Op
     student = _materialize(plan.skeleton, full, dict(sharded.named_buffers()))
     plain = dict(student.named_parameters())
     for optimizer in optimizers:
-        _swap(optimizer, {key: plain[name] for key, name in names.items()}, full_tensor)
+        move_optimizer_state_(
+            optimizer,
+            {key: plain[name] for key, name in names.items()},
+            lambda value, old, new: full_tensor(value),
+        )
     for handle in plan.hooks:
         handle.remove()
     plan.hooks = []
@@ -115,7 +119,7 @@ def reshard_student(pl_module: L.LightningModule, optimizers: list[torch.optim.O
     sharded = dict(student.named_parameters())
     swaps = {key: sharded[name] for key, name in names.items()}
     for optimizer in optimizers:
-        _swap(optimizer, swaps, lambda value, new: _split_like(value, new))
+        move_optimizer_state_(optimizer, swaps, lambda value, old, new: _split_like(value, new))
 
 
 def _materialize(
@@ -142,31 +146,6 @@ def _materialize(
             if buffer is not None:
                 module._buffers[key] = buffers[buffer_names[id(buffer)]]
     return model
-
-
-def _swap(optimizer: torch.optim.Optimizer, new: dict[int, nn.Parameter], convert: Any) -> None:
-    """Replace the parameters ``new`` maps (by the old one's id) in ``optimizer``, converting their state tensors
-    with ``convert(value)`` (gathering) or ``convert(value, new_parameter)`` (splitting)."""
-    for group in optimizer.param_groups:
-        params = []
-        for parameter in group["params"]:
-            replacement = new.get(id(parameter))
-            if replacement is None:
-                params.append(parameter)
-                continue
-            state = optimizer.state.pop(parameter, None)
-            if state is not None:
-                optimizer.state[replacement] = {
-                    key: _convert(value, parameter, replacement, convert) for key, value in state.items()
-                }
-            params.append(replacement)
-        group["params"] = params
-
-
-def _convert(value: Any, old: nn.Parameter, new: nn.Parameter, convert: Any) -> Any:
-    if not isinstance(value, torch.Tensor) or value.shape != old.shape:
-        return value  # the step count and other scalars carry over
-    return convert(value) if convert is full_tensor else convert(value, new)
 
 
 def _split_like(value: torch.Tensor, parameter: nn.Parameter) -> torch.Tensor:

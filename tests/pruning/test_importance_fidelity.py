@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from kd_helpers import FixedBatches, quiet_trainer
 from lightning.pytorch.plugins import MixedPrecision
+from torch import Tensor
 from transformers import BertForMaskedLM
 
-from lightning_kd import DistillationModule, PruningCallback
+from lightning_kd import DistillationModule, NonFiniteGuard, PruningCallback
+from lightning_kd.objective import Features, KnowledgeTerm, Needs
 from lightning_kd.pruning import importance
 from lightning_kd.pruning.importance import PlatonImportance
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# run alone, pytest puts only this folder on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "callbacks"))
 from test_nonfinite import Poison  # noqa: E402
 
 
@@ -61,6 +67,74 @@ def test_a_skipped_fp16_step_does_not_poison_the_importance(teacher: BertForMask
     assert all(torch.isfinite(v).all() for v in state.values())
     scores = pruning.scorer.scores()["ffn"]
     assert torch.isfinite(scores).all() and scores.std() > 0  # ranked by importance, not by index
+
+
+class InfiniteLoss(KnowledgeTerm):
+    """0 with a gradient path, except on call ``bad`` (0-based), where its value is inf and its gradient still 0:
+    a step the guard skips for its loss alone, whose gradients (and so sensitivities) are all finite."""
+
+    kind = "infinite_loss"
+
+    def __init__(self, bad: int) -> None:
+        super().__init__(weight=1.0)
+        self.bad, self.calls = bad, 0
+
+    def needs(self) -> Needs:
+        return Needs(hidden_states=True)
+
+    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        return student.hidden_states[-1].sum() * 0.0 + (float("inf") if call == self.bad else 0.0)
+
+
+class GuardLast(NonFiniteGuard):
+    """A guard that stays where the trainer's list has it: after the pruning callback."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass
+
+
+class ScorerAfterEachStep(L.Callback):
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning = pruning
+        self.state: dict[int, dict[str, Tensor]] = {}
+        self.finite_gradients: dict[int, bool] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.finite_gradients[trainer.global_step + 1] = all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.state[trainer.global_step] = {k: v.clone() for k, v in self.pruning.scorer.state.items()}
+
+
+@pytest.mark.parametrize("guard_cls", [NonFiniteGuard, GuardLast], ids=["guard-first", "guard-last"])
+def test_a_step_the_guard_skips_for_its_loss_alone_does_not_count(
+    teacher: BertForMaskedLM, guard_cls: type[NonFiniteGuard]
+) -> None:
+    torch.manual_seed(0)
+    # a two-layer student differs from the teacher from the start: every taken step moves the statistics
+    module = DistillationModule(
+        teacher,
+        {"init": "layers", "num_layers": 2},
+        objective=[{"term": "hidden"}, InfiniteLoss(bad=2)],  # optimizer step 3
+        learning_rate=1e-3,
+    )
+    pruning = PruningCallback({"ffn": 0.5, "heads": 0.5}, interval=4, expect_copy=False, physical=False)
+    guard, seen = guard_cls(policy="skip"), ScorerAfterEachStep(pruning)
+    trainer = quiet_trainer(max_steps=4, callbacks=[pruning, guard, seen])
+    trainer.fit(module, FixedBatches())
+    assert guard.skipped == [3]
+    assert (trainer.callbacks.index(guard) < trainer.callbacks.index(pruning)) == (
+        guard_cls is NonFiniteGuard
+    )
+    # the scorer's own finiteness check cannot tell: the skipped step's gradients were finite
+    assert seen.finite_gradients == {1: True, 2: True, 3: True, 4: True}
+    one, two, three = seen.state[1], seen.state[2], seen.state[3]
+    assert any(not torch.equal(one[key], two[key]) for key in two)  # a taken step moves them ...
+    assert two.keys() == three.keys()
+    for key, value in two.items():  # ... the skipped one does not
+        assert torch.equal(value, three[key]), key
 
 
 def test_first_event_before_the_first_window_is_refused_and_the_callback_pickles(
