@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from lightning_kd.cli import main
+from lightning_kd.training.card import forward_ms
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RECIPES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "trainer" in yaml.safe_load(p.read_text()))
@@ -99,29 +101,51 @@ def test_every_recipe_is_either_run_offline_or_paper_scale() -> None:
         assert (name in OFFLINE) == offline, f"{name}: add it to OFFLINE, which the suite runs as shipped"
 
 
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The folder where the offline group ending with a recipe ran, run once for the module: the SQuAD predict
+    test reads the checkpoint its group's fit left, so the same fit serves both tests."""
+    done: dict[str, Path] = {}
+
+    def run(last: str) -> Path:
+        if last not in done:
+            (group,) = [g for g in OFFLINE_GROUPS if g[-1] == last]
+            root = tmp_path_factory.mktemp(Path(last).stem)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(root)
+                patch.delenv("WANDB_MODE", raising=False)
+                # the card's speed line is still measured (a warm-up and a timed pass of each model), but once,
+                # not the fastest of five: twelve forwards of a 64-example batch per export were a tenth of a
+                # TED chain's time, and no test reads the figure
+                patch.setattr(forward_ms, "__defaults__", (1,))
+                threads = torch.get_num_threads()
+                if group[0] in ONE_THREAD:
+                    torch.set_num_threads(1)
+                try:
+                    _fit_group(group)
+                finally:
+                    torch.set_num_threads(threads)
+            done[last] = root
+        return done[last]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group", OFFLINE_GROUPS, ids=[g[-1] for g in OFFLINE_GROUPS])
-def test_offline_recipes_run_as_shipped(
-    group: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_offline_recipes_run_as_shipped(group: list[str], offline_run: Callable[[str], Path]) -> None:
     """Each offline recipe, unmodified but for max_steps (pruning recipes not even that), through the CLI in a
     fresh folder (its runs/ paths are relative): a setting that only breaks at full length (an interval longer
     than an epoch) fails here too."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    threads = torch.get_num_threads()
-    if group[0] in ONE_THREAD:
-        torch.set_num_threads(1)
-    try:
-        _run_group(group, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    root = offline_run(group[-1])
+    for name in group:
+        _check_exports(name, root)
     for name in group:
         if name in AFTER_RUN:
-            AFTER_RUN[name](tmp_path)
+            AFTER_RUN[name](root)
 
 
-def _run_group(group: list[str], tmp_path: Path) -> None:
+def _fit_group(group: list[str]) -> None:
     for name in group:
         main(
             [
@@ -131,19 +155,18 @@ def _run_group(group: list[str], tmp_path: Path) -> None:
                 *([] if name in FULL_LENGTH else ["--trainer.max_steps=2"]),
             ]
         )
-        recipe = yaml.safe_load((EXPERIMENTS / name).read_text())
-        parts = [recipe["model"]] + recipe["trainer"].get("callbacks", [])
-        exports = [
-            p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")
-        ]
-        for folder in exports:
-            assert (tmp_path / folder / "config.json").is_file(), f"{name} did not export {folder}"
-            assert name in (tmp_path / folder / "README.md").read_text(), "the model card names its recipe"
-            if name in FULL_LENGTH:
-                config = json.loads((tmp_path / folder / "config.json").read_text())
-                assert {key: config[key] for key in FULL_LENGTH[name]} == FULL_LENGTH[name], (
-                    "ends at its target"
-                )
+
+
+def _check_exports(name: str, root: Path) -> None:
+    recipe = yaml.safe_load((EXPERIMENTS / name).read_text())
+    parts = [recipe["model"]] + recipe["trainer"].get("callbacks", [])
+    exports = [p["init_args"]["export_dir"] for p in parts if (p.get("init_args") or {}).get("export_dir")]
+    for folder in exports:
+        assert (root / folder / "config.json").is_file(), f"{name} did not export {folder}"
+        assert name in (root / folder / "README.md").read_text(), "the model card names its recipe"
+        if name in FULL_LENGTH:
+            config = json.loads((root / folder / "config.json").read_text())
+            assert {key: config[key] for key in FULL_LENGTH[name]} == FULL_LENGTH[name], "ends at its target"
 
 
 def _decoder_student_generates_and_its_perplexity_is_logged(root: Path) -> None:
@@ -263,15 +286,16 @@ def test_paper_scale_recipe_instantiates(recipe: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_squad_predict_writes_the_official_scripts_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    offline_run: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``lightning-kd predict`` on the offline SQuAD 2.0 recipe, from the checkpoint its fit left, writes
-    predictions.json and null_odds.json for every dev question, as the recipe's header says."""
-    monkeypatch.chdir(tmp_path)
+    """``lightning-kd predict`` on the offline SQuAD 2.0 recipe, from the checkpoint its fit left (the offline
+    run's, ``--trainer.max_steps=2``), writes predictions.json and null_odds.json for every dev question, as the
+    recipe's header says."""
+    root = offline_run("squad/docstrings_minilm_tiny.yaml")
+    monkeypatch.chdir(root)
     recipe = str(EXPERIMENTS / "squad" / "docstrings_minilm_tiny.yaml")
-    main(["fit", "--config", recipe, "--trainer.max_steps=2"])
     main(["predict", "--config", recipe, "--ckpt_path", "last"])
-    folder = tmp_path / "runs" / "squad_tiny" / "squad_predictions"
+    folder = root / "runs" / "squad_tiny" / "squad_predictions"
     answers = json.loads((folder / "predictions.json").read_text())
     odds = json.loads((folder / "null_odds.json").read_text())
     from lightning_kd.datamodules.squad_docstrings import write_docstring_squad

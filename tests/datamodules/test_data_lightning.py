@@ -152,7 +152,10 @@ def test_two_ddp_ranks_see_every_document_once(tmp_path, tokenizer):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         os.environ["KD_TEST_PORT"] = str(probe.getsockname()[1])
-    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path), str(corpus)), nprocs=2, join=True)
+    # forked, not spawned: a spawned rank re-imports torch, Lightning and transformers before its first line
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(str(tmp_path), str(corpus)), nprocs=2, join=True, start_method="fork"
+    )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     docs = results[0]["docs"]["0"] + results[1]["docs"]["1"]
     assert sorted(docs) == sorted(normalised(lines, tokenizer)), "a document was skipped or read twice"

@@ -336,7 +336,11 @@ def test_two_gloo_ranks_read_disjoint_blocks(tmp_path, prepared):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    torch.multiprocessing.spawn(_rank_main, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True)
+    # forked, not spawned: the ranks start with this process's imports (a spawned rank re-imports torch, Lightning
+    # and transformers, most of the test's time); each still joins its own gloo group and reads through LitData
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(str(prepared), str(tmp_path), port), nprocs=2, join=True, start_method="fork"
+    )
     ranks = [[tuple(b) for b in json.loads((tmp_path / f"rank{r}.json").read_text())] for r in range(2)]
     everything = set(
         blocks_of(

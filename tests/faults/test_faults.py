@@ -112,15 +112,27 @@ def _recipe(tmp_path: Path, teacher_dir: Path, corpus: Path, root: Path, kill_at
     return path
 
 
-def _fit(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+def _start(recipe: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "lightning_kd.cli", "fit", "--config", str(recipe), *extra],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
+
+
+def _finish(run: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        run.kill()  # a no-op for a process that ended; stops one the wait gave up on
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+
+
+def _fit(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _finish(_start(recipe, *extra))
 
 
 @pytest.mark.slow
@@ -134,11 +146,15 @@ def test_sigkill_mid_pruning_resumes_to_the_same_student(tmp_path: Path) -> None
         "\n".join(f"Line {i} of a corpus about distilling transformers into small ones." for i in range(400))
     )
 
-    straight = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, tmp_path / "straight", None))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    # the reference and the run that is killed share nothing but the teacher and corpus they read, so they run
+    # side by side (each on one thread): the suite waits for one start-up and one run instead of two
+    started = _start(_recipe(tmp_path, tmp_path / "teacher", corpus, tmp_path / "straight", None))
     root = tmp_path / "killed"
-    killed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, kill_at=5))
+    try:
+        killed = _fit(_recipe(tmp_path, tmp_path / "teacher", corpus, root, kill_at=5))
+    finally:
+        straight = _finish(started)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (root / "student").exists()  # it really died mid-pruning (the schedule ends at step 8)
     last = root / "checkpoints" / "last.ckpt"
