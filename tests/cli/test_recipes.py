@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from lightning_kd.cli import main
-from lightning_kd.training.card import forward_ms
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RECIPES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "trainer" in yaml.safe_load(p.read_text()))
@@ -114,10 +113,6 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
             with pytest.MonkeyPatch.context() as patch:
                 patch.chdir(root)
                 patch.delenv("WANDB_MODE", raising=False)
-                # the card's speed line is still measured (a warm-up and a timed pass of each model), but once,
-                # not the fastest of five: twelve forwards of a 64-example batch per export were a tenth of a
-                # TED chain's time, and no test reads the figure
-                patch.setattr(forward_ms, "__defaults__", (1,))
                 threads = torch.get_num_threads()
                 if group[0] in ONE_THREAD:
                     torch.set_num_threads(1)
