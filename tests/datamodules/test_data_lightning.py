@@ -123,6 +123,8 @@ def test_resume_across_an_epoch_boundary(tmp_path):
 
 
 def _rank_main(rank: int, folder: str, corpus: str) -> None:
+    # forked from a process whose OpenMP threads may be running: with one thread no parallel region starts here
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["KD_TEST_PORT"])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:

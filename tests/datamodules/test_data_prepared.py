@@ -318,6 +318,8 @@ def test_prepare_reads_a_hub_dataset_through_datasets(tmp_path, tokenizer):
 def _rank_main(rank: int, folder: str, out: str, port: str) -> None:
     import os
 
+    # forked from a process whose OpenMP threads may be running: with one thread no parallel region starts here
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
