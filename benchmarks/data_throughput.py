@@ -6,7 +6,9 @@
    the streaming collate runs: special tokens and padding, the draws, 80/10/10, prediction positions): time
    per ``--batch-size`` x ``--max-length`` batch of the same text, by token and by whole word.
 2. ``prepare`` (LitData ``optimize``) tokens/s with 1 and 2 CPU workers, per worker, against the fast
-   tokenizer alone on the same documents. Target >= 0.8 per worker.
+   tokenizer alone on the same documents (written as JSON lines, each whole), separators not counted; the
+   start-up and the Rust tokenizer's ``encode_batch`` (a stricter baseline) are printed too. Target >= 0.8
+   per worker.
 3. Training side from prepared shards: tokens/s per DataLoader worker (LitData streaming + masking at
    collate time). Target >= 2M tokens/s per worker (10x what one GPU consumes in a BERT-base distillation
    step).
