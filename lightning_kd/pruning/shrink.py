@@ -3,9 +3,10 @@
 ``prune_model_`` removes units in place and says which parameter became which slice of which (``Resize``).
 This module carries everything laid out like those parameters along: optimizer state (``reindex_optimizer_``,
 on ``move_optimizer_state_``, which FSDP2's gather and re-shard in ``training/sharded_surgery.py`` use too),
-the parameters of other modules that read the model's hidden width (``follow_width``), and the dropout of the
-residual stream (``WideDropout``), which keeps drawing its random mask at the width the model started with, so
-that a shrunk model draws exactly the masks its masked twin draws.
+the parameters of other modules that read the model's hidden width (``follow_width``), and, when a run asks for
+it (``PruningCallback(align_dropout=True)``), the dropout of the residual stream (``WideDropout``), which keeps
+drawing its random mask at the width the model started with, so that a shrunk model draws exactly the masks its
+masked twin draws.
 
 Masks here come in two coordinate systems. A run keeps its decisions in *full* coordinates (the shape the
 model started with); the model in front of it is already smaller, so surgery needs masks *relative* to the
