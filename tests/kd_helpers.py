@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning as L
 import torch
 from tiny_models import VOCAB, tiny_bert_config  # noqa: F401  (imported from here by many tests)
 from torch.utils.data import DataLoader
+
+from lightning_kd.objective import Features, KnowledgeTerm, Needs
 
 
 def make_batch(batch_size: int = 4, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -88,3 +92,27 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class BadLossAt(KnowledgeTerm):
+    """A term of 0 with a gradient path, except on call ``bad`` (0-based): NaN there, its gradient NaN too; or,
+    with ``finite_gradient``, inf in value only, its gradient still 0 (a step skipped for its loss alone). Neither
+    makes the host wait for the device."""
+
+    kind = "bad_loss_at"
+
+    def __init__(self, bad: int, finite_gradient: bool = False) -> None:
+        super().__init__(weight=1.0)
+        self.bad, self.finite_gradient, self.calls = bad, finite_gradient, 0
+
+    def needs(self) -> Needs:
+        return Needs(hidden_states=True)
+
+    def forward(
+        self, teacher: Features, student: Features, batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        zero = student.hidden_states[-1].sum() * 0.0
+        if call != self.bad:
+            return zero
+        return zero + float("inf") if self.finite_gradient else student.hidden_states[-1].sum() * float("nan")

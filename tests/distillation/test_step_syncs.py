@@ -8,14 +8,13 @@ On a CUDA machine the same runs go under ``torch.cuda.set_sync_debug_mode("error
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 from unittest import mock
 
 import lightning as L
 import pytest
 import torch
-from kd_helpers import make_batch, quiet_trainer
+from kd_helpers import BadLossAt, make_batch, quiet_trainer
 from sync_recorder import SyncRecorder
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -24,7 +23,6 @@ from transformers import BertForMaskedLM
 from lightning_kd import DistillationModule, NonFiniteError, PruningCallback
 from lightning_kd.callbacks.nonfinite import NonFiniteGuard
 from lightning_kd.datamodules import with_prediction_positions
-from lightning_kd.objective import Features, KnowledgeTerm, Needs
 from lightning_kd.pruning import sensitivity
 from lightning_kd.training.lightning_internals import logs_this_step
 
@@ -34,27 +32,10 @@ STEPS, LOG_EVERY = 9, 3
 QUIET = [k for k in range(1, STEPS) if (k + 1) % LOG_EVERY]
 
 
-class NaNAt(KnowledgeTerm):
-    """0 with a gradient path, except on call ``bad`` (0-based), where it is NaN: no sync of its own."""
-
-    kind = "nan_at"
-
-    def __init__(self, bad: int) -> None:
-        super().__init__(weight=1.0)
-        self.bad, self.calls = bad, 0
-
-    def needs(self) -> Needs:
-        return Needs(hidden_states=True)
-
-    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
-        call, self.calls = self.calls, self.calls + 1
-        return student.hidden_states[-1].sum() * (float("nan") if call == self.bad else 0.0)
-
-
 def module_and_data(
     teacher: BertForMaskedLM, module_cls: type, positions: bool = True, nan_at: int | None = None
 ) -> tuple[DistillationModule, list[dict[str, Tensor]]]:
-    objective = [*HOMOBERT, *([NaNAt(nan_at)] if nan_at is not None else [])]
+    objective = [*HOMOBERT, *([BadLossAt(nan_at)] if nan_at is not None else [])]
     module = module_cls(teacher, {"init": "copy"}, objective=objective, task="masked-lm")
     # more batches than steps: the loader's epoch boundary (Lightning counts its length) stays out of the window
     batches = [make_batch(seed=i) for i in range(STEPS + 1)]
@@ -139,7 +120,7 @@ def test_stop_comes_at_the_next_logging_step(teacher: BertForMaskedLM) -> None:
     recorder = SyncRecorder()
     module, batches = module_and_data(teacher, DistillationModule, nan_at=bad)
     trainer = quiet_trainer(max_steps=STEPS, log_every_n_steps=LOG_EVERY, callbacks=[recorder])
-    with recorder, pytest.raises(NonFiniteError, match=f"optimizer step {bad + 1}: terms not finite: nan_at"):
+    with recorder, pytest.raises(NonFiniteError, match=f"optimizer step {bad + 1}: terms not finite: bad_loss_at"):
         trainer.fit(module, DataLoader(batches, batch_size=None))
     assert not recorder.between_logging_steps(after=1)
     next_log = next(k for k in range(bad, STEPS) if (k + 1) % LOG_EVERY == 0)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pickle
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from kd_helpers import FixedBatches, quiet_trainer
+from kd_helpers import BadLossAt, FixedBatches, quiet_trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor
 from transformers import BertForMaskedLM
 
 from lightning_kd import DistillationModule, NonFiniteGuard, PruningCallback
-from lightning_kd.objective import Features, KnowledgeTerm, Needs
 from lightning_kd.pruning import importance
 from lightning_kd.pruning.importance import PlatonImportance
 
@@ -69,24 +67,6 @@ def test_a_skipped_fp16_step_does_not_poison_the_importance(teacher: BertForMask
     assert torch.isfinite(scores).all() and scores.std() > 0  # ranked by importance, not by index
 
 
-class InfiniteLoss(KnowledgeTerm):
-    """0 with a gradient path, except on call ``bad`` (0-based), where its value is inf and its gradient still 0:
-    a step the guard skips for its loss alone, whose gradients (and so sensitivities) are all finite."""
-
-    kind = "infinite_loss"
-
-    def __init__(self, bad: int) -> None:
-        super().__init__(weight=1.0)
-        self.bad, self.calls = bad, 0
-
-    def needs(self) -> Needs:
-        return Needs(hidden_states=True)
-
-    def forward(self, teacher: Features, student: Features, batch: Mapping[str, Tensor]) -> Tensor:
-        call, self.calls = self.calls, self.calls + 1
-        return student.hidden_states[-1].sum() * 0.0 + (float("inf") if call == self.bad else 0.0)
-
-
 class GuardLast(NonFiniteGuard):
     """A guard that stays where the trainer's list has it: after the pruning callback."""
 
@@ -117,7 +97,7 @@ def test_a_step_the_guard_skips_for_its_loss_alone_does_not_count(
     module = DistillationModule(
         teacher,
         {"init": "layers", "num_layers": 2},
-        objective=[{"term": "hidden"}, InfiniteLoss(bad=2)],  # optimizer step 3
+        objective=[{"term": "hidden"}, BadLossAt(bad=2, finite_gradient=True)],  # optimizer step 3
         learning_rate=1e-3,
     )
     pruning = PruningCallback({"ffn": 0.5, "heads": 0.5}, interval=4, expect_copy=False, physical=False)
