@@ -120,7 +120,10 @@ def test_stop_comes_at_the_next_logging_step(teacher: BertForMaskedLM) -> None:
     recorder = SyncRecorder()
     module, batches = module_and_data(teacher, DistillationModule, nan_at=bad)
     trainer = quiet_trainer(max_steps=STEPS, log_every_n_steps=LOG_EVERY, callbacks=[recorder])
-    with recorder, pytest.raises(NonFiniteError, match=f"optimizer step {bad + 1}: terms not finite: bad_loss_at"):
+    with (
+        recorder,
+        pytest.raises(NonFiniteError, match=f"optimizer step {bad + 1}: terms not finite: bad_loss_at"),
+    ):
         trainer.fit(module, DataLoader(batches, batch_size=None))
     assert not recorder.between_logging_steps(after=1)
     next_log = next(k for k in range(bad, STEPS) if (k + 1) % LOG_EVERY == 0)
