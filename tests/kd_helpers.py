@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -116,3 +120,12 @@ class BadLossAt(KnowledgeTerm):
         if call != self.bad:
             return zero
         return zero + float("inf") if self.finite_gradient else student.hidden_states[-1].sum() * float("nan")
+
+
+def run_ranks_script(script: Path, cwd: Path, *args: str) -> None:
+    """Run a test script that starts its own ranks (one thread each), in ``cwd``; its output names a failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -99,7 +99,7 @@ def sensitivity_on_device(
             for _, parameter in named:
                 if parameter.grad is not None:
                     work[id(parameter)] = (parameter, work.get(id(parameter), (None, []))[1], i)
-    embeddings = {id(module.weight) for module in bound.model.modules() if isinstance(module, nn.Embedding)}
+    embeddings = {id(embedding.weight) for embedding in bound.hidden_parts().embeddings}
     for parameter, its_axes, layer in work.values():
         # an embedding read along its width only: the rows its gradient did not reach add nothing
         rows_only = id(parameter) in embeddings and all(axis.dim == 1 for axis in its_axes)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 import yaml
 from kd_datafiles import TOKENIZER, submission_index, write_glue_task, write_glue_test_files
+from kd_helpers import run_ranks_script
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_kd import DistillationModule, FineTuningModule, GLUEDataModule, GLUESubmissionWriter
@@ -241,16 +240,7 @@ def test_ddp_predict_gathers_every_row_once_on_rank_zero(tmp_path: Path) -> None
     glue_dir = tmp_path / "glue"
     write_glue_task(glue_dir, "MNLI")
     write_glue_test_files(glue_dir, "MNLI", count=7)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run(
-        [sys.executable, str(DDP_SCRIPT), str(glue_dir), str(tmp_path / "ddp")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_ranks_script(DDP_SCRIPT, tmp_path, str(glue_dir), str(tmp_path / "ddp"))
 
     data = GLUEDataModule(
         "mnli", TOKENIZER, data_dir=str(glue_dir / "MNLI"), max_length=32, eval_batch_size=2

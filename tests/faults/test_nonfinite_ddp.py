@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kd_helpers import run_ranks_script
 
 SCRIPT = Path(__file__).with_name("ddp_nonfinite_run.py")
 
 
 def run(tmp_path: Path, policy: str) -> tuple[dict, dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), policy],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks_script(SCRIPT, tmp_path, str(tmp_path), policy)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     return rank0, rank1
 

@@ -4,13 +4,12 @@ causal LM with grouped-query attention (task causal-lm), both trained in the sam
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kd_helpers import run_ranks_script
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 SCRIPT = Path(__file__).with_name("ddp_pruning_run.py")
@@ -31,16 +30,7 @@ SHRUNK = {
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both architectures, one after the other, in one launch of two processes."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *ARCHITECTURES],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=out,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_ranks_script(SCRIPT, out, str(out), *ARCHITECTURES)
     return out
 
 

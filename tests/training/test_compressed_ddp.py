@@ -4,13 +4,12 @@ whose update is the reduced gradient itself (AdamW's would not change if the gra
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kd_helpers import run_ranks_script
 
 from lightning_kd.training.distributed import compressed_ddp
 
@@ -47,16 +46,7 @@ def test_unknown_compression_is_named() -> None:
 
 @pytest.mark.slow
 def test_ddp_averages_gradients_and_bf16_stays_close(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_ranks_script(SCRIPT, tmp_path, str(tmp_path))
     bf16 = [torch.load(tmp_path / f"bf16-rank{r}.pt", weights_only=False) for r in (0, 1)]
     fp32 = torch.load(tmp_path / "fp32-rank0.pt", weights_only=False)
     # float32 gradients, compressed on the wire only

@@ -6,29 +6,18 @@ of one that never stopped, and loads on one rank. One launch of two processes ru
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kd_helpers import run_ranks_script
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 CASES = ("ddp", "fsdp", "fsdp_replicated", "fsdp_bf16", "fsdp_stop", "fsdp_resume", "llama_ddp", "llama_fsdp")
 
 
 def launch(out: Path, *cases: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *cases],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=out,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_ranks_script(SCRIPT, out, str(out), *cases)
 
 
 @pytest.fixture(scope="module")
